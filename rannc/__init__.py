@@ -1,0 +1,1 @@
+"""rannc: automatic hybrid pipeline + data parallel training for unmodified PyTorch models."""

@@ -1,0 +1,127 @@
+"""Configuration: defaults, a TOML file and RANNC_* environment variables, merged into one frozen Config."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every knob rannc reads. Names follow pyrannc's config items."""
+
+    mem_limit_gb: float = 0.0  # cap on per-device memory; 0 = the CUDA total (no limit on CPU)
+    mem_margin: float = 0.1  # fraction of device memory held back
+    partition_num: int = 0  # force the number of pipeline stages (0 = search)
+    min_pipeline: int = 1  # smallest number of microbatches tried
+    max_pipeline: int = 32  # largest number of microbatches tried
+    opt_param_factor: float = 2.0  # optimizer state bytes per parameter byte (2 for Adam)
+    schedule: str = "auto"  # "auto" | "1f1b" | "fill_drain"
+    save_deployment: bool = False
+    load_deployment: bool = False
+    deployment_file: str = "/tmp/rannc_deployment.json"
+    max_partition_num: int = 32  # number of blocks the planner chooses stage boundaries from
+    profile_iterations: int = 3  # timed repetitions per measurement (after one warm-up)
+    profile_cache_dir: str = str(Path.home() / ".cache" / "rannc" / "profiles")
+    capture_batch_size: int = 2  # samples used to export the graph and record example values
+    p2p_bandwidth_gbps: float = 20.0  # GiB/s assumed between stages
+    p2p_latency_us: float = 20.0
+    allreduce_bandwidth_gbps: float = 10.0  # GiB/s bus bandwidth assumed for gradient allreduce
+    allreduce_latency_us: float = 50.0
+    show_progress: bool = True
+    timeout_s: float = 300.0  # collective / point-to-point timeout
+
+    def device_memory_limit(self, device_total_bytes: int | None) -> float | None:
+        """Usable bytes per device after the margin, or None when nothing limits memory."""
+        limit: float | None = None
+        if self.mem_limit_gb > 0:
+            limit = self.mem_limit_gb * 2**30
+        if device_total_bytes is not None:
+            limit = device_total_bytes if limit is None else min(limit, device_total_bytes)
+        return None if limit is None else limit * (1.0 - self.mem_margin)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    default = _FIELDS[name].default
+    kind = type(default)
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"config item {name!r} from {source} is {raw!r}, which is not a {kind.__name__}; "
+            f"fix the value (default is {default!r})"
+        ) from exc
+
+
+def config_file_path() -> Path:
+    """`$RANNC_CONF_DIR/rannc_conf.toml`, else `~/.pyrannc/rannc_conf.toml` (as in pyrannc)."""
+    base = os.environ.get("RANNC_CONF_DIR") or str(Path.home() / ".pyrannc")
+    return Path(base) / "rannc_conf.toml"
+
+
+def load_config(
+    path: str | Path | None = None, env: dict[str, str] | None = None, **overrides: Any
+) -> Config:
+    """Defaults, then the TOML file, then RANNC_<NAME> environment variables, then keyword overrides."""
+    values: dict[str, Any] = {}
+    file_path = Path(path) if path is not None else config_file_path()
+    if file_path.exists():
+        try:
+            data = tomllib.loads(file_path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file_path} is not valid TOML: {exc}; fix or remove it") from exc
+        for key, raw in data.items():
+            if key not in _FIELDS:
+                logger.warning("unknown config item %r in %s is ignored", key, file_path)
+                continue
+            values[key] = _coerce(key, raw, str(file_path))
+    elif path is not None:
+        raise ConfigError(f"config file {file_path} does not exist")
+    env = os.environ if env is None else env
+    for name in _FIELDS:
+        key = f"RANNC_{name.upper()}"
+        if key in env:
+            values[name] = _coerce(name, env[key], f"environment variable {key}")
+    for name, raw in overrides.items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown config item {name!r}; known items: {', '.join(sorted(_FIELDS))}")
+        values[name] = _coerce(name, raw, "keyword argument")
+    config = Config(**values)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    if not 0.0 <= config.mem_margin < 1.0:
+        raise ConfigError(f"mem_margin must be in [0, 1), got {config.mem_margin}")
+    if config.min_pipeline < 1 or config.max_pipeline < config.min_pipeline:
+        raise ConfigError(
+            f"need 1 <= min_pipeline <= max_pipeline, got {config.min_pipeline} and {config.max_pipeline}"
+        )
+    if config.schedule not in ("auto", "1f1b", "fill_drain"):
+        raise ConfigError(f"schedule must be 'auto', '1f1b' or 'fill_drain', got {config.schedule!r}")
+    if config.partition_num < 0:
+        raise ConfigError(f"partition_num must be >= 0, got {config.partition_num}")

@@ -1,0 +1,130 @@
+"""The planner's input (a cost table over blocks) and output (a Plan): plain, JSON-serialisable values."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Any
+
+SCHEDULES = ("1f1b", "fill_drain")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockProfile:
+    """Measured (or estimated) cost of one block at several per-replica microbatch sizes.
+
+    Times are seconds for one microbatch; bytes are per rank. Values between measured sizes are
+    interpolated linearly, values outside are extrapolated from the nearest two points.
+    """
+
+    fwd_time: dict[int, float]
+    bwd_time: dict[int, float]
+    activation_bytes: dict[int, float]  # tensors saved for backward by one microbatch
+
+    def at(self, table: dict[int, float], m: int) -> float:
+        return interpolate(table, m)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fwd_time": {str(k): v for k, v in self.fwd_time.items()},
+            "bwd_time": {str(k): v for k, v in self.bwd_time.items()},
+            "activation_bytes": {str(k): v for k, v in self.activation_bytes.items()},
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> BlockProfile:
+        return BlockProfile(
+            fwd_time={int(k): float(v) for k, v in data["fwd_time"].items()},
+            bwd_time={int(k): float(v) for k, v in data["bwd_time"].items()},
+            activation_bytes={int(k): float(v) for k, v in data["activation_bytes"].items()},
+        )
+
+
+def interpolate(table: dict[int, float], m: int) -> float:
+    """Piecewise-linear value of `table` at microbatch size m (linear extrapolation, never negative)."""
+    if not table:
+        raise ValueError("empty cost table")
+    if m in table:
+        return table[m]
+    keys = sorted(table)
+    if len(keys) == 1:
+        k = keys[0]
+        return table[k] * m / k
+    pos = bisect.bisect_left(keys, m)
+    lo, hi = (
+        (keys[0], keys[1])
+        if pos == 0
+        else (keys[-2], keys[-1])
+        if pos == len(keys)
+        else (keys[pos - 1], keys[pos])
+    )
+    value = table[lo] + (table[hi] - table[lo]) * (m - lo) / (hi - lo)
+    return max(value, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanProblem:
+    """Everything the stage search needs. Blocks are in pipeline (topological) order; a stage is a
+    contiguous range of blocks [i, j] (inclusive). Range tables are indexed [i][j] with i <= j."""
+
+    blocks: list[BlockProfile]
+    range_param_bytes: list[list[float]]  # bytes of the distinct parameters used by blocks i..j
+    range_in_bytes_per_sample: list[
+        list[float]
+    ]  # activations entering blocks i..j from earlier blocks, per sample
+    range_out_bytes_per_sample: list[
+        list[float]
+    ]  # activations leaving blocks i..j to later blocks, per sample
+    world_size: int
+    global_batch: int
+    memory_limit_bytes: float | None = None  # usable bytes per device (margin applied); None = unlimited
+    opt_param_factor: float = 2.0
+    p2p_bandwidth: float = 20 * 2**30  # bytes/s
+    p2p_latency: float = 20e-6  # s
+    allreduce_bandwidth: float = 10 * 2**30  # bytes/s
+    allreduce_latency: float = 50e-6  # s
+    min_microbatches: int = 1
+    max_microbatches: int = 32
+    schedules: tuple[str, ...] = ("1f1b",)
+    num_stages: int | None = None  # force the stage count
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    first_block: int
+    last_block: int  # inclusive
+    replicas: int
+    ranks: list[int]
+    microbatch_size: int  # largest per-replica microbatch
+    fwd_time: float  # seconds per microbatch, compute only
+    bwd_time: float
+    comm_time: float  # seconds per microbatch: receive inputs + send outputs, forward and backward
+    allreduce_time: float
+    param_bytes: float
+    activation_bytes: float  # activations held at peak (per microbatch x microbatches in flight)
+    memory_bytes: float  # predicted peak per rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    stages: list[StagePlan]
+    microbatches: int
+    schedule: str
+    predicted_step_time: float
+    global_batch: int
+    world_size: int
+
+    def stage_of_rank(self, rank: int) -> int:
+        for index, stage in enumerate(self.stages):
+            if rank in stage.ranks:
+                return index
+        raise KeyError(f"rank {rank} has no stage in this plan")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Plan:
+        stages = [StagePlan(**stage) for stage in data["stages"]]
+        fields = {f.name for f in dataclasses.fields(Plan)} - {"stages"}
+        return Plan(stages=stages, **{k: data[k] for k in fields})
