@@ -1,0 +1,210 @@
+"""Capture an nn.Module as a functional aten graph with torch.export, with a symbolic batch dimension."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import Dim, export
+from torch.export.graph_signature import InputKind, OutputKind
+
+from ..errors import CaptureError
+from .inputs import FlatCall, dynamic_shapes_for, tile_rows
+
+logger = logging.getLogger(__name__)
+
+# Ops that only check metadata; they have no outputs the graph needs and would pin values to stages.
+_ASSERTION_OPS = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+    torch.ops.aten._assert_async.msg,
+}
+
+
+@dataclasses.dataclass
+class CapturedGraph:
+    """The exported graph plus what each placeholder and output means for the user's module."""
+
+    gm: fx.GraphModule
+    params: dict[str, str]  # placeholder name -> canonical parameter FQN
+    buffers: dict[str, str]  # placeholder name -> buffer FQN
+    constants: dict[str, torch.Tensor]  # placeholder name -> lifted constant tensor
+    user_inputs: list[str]  # placeholder names, one per flattened call leaf (tensor or not)
+    call_spec: Any  # pytree spec of the flattened (args, kwargs)
+    call_constants: list[Any]  # the non-tensor leaves baked into the graph
+    out_spec: Any  # pytree spec of the user output
+    user_outputs: list[str | None]  # node name per flat user output (None: a constant output)
+    user_output_constants: list[Any]
+    buffer_mutations: dict[str, str]  # node name -> buffer FQN to write back
+    batch_symbol: Any  # sympy symbol of the batch dimension
+    aliases: dict[str, list[str]]  # canonical parameter/buffer FQN -> every FQN of that tensor
+    graph_hash: str
+    training: bool
+
+    def placeholder_nodes(self) -> dict[str, fx.Node]:
+        return {n.name: n for n in self.gm.graph.nodes if n.op == "placeholder"}
+
+
+def _canonical_names(model: torch.nn.Module) -> tuple[dict[int, str], dict[str, list[str]]]:
+    """Map tensor identity -> first FQN, and first FQN -> all FQNs (tied weights share one tensor)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, list[str]] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    )
+    for name, tensor in named:
+        key = id(tensor)
+        if key not in first:
+            first[key] = name
+            aliases[name] = []
+        aliases[first[key]].append(name)
+    return first, aliases
+
+
+def capture(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int = 2
+) -> CapturedGraph:
+    """Export `model` on the first `batch_size` samples of a call, with a dynamic batch dimension."""
+    call = FlatCall.of(args, kwargs)
+    local = call.batch_size()
+    leaves = [
+        tile_rows(leaf[: min(local, batch_size)], batch_size)
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0
+        else leaf
+        for leaf in call.leaves
+    ]
+    small_args, small_kwargs = call.unflatten(leaves)
+    batch = Dim("batch", min=1)
+    started = time.perf_counter()
+    try:
+        program = export(
+            model,
+            tuple(small_args),
+            dict(small_kwargs),
+            dynamic_shapes=dynamic_shapes_for(small_args, small_kwargs, batch),
+            strict=False,
+        ).run_decompositions({})
+    except Exception as exc:  # torch raises many types; all mean "cannot capture"
+        raise CaptureError(_explain_export_failure(exc)) from exc
+    logger.info("captured %s with torch.export in %.2fs", type(model).__name__, time.perf_counter() - started)
+    return _from_program(model, program, call)
+
+
+def _explain_export_failure(exc: Exception) -> str:
+    text = str(exc)
+    hint = (
+        "rannc captures the model with torch.export (strict=False). Fix the model so that it exports: "
+        "make data-dependent Python control flow a torch.cond or move it out of forward(), return tensors "
+        "(or tuples/dicts/ModelOutputs of tensors; for Hugging Face models set use_cache=False), and keep "
+        "dim 0 of every tensor input the batch dimension."
+    )
+    if "Constraints violated" in text or "specialized" in text:
+        hint += (
+            " The batch dimension was specialised to a constant: some code depends on the exact batch size."
+        )
+    return f"torch.export could not capture the model: {type(exc).__name__}: {text}\n{hint}"
+
+
+def _from_program(model: torch.nn.Module, program: Any, call: FlatCall) -> CapturedGraph:
+    gm: fx.GraphModule = program.graph_module
+    signature = program.graph_signature
+    identity, aliases = _canonical_names(model)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+
+    params: dict[str, str] = {}
+    buffers: dict[str, str] = {}
+    constants: dict[str, torch.Tensor] = {}
+    user_inputs: list[str] = []
+    for spec in signature.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.PARAMETER:
+            params[name] = identity[id(state[spec.target])]
+        elif spec.kind == InputKind.BUFFER:
+            buffers[name] = identity[id(state[spec.target])]
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            constants[name] = program.constants[spec.target]
+        elif spec.kind == InputKind.USER_INPUT:
+            user_inputs.append(name)
+        else:
+            raise CaptureError(f"unsupported graph input kind {spec.kind} for {name}")
+    if len(user_inputs) != len(call.leaves):
+        raise CaptureError(
+            f"the exported graph has {len(user_inputs)} user inputs but the call has {len(call.leaves)} leaves"
+        )
+
+    user_outputs: list[str | None] = []
+    user_output_constants: list[Any] = []
+    mutations: dict[str, str] = {}
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    flat_outputs = list(output_node.args[0])
+    for spec, value in zip(signature.output_specs, flat_outputs):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            user_outputs.append(value.name if isinstance(value, fx.Node) else None)
+            user_output_constants.append(None if isinstance(value, fx.Node) else value)
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            mutations[value.name] = identity[id(state[spec.target])]
+        else:
+            raise CaptureError(
+                f"the model's forward mutates {spec.target} in a way rannc cannot replay ({spec.kind}); "
+                "avoid in-place updates of inputs or parameters inside forward()"
+            )
+
+    _drop_assertions(gm)
+    batch_symbol = _batch_symbol(gm, user_inputs)
+    return CapturedGraph(
+        gm=gm,
+        params=params,
+        buffers=buffers,
+        constants=constants,
+        user_inputs=user_inputs,
+        call_spec=call.spec,
+        call_constants=call.constants(),
+        out_spec=program.call_spec.out_spec,
+        user_outputs=user_outputs,
+        user_output_constants=user_output_constants,
+        buffer_mutations=mutations,
+        batch_symbol=batch_symbol,
+        aliases=aliases,
+        graph_hash=_graph_hash(gm, call),
+        training=model.training,
+    )
+
+
+def _drop_assertions(gm: fx.GraphModule) -> None:
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function" and node.target in _ASSERTION_OPS and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _batch_symbol(gm: fx.GraphModule, user_inputs: list[str]) -> Any:
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() > 0:
+                expr = val.shape[0].node.expr if isinstance(val.shape[0], torch.SymInt) else None
+                if expr is not None and expr.is_Symbol:
+                    return expr
+    raise CaptureError(
+        "no tensor input has a symbolic batch dimension after export; rannc needs dim 0 of the inputs to be "
+        "the batch (the model may have specialised it, e.g. by asserting a fixed batch size)"
+    )
+
+
+def _graph_hash(gm: fx.GraphModule, call: FlatCall) -> str:
+    digest = hashlib.sha256()
+    digest.update(gm.code.encode())
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            digest.update(f"{node.name}:{tuple(str(s) for s in val.shape)}:{val.dtype};".encode())
+    digest.update(repr([type(c).__name__ + repr(c) for c in call.constants()]).encode())
+    return digest.hexdigest()[:32]

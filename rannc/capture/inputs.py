@@ -1,0 +1,77 @@
+"""Flatten a call's (args, kwargs) into tensor leaves and constants, and slice/tile them along the batch dim."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatCall:
+    """A call's leaves in pytree order; tensors are the batch inputs, the rest are capture constants."""
+
+    leaves: list[Any]
+    spec: pytree.TreeSpec
+
+    @staticmethod
+    def of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> FlatCall:
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        return FlatCall(leaves, spec)
+
+    def tensor_positions(self) -> list[int]:
+        return [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
+
+    def batch_size(self) -> int:
+        sizes = {leaf.shape[0] for leaf in self.leaves if isinstance(leaf, torch.Tensor) and leaf.dim() > 0}
+        if not sizes:
+            raise InputError(
+                "the model was called without any tensor input with a batch dimension; "
+                "pass the batch as tensors whose dim 0 is the sample index"
+            )
+        if len(sizes) > 1:
+            raise InputError(
+                f"tensor inputs disagree on the batch size (dim 0 sizes {sorted(sizes)}); "
+                "every tensor argument must have the samples along dim 0"
+            )
+        return sizes.pop()
+
+    def constants(self) -> list[Any]:
+        """The non-tensor leaves, which the capture bakes into the graph."""
+        return [leaf for leaf in self.leaves if not isinstance(leaf, torch.Tensor)]
+
+    def unflatten(self, leaves: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return args, kwargs
+
+
+def batch_rows(tensor: torch.Tensor, lo: int, hi: int, dim: int = 0) -> torch.Tensor:
+    return tensor.narrow(dim, lo, hi - lo)
+
+
+def tile_rows(tensor: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+    """`rows` samples made by cycling the samples of `tensor` along `dim` (real values, any batch size)."""
+    have = tensor.shape[dim]
+    if have == rows:
+        return tensor
+    index = torch.arange(rows, device=tensor.device) % have
+    return tensor.index_select(dim, index)
+
+
+def dynamic_shapes_for(args: tuple[Any, ...], kwargs: dict[str, Any], batch: Any) -> tuple[Any, ...]:
+    """torch.export dynamic_shapes marking dim 0 of every tensor input (of rank >= 1) as the batch."""
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {0: batch} if value.dim() > 0 else None
+        if isinstance(value, (list, tuple)):
+            return type(value)(spec(v) for v in value) if not hasattr(value, "_fields") else None
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        return None
+
+    return tuple(spec(a) for a in args) + tuple(spec(v) for v in kwargs.values())

@@ -1,0 +1,52 @@
+"""Run the captured graph once on the capture batch and record every value (and each op's FLOPs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from .export import CapturedGraph
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, count_flops: bool) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.values: dict[str, Any] = {}
+        self.flops: dict[str, float] = {}
+        self.count_flops = count_flops
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node.op == "call_function" and self.count_flops:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                result = super().run_node(node)
+            self.flops[node.name] = float(counter.get_total_flops())
+        else:
+            result = super().run_node(node)
+        if node.op != "output":
+            self.values[node.name] = result
+        return result
+
+
+def record_values(
+    captured: CapturedGraph, state: dict[str, torch.Tensor], user_leaves: list[Any], count_flops: bool = True
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Values of every node at the capture batch, and forward FLOPs per op (deterministic cost hints)."""
+    inputs: list[Any] = []
+    leaf_of = dict(zip(captured.user_inputs, user_leaves))
+    for node in captured.gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node.name in state:
+            inputs.append(state[node.name])
+        elif node.name in captured.constants:
+            inputs.append(captured.constants[node.name])
+        else:
+            inputs.append(leaf_of[node.name])
+    recorder = _Recorder(captured.gm, count_flops)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    return recorder.values, recorder.flops

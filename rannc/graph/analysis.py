@@ -1,0 +1,137 @@
+"""Which values depend on the batch, where the batch dim is, and where a pipeline may cut the graph."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..capture import CapturedGraph
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueInfo:
+    """What the runtime must know about a value to move it between stages."""
+
+    name: str
+    kind: str  # "tensor" | "symint" | "other"
+    batch_dim: int | None  # dim whose size is the batch symbol (tensors only)
+    dtype: torch.dtype | None
+    shape: tuple[Any, ...]  # sizes; symbolic where they depend on the batch
+    bytes_per_sample: float  # bytes of this value per sample (0 for non-batch values)
+    fixed_bytes: float  # bytes of a non-batch tensor
+
+    @property
+    def communicable(self) -> bool:
+        """Can cross a stage boundary: a batch tensor split along its batch dim, or a SymInt recomputed locally."""
+        return self.kind == "symint" or (self.kind == "tensor" and self.batch_dim is not None)
+
+    @property
+    def carries_grad(self) -> bool:
+        return self.kind == "tensor" and self.dtype is not None and self.dtype.is_floating_point
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphAnalysis:
+    """Batch-dependent nodes in topological order, plus where cuts between them are legal."""
+
+    order: list[str]  # batch-dependent call_function nodes, topological
+    position: dict[str, int]
+    is_batch: dict[str, bool]  # every node
+    values: dict[str, ValueInfo]  # every node with a value
+    legal_cut: list[bool]  # legal_cut[k]: a boundary after order[k] is allowed (last entry is always True)
+    cut_bytes_per_sample: list[float]  # bytes per sample crossing the boundary after order[k]
+
+
+def _value_info(node: fx.Node, symbol: Any, is_batch: bool) -> ValueInfo:
+    val = node.meta.get("val")
+    if isinstance(val, torch.SymInt):
+        return ValueInfo(node.name, "symint", None, None, (), 0.0, 0.0)
+    if not isinstance(val, torch.Tensor):
+        return ValueInfo(node.name, "other", None, None, (), 0.0, 0.0)
+    shape = tuple(val.shape)
+    batch_dim = None
+    per_sample = 1
+    for dim, size in enumerate(shape):
+        if isinstance(size, torch.SymInt):
+            expr = size.node.expr
+            if batch_dim is None and expr == symbol:
+                batch_dim = dim
+                continue
+            per_sample = per_sample * int(expr.subs(symbol, 1))
+        else:
+            per_sample *= int(size)
+    item = val.element_size()
+    if batch_dim is not None:
+        return ValueInfo(node.name, "tensor", batch_dim, val.dtype, shape, float(per_sample * item), 0.0)
+    fixed = 0.0 if is_batch else float(per_sample * item)
+    return ValueInfo(node.name, "tensor", None, val.dtype, shape, 0.0, fixed)
+
+
+def analyse(captured: CapturedGraph) -> GraphAnalysis:
+    """Label batch dependence by data flow from the user's tensor inputs and find the legal cut points."""
+    graph = captured.gm.graph
+    symbol = captured.batch_symbol
+    is_batch: dict[str, bool] = {}
+    values: dict[str, ValueInfo] = {}
+    order: list[str] = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            is_batch[node.name] = (
+                node.name in captured.user_inputs and isinstance(val, torch.Tensor) and val.dim() > 0
+            )
+        elif node.op == "call_function":
+            is_batch[node.name] = any(is_batch.get(arg.name, False) for arg in node.all_input_nodes)
+            if is_batch[node.name]:
+                order.append(node.name)
+        else:
+            continue
+        values[node.name] = _value_info(node, symbol, is_batch[node.name])
+
+    position = {name: k for k, name in enumerate(order)}
+    nodes = {n.name: n for n in graph.nodes}
+    n = len(order)
+    # Difference arrays over boundaries: boundary k sits after order[k].
+    blocked = [0] * (n + 1)
+    crossing = [0.0] * (n + 1)
+    for name in order:
+        start = position[name]
+        consumers = [position[u.name] for u in nodes[name].users if u.name in position]
+        if not consumers:
+            continue
+        last = max(consumers)
+        if last <= start:
+            continue
+        info = values[name]
+        if not info.communicable:
+            blocked[start] += 1
+            blocked[last] -= 1
+        crossing[start] += info.bytes_per_sample
+        crossing[last] -= info.bytes_per_sample
+    legal, cut_bytes = [], []
+    running_block, running_bytes = 0, 0.0
+    for k in range(n):
+        running_block += blocked[k]
+        running_bytes += crossing[k]
+        legal.append(running_block == 0)
+        cut_bytes.append(max(running_bytes, 0.0))
+    if legal:
+        legal[-1] = True
+    return GraphAnalysis(order, position, is_batch, values, legal, cut_bytes)
+
+
+def atomic_units(analysis: GraphAnalysis) -> list[list[str]]:
+    """Runs of batch nodes between legal cuts: the smallest pieces a stage can be made of."""
+    units: list[list[str]] = []
+    current: list[str] = []
+    for k, name in enumerate(analysis.order):
+        current.append(name)
+        if analysis.legal_cut[k]:
+            units.append(current)
+            current = []
+    if current:
+        units.append(current)
+    return units

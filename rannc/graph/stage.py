@@ -1,0 +1,122 @@
+"""Cut a piece of the captured graph (a block or a stage) out as its own runnable GraphModule."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+
+from ..capture import CapturedGraph
+from .analysis import GraphAnalysis
+
+
+@dataclasses.dataclass(frozen=True)
+class StageInput:
+    name: str  # node name in the captured graph
+    kind: str  # "param" | "buffer" | "constant" | "user" | "boundary" | "symint"
+
+
+@dataclasses.dataclass
+class StageGraph:
+    """A runnable piece: `module(*inputs)` returns a tuple with one value per name in `outputs`."""
+
+    module: fx.GraphModule
+    inputs: list[StageInput]
+    outputs: list[str]
+    batch_nodes: list[str]
+
+    def input_names(self, kind: str) -> list[str]:
+        return [i.name for i in self.inputs if i.kind == kind]
+
+
+def _closure(nodes: dict[str, fx.Node], analysis: GraphAnalysis, roots: Iterable[str]) -> set[str]:
+    """The roots plus every non-batch op they depend on (replicated here, never communicated)."""
+    members: set[str] = set()
+    stack = list(roots)
+    while stack:
+        name = stack.pop()
+        if name in members:
+            continue
+        members.add(name)
+        for arg in nodes[name].all_input_nodes:
+            if arg.op == "call_function" and not analysis.is_batch[arg.name]:
+                stack.append(arg.name)
+    return members
+
+
+def build_stage(
+    captured: CapturedGraph,
+    analysis: GraphAnalysis,
+    batch_nodes: list[str],
+    extra_roots: Iterable[str] = (),
+    extra_outputs: Iterable[str] = (),
+) -> StageGraph:
+    """Build the GraphModule running `batch_nodes` (and their non-batch helpers).
+
+    Its outputs are the values that ops outside it, the user or buffer write-back need, plus `extra_outputs`.
+    """
+    extra_roots = list(extra_roots)
+    graph = captured.gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    batch_set = set(batch_nodes)
+    members = _closure(nodes, analysis, list(batch_nodes) + list(extra_roots))
+    output_node = next(n for n in graph.nodes if n.op == "output")
+
+    inputs: list[StageInput] = []
+    seen: set[str] = set()
+    for node in graph.nodes:
+        if node.name not in members:
+            continue
+        for arg in node.all_input_nodes:
+            if arg.name in members or arg.name in seen:
+                continue
+            seen.add(arg.name)
+            inputs.append(StageInput(arg.name, _input_kind(captured, analysis, arg)))
+    rank = {"param": 0, "buffer": 0, "constant": 0, "user": 1, "boundary": 2, "symint": 2}
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    inputs.sort(key=lambda i: (rank[i.kind], position[i.name]))
+
+    outputs: list[str] = []
+    wanted = set(extra_outputs)
+    for node in graph.nodes:
+        if node.name not in members:
+            continue
+        used_outside = any(
+            (user is output_node) or (user.name not in members and analysis.is_batch.get(user.name, False))
+            for user in node.users
+        )
+        if node.name in wanted or (used_outside and (node.name in batch_set or node.name in extra_roots)):
+            outputs.append(node.name)
+
+    new_graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for item in inputs:
+        placeholder = new_graph.placeholder(item.name)
+        placeholder.meta = dict(nodes[item.name].meta)
+        env[item.name] = placeholder
+    for node in graph.nodes:
+        if node.name in members:
+            env[node.name] = new_graph.node_copy(node, lambda n: env[n.name])
+    new_graph.output(tuple(env[name] for name in outputs))
+    module = fx.GraphModule(torch.nn.Module(), new_graph)
+    ordered_batch = [n for n in analysis.order if n in batch_set]
+    return StageGraph(module, inputs, outputs, ordered_batch)
+
+
+def _input_kind(captured: CapturedGraph, analysis: GraphAnalysis, node: fx.Node) -> str:
+    if node.op == "placeholder":
+        if node.name in captured.params:
+            return "param"
+        if node.name in captured.buffers:
+            return "buffer"
+        if node.name in captured.constants:
+            return "constant"
+        return "user"
+    info = analysis.values[node.name]
+    if info.kind == "symint":
+        return "symint"
+    if not info.communicable:
+        raise AssertionError(f"value {node.name} cannot cross a stage boundary; the cut is illegal")
+    return "boundary"

@@ -1,0 +1,217 @@
+"""From a model and its first call to a Deployment: capture, blocks, profiles, and the plan (or a saved one)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .capture import CapturedGraph, FlatCall, capture
+from .capture.samples import record_values
+from .config import Config
+from .deploy import Deployment, load_deployment
+from .errors import PlanError
+from .graph.analysis import GraphAnalysis, analyse, atomic_units
+from .graph.blocks import coarsen, estimate_op_costs
+from .plan import Plan, plan_stages, required_microbatch_sizes
+from .plan.from_graph import block_graphs, block_runners, make_problem, range_tables
+from .profile import profile_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Partitioned:
+    captured: CapturedGraph
+    analysis: GraphAnalysis
+    deployment: Deployment
+
+
+def _placeholder_state(model: torch.nn.Module, captured: CapturedGraph) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers(remove_duplicate=False)))
+    state = {ph: named[fqn] for ph, fqn in captured.params.items()}
+    state.update({ph: named[fqn] for ph, fqn in captured.buffers.items()})
+    return state
+
+
+def _global_batch(local: int, world_size: int, device: torch.device) -> int:
+    if world_size == 1:
+        return local
+    size = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(size)
+    return int(size.item())
+
+
+def _check_same_graph(graph_hash: str, world_size: int) -> None:
+    if world_size == 1:
+        return
+    hashes: list[str | None] = [None] * world_size
+    dist.all_gather_object(hashes, graph_hash)
+    if len(set(hashes)) != 1:
+        raise PlanError(
+            f"ranks captured different graphs ({hashes}); every rank must wrap the same model and call it with "
+            "arguments of the same structure, dtypes and non-batch shapes"
+        )
+
+
+def _module_path(node: Any) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def memory_limit(config: Config, device: torch.device) -> float | None:
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return config.device_memory_limit(total)
+
+
+def resolve_schedule(config: Config, captured: CapturedGraph, analysis: GraphAnalysis) -> str:
+    """1F1B needs a single scalar loss (its gradient is known in forward); otherwise fill-drain."""
+    losses = [
+        n
+        for n in captured.user_outputs
+        if n is not None
+        and analysis.values[n].kind == "tensor"
+        and len(analysis.values[n].shape) == 0
+        and analysis.is_batch.get(n, False)
+        and analysis.values[n].carries_grad
+    ]
+    eager = len(losses) == 1
+    if config.schedule == "auto":
+        return "1f1b" if eager else "fill_drain"
+    if config.schedule == "1f1b" and not eager:
+        raise PlanError(
+            "schedule='1f1b' needs the model to return exactly one scalar loss (computed inside forward); "
+            "this model does not, so use schedule='fill_drain' or 'auto'"
+        )
+    return config.schedule
+
+
+def partition(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    config: Config,
+    world_size: int,
+    device: torch.device,
+) -> Partitioned:
+    started = time.perf_counter()
+    call = FlatCall.of(args, kwargs)
+    local_batch = call.batch_size()
+    captured = capture(model, args, kwargs, batch_size=config.capture_batch_size)
+    _check_same_graph(captured.graph_hash, world_size)
+    analysis = analyse(captured)
+    global_batch = _global_batch(local_batch, world_size, device)
+    limit = memory_limit(config, device)
+    schedule = resolve_schedule(config, captured, analysis)
+    if config.load_deployment:
+        deployment = load_deployment(
+            config.deployment_file,
+            expected_graph_hash=captured.graph_hash,
+            expected_world_size=world_size,
+            expected_device_memory_bytes=limit,
+        )
+        logger.info("loaded deployment %s", config.deployment_file)
+        return Partitioned(captured, analysis, deployment)
+
+    units = atomic_units(analysis)
+    state = _placeholder_state(model, captured)
+    sample_leaves = [
+        leaf[: config.capture_batch_size] if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else leaf
+        for leaf in call.leaves
+    ]
+    from .capture.inputs import tile_rows
+
+    sample_leaves = [
+        tile_rows(leaf, config.capture_batch_size)
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0
+        else leaf
+        for leaf in sample_leaves
+    ]
+    values, flops = record_values(captured, state, sample_leaves)
+    op_costs = estimate_op_costs(analysis, flops, global_batch)
+    unit_costs = [sum(op_costs[n] for n in unit) for unit in units]
+    unit_cuts = [analysis.cut_bytes_per_sample[analysis.position[unit[-1]]] for unit in units]
+    blocks = coarsen(units, unit_costs, unit_cuts, config.max_partition_num)
+    graphs = block_graphs(captured, analysis, blocks)
+    runners = block_runners(captured, analysis, graphs, values, state, device)
+    sizes = _profile_sizes(world_size, global_batch, config)
+    key = hashlib.sha256(
+        f"{captured.graph_hash}|{[len(b) for b in blocks]}|{config.profile_iterations}|{torch.__version__}".encode()
+    ).hexdigest()[:24]
+    profiles = profile_blocks(runners, sizes, cache_key=key, config=config, device=device)
+    tables = range_tables(captured, analysis, blocks, graphs)
+    problem = make_problem(tables, profiles, world_size, global_batch, limit, config, schedule)
+    plan = _plan_on_rank0(problem, world_size, config)
+    stage_nodes = [sum(blocks[s.first_block : s.last_block + 1], []) for s in plan.stages]
+    nodes = {n.name: n for n in captured.gm.graph.nodes}
+    ranges = [(_module_path(nodes[ns[0]]), _module_path(nodes[ns[-1]])) for ns in stage_nodes]
+    block_names = [f"{_module_path(nodes[b[0]])}..{_module_path(nodes[b[-1]])}" for b in blocks]
+    deployment = Deployment(
+        plan=plan,
+        graph_hash=captured.graph_hash,
+        world_size=world_size,
+        device_memory_bytes=limit,
+        stage_nodes=stage_nodes,
+        block_names=block_names,
+        stage_module_ranges=ranges,
+    )
+    logger.info(
+        "partitioned into %d stage(s), %d microbatches in %.1fs (%d ops, %d units, %d blocks)",
+        len(plan.stages),
+        plan.microbatches,
+        time.perf_counter() - started,
+        len(analysis.order),
+        len(units),
+        len(blocks),
+    )
+    return Partitioned(captured, analysis, deployment)
+
+
+def _profile_sizes(world_size: int, global_batch: int, config: Config) -> list[int]:
+    """Measure at powers of two plus the extremes; the planner interpolates between them."""
+    needed = required_microbatch_sizes(world_size, global_batch, config.min_pipeline, config.max_pipeline)
+    lo, hi = needed[0], needed[-1]
+    sizes = {lo, hi}
+    m = 1
+    while m < hi:
+        if m > lo:
+            sizes.add(m)
+        m *= 2
+    return sorted(sizes)
+
+
+def _plan_on_rank0(problem: Any, world_size: int, config: Config) -> Plan:
+    """Rank 0 searches; everyone receives the same plan (or the same error)."""
+    rank = dist.get_rank() if world_size > 1 else 0
+    payload: list[Any] = [None]
+    if rank == 0:
+        try:
+            payload[0] = ("ok", plan_stages(problem).to_json())
+        except PlanError as exc:
+            margin = 1.0 - config.mem_margin
+            payload[0] = (
+                "error",
+                f"{exc} (with mem_margin={config.mem_margin}, that is mem_limit_gb >= "
+                f"{_needed_limit_gb(problem) / margin:.3f})",
+            )
+    if world_size > 1:
+        dist.broadcast_object_list(payload, src=0)
+    status, data = payload[0]
+    if status == "error":
+        raise PlanError(data)
+    return Plan.from_json(data)
+
+
+def _needed_limit_gb(problem: Any) -> float:
+    from .plan import minimum_memory_needed
+
+    try:
+        return minimum_memory_needed(problem) / 2**30
+    except PlanError:
+        return float("nan")

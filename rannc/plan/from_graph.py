@@ -1,0 +1,149 @@
+"""Turn blocks of the captured graph into the planner's cost table (and the profiler's block runners)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..capture import CapturedGraph, tile_rows
+from ..graph.analysis import GraphAnalysis
+from ..graph.stage import StageGraph, build_stage
+from ..profile import BlockRunner
+from ..runtime.routes import symint_value
+from .types import BlockProfile, PlanProblem
+
+
+def block_graphs(
+    captured: CapturedGraph, analysis: GraphAnalysis, blocks: list[list[str]]
+) -> list[StageGraph]:
+    return [build_stage(captured, analysis, nodes) for nodes in blocks]
+
+
+def block_runners(
+    captured: CapturedGraph,
+    analysis: GraphAnalysis,
+    graphs: list[StageGraph],
+    values: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    device: torch.device,
+) -> list[BlockRunner]:
+    """Runners that feed each block real example values, tiled to the microbatch size asked for."""
+    runners = []
+    for graph in graphs:
+        params = frozenset(
+            i for i, item in enumerate(graph.inputs) if item.kind in ("param", "buffer", "constant")
+        )
+
+        def make_inputs(m: int, graph: StageGraph = graph) -> list[Any]:
+            args: list[Any] = []
+            for item in graph.inputs:
+                if item.kind in ("param", "buffer"):
+                    tensor = state[item.name]
+                    args.append(tensor.detach().to(device).requires_grad_(tensor.requires_grad))
+                elif item.kind == "constant":
+                    args.append(captured.constants[item.name].to(device))
+                elif item.kind == "symint":
+                    args.append(symint_value(values[item.name], captured.batch_symbol, m))
+                else:
+                    value = values[item.name]
+                    if isinstance(value, torch.Tensor):
+                        dim = analysis.values[item.name].batch_dim if item.kind == "boundary" else 0
+                        if dim is not None and value.dim() > 0:
+                            value = tile_rows(value, m, dim)
+                        value = value.to(device)
+                    args.append(value)
+            return args
+
+        runners.append(BlockRunner(graph.module, make_inputs, params))
+    return runners
+
+
+def _block_of_positions(analysis: GraphAnalysis, blocks: list[list[str]]) -> dict[str, int]:
+    return {name: b for b, nodes in enumerate(blocks) for name in nodes}
+
+
+def range_tables(
+    captured: CapturedGraph, analysis: GraphAnalysis, blocks: list[list[str]], graphs: list[StageGraph]
+) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
+    """Per range of blocks [i, j]: distinct parameter bytes, boundary bytes in and out per sample."""
+    count = len(blocks)
+    placeholders = captured.placeholder_nodes()
+    param_sets: list[dict[str, float]] = []
+    for graph in graphs:
+        owned: dict[str, float] = {}
+        for item in graph.inputs:
+            if item.kind in ("param", "buffer"):
+                val = placeholders[item.name].meta["val"]
+                canonical = captured.params.get(item.name) or captured.buffers[item.name]
+                owned[canonical] = float(val.numel() * val.element_size())
+        param_sets.append(owned)
+    param_bytes = [[0.0] * count for _ in range(count)]
+    for i in range(count):
+        union: dict[str, float] = {}
+        for j in range(i, count):
+            union.update(param_sets[j])
+            param_bytes[i][j] = sum(union.values())
+
+    block_of = _block_of_positions(analysis, blocks)
+    nodes = {n.name: n for n in captured.gm.graph.nodes}
+    inbound = [[0.0] * (count + 1) for _ in range(count)]  # difference rows over j
+    outbound = [[0.0] * (count + 1) for _ in range(count)]
+    for name in analysis.order:
+        info = analysis.values[name]
+        if info.bytes_per_sample == 0:
+            continue
+        producer = block_of[name]
+        consumers = sorted({block_of[u.name] for u in nodes[name].users if u.name in block_of} - {producer})
+        if not consumers:
+            continue
+        for i in range(producer + 1, count):
+            first = next((c for c in consumers if c >= i), None)
+            if first is None:
+                break
+            inbound[i][first] += info.bytes_per_sample
+        last = consumers[-1]
+        for i in range(0, producer + 1):
+            outbound[i][producer] += info.bytes_per_sample
+            outbound[i][last] -= info.bytes_per_sample
+    in_table = [[0.0] * count for _ in range(count)]
+    out_table = [[0.0] * count for _ in range(count)]
+    for i in range(count):
+        running_in = running_out = 0.0
+        for j in range(count):
+            running_in += inbound[i][j]
+            running_out += outbound[i][j]
+            if j >= i:
+                in_table[i][j] = running_in
+                out_table[i][j] = max(running_out, 0.0)
+    return param_bytes, in_table, out_table
+
+
+def make_problem(
+    tables: tuple[list[list[float]], list[list[float]], list[list[float]]],
+    profiles: list[BlockProfile],
+    world_size: int,
+    global_batch: int,
+    memory_limit: float | None,
+    config: Any,
+    schedule: str,
+) -> PlanProblem:
+    param_bytes, in_table, out_table = tables
+    return PlanProblem(
+        blocks=profiles,
+        range_param_bytes=param_bytes,
+        range_in_bytes_per_sample=in_table,
+        range_out_bytes_per_sample=out_table,
+        world_size=world_size,
+        global_batch=global_batch,
+        memory_limit_bytes=memory_limit,
+        opt_param_factor=config.opt_param_factor,
+        p2p_bandwidth=config.p2p_bandwidth_gbps * 2**30,
+        p2p_latency=config.p2p_latency_us * 1e-6,
+        allreduce_bandwidth=config.allreduce_bandwidth_gbps * 2**30,
+        allreduce_latency=config.allreduce_latency_us * 1e-6,
+        min_microbatches=config.min_pipeline,
+        max_microbatches=min(config.max_pipeline, global_batch),
+        schedules=(schedule,),
+        num_stages=config.partition_num or None,
+    )

@@ -1,0 +1,214 @@
+"""Measure one block's forward time, backward time and saved-activation bytes at given microbatch sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..plan.types import BlockProfile
+
+__all__ = ["BlockRunner", "measure_block"]
+
+_GRAD_SEED = 0
+
+
+@dataclasses.dataclass
+class BlockRunner:
+    """How to run one block: `module(*inputs)` returns a tuple of outputs (tensors or non-tensors).
+
+    `make_inputs(m)` returns fresh positional inputs for microbatch size m on the device; the inputs at
+    `param_input_indices` are parameters, buffers or constants (parameters are leaf tensors with
+    requires_grad=True), every other input is an activation.
+
+    Example::
+
+        w = torch.randn(256, 64, requires_grad=True)
+        runner = BlockRunner(
+            module=lambda x, w: (torch.nn.functional.linear(x, w).relu(),),
+            make_inputs=lambda m: [torch.randn(m, 64), w],
+            param_input_indices=frozenset({1}),
+        )
+    """
+
+    module: Callable[..., Sequence[Any]]
+    make_inputs: Callable[[int], list[Any]]
+    param_input_indices: frozenset[int]
+
+
+def measure_block(
+    runner: BlockRunner,
+    microbatch_sizes: Sequence[int],
+    iterations: int = 3,
+    device: torch.device | None = None,
+) -> BlockProfile:
+    """Median forward/backward seconds and saved-activation bytes of `runner` at each microbatch size.
+
+    Floating-point activation inputs require grad (as between pipeline stages); backward runs over the
+    floating-point outputs that require grad with fixed-seed random gradients. Activation bytes are the
+    unique storages saved for backward, not counting storages of parameter inputs; on CUDA the peak
+    allocation of the timed forward+backward runs (minus parameter gradients) is used when it is larger.
+
+    Example::
+
+        profile = measure_block(runner, [1, 4, 16])
+        profile.fwd_time[4], profile.bwd_time[4], profile.activation_bytes[4]
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    sizes = sorted(set(microbatch_sizes))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"microbatch sizes must be positive integers, got {list(microbatch_sizes)}")
+    fwd: dict[int, float] = {}
+    bwd: dict[int, float] = {}
+    activation: dict[int, float] = {}
+    for m in sizes:
+        fwd[m], bwd[m], activation[m] = _measure_size(runner, m, iterations, device)
+    return BlockProfile(fwd_time=fwd, bwd_time=bwd, activation_bytes=activation)
+
+
+def _measure_size(
+    runner: BlockRunner, m: int, iterations: int, device: torch.device | None
+) -> tuple[float, float, float]:
+    inputs = list(runner.make_inputs(m))
+    if device is None:
+        device = _infer_device(inputs)
+    params = [x for i, x in enumerate(inputs) if i in runner.param_input_indices and _is_tensor(x)]
+    # Parameter gradients accumulate during measurement; the caller's .grad values are put back afterwards.
+    previous_grads = [(p, p.grad) for p in params if p.is_leaf and p.requires_grad]
+    for p, _ in previous_grads:
+        p.grad = None
+    try:
+        with torch.enable_grad():
+            return _measure_prepared(runner, inputs, params, iterations, device)
+    finally:
+        for p, grad in previous_grads:
+            p.grad = grad
+
+
+def _measure_prepared(
+    runner: BlockRunner,
+    inputs: list[Any],
+    params: list[torch.Tensor],
+    iterations: int,
+    device: torch.device,
+) -> tuple[float, float, float]:
+    cuda = device.type == "cuda"
+    param_storages = {_storage_key(p) for p in params}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key is not None and key not in param_storages:
+            saved[key] = max(saved.get(key, 0), tensor.untyped_storage().nbytes())
+        return tensor
+
+    # Warm-up: also records the tensors saved for backward and picks the output gradients.
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        outputs = runner.module(*_fresh_activations(inputs, runner.param_input_indices))
+    grad_outputs = _random_grads(_differentiable(outputs))
+    _backward(outputs, grad_outputs)
+    del outputs
+    activation = float(sum(saved.values()))
+
+    if cuda:  # peak after the warm-up, so that one-off workspaces (cuBLAS, cuDNN) are not counted
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start_bytes = torch.cuda.memory_allocated(device)
+    fwd_times: list[float] = []
+    bwd_times: list[float] = []
+    for _ in range(iterations):
+        step_inputs = _fresh_activations(inputs, runner.param_input_indices)
+        _sync(cuda, device)
+        t0 = time.perf_counter()
+        outputs = runner.module(*step_inputs)
+        _sync(cuda, device)
+        t1 = time.perf_counter()
+        fwd_times.append(t1 - t0)
+        if grad_outputs:
+            t0 = time.perf_counter()
+            _backward(outputs, grad_outputs)
+            _sync(cuda, device)
+            bwd_times.append(time.perf_counter() - t0)
+        del outputs, step_inputs
+    if cuda:
+        # Each backward allocates one gradient per parameter before accumulating it: not an activation.
+        param_grad_bytes = sum(_nbytes(p) for p in params if p.is_leaf and p.requires_grad)
+        peak = torch.cuda.max_memory_allocated(device) - start_bytes - param_grad_bytes
+        activation = max(activation, float(peak))
+    bwd_time = statistics.median(bwd_times) if bwd_times else 0.0
+    return statistics.median(fwd_times), bwd_time, activation
+
+
+def _fresh_activations(inputs: list[Any], param_indices: frozenset[int]) -> list[Any]:
+    """New leaf tensors (sharing storage) for floating-point activation inputs, so each run has its own graph."""
+    fresh = []
+    for i, x in enumerate(inputs):
+        if i not in param_indices and _is_tensor(x) and (x.is_floating_point() or x.is_complex()):
+            x = x.detach().requires_grad_(True)
+        fresh.append(x)
+    return fresh
+
+
+def _differentiable(outputs: Any) -> list[torch.Tensor]:
+    return [
+        t for t in _tensor_leaves(outputs) if t.requires_grad and (t.is_floating_point() or t.is_complex())
+    ]
+
+
+def _random_grads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(_GRAD_SEED)
+    return [torch.randn(t.shape, dtype=t.dtype, generator=generator).to(t.device) for t in tensors]
+
+
+def _backward(outputs: Any, grad_outputs: list[torch.Tensor]) -> None:
+    """Backward over the same differentiable outputs the gradients were drawn for (frees the graph)."""
+    tensors = _differentiable(outputs)
+    if tensors:
+        torch.autograd.backward(tensors, grad_outputs)
+
+
+def _tensor_leaves(value: Any) -> Iterator[torch.Tensor]:
+    if _is_tensor(value):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensor_leaves(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensor_leaves(item)
+
+
+def _infer_device(inputs: list[Any]) -> torch.device:
+    for x in inputs:
+        if _is_tensor(x):
+            return x.device
+    return torch.device("cpu")
+
+
+def _storage_key(tensor: torch.Tensor) -> int | None:
+    """Identity of the memory behind a tensor (views share it); None for tensors without real storage."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    if tensor.device.type == "meta" or storage.nbytes() == 0:
+        return None
+    return storage.data_ptr()
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _sync(cuda: bool, device: torch.device) -> None:
+    if cuda:
+        torch.cuda.synchronize(device)

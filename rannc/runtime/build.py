@@ -1,0 +1,165 @@
+"""Build this rank's LocalStage from a deployment: stage graphs, routes, outputs and gradient groups."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..capture import CapturedGraph
+from ..errors import CaptureError
+from ..graph.analysis import GraphAnalysis
+from ..graph.stage import StageGraph, build_stage
+from .dist import GroupCache
+from .grad_sync import GradSync
+from .routes import OutputSpec, Route
+from .stage import LocalStage
+
+
+@dataclasses.dataclass
+class Layout:
+    """Which stage runs which node, and which stage owns each parameter and buffer (for state_dict)."""
+
+    graphs: list[StageGraph]
+    stage_of_node: dict[str, int]
+    holders: dict[str, list[int]]  # canonical tensor name -> stages that hold it
+    owner: dict[str, int]  # canonical tensor name -> the stage whose copy is authoritative
+
+
+def output_specs(
+    captured: CapturedGraph, analysis: GraphAnalysis, stage_of_node: dict[str, int], last: int
+) -> list[OutputSpec]:
+    specs = []
+    for node, constant in zip(captured.user_outputs, captured.user_output_constants):
+        if node is None:
+            specs.append(OutputSpec(None, "constant", None, constant=constant))
+            continue
+        info = analysis.values[node]
+        if info.kind != "tensor":
+            raise CaptureError(
+                f"model output {node} is not a tensor; return tensors (or containers of tensors)"
+            )
+        if not analysis.is_batch[node]:
+            specs.append(OutputSpec(node, "whole", last, None, info.shape, info.dtype))
+        elif node not in stage_of_node:
+            raise CaptureError(
+                f"model output {node} returns an input unchanged; return a computed value instead"
+            )
+        elif info.batch_dim is not None:
+            specs.append(
+                OutputSpec(node, "rows", stage_of_node[node], info.batch_dim, info.shape, info.dtype)
+            )
+        elif len(info.shape) == 0:
+            specs.append(OutputSpec(node, "mean", stage_of_node[node], None, (), info.dtype))
+        else:
+            raise CaptureError(
+                f"model output {node} depends on the batch but has no batch dimension (shape {info.shape}); "
+                "outputs must be batch-shaped (samples along one dim) or a scalar mean such as a loss"
+            )
+    return specs
+
+
+def stage_layout(captured: CapturedGraph, analysis: GraphAnalysis, stage_nodes: list[list[str]]) -> Layout:
+    stage_of_node = {name: s for s, nodes in enumerate(stage_nodes) for name in nodes}
+    last = len(stage_nodes) - 1
+    roots: list[list[str]] = [[] for _ in stage_nodes]
+    for node in captured.buffer_mutations:
+        if not analysis.is_batch[node]:
+            roots[0].append(node)
+    for node in captured.user_outputs:
+        if node is not None and not analysis.is_batch.get(node, True):
+            roots[last].append(node)
+    graphs = [
+        build_stage(captured, analysis, nodes, extra_roots=roots[s]) for s, nodes in enumerate(stage_nodes)
+    ]
+    holders: dict[str, list[int]] = {}
+    for s, graph in enumerate(graphs):
+        for item in graph.inputs:
+            canonical = captured.params.get(item.name) or captured.buffers.get(item.name)
+            if canonical is not None and s not in holders.setdefault(canonical, []):
+                holders[canonical].append(s)
+    owner = {name: stages[0] for name, stages in holders.items()}
+    for s, graph in enumerate(graphs):
+        for node in graph.outputs:
+            if node in captured.buffer_mutations:
+                owner[captured.buffer_mutations[node]] = s
+    return Layout(graphs, stage_of_node, holders, owner)
+
+
+def build_local_stage(
+    captured: CapturedGraph,
+    analysis: GraphAnalysis,
+    layout: Layout,
+    stage_ranks: list[list[int]],
+    rank: int,
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
+    groups: GroupCache,
+) -> LocalStage:
+    """`tensors` maps canonical names to the user's parameters and buffers (already on `device`)."""
+    index = next(s for s, ranks in enumerate(stage_ranks) if rank in ranks)
+    graphs = layout.graphs
+    consumers: dict[str, list[int]] = {}
+    for s, graph in enumerate(graphs):
+        for name in graph.input_names("boundary"):
+            consumers.setdefault(name, []).append(s)
+    position = {n.name: k for k, n in enumerate(captured.gm.graph.nodes)}
+    routes = []
+    for k, name in enumerate(sorted(consumers, key=lambda n: position[n])):
+        info = analysis.values[name]
+        assert info.batch_dim is not None and info.dtype is not None
+        routes.append(
+            Route(
+                value=name,
+                index=k,
+                producer=layout.stage_of_node[name],
+                consumers=tuple(sorted(consumers[name])),
+                batch_dim=info.batch_dim,
+                shape=info.shape,
+                dtype=info.dtype,
+                carries_grad=info.carries_grad,
+            )
+        )
+    graph = graphs[index]
+    state: dict[str, torch.Tensor] = {}
+    param_names: dict[str, str] = {}
+    for item in graph.inputs:
+        if item.kind == "param":
+            param_names[item.name] = captured.params[item.name]
+            state[item.name] = tensors[captured.params[item.name]]
+        elif item.kind == "buffer":
+            state[item.name] = tensors[captured.buffers[item.name]]
+        elif item.kind == "constant":
+            state[item.name] = captured.constants[item.name].to(device)
+    mutations = {
+        node: tensors[fqn] for node, fqn in captured.buffer_mutations.items() if node in graph.outputs
+    }
+    rank_sets: dict[tuple[int, ...], list[str]] = {}
+    for name, stages in layout.holders.items():
+        if name not in captured.params.values():
+            continue
+        ranks = tuple(sorted(r for s in stages for r in stage_ranks[s]))
+        rank_sets.setdefault(ranks, []).append(name)
+    grad_groups = [(ranks, sorted(names)) for ranks, names in rank_sets.items()]
+    symints = {item.name: _meta(captured, item.name) for item in graph.inputs if item.kind == "symint"}
+    return LocalStage(
+        index=index,
+        replica=stage_ranks[index].index(rank),
+        num_stages=len(stage_ranks),
+        stage_ranks=stage_ranks,
+        graph=graph,
+        routes=routes,
+        outputs=output_specs(captured, analysis, layout.stage_of_node, len(stage_ranks) - 1),
+        state=state,
+        param_names=param_names,
+        mutations=mutations,
+        symints=symints,
+        user_inputs=captured.user_inputs,
+        batch_symbol=captured.batch_symbol,
+        grad_sync=GradSync(grad_groups, groups, rank),
+        device=device,
+    )
+
+
+def _meta(captured: CapturedGraph, name: str) -> object:
+    return next(n for n in captured.gm.graph.nodes if n.name == name).meta["val"]

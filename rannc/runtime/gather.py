@@ -1,0 +1,57 @@
+"""Form the global batch from every rank's local batch, and return each rank its own rows."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalBatch:
+    leaves: list[Any]  # tensors hold the whole global batch; other leaves are as given
+    local_sizes: list[int]  # samples per rank, in rank order
+    requires_grad: list[bool]  # per leaf: does any rank want a gradient for it
+
+    @property
+    def size(self) -> int:
+        return sum(self.local_sizes)
+
+    def local_rows(self, rank: int) -> tuple[int, int]:
+        lo = sum(self.local_sizes[:rank])
+        return lo, lo + self.local_sizes[rank]
+
+
+def gather_global_batch(leaves: list[Any], device: torch.device, world_size: int) -> GlobalBatch:
+    batch_positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    local = leaves[batch_positions[0]].shape[0] if batch_positions else 0
+    flags = [bool(isinstance(x, torch.Tensor) and x.requires_grad) for x in leaves]
+    if world_size == 1:
+        moved = [x.to(device) if isinstance(x, torch.Tensor) else x for x in leaves]
+        return GlobalBatch(moved, [local], flags)
+    meta = torch.tensor([local, *[int(f) for f in flags]], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(meta) for _ in range(world_size)]
+    dist.all_gather(gathered, meta)
+    table = torch.stack(gathered).cpu()
+    sizes = [int(v) for v in table[:, 0]]
+    if min(sizes) < 1:
+        raise InputError(f"every rank must pass at least one sample; local batch sizes are {sizes}")
+    any_grad = [bool(v) for v in table[:, 1:].any(dim=0)]
+    widest = max(sizes)
+    out = list(leaves)
+    for pos in batch_positions:
+        tensor = leaves[pos].detach().to(device)
+        if tensor.shape[0] < widest:
+            pad = tensor.new_zeros((widest - tensor.shape[0], *tensor.shape[1:]))
+            tensor = torch.cat([tensor, pad])
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        out[pos] = torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    for pos, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() == 0:
+            out[pos] = leaf.detach().to(device)
+    return GlobalBatch(out, sizes, any_grad)

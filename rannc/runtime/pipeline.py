@@ -1,0 +1,265 @@
+"""Run one call of the partitioned model on this rank: the schedule's forwards and backwards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .gather import GlobalBatch
+from .layout import SampleLayout
+from .routes import concrete_shape, symint_value
+from .schedule import Action, actions_for, forward_only
+from .stage import LocalStage
+from .transfer import Transfer
+
+
+class PipelineCall:
+    """State of one forward (and its backward): stashed activations, accumulated outputs and gradients.
+
+    mode "eager": forwards and backwards run inside the forward call (1F1B); the loss gradient is assumed
+    to be 1 and rescaled when the user's backward arrives. "deferred": forwards now, backwards when autograd
+    calls `run_backward` (fill-drain). "inference": forwards only, no graphs kept.
+    """
+
+    def __init__(
+        self, stage: LocalStage, batch: GlobalBatch, microbatches: int, schedule: str, mode: str
+    ) -> None:
+        self.stage = stage
+        self.batch = batch
+        self.mode = mode
+        self.schedule = schedule
+        self.world = len([r for ranks in stage.stage_ranks for r in ranks])
+        replicas = tuple(len(r) for r in stage.stage_ranks)
+        self.layout = SampleLayout(batch.size, microbatches, replicas)
+        self.microbatches = microbatches
+        self.transfer = Transfer(
+            self.layout, stage.stage_ranks, len(stage.routes), stage.batch_symbol, stage.device
+        )
+        self.inputs = dict(zip(stage.user_inputs, batch.leaves))
+        self.wants_grad = dict(zip(stage.user_inputs, batch.requires_grad))
+        self.stash: dict[int, tuple[list[tuple[str, str, torch.Tensor]], dict[str, torch.Tensor], int]] = {}
+        self.out_acc: dict[int, torch.Tensor] = {}
+        self.out_grads: dict[int, torch.Tensor] = {}
+        self.param_grads: dict[str, torch.Tensor] = {}
+        self.input_grads: dict[str, torch.Tensor] = {}
+        self.grad_leaf_names: list[str] = []  # leaves that require grad on this rank, set by the caller
+
+    # ---- schedule ----------------------------------------------------------------------------------
+    def actions(self) -> list[Action]:
+        s = self.stage
+        if self.mode == "inference":
+            return forward_only(self.microbatches)
+        acts = actions_for(self.schedule, s.index, s.num_stages, self.microbatches)
+        if self.mode == "deferred":
+            return [a for a in acts if a.kind == "F"]
+        return acts
+
+    def run_forward(self) -> list[torch.Tensor]:
+        for action in self.actions():
+            self._forward(action.microbatch) if action.kind == "F" else self._backward(action.microbatch)
+        self.transfer.wait_sends()
+        if self.mode == "eager":
+            self._finish_backward()
+        return self._assemble_outputs()
+
+    def run_backward(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Deferred mode: spread the users' output gradients, run every backward, sync gradients."""
+        self._spread_output_grads(grads)
+        for action in actions_for(self.schedule, self.stage.index, self.stage.num_stages, self.microbatches):
+            if action.kind == "B":
+                self._backward(action.microbatch)
+        self.transfer.wait_sends()
+        self._finish_backward()
+        self.apply_param_grads(1.0)
+        return self.local_input_grads(1.0)
+
+    # ---- one microbatch ----------------------------------------------------------------------------
+    def _forward(self, i: int) -> None:
+        s = self.stage
+        lo, hi = self.layout.rows(s.index, i, s.replica)
+        grad = self.mode != "inference"
+        args: list[Any] = []
+        grad_inputs: list[tuple[str, str, torch.Tensor]] = []
+        for item in s.graph.inputs:
+            if item.kind in ("param", "buffer", "constant"):
+                args.append(s.state[item.name])
+            elif item.kind == "user":
+                value = self.inputs[item.name]
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    value = value.narrow(0, lo, hi - lo)
+                    if grad and self.wants_grad[item.name] and value.is_floating_point():
+                        value = value.detach().requires_grad_(True)
+                        grad_inputs.append(("user", item.name, value))
+                args.append(value)
+            elif item.kind == "symint":
+                args.append(symint_value(s.symints[item.name], s.batch_symbol, hi - lo))
+            else:
+                route = s.route_of[item.name]
+                value = self.transfer.recv_activation(route, s.index, s.replica, i)
+                if grad and route.carries_grad:
+                    value.requires_grad_(True)
+                    grad_inputs.append(("boundary", item.name, value))
+                args.append(value)
+        with torch.set_grad_enabled(grad):
+            outs = dict(zip(s.graph.outputs, s.graph.module(*args)))
+        for route in s.produced:
+            self.transfer.send_activation(route, outs[route.value], s.replica, i)
+        with torch.no_grad():
+            for node, buffer in s.mutations.items():
+                buffer.copy_(outs[node])
+        self._contribute_outputs(outs, i, lo, hi)
+        if grad:
+            self.stash[i] = (grad_inputs, outs, hi - lo)
+
+    def _backward(self, i: int) -> None:
+        s = self.stage
+        grad_inputs, outs, rows = self.stash.pop(i)
+        lo, hi = self.layout.rows(s.index, i, s.replica)
+        seeds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def seed(tensor: torch.Tensor, grad: torch.Tensor) -> None:
+            if not tensor.requires_grad:
+                return
+            key = id(tensor)
+            seeds[key] = (tensor, grad if key not in seeds else seeds[key][1] + grad)
+
+        for route in s.produced:
+            if route.carries_grad:
+                seed(outs[route.value], self.transfer.recv_grad(route, s.replica, i))
+        for k, spec in enumerate(s.outputs):
+            if spec.producer != s.index or spec.node is None:
+                continue
+            tensor = outs[spec.node]
+            if spec.kind == "mean" and tensor.is_floating_point():
+                scale = (
+                    self.out_grads.get(k, torch.ones((), device=s.device)) if self.mode == "deferred" else 1.0
+                )
+                seed(tensor, (torch.ones_like(tensor) * scale * (rows / self.batch.size)).to(tensor.dtype))
+            elif spec.kind == "rows" and self.mode == "deferred" and k in self.out_grads:
+                seed(tensor, self.out_grads[k].narrow(spec.batch_dim, lo, hi - lo))
+        params = list(s.trainable.items())
+        wrt = [p for _, p in params] + [t for _, _, t in grad_inputs]
+        targets = [t for t, _ in seeds.values()]
+        if targets and wrt:
+            results = torch.autograd.grad(targets, wrt, [g for _, g in seeds.values()], allow_unused=True)
+        else:
+            results = [None] * len(wrt)
+        for (name, param), g in zip(params, results[: len(params)]):
+            if g is not None:
+                if name in self.param_grads:
+                    self.param_grads[name].add_(g)
+                else:
+                    self.param_grads[name] = g.detach().clone()
+        for (kind, name, tensor), g in zip(grad_inputs, results[len(params) :]):
+            g = torch.zeros_like(tensor) if g is None else g
+            if kind == "boundary":
+                self.transfer.send_grad(s.route_of[name], g, s.index, s.replica, i)
+            else:
+                total = self.input_grads.setdefault(name, torch.zeros_like(self.inputs[name]))
+                total.narrow(0, lo, hi - lo).add_(g)
+
+    # ---- outputs -------------------------------------------------------------------------------------
+    def _contribute_outputs(self, outs: dict[str, torch.Tensor], i: int, lo: int, hi: int) -> None:
+        s = self.stage
+        for k, spec in enumerate(s.outputs):
+            if spec.producer != s.index or spec.node is None:
+                continue
+            value = outs[spec.node].detach()
+            if spec.kind == "rows":
+                if k not in self.out_acc:
+                    shape = concrete_shape(spec.shape, s.batch_symbol, self.batch.size)
+                    self.out_acc[k] = torch.zeros(shape, dtype=value.dtype, device=s.device)
+                self.out_acc[k].narrow(spec.batch_dim, lo, hi - lo).copy_(value)
+            elif spec.kind == "mean":
+                weighted = value.to(torch.float64) * ((hi - lo) / self.batch.size)
+                self.out_acc[k] = (
+                    self.out_acc.get(k, torch.zeros((), dtype=torch.float64, device=s.device)) + weighted
+                )
+            elif spec.kind == "whole" and i == 0 and s.replica == 0:
+                self.out_acc[k] = value.clone()
+
+    def _assemble_outputs(self) -> list[torch.Tensor]:
+        s = self.stage
+        lo, hi = self.batch.local_rows(s.rank)
+        results = []
+        for k, spec in enumerate(s.outputs):
+            if spec.node is None:
+                continue
+            if spec.kind == "mean":
+                total = self.out_acc.get(k, torch.zeros((), dtype=torch.float64, device=s.device))
+                total = self._allreduce(total).to(spec.dtype)
+                results.append(total)
+                continue
+            rows = self.batch.size if spec.kind == "rows" else 1
+            shape = concrete_shape(spec.shape, s.batch_symbol, rows)
+            total = self.out_acc.get(k)
+            if total is None:
+                total = torch.zeros(shape, dtype=spec.dtype, device=s.device)
+            total = self._allreduce(total)
+            if spec.kind == "rows":
+                total = total.narrow(spec.batch_dim, lo, hi - lo).clone()
+            results.append(total)
+        return results
+
+    def _allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return tensor
+        if tensor.dtype == torch.bool:
+            as_int = tensor.to(torch.uint8)
+            dist.all_reduce(as_int)
+            return as_int.to(torch.bool)
+        dist.all_reduce(tensor)
+        return tensor
+
+    def _spread_output_grads(self, grads: list[torch.Tensor | None]) -> None:
+        s = self.stage
+        lo, hi = self.batch.local_rows(s.rank)
+        flat_specs = [(k, spec) for k, spec in enumerate(s.outputs) if spec.node is not None]
+        for (k, spec), grad in zip(flat_specs, grads):
+            if spec.dtype is None or not spec.dtype.is_floating_point:
+                continue
+            if spec.kind == "mean":
+                value = (
+                    torch.zeros((), dtype=torch.float64, device=s.device) if grad is None else grad.double()
+                )
+                self.out_grads[k] = self._allreduce(value.clone()) / self.world
+            elif spec.kind == "rows":
+                shape = concrete_shape(spec.shape, s.batch_symbol, self.batch.size)
+                total = torch.zeros(shape, dtype=spec.dtype, device=s.device)
+                if grad is not None:
+                    total.narrow(spec.batch_dim, lo, hi - lo).copy_(grad)
+                self.out_grads[k] = self._allreduce(total)
+
+    # ---- gradients -----------------------------------------------------------------------------------
+    def _finish_backward(self) -> None:
+        s = self.stage
+        for name, param in s.trainable.items():
+            if name not in self.param_grads:
+                self.param_grads[name] = torch.zeros_like(param)
+        s.grad_sync.allreduce(self.param_grads)
+        for name, flag in self.wants_grad.items():
+            value = self.inputs[name]
+            if flag and isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+                total = self.input_grads.get(name)
+                if total is None:
+                    total = torch.zeros_like(value)
+                self.input_grads[name] = self._allreduce(total)
+
+    def apply_param_grads(self, scale: float | torch.Tensor) -> None:
+        for name, param in self.stage.trainable.items():
+            grad = self.param_grads[name] * scale
+            if param.grad is None:
+                param.grad = grad.to(param.dtype)
+            else:
+                param.grad.add_(grad)
+
+    def local_input_grads(self, scale: float | torch.Tensor) -> list[torch.Tensor | None]:
+        """Gradients of the call's leaves that require grad on this rank (in leaf order), its own rows."""
+        lo, hi = self.batch.local_rows(self.stage.rank)
+        out: list[torch.Tensor | None] = []
+        for name in self.grad_leaf_names:
+            grad = self.input_grads.get(name)
+            out.append(None if grad is None else grad.narrow(0, lo, hi - lo) * scale)
+        return out

@@ -1,0 +1,54 @@
+"""Static description of what moves between stages and back to the user: routes and output specs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+
+def concrete_shape(shape: tuple[Any, ...], symbol: Any, rows: int) -> list[int]:
+    """Sizes of a value for `rows` samples (the batch symbol replaced by `rows`)."""
+    out = []
+    for size in shape:
+        if isinstance(size, torch.SymInt):
+            out.append(int(size.node.expr.subs(symbol, rows)))
+        else:
+            out.append(int(size))
+    return out
+
+
+def symint_value(node_meta_val: Any, symbol: Any, rows: int) -> int:
+    return int(node_meta_val.node.expr.subs(symbol, rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """A batch tensor produced by one stage and consumed by later ones (maybe skipping stages)."""
+
+    value: str
+    index: int  # position in the global route list, used for message tags
+    producer: int
+    consumers: tuple[int, ...]
+    batch_dim: int
+    shape: tuple[Any, ...]
+    dtype: torch.dtype
+    carries_grad: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """How one flat user output is assembled on every rank.
+
+    kind: "rows" (batch-shaped, each rank gets its rows), "mean" (0-dim, weighted by samples),
+    "whole" (does not depend on the batch; taken from one rank), "constant".
+    """
+
+    node: str | None
+    kind: str
+    producer: int | None
+    batch_dim: int | None = None
+    shape: tuple[Any, ...] = ()
+    dtype: torch.dtype | None = None
+    constant: Any = None

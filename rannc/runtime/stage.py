@@ -1,0 +1,47 @@
+"""One rank's part of a deployment: its stage graph, local tensors, and what it exchanges with others."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..graph.stage import StageGraph
+from .grad_sync import GradSync
+from .routes import OutputSpec, Route
+
+
+@dataclasses.dataclass
+class LocalStage:
+    """Everything the runtime needs on this rank; built once from the plan, read on every step."""
+
+    index: int
+    replica: int
+    num_stages: int
+    stage_ranks: list[list[int]]
+    graph: StageGraph
+    routes: list[Route]  # every route of the deployment, same order on all ranks
+    outputs: list[OutputSpec]  # every flat user output, same order on all ranks
+    state: dict[str, torch.Tensor]  # placeholder name -> local tensor (parameters are the user's objects)
+    param_names: dict[str, str]  # parameter placeholder -> canonical name
+    mutations: dict[str, torch.Tensor]  # node name -> buffer it is written back into
+    symints: dict[str, Any]  # node name -> SymInt meta value (recomputed from the local row count)
+    user_inputs: list[str]  # placeholder per flat call leaf
+    batch_symbol: Any
+    grad_sync: GradSync
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.route_of = {r.value: r for r in self.routes}
+        self.produced = [r for r in self.routes if r.producer == self.index]
+        unique: dict[str, torch.Tensor] = {}
+        for placeholder, canonical in self.param_names.items():
+            tensor = self.state[placeholder]
+            if placeholder in self.graph.input_names("param") and tensor.requires_grad:
+                unique.setdefault(canonical, tensor)
+        self.trainable = unique  # canonical -> Parameter, deduplicated (tied weights appear once)
+
+    @property
+    def rank(self) -> int:
+        return self.stage_ranks[self.index][self.replica]

@@ -1,0 +1,99 @@
+"""Point-to-point movement of row ranges of boundary values (activations forward, gradients backward)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .layout import SampleLayout
+from .routes import Route, concrete_shape
+
+
+def _tag(route: Route, microbatch: int, num_routes: int, backward: bool) -> int:
+    return ((microbatch * num_routes + route.index) * 2 + int(backward)) % (2**31 - 1)
+
+
+class Transfer:
+    """Sends and receives the pieces of each route; pieces are the overlaps of replicas' row ranges."""
+
+    def __init__(
+        self,
+        layout: SampleLayout,
+        stage_ranks: list[list[int]],
+        num_routes: int,
+        symbol: Any,
+        device: torch.device,
+    ) -> None:
+        self.layout = layout
+        self.stage_ranks = stage_ranks
+        self.num_routes = num_routes
+        self.symbol = symbol
+        self.device = device
+        self.pending: list[Any] = []  # send handles and their buffers, kept alive until wait_sends
+
+    def _empty(self, route: Route, rows: int) -> torch.Tensor:
+        shape = concrete_shape(route.shape, self.symbol, rows)
+        return torch.empty(shape, dtype=route.dtype, device=self.device)
+
+    def recv_activation(self, route: Route, stage: int, replica: int, microbatch: int) -> torch.Tensor:
+        lo, hi = self.layout.rows(stage, microbatch, replica)
+        pieces = [p for p in self.layout.pieces(route.producer, stage, microbatch) if p[1] == replica]
+        buffers, works = [], []
+        for jp, _, (a, b) in pieces:
+            buf = self._empty(route, b - a)
+            src = self.stage_ranks[route.producer][jp]
+            works.append(dist.irecv(buf, src=src, tag=_tag(route, microbatch, self.num_routes, False)))
+            buffers.append(buf)
+        for work in works:
+            work.wait()
+        result = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=route.batch_dim)
+        assert result.shape[route.batch_dim] == hi - lo
+        return result
+
+    def send_activation(self, route: Route, value: torch.Tensor, replica: int, microbatch: int) -> None:
+        lo, _ = self.layout.rows(route.producer, microbatch, replica)
+        tag = _tag(route, microbatch, self.num_routes, False)
+        for consumer in route.consumers:
+            for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch):
+                if jp != replica:
+                    continue
+                piece = value.detach().narrow(route.batch_dim, a - lo, b - a).contiguous()
+                dst = self.stage_ranks[consumer][jc]
+                self.pending.append((dist.isend(piece, dst=dst, tag=tag), piece))
+
+    def send_grad(self, route: Route, grad: torch.Tensor, stage: int, replica: int, microbatch: int) -> None:
+        lo, _ = self.layout.rows(stage, microbatch, replica)
+        tag = _tag(route, microbatch, self.num_routes, True)
+        for jp, jc, (a, b) in self.layout.pieces(route.producer, stage, microbatch):
+            if jc != replica:
+                continue
+            piece = grad.narrow(route.batch_dim, a - lo, b - a).contiguous()
+            dst = self.stage_ranks[route.producer][jp]
+            self.pending.append((dist.isend(piece, dst=dst, tag=tag), piece))
+
+    def recv_grad(self, route: Route, replica: int, microbatch: int) -> torch.Tensor:
+        """Sum of the gradients every consumer sends back for this replica's rows of the value."""
+        lo, hi = self.layout.rows(route.producer, microbatch, replica)
+        total = torch.zeros(
+            concrete_shape(route.shape, self.symbol, hi - lo), dtype=route.dtype, device=self.device
+        )
+        tag = _tag(route, microbatch, self.num_routes, True)
+        received = []
+        for consumer in route.consumers:
+            for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch):
+                if jp != replica:
+                    continue
+                buf = self._empty(route, b - a)
+                src = self.stage_ranks[consumer][jc]
+                received.append((dist.irecv(buf, src=src, tag=tag), buf, a))
+        for work, buf, a in received:
+            work.wait()
+            total.narrow(route.batch_dim, a - lo, buf.shape[route.batch_dim]).add_(buf)
+        return total
+
+    def wait_sends(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()

@@ -1,0 +1,162 @@
+"""Tests of the `rannc` command line, the local launcher and the demo's model and memory limit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rannc.cli import main
+from rannc.deploy import Deployment, save_deployment
+from rannc.launch import LaunchError, free_port, launch_local
+from rannc.plan.types import Plan, StagePlan
+
+
+def _deployment() -> Deployment:
+    stages = [
+        StagePlan(0, 2, 1, [0], 4, 0.01, 0.02, 0.001, 0.0, 1e6, 2e6, 5e6),
+        StagePlan(3, 4, 1, [1], 4, 0.011, 0.021, 0.001, 0.0, 1e6, 2e6, 6e6),
+    ]
+    plan = Plan(
+        stages=stages,
+        microbatches=2,
+        schedule="fill_drain",
+        predicted_step_time=0.1,
+        global_batch=8,
+        world_size=2,
+    )
+    return Deployment(
+        plan=plan,
+        graph_hash="deadbeef",
+        world_size=2,
+        device_memory_bytes=None,
+        stage_nodes=[["a", "b"], ["c"]],
+        block_names=[],
+        stage_module_ranges=[("embed", "layers.0"), ("layers.1", "head")],
+    )
+
+
+def test_show(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    path = tmp_path / "d.json"
+    save_deployment(_deployment(), path)
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "embed .. layers.0" in out and "layers.1 .. head" in out
+    assert "schedule fill_drain" in out and "80.0 samples/s" in out
+
+
+def test_show_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", str(tmp_path / "missing.json")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("rannc ")
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "show" in capsys.readouterr().out
+
+
+def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--world-size", "1"]) == 2
+    assert "--world-size >= 2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ local launcher
+
+
+def allreduce_worker(rank: int, world_size: int, scale: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([float(rank + 1) * scale])
+    dist.all_reduce(value)
+    return {
+        "sum": float(value.item()),
+        "env": {
+            key: os.environ[key]
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "HF_HUB_OFFLINE")
+        },
+        "threads": torch.get_num_threads(),
+    }
+
+
+def failing_worker(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    if rank == 1:
+        raise ValueError("rank one is broken")
+    dist.barrier()  # rank 0 would wait here forever without the launcher stopping it
+
+
+def sleeping_worker(rank: int, world_size: int) -> None:
+    import time
+
+    time.sleep(60)
+
+
+@pytest.mark.timeout(120)
+def test_launch_local_all_reduce() -> None:
+    results = launch_local(allreduce_worker, 2, (10,), timeout=90)
+    assert [r["sum"] for r in results] == [30.0, 30.0]
+    for rank, result in enumerate(results):
+        assert result["env"] == {
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "HF_HUB_OFFLINE": "1",
+        }
+        assert result["threads"] == 1
+    assert "RANK" not in os.environ or os.environ["RANK"] != "1"  # the parent's environment is restored
+
+
+@pytest.mark.timeout(120)
+def test_launch_local_reports_a_failing_worker() -> None:
+    with pytest.raises(LaunchError, match=r"rank 1 of 2 failed(.|\n)*ValueError: rank one is broken"):
+        launch_local(failing_worker, 2, timeout=90)
+
+
+@pytest.mark.timeout(120)
+def test_launch_local_timeout() -> None:
+    with pytest.raises(LaunchError, match="did not finish within 3 s"):
+        launch_local(sleeping_worker, 2, timeout=3, init_process_group=False)
+
+
+def test_free_port() -> None:
+    assert 0 < free_port() < 65536
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_memory_limit_forces_a_pipeline() -> None:
+    pytest.importorskip("transformers")
+    from rannc.demo import build_model, choose_mem_limit_gb, param_bytes
+
+    model = build_model()
+    margin = 0.1
+    usable = choose_mem_limit_gb(model, margin) * 2**30 * (1 - margin)
+    state = 4 * param_bytes(model)  # params + grads + AdamW moments
+    assert state > usable  # the whole model does not fit one rank
+    assert state / 2 < usable  # half of it does
+    embedding = 4 * model.transformer.wte.weight.numel() * 4
+    assert state / 2 + embedding < usable  # even a half that holds the tied embedding
+
+
+def test_demo_model_is_deterministic() -> None:
+    pytest.importorskip("transformers")
+    from rannc.demo import build_model, make_batch
+
+    a, b = build_model(), build_model()
+    assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters()))
+    assert (make_batch(0, 4, 64, 2048) == make_batch(0, 4, 64, 2048)).all()
+    assert not (make_batch(0, 4, 64, 2048) == make_batch(1, 4, 64, 2048)).all()
