@@ -11,7 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .capture import CapturedGraph, FlatCall, capture
+from .capture import CapturedGraph, FlatCall, capture, tile_rows
+from .capture.export import retarget_device
 from .capture.samples import record_values
 from .config import Config
 from .deploy import Deployment, load_deployment
@@ -61,8 +62,15 @@ def _check_same_graph(graph_hash: str, world_size: int) -> None:
 
 
 def _module_path(node: Any) -> str:
+    """The innermost user module an op came from ("" when export recorded none)."""
     stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
+    paths = [path for path, _ in stack.values() if path and not path.startswith("_")]
+    return paths[-1] if paths else ""
+
+
+def _module_range(nodes: dict[str, Any], names: list[str]) -> tuple[str, str]:
+    paths = [p for p in (_module_path(nodes[n]) for n in names) if p]
+    return (paths[0], paths[-1]) if paths else ("", "")
 
 
 def memory_limit(config: Config, device: torch.device) -> float | None:
@@ -117,16 +125,16 @@ def partition(
             expected_device_memory_bytes=limit,
         )
         logger.info("loaded deployment %s", config.deployment_file)
+        retarget_device(captured.gm, device)
         return Partitioned(captured, analysis, deployment)
 
     units = atomic_units(analysis)
     state = _placeholder_state(model, captured)
+    home = next((t.device for t in model.parameters()), torch.device("cpu"))
     sample_leaves = [
-        leaf[: config.capture_batch_size] if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else leaf
+        leaf[: config.capture_batch_size].to(home) if isinstance(leaf, torch.Tensor) else leaf
         for leaf in call.leaves
     ]
-    from .capture.inputs import tile_rows
-
     sample_leaves = [
         tile_rows(leaf, config.capture_batch_size)
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0
@@ -134,6 +142,7 @@ def partition(
         for leaf in sample_leaves
     ]
     values, flops = record_values(captured, state, sample_leaves)
+    retarget_device(captured.gm, device)
     op_costs = estimate_op_costs(analysis, flops, global_batch)
     unit_costs = [sum(op_costs[n] for n in unit) for unit in units]
     unit_cuts = [analysis.cut_bytes_per_sample[analysis.position[unit[-1]]] for unit in units]
@@ -150,8 +159,8 @@ def partition(
     plan = _plan_on_rank0(problem, world_size, config)
     stage_nodes = [sum(blocks[s.first_block : s.last_block + 1], []) for s in plan.stages]
     nodes = {n.name: n for n in captured.gm.graph.nodes}
-    ranges = [(_module_path(nodes[ns[0]]), _module_path(nodes[ns[-1]])) for ns in stage_nodes]
-    block_names = [f"{_module_path(nodes[b[0]])}..{_module_path(nodes[b[-1]])}" for b in blocks]
+    ranges = [_module_range(nodes, ns) for ns in stage_nodes]
+    block_names = ["..".join(_module_range(nodes, b)) for b in blocks]
     deployment = Deployment(
         plan=plan,
         graph_hash=captured.graph_hash,
@@ -176,6 +185,12 @@ def partition(
 def _profile_sizes(world_size: int, global_batch: int, config: Config) -> list[int]:
     """Measure at powers of two plus the extremes; the planner interpolates between them."""
     needed = required_microbatch_sizes(world_size, global_batch, config.min_pipeline, config.max_pipeline)
+    if not needed:
+        raise PlanError(
+            f"no microbatch count in [min_pipeline={config.min_pipeline}, max_pipeline={config.max_pipeline}] "
+            f"is possible for a global batch of {global_batch} on {world_size} rank(s); lower min_pipeline or "
+            "use a larger batch"
+        )
     lo, hi = needed[0], needed[-1]
     sizes = {lo, hi}
     m = 1

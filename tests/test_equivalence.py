@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import gc
 import math
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -273,9 +274,15 @@ def train_rannc(
 def run_group(
     rank: int, world: int, cases: list[Case], extra_overrides: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Run the cases one after the other (fresh model + RaNNCModule each) in the same processes."""
-    results = []
+    """Run the cases one after the other (fresh model + RaNNCModule each) in the same processes.
+
+    A case that fails on every rank (rannc raises on all ranks when one fails) is recorded as {"error": traceback}
+    and the group goes on with the next case; a case that fails on only some ranks aborts the group, since the
+    ranks would no longer agree on what they run next.
+    """
+    results: list[dict[str, Any]] = []
     for case in cases:
+        error: str | None = None
         try:
             result = train_rannc(
                 rank,
@@ -289,14 +296,24 @@ def run_group(
                 {**case.overrides(), **extra_overrides},
                 input_grad=case.input_grad,
             )
-        except Exception as exc:
-            raise RuntimeError(f"case {case.label} failed on rank {rank}") from exc
+        except Exception:
+            error = traceback.format_exc()
+            result = {"error": f"case {case.label} failed on rank {rank}:\n{error}"}
+        failed = torch.tensor([0 if error is None else 1])
+        flags = [torch.zeros_like(failed) for _ in range(world)]
+        dist.all_gather(flags, failed)
+        failed_ranks = [r for r, flag in enumerate(flags) if int(flag.item())]
+        if failed_ranks and len(failed_ranks) < world:
+            raise RuntimeError(
+                f"case {case.label} failed on ranks {failed_ranks} only; the group cannot go on"
+                + ("" if error is None else f"; this rank's error:\n{error}")
+            )
         results.append(result)
     return results
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Running the groups (once per module; a failed group fails each of its cases with the same report)
+# Running the groups (once per module; a failure is reported in full at the first test that meets it)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -304,21 +321,36 @@ class GroupRuns:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.done: dict[str, dict[str, list[dict[str, Any]]]] = {}  # group -> case label -> per-rank results
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # group or case label -> failure report
+        self.reported: set[str] = set()
+
+    def _fail(self, key: str) -> None:
+        report = self.failed[key]
+        if key in self.reported:
+            pytest.fail(f"{key} failed (full report at the first test of it):\n{report[:3000]}")
+        self.reported.add(key)
+        pytest.fail(report)
 
     def get(self, group: str, case: Case) -> list[dict[str, Any]]:
-        if group in self.failed:
-            pytest.fail(f"group {group} failed (reported once, at its first test):\n{self.failed[group]}")
-        if group not in self.done:
+        if group not in self.done and group not in self.failed:
             world, cases = GROUPS[group]
             extra = {"profile_cache_dir": str(self.base / group / "profiles")}
             try:
                 per_rank = run_workers(run_group, world, cases, extra, timeout=GROUP_TIMEOUT_S)
             except AssertionError as exc:
-                self.failed[group] = str(exc)
-                raise
-            self.done[group] = {c.label: [per_rank[r][i] for r in range(world)] for i, c in enumerate(cases)}
-        return self.done[group][case.label]
+                self.failed[group] = f"group {group} failed:\n{exc}"
+            else:
+                self.done[group] = {
+                    c.label: [per_rank[r][i] for r in range(world)] for i, c in enumerate(cases)
+                }
+        if group in self.failed:
+            self._fail(group)
+        runs = self.done[group][case.label]
+        errors = [run["error"] for run in runs if "error" in run]
+        if errors:
+            self.failed.setdefault(case.label, "\n".join(errors))
+            self._fail(case.label)
+        return runs
 
 
 @pytest.fixture(scope="module")

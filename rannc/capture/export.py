@@ -73,10 +73,11 @@ def capture(
     """Export `model` on the first `batch_size` samples of a call, with a dynamic batch dimension."""
     call = FlatCall.of(args, kwargs)
     local = call.batch_size()
+    home = next((t.device for t in model.parameters()), torch.device("cpu"))  # capture where the model lives
     leaves = [
-        tile_rows(leaf[: min(local, batch_size)], batch_size)
+        tile_rows(leaf[: min(local, batch_size)].to(home), batch_size)
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0
-        else leaf
+        else (leaf.to(home) if isinstance(leaf, torch.Tensor) else leaf)
         for leaf in call.leaves
     ]
     small_args, small_kwargs = call.unflatten(leaves)
@@ -208,3 +209,14 @@ def _graph_hash(gm: fx.GraphModule, call: FlatCall) -> str:
             digest.update(f"{node.name}:{tuple(str(s) for s in val.shape)}:{val.dtype};".encode())
     digest.update(repr([type(c).__name__ + repr(c) for c in call.constants()]).encode())
     return digest.hexdigest()[:32]
+
+
+def retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
+    """Make ops that create tensors (arange, zeros, ...) create them on `device`: the capture ran on the CPU."""
+    if device.type == "cpu":
+        return
+    for node in gm.graph.nodes:
+        target = node.kwargs.get("device")
+        if isinstance(target, torch.device) and target.type == "cpu":
+            node.update_kwarg("device", device)
+    gm.recompile()

@@ -146,7 +146,7 @@ class PipelineCall:
             results = torch.autograd.grad(targets, wrt, [g for _, g in seeds.values()], allow_unused=True)
         else:
             results = [None] * len(wrt)
-        for (name, param), g in zip(params, results[: len(params)]):
+        for (name, _param), g in zip(params, results[: len(params)]):
             if g is not None:
                 if name in self.param_grads:
                     self.param_grads[name].add_(g)
