@@ -62,6 +62,14 @@ def tile_rows(tensor: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
     return tensor.index_select(dim, index)
 
 
+def with_memory_order(tensor: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """The same values laid out so that dims go outermost-to-innermost in `order` (as the producer had them)."""
+    if not order or list(order) == list(range(tensor.dim())):
+        return tensor.contiguous()
+    inverse = [order.index(d) for d in range(len(order))]
+    return tensor.permute(*order).contiguous().permute(*inverse)
+
+
 def dynamic_shapes_for(args: tuple[Any, ...], kwargs: dict[str, Any], batch: Any) -> tuple[Any, ...]:
     """torch.export dynamic_shapes marking dim 0 of every tensor input (of rank >= 1) as the batch."""
 

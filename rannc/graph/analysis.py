@@ -22,6 +22,7 @@ class ValueInfo:
     shape: tuple[Any, ...]  # sizes; symbolic where they depend on the batch
     bytes_per_sample: float  # bytes of this value per sample (0 for non-batch values)
     fixed_bytes: float  # bytes of a non-batch tensor
+    dim_order: tuple[int, ...] = ()  # dims from outermost to innermost in memory (exported views rely on it)
 
     @property
     def communicable(self) -> bool:
@@ -64,10 +65,26 @@ def _value_info(node: fx.Node, symbol: Any, is_batch: bool) -> ValueInfo:
         else:
             per_sample *= int(size)
     item = val.element_size()
+    order = memory_order(val, symbol)
     if batch_dim is not None:
-        return ValueInfo(node.name, "tensor", batch_dim, val.dtype, shape, float(per_sample * item), 0.0)
+        return ValueInfo(
+            node.name, "tensor", batch_dim, val.dtype, shape, float(per_sample * item), 0.0, order
+        )
     fixed = 0.0 if is_batch else float(per_sample * item)
-    return ValueInfo(node.name, "tensor", None, val.dtype, shape, 0.0, fixed)
+    return ValueInfo(node.name, "tensor", None, val.dtype, shape, 0.0, fixed, order)
+
+
+def memory_order(val: torch.Tensor, symbol: Any, probe: int = 97) -> tuple[int, ...]:
+    """Dims sorted from largest to smallest stride (ties keep dim order), evaluated at a probe batch size."""
+
+    def concrete(x: Any) -> int:
+        return int(x.node.expr.subs(symbol, probe)) if isinstance(x, torch.SymInt) else int(x)
+
+    try:
+        strides = [concrete(st) for st in val.stride()]
+    except (RuntimeError, TypeError, ValueError):
+        return tuple(range(val.dim()))
+    return tuple(sorted(range(val.dim()), key=lambda d: (-strides[d], d)))
 
 
 def analyse(captured: CapturedGraph) -> GraphAnalysis:

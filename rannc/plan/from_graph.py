@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..capture import CapturedGraph, tile_rows
+from ..capture.inputs import with_memory_order
 from ..graph.analysis import GraphAnalysis
 from ..graph.stage import StageGraph, build_stage
 from ..profile import BlockRunner
@@ -52,6 +53,8 @@ def block_runners(
                         dim = analysis.values[item.name].batch_dim if item.kind == "boundary" else 0
                         if dim is not None and value.dim() > 0:
                             value = tile_rows(value, m, dim)
+                        if item.kind == "boundary":
+                            value = with_memory_order(value, analysis.values[item.name].dim_order)
                         value = value.to(device)
                     args.append(value)
             return args

@@ -118,6 +118,7 @@ def build_local_stage(
                 shape=info.shape,
                 dtype=info.dtype,
                 carries_grad=info.carries_grad,
+                dim_order=info.dim_order,
             )
         )
     graph = graphs[index]

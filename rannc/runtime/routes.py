@@ -35,6 +35,23 @@ class Route:
     shape: tuple[Any, ...]
     dtype: torch.dtype
     carries_grad: bool
+    dim_order: tuple[int, ...] = ()
+
+    def packed_shape(self, shape: list[int]) -> list[int]:
+        """Shape of the wire buffer: the value's dims in memory order."""
+        return [shape[d] for d in self.dim_order] if self.dim_order else shape
+
+    def pack(self, piece: torch.Tensor) -> torch.Tensor:
+        return piece.permute(*self.dim_order).contiguous() if self.dim_order else piece.contiguous()
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        if not self.dim_order:
+            return packed
+        return packed.permute(*[self.dim_order.index(d) for d in range(len(self.dim_order))])
+
+    @property
+    def packed_batch_dim(self) -> int:
+        return self.dim_order.index(self.batch_dim) if self.dim_order else self.batch_dim
 
 
 @dataclasses.dataclass(frozen=True)

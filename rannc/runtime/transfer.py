@@ -42,13 +42,15 @@ class Transfer:
         pieces = [p for p in self.layout.pieces(route.producer, stage, microbatch) if p[1] == replica]
         buffers, works = [], []
         for jp, _, (a, b) in pieces:
-            buf = self._empty(route, b - a)
+            shape = route.packed_shape(concrete_shape(route.shape, self.symbol, b - a))
+            buf = torch.empty(shape, dtype=route.dtype, device=self.device)
             src = self.stage_ranks[route.producer][jp]
             works.append(dist.irecv(buf, src=src, tag=_tag(route, microbatch, self.num_routes, False)))
             buffers.append(buf)
         for work in works:
             work.wait()
-        result = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=route.batch_dim)
+        packed = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=route.packed_batch_dim)
+        result = route.unpack(packed)  # the producer's memory layout: exported views depend on strides
         assert result.shape[route.batch_dim] == hi - lo
         return result
 
@@ -59,7 +61,7 @@ class Transfer:
             for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch):
                 if jp != replica:
                     continue
-                piece = value.detach().narrow(route.batch_dim, a - lo, b - a).contiguous()
+                piece = route.pack(value.detach().narrow(route.batch_dim, a - lo, b - a))
                 dst = self.stage_ranks[consumer][jc]
                 self.pending.append((dist.isend(piece, dst=dst, tag=tag), piece))
 
