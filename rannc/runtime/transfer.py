@@ -40,15 +40,14 @@ class Transfer:
     def recv_activation(self, route: Route, stage: int, replica: int, microbatch: int) -> torch.Tensor:
         lo, hi = self.layout.rows(stage, microbatch, replica)
         pieces = [p for p in self.layout.pieces(route.producer, stage, microbatch) if p[1] == replica]
-        buffers, works = [], []
+        buffers, ops = [], []
+        tag = _tag(route, microbatch, self.num_routes, False)
         for jp, _, (a, b) in pieces:
             shape = route.packed_shape(concrete_shape(route.shape, self.symbol, b - a))
             buf = torch.empty(shape, dtype=route.dtype, device=self.device)
-            src = self.stage_ranks[route.producer][jp]
-            works.append(dist.irecv(buf, src=src, tag=_tag(route, microbatch, self.num_routes, False)))
+            ops.append(dist.P2POp(dist.irecv, buf, self.stage_ranks[route.producer][jp], tag=tag))
             buffers.append(buf)
-        for work in works:
-            work.wait()
+        _complete(ops)
         packed = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=route.packed_batch_dim)
         result = route.unpack(packed)  # the producer's memory layout: exported views depend on strides
         assert result.shape[route.batch_dim] == hi - lo
@@ -57,23 +56,23 @@ class Transfer:
     def send_activation(self, route: Route, value: torch.Tensor, replica: int, microbatch: int) -> None:
         lo, _ = self.layout.rows(route.producer, microbatch, replica)
         tag = _tag(route, microbatch, self.num_routes, False)
+        ops = []
         for consumer in route.consumers:
             for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch):
-                if jp != replica:
-                    continue
-                piece = route.pack(value.detach().narrow(route.batch_dim, a - lo, b - a))
-                dst = self.stage_ranks[consumer][jc]
-                self.pending.append((dist.isend(piece, dst=dst, tag=tag), piece))
+                if jp == replica:
+                    piece = route.pack(value.detach().narrow(route.batch_dim, a - lo, b - a))
+                    ops.append(dist.P2POp(dist.isend, piece, self.stage_ranks[consumer][jc], tag=tag))
+        self._start(ops)
 
     def send_grad(self, route: Route, grad: torch.Tensor, stage: int, replica: int, microbatch: int) -> None:
         lo, _ = self.layout.rows(stage, microbatch, replica)
         tag = _tag(route, microbatch, self.num_routes, True)
+        ops = []
         for jp, jc, (a, b) in self.layout.pieces(route.producer, stage, microbatch):
-            if jc != replica:
-                continue
-            piece = grad.narrow(route.batch_dim, a - lo, b - a).contiguous()
-            dst = self.stage_ranks[route.producer][jp]
-            self.pending.append((dist.isend(piece, dst=dst, tag=tag), piece))
+            if jc == replica:
+                piece = grad.narrow(route.batch_dim, a - lo, b - a).contiguous()
+                ops.append(dist.P2POp(dist.isend, piece, self.stage_ranks[route.producer][jp], tag=tag))
+        self._start(ops)
 
     def recv_grad(self, route: Route, replica: int, microbatch: int) -> torch.Tensor:
         """Sum of the gradients every consumer sends back for this replica's rows of the value."""
@@ -82,20 +81,32 @@ class Transfer:
             concrete_shape(route.shape, self.symbol, hi - lo), dtype=route.dtype, device=self.device
         )
         tag = _tag(route, microbatch, self.num_routes, True)
-        received = []
+        received, ops = [], []
         for consumer in route.consumers:
             for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch):
-                if jp != replica:
-                    continue
-                buf = self._empty(route, b - a)
-                src = self.stage_ranks[consumer][jc]
-                received.append((dist.irecv(buf, src=src, tag=tag), buf, a))
-        for work, buf, a in received:
-            work.wait()
+                if jp == replica:
+                    buf = self._empty(route, b - a)
+                    ops.append(dist.P2POp(dist.irecv, buf, self.stage_ranks[consumer][jc], tag=tag))
+                    received.append((buf, a))
+        _complete(ops)
+        for buf, a in received:
             total.narrow(route.batch_dim, a - lo, buf.shape[route.batch_dim]).add_(buf)
         return total
 
+    def _start(self, ops: list[dist.P2POp]) -> None:
+        if ops:
+            # Sends complete asynchronously; the buffers stay referenced until wait_sends.
+            self.pending.append((dist.batch_isend_irecv(ops), ops))
+
     def wait_sends(self) -> None:
-        for work, _ in self.pending:
-            work.wait()
+        for works, _ in self.pending:
+            for work in works:
+                work.wait()
         self.pending.clear()
+
+
+def _complete(ops: list[dist.P2POp]) -> None:
+    """Post a group of receives together and wait for all of them."""
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
