@@ -25,6 +25,7 @@ class Config:
     max_pipeline: int = 32  # largest number of microbatches tried
     opt_param_factor: float = 2.0  # optimizer state bytes per parameter byte (2 for Adam)
     schedule: str = "auto"  # "auto" | "1f1b" | "fill_drain"
+    enable_zero: bool = False  # ZeRO-1: shard optimizer state over each parameter's replicas
     save_deployment: bool = False
     load_deployment: bool = False
     deployment_file: str = "/tmp/rannc_deployment.json"

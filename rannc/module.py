@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,12 +15,15 @@ import torch.utils._pytree as pytree
 
 from . import partition
 from .capture import FlatCall
+from .capture.modes import autocast_state
 from .config import Config, load_config
 from .deploy import Deployment, save_deployment
-from .errors import InputError, RanncError
+from .errors import DeploymentError, InputError, RanncError
 from .runtime import dist as rdist
 from .runtime.build import build_local_stage, stage_layout
+from .runtime.clip import clip_global_grad_norm
 from .runtime.gather import gather_global_batch
+from .runtime.optimizer import OptimizerBinding, accept_from_global
 from .runtime.pipeline import PipelineCall
 from .runtime.step import run_call
 
@@ -54,6 +59,8 @@ class RaNNCModule:
             raise TypeError(f"RaNNCModule wraps a torch.nn.Module, got {type(model).__name__}")
         self.module = model
         self.optimizer = optimizer
+        if optimizer is not None:
+            accept_from_global(optimizer)
         self.config = (
             config.replace(**config_overrides) if config is not None else load_config(**config_overrides)
         )
@@ -63,19 +70,21 @@ class RaNNCModule:
         self.device = rdist.local_device()
         self.deployment: Deployment | None = None
         self._ready = False
-        self._training = model.training
+        self._delay_allreduce = False  # pyrannc's delay_grad_allreduce
+        self._no_sync_depth = 0
 
     # ---- set-up on the first call ------------------------------------------------------------------
     def _setup(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         _check_same_model(self.module, self.world_size)
         result = partition.partition(self.module, args, kwargs, self.config, self.world_size, self.device)
         self.captured, self.analysis, self.deployment = result.captured, result.analysis, result.deployment
-        if self.config.save_deployment and self.rank == 0:
-            save_deployment(self.deployment, self.config.deployment_file)
+        if self.config.save_deployment:
+            _save_on_rank0(self.deployment, self.config.deployment_file, self.world_size)
         plan = self.deployment.plan
         stage_ranks = [list(stage.ranks) for stage in plan.stages]
         self.layout = stage_layout(self.captured, self.analysis, self.deployment.stage_nodes)
         self._tensors = _named_tensors(self.module)
+        self._params = {name for name, _ in self.module.named_parameters()}
         self._shapes = {name: (t.shape, t.dtype) for name, t in self._tensors.items()}
         my_stage = plan.stage_of_rank(self.rank)
         local = {name for name, stages in self.layout.holders.items() if my_stage in stages}
@@ -85,6 +94,7 @@ class RaNNCModule:
                 tensor.data = tensor.data.to(self.device)
             elif name in self.layout.holders:
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)  # lives on other ranks
+        groups = rdist.GroupCache()
         self.stage = build_local_stage(
             self.captured,
             self.analysis,
@@ -93,9 +103,9 @@ class RaNNCModule:
             self.rank,
             self._tensors,
             self.device,
-            rdist.GroupCache(),
+            groups,
         )
-        self._restrict_optimizer()
+        self._bind_optimizer(groups)
         self._ready = True
         logger.info(
             "rank %d runs stage %d/%d (replica %d of %d); %d microbatches, %s schedule",
@@ -108,29 +118,39 @@ class RaNNCModule:
             plan.schedule,
         )
 
-    def _restrict_optimizer(self) -> None:
-        """The user's optimizer steps only parameters this rank holds (others were moved away)."""
+    def _bind_optimizer(self, groups: rdist.GroupCache) -> None:
+        """The user's optimizer steps only parameters this rank holds (or owns, with ZeRO-1)."""
         if self.optimizer is None:
+            self.optimizer_binding = None
             return
-        away = {
-            id(t)
-            for name, t in self._tensors.items()
-            if name in self.layout.holders and name not in self._local
+        plan = self.deployment.plan
+        rank_sets = {
+            name: tuple(sorted(r for s in stages for r in plan.stages[s].ranks))
+            for name, stages in self.layout.holders.items()
+            if name in self._params
         }
-        for group in self.optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in away]
-        for param in list(self.optimizer.state):
-            if id(param) in away:
-                del self.optimizer.state[param]
+        sizes = {name: shape.numel() * dtype.itemsize for name, (shape, dtype) in self._shapes.items()}
+        canonical_of = {id(t): name for name, t in self._tensors.items()}
+        self.optimizer_binding = OptimizerBinding(
+            self.optimizer,
+            canonical_of,
+            rank_sets,
+            sizes,
+            self._tensors,
+            self.rank,
+            self.config.enable_zero,
+            groups,
+        )
 
     # ---- every call ----------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call = FlatCall.of(args, kwargs)
         if not self._ready:
             self._setup(args, kwargs)
-        call = FlatCall.of(args, kwargs)
+            self._first_call = call
         self._check_call(call)
         batch = gather_global_batch(call.leaves, self.device, self.world_size)
         plan = self.deployment.plan
@@ -151,18 +171,34 @@ class RaNNCModule:
 
     def _check_call(self, call: FlatCall) -> None:
         if call.spec != self.captured.call_spec:
+            before, now = set(self._first_call.paths), set(call.paths)
+            added, removed = sorted(now - before), sorted(before - now)
             raise InputError(
-                "the call's arguments differ in structure from the first call (positional/keyword names or "
-                f"nesting): the model was captured for {self.captured.call_spec}, got {call.spec}. Pass the same "
-                "arguments every call, or create a new RaNNCModule"
+                "the call's arguments differ in structure from the first call "
+                f"(added: {', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}); the graph was "
+                "captured for the first call's arguments. Pass the same arguments every call, or wrap a new model"
             )
-        if call.constants() != self.captured.call_constants:
+        changed = [
+            f"{path} from {old!r} to {new!r}"
+            for path, old, new in zip(call.paths, self._first_call.leaves, call.leaves)
+            if not isinstance(new, torch.Tensor) and old != new
+        ]
+        if changed:
             raise InputError(
-                f"non-tensor arguments changed from {self.captured.call_constants} to {call.constants()}; they are "
-                "constants of the captured graph. Keep them fixed or pass them as tensors"
+                f"non-tensor arguments changed: {'; '.join(changed)}. Non-tensor arguments are constants of the "
+                "captured graph; keep them fixed or pass the value as a tensor"
             )
-        if self.module.training != self._training:
-            logger.warning("train()/eval() changed after capture; the captured mode is used")
+        if self.module.training and not self.captured.training:
+            raise InputError(
+                "the model was first called in eval mode, so its graph was captured without training behaviour "
+                "(dropout, batch statistics); call it in train mode first, or wrap a fresh model for training"
+            )
+        if autocast_state() != self.captured.autocast:
+            raise InputError(
+                f"autocast settings changed since the first call (captured with {self.captured.autocast}, now "
+                f"{autocast_state()}); the casts are part of the captured graph. Call the model under the same "
+                "torch.autocast settings every time"
+            )
 
     # ---- user-facing helpers -------------------------------------------------------------------------
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -170,6 +206,35 @@ class RaNNCModule:
         if not self._ready:
             return list(self.module.parameters())
         return list(self.stage.trainable.values())
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Like DDP's no_sync: backwards of calls made inside accumulate locally; the next synced one reduces all."""
+        self._no_sync_depth += 1
+        try:
+            yield
+        finally:
+            self._no_sync_depth -= 1
+
+    def delay_grad_allreduce(self, delay: bool) -> None:
+        """pyrannc's switch: keep gradients local until `allreduce_grads()` is called."""
+        self._delay_allreduce = delay
+
+    def allreduce_grads(self) -> None:
+        """All-reduce the gradients accumulated while syncing was delayed (every rank must call it)."""
+        if self._ready:
+            self.stage.sync_grads()
+
+    def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip gradients by their global norm over all ranks (replicated and tied parameters counted once).
+
+        Call on every rank after backward (and after `allreduce_grads()` when syncing was delayed).
+        """
+        if not self._ready:
+            return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, norm_type)
+        return clip_global_grad_norm(
+            self.stage, self.layout.holders, self.deployment.plan, max_norm, norm_type
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.module.zero_grad(set_to_none=set_to_none)
@@ -184,9 +249,26 @@ class RaNNCModule:
     def save_deployment(self, path: str) -> None:
         if self.deployment is None:
             raise RanncError("no deployment yet: call the model once (which plans it) before save_deployment")
-        if self.rank == 0:
-            save_deployment(self.deployment, path)
-        rdist.barrier()
+        _save_on_rank0(self.deployment, path, self.world_size)
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load a full state dict (as the unwrapped model's) on every rank; each keeps what it holds."""
+        if not self._ready:
+            self.module.load_state_dict(state_dict, strict=strict)
+            return
+        expected = set(self.module.state_dict(keep_vars=True))
+        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+        if strict and (missing or unexpected):
+            raise RanncError(
+                f"state dict keys do not match the model: missing {sorted(missing)[:5]}, unexpected "
+                f"{sorted(unexpected)[:5]}; load a state dict saved from the same model (or pass strict=False)"
+            )
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                name = _canonical(self.captured.aliases, key)
+                tensor = self._tensors.get(name)
+                if tensor is not None and tensor.numel() > 0:
+                    tensor.copy_(value.to(tensor.device))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Call on every rank: rank 0 returns the full state under the original names, others an empty dict."""
@@ -216,6 +298,21 @@ class RaNNCModule:
             canonical = self.captured.aliases and _canonical(self.captured.aliases, key)
             out[key] = gathered.get(canonical, gathered.get(key))
         return out
+
+
+def _save_on_rank0(deployment: Deployment, path: str, world_size: int) -> None:
+    """Rank 0 writes; a refusal (e.g. the path holds a user's file) is raised on every rank."""
+    outcome: list[Any] = [None]
+    if rdist.get_rank() == 0:
+        try:
+            save_deployment(deployment, path)
+        except Exception as exc:  # reported on every rank below
+            outcome[0] = (type(exc).__name__, str(exc))
+    if world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        kind, message = outcome[0]
+        raise DeploymentError(f"saving the deployment failed on rank 0 ({kind}): {message}")
 
 
 def _canonical(aliases: dict[str, list[str]], key: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -13,13 +14,14 @@ import torch.distributed as dist
 
 from .capture import CapturedGraph, FlatCall, capture, tile_rows
 from .capture.export import retarget_device
+from .capture.modes import exact_precision
 from .capture.samples import record_values
 from .config import Config
 from .deploy import Deployment, load_deployment
 from .errors import PlanError
 from .graph.analysis import GraphAnalysis, analyse, atomic_units
 from .graph.blocks import coarsen, estimate_op_costs
-from .plan import Plan, plan_stages, required_microbatch_sizes
+from .plan import Plan, minimum_memory_needed, plan_stages, required_microbatch_sizes
 from .plan.from_graph import block_graphs, block_runners, make_problem, range_tables
 from .profile import profile_blocks
 
@@ -153,7 +155,8 @@ def partition(
     key = hashlib.sha256(
         f"{captured.graph_hash}|{[len(b) for b in blocks]}|{config.profile_iterations}|{torch.__version__}".encode()
     ).hexdigest()[:24]
-    profiles = profile_blocks(runners, sizes, cache_key=key, config=config, device=device)
+    with exact_precision():
+        profiles = profile_blocks(runners, sizes, cache_key=key, config=config, device=device)
     tables = range_tables(captured, analysis, blocks, graphs)
     problem = make_problem(tables, profiles, world_size, global_batch, limit, config, schedule)
     plan = _plan_on_rank0(problem, world_size, config)
@@ -209,12 +212,9 @@ def _plan_on_rank0(problem: Any, world_size: int, config: Config) -> Plan:
         try:
             payload[0] = ("ok", plan_stages(problem).to_json())
         except PlanError as exc:
-            margin = 1.0 - config.mem_margin
-            payload[0] = (
-                "error",
-                f"{exc} (with mem_margin={config.mem_margin}, that is mem_limit_gb >= "
-                f"{_needed_limit_gb(problem) / margin:.3f})",
-            )
+            payload[0] = ("error", _with_limit_hint(str(exc), problem, config))
+        except Exception as exc:  # any failure must reach every rank, not leave them waiting
+            payload[0] = ("error", f"planning failed on rank 0: {type(exc).__name__}: {exc}")
     if world_size > 1:
         dist.broadcast_object_list(payload, src=0)
     status, data = payload[0]
@@ -223,10 +223,15 @@ def _plan_on_rank0(problem: Any, world_size: int, config: Config) -> Plan:
     return Plan.from_json(data)
 
 
-def _needed_limit_gb(problem: Any) -> float:
-    from .plan import minimum_memory_needed
-
+def _with_limit_hint(message: str, problem: Any, config: Config) -> str:
+    """Add the mem_limit_gb value (before the margin) that would fit, rounded up so that it does fit."""
+    if problem.memory_limit_bytes is None:
+        return message
     try:
-        return minimum_memory_needed(problem) / 2**30
+        needed = minimum_memory_needed(problem) / 2**30 / (1.0 - config.mem_margin)
     except PlanError:
-        return float("nan")
+        return message
+    digits = max(3, 3 - math.floor(math.log10(needed))) if needed > 0 else 3
+    scale = 10**digits
+    suggestion = math.ceil(needed * scale * (1 + 1e-9)) / scale
+    return f"{message} (with mem_margin={config.mem_margin}, that is mem_limit_gb >= {suggestion:.{digits}f})"

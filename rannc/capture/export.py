@@ -15,6 +15,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import CaptureError
 from .inputs import FlatCall, dynamic_shapes_for, tile_rows
+from .modes import autocast_state, make_mode_switchable
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class CapturedGraph:
     aliases: dict[str, list[str]]  # canonical parameter/buffer FQN -> every FQN of that tensor
     graph_hash: str
     training: bool
+    autocast: tuple[tuple[str, bool, str], ...] = ()
 
     def placeholder_nodes(self) -> dict[str, fx.Node]:
         return {n.name: n for n in self.gm.graph.nodes if n.op == "placeholder"}
@@ -146,6 +148,12 @@ def _from_program(model: torch.nn.Module, program: Any, call: FlatCall) -> Captu
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     flat_outputs = list(output_node.args[0])
     for spec, value in zip(signature.output_specs, flat_outputs):
+        if spec.kind == OutputKind.USER_OUTPUT and not isinstance(value, fx.Node) and value is not None:
+            raise CaptureError(
+                f"a model output is not a tensor but a Python {type(value).__name__} ({value!r}); return tensors "
+                "only (a tensor, or tuples/lists/dicts/ModelOutputs of tensors): drop it from the outputs or "
+                "return it as a tensor"
+            )
         if spec.kind == OutputKind.USER_OUTPUT:
             user_outputs.append(value.name if isinstance(value, fx.Node) else None)
             user_output_constants.append(None if isinstance(value, fx.Node) else value)
@@ -158,6 +166,8 @@ def _from_program(model: torch.nn.Module, program: Any, call: FlatCall) -> Captu
             )
 
     _drop_assertions(gm)
+    if model.training:
+        make_mode_switchable(gm)
     batch_symbol = _batch_symbol(gm, user_inputs)
     return CapturedGraph(
         gm=gm,
@@ -175,6 +185,7 @@ def _from_program(model: torch.nn.Module, program: Any, call: FlatCall) -> Captu
         aliases=aliases,
         graph_hash=_graph_hash(gm, call),
         training=model.training,
+        autocast=autocast_state(),
     )
 
 

@@ -17,11 +17,13 @@ class FlatCall:
 
     leaves: list[Any]
     spec: pytree.TreeSpec
+    paths: list[str]  # where each leaf sits, e.g. "args[0]" or "kwargs['labels']"
 
     @staticmethod
     def of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> FlatCall:
-        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-        return FlatCall(leaves, spec)
+        pairs, spec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
+        paths = [_describe(path) for path, _ in pairs]
+        return FlatCall([leaf for _, leaf in pairs], spec, paths)
 
     def tensor_positions(self) -> list[int]:
         return [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
@@ -47,6 +49,15 @@ class FlatCall:
     def unflatten(self, leaves: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return args, kwargs
+
+
+def _describe(path: tuple[Any, ...]) -> str:
+    text = pytree.keystr(path)
+    if text.startswith("[0]"):
+        return "args" + text[3:]
+    if text.startswith("[1]"):
+        return "kwargs" + text[3:]
+    return text
 
 
 def batch_rows(tensor: torch.Tensor, lo: int, hi: int, dim: int = 0) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from .export import CapturedGraph
+from .modes import exact_precision
 
 
 class _Recorder(fx.Interpreter):
@@ -47,6 +48,6 @@ def record_values(
         else:
             inputs.append(leaf_of[node.name])
     recorder = _Recorder(captured.gm, count_flops)
-    with torch.no_grad():
+    with torch.no_grad(), exact_precision():
         recorder.run(*inputs)
     return recorder.values, recorder.flops

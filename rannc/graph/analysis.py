@@ -61,7 +61,10 @@ def _value_info(node: fx.Node, symbol: Any, is_batch: bool) -> ValueInfo:
             if batch_dim is None and expr == symbol:
                 batch_dim = dim
                 continue
-            per_sample = per_sample * int(expr.subs(symbol, 1))
+            fixed = expr.subs(symbol, 1)
+            if not fixed.is_number:  # a size that depends on the data (e.g. boolean masking): cannot be split
+                return ValueInfo(node.name, "tensor", None, val.dtype, tuple(val.shape), 0.0, 0.0)
+            per_sample = per_sample * int(fixed)
         else:
             per_sample *= int(size)
     item = val.element_size()

@@ -27,27 +27,61 @@ def coarsen(
     unit_costs: list[float],
     cut_bytes: list[float],
     max_blocks: int,
-    comm_weight: float = 0.5,
+    comm_weight: float = 1.0,
 ) -> list[list[str]]:
-    """Merge neighbouring units until at most `max_blocks` remain.
+    """Group neighbouring units into at most `max_blocks` contiguous blocks.
 
-    Each round merges the adjacent pair whose combined cost is smallest relative to the mean block cost,
-    discounted by how much data their shared boundary carries: balanced blocks, and expensive cuts removed
-    first. `cut_bytes[k]` is the traffic across the boundary after unit k. Neighbours in a topological
-    order never form a cycle, so every block is a convex piece of the graph.
+    A dynamic program over contiguous partitions minimises sum((block cost / ideal cost)^2), which balances
+    the blocks, plus `comm_weight` x (bytes of each boundary / the largest boundary), which keeps expensive
+    cuts inside blocks. `cut_bytes[k]` is the traffic across the boundary after unit k. Neighbours in a
+    topological order never form a cycle, so every block is a convex piece of the graph.
     """
     if max_blocks < 1:
         raise ValueError("max_blocks must be >= 1")
+    if len(units) <= max_blocks:
+        return [list(u) for u in units]
+    members, costs, cuts = _premerge(units, unit_costs, cut_bytes, _DP_LIMIT)
+    n, k_blocks = len(members), min(max_blocks, len(members))
+    prefix = np.concatenate([[0.0], np.cumsum(costs)])
+    ideal = max(prefix[-1] / k_blocks, 1e-30)
+    top = max(float(cuts.max()), 1e-30) if cuts.size else 1.0
+    cut_at = np.zeros(n + 1)
+    cut_at[1:n] = comm_weight * cuts[: n - 1] / top  # penalty of a boundary before unit s
+    span = ((prefix[None, :] - prefix[:, None]) / ideal) ** 2  # span[s, e]: cost of a block of units s..e-1
+    invalid = np.tril(np.ones((n + 1, n + 1), dtype=bool))  # need s < e
+    best = np.where(invalid[0], np.inf, span[0])  # one block covering units 0..e-1
+    choices = []
+    for _ in range(1, k_blocks):
+        total = best[:, None] + cut_at[:, None] + span
+        total[invalid] = np.inf
+        choice = np.argmin(total, axis=0)
+        best = total[choice, np.arange(n + 1)]
+        choices.append(choice)
+    bounds, end = [n], n
+    for choice in reversed(choices):
+        end = int(choice[end])
+        bounds.append(end)
+    bounds.append(0)
+    bounds = sorted(set(bounds))
+    return [sum(members[a:b], []) for a, b in zip(bounds, bounds[1:])]
+
+
+_DP_LIMIT = 1500  # units handled exactly; larger graphs are first merged pairwise down to this
+
+
+def _premerge(
+    units: list[list[str]], unit_costs: list[float], cut_bytes: list[float], limit: int
+) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
+    """Merge the cheapest neighbouring pairs (cheap cuts last) until at most `limit` units remain."""
     members = [list(u) for u in units]
     costs = np.asarray(unit_costs, dtype=np.float64)
     cuts = np.asarray(cut_bytes[: len(units) - 1], dtype=np.float64)
-    while len(members) > max_blocks:
-        mean_cost = max(float(costs.mean()), 1e-12)
-        top_cut = max(float(cuts.max()), 1e-12) if cuts.size else 1.0
-        scores = (costs[:-1] + costs[1:]) / mean_cost - comm_weight * cuts / top_cut
+    while len(members) > limit:
+        top = max(float(cuts.max()), 1e-30)
+        scores = (costs[:-1] + costs[1:]) / max(float(costs.mean()), 1e-30) - 0.5 * cuts / top
         k = int(np.argmin(scores))
         members[k] = members[k] + members[k + 1]
         del members[k + 1]
         costs = np.concatenate([costs[:k], [costs[k] + costs[k + 1]], costs[k + 2 :]])
         cuts = np.concatenate([cuts[:k], cuts[k + 1 :]])
-    return members
+    return members, costs, cuts

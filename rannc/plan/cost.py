@@ -102,13 +102,16 @@ class CostModel:
             self._block_values[m] = values
         return values
 
-    def row(self, first: int, m: int) -> list[tuple[float, float, float, float, float, float]]:
+    def row(
+        self, first: int, m: int, replicas: int = 1
+    ) -> list[tuple[float, float, float, float, float, float]]:
         """For every last block j >= first: (fwd, bwd, act, comm, io, base) of range [first, j] at m.
 
         io = 2 * (in + out) bytes of boundary buffers, base = parameter, gradient and optimizer bytes.
         Sums run block by block from `first`, so every caller gets bit-identical values.
         """
-        key = (first, m)
+        shards = replicas if self.problem.zero_optimizer else 1
+        key = (first, m, shards)
         row = self._rows.get(key)
         if row is not None:
             return row
@@ -117,7 +120,7 @@ class CostModel:
         in_table = problem.range_in_bytes_per_sample[first]
         out_table = problem.range_out_bytes_per_sample[first]
         param_table = problem.range_param_bytes[first]
-        state_factor = 2 + problem.opt_param_factor
+        state_factor = 2 + problem.opt_param_factor / shards  # ZeRO-1 divides optimizer state by replicas
         row = []
         f_sum = b_sum = a_sum = 0.0
         for j in range(first, self.num_blocks):
@@ -150,7 +153,7 @@ class CostModel:
         """Full cost breakdown of one stage."""
         problem = self.problem
         m = replica_microbatch_size(problem.global_batch, microbatches, replicas)
-        f_sum, b_sum, a_sum, comm, io, base = self.row(first, m)[last - first]
+        f_sum, b_sum, a_sum, comm, io, base = self.row(first, m, replicas)[last - first]
         return StageCost(
             first_block=first,
             last_block=last,

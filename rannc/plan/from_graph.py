@@ -150,4 +150,5 @@ def make_problem(
         max_microbatches=min(config.max_pipeline, global_batch),
         schedules=(schedule,),
         num_stages=config.partition_num or None,
+        zero_optimizer=config.enable_zero,
     )

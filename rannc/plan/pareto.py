@@ -42,7 +42,7 @@ class SuffixSearch:
         block_work = [math.inf] * num_blocks
         for r in range(1, self.rmax + 1):
             m = -(-rows // r)
-            self.rows_by_r.append([model.row(i, m) for i in range(num_blocks)])
+            self.rows_by_r.append([model.row(i, m, r) for i in range(num_blocks)])
             fwd, bwd, _ = model.block_values(m)
             for blk in range(num_blocks):
                 block_floor[blk] = min(block_floor[blk], fwd[blk] + bwd[blk])

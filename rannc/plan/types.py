@@ -87,6 +87,7 @@ class PlanProblem:
     max_microbatches: int = 32
     schedules: tuple[str, ...] = ("1f1b",)
     num_stages: int | None = None  # force the stage count
+    zero_optimizer: bool = False  # ZeRO-1: optimizer state sharded over each stage's replicas
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..capture.modes import exact_precision, training_mode
 from .gather import GlobalBatch
 from .layout import SampleLayout
 from .routes import concrete_shape, symint_value
@@ -24,9 +25,19 @@ class PipelineCall:
     """
 
     def __init__(
-        self, stage: LocalStage, batch: GlobalBatch, microbatches: int, schedule: str, mode: str
+        self,
+        stage: LocalStage,
+        batch: GlobalBatch,
+        microbatches: int,
+        schedule: str,
+        mode: str,
+        *,
+        training: bool = True,
+        sync_grads: bool = True,
     ) -> None:
         self.stage = stage
+        self.training = training  # the module's train/eval mode for this call
+        self.sync_grads = sync_grads  # all-reduce gradients after this call's backward
         self.batch = batch
         self.mode = mode
         self.schedule = schedule
@@ -75,6 +86,12 @@ class PipelineCall:
         self.apply_param_grads(1.0)
         return self.local_input_grads(1.0)
 
+    def apply_param_grads(self, scale: float | torch.Tensor) -> None:
+        """Add this call's parameter gradients (times the output gradient) and sync them unless deferred."""
+        self.stage.add_pending(self.param_grads, scale)
+        if self.sync_grads:
+            self.stage.sync_grads()
+
     # ---- one microbatch ----------------------------------------------------------------------------
     def _forward(self, i: int) -> None:
         s = self.stage
@@ -102,13 +119,14 @@ class PipelineCall:
                     value.requires_grad_(True)
                     grad_inputs.append(("boundary", item.name, value))
                 args.append(value)
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), training_mode(self.training), exact_precision():
             outs = dict(zip(s.graph.outputs, s.graph.module(*args)))
         for route in s.produced:
             self.transfer.send_activation(route, outs[route.value], s.replica, i)
-        with torch.no_grad():
-            for node, buffer in s.mutations.items():
-                buffer.copy_(outs[node])
+        if self.training:
+            with torch.no_grad():
+                for node, buffer in s.mutations.items():
+                    buffer.copy_(outs[node])
         self._contribute_outputs(outs, i, lo, hi)
         if grad:
             self.stash[i] = (grad_inputs, outs, hi - lo)
@@ -234,11 +252,6 @@ class PipelineCall:
 
     # ---- gradients -----------------------------------------------------------------------------------
     def _finish_backward(self) -> None:
-        s = self.stage
-        for name, param in s.trainable.items():
-            if name not in self.param_grads:
-                self.param_grads[name] = torch.zeros_like(param)
-        s.grad_sync.allreduce(self.param_grads)
         for name, flag in self.wants_grad.items():
             value = self.inputs[name]
             if flag and isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
@@ -246,14 +259,6 @@ class PipelineCall:
                 if total is None:
                     total = torch.zeros_like(value)
                 self.input_grads[name] = self._allreduce(total)
-
-    def apply_param_grads(self, scale: float | torch.Tensor) -> None:
-        for name, param in self.stage.trainable.items():
-            grad = self.param_grads[name] * scale
-            if param.grad is None:
-                param.grad = grad.to(param.dtype)
-            else:
-                param.grad.add_(grad)
 
     def local_input_grads(self, scale: float | torch.Tensor) -> list[torch.Tensor | None]:
         """Gradients of the call's leaves that require grad on this rank (in leaf order), its own rows."""

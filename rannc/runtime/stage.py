@@ -41,6 +41,32 @@ class LocalStage:
             if placeholder in self.graph.input_names("param") and tensor.requires_grad:
                 unique.setdefault(canonical, tensor)
         self.trainable = unique  # canonical -> Parameter, deduplicated (tied weights appear once)
+        self.pending: dict[str, torch.Tensor] = {}  # gradients computed here and not yet all-reduced
+
+    def add_pending(self, grads: dict[str, torch.Tensor], scale: float | torch.Tensor) -> None:
+        for name, grad in grads.items():
+            scaled = grad * scale
+            if name in self.pending:
+                self.pending[name].add_(scaled)
+            else:
+                self.pending[name] = scaled
+
+    def sync_grads(self) -> None:
+        """All-reduce the pending gradients over each parameter's rank set and add them to `.grad`.
+
+        Every rank that holds a parameter must call this the same number of times.
+        """
+        for name, param in self.trainable.items():
+            if name not in self.pending:
+                self.pending[name] = torch.zeros_like(param)
+        self.grad_sync.allreduce(self.pending)
+        for name, param in self.trainable.items():
+            grad = self.pending[name].to(param.dtype)
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)
+        self.pending = {}
 
     @property
     def rank(self) -> int:

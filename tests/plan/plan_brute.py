@@ -98,6 +98,7 @@ def random_problem(seed: int) -> PlanProblem:
         world_size=world,
         global_batch=batch,
         opt_param_factor=rng.choice([0.0, 2.0]),
+        zero_optimizer=rng.random() < 0.3,
         p2p_bandwidth=rng.uniform(1e9, 2e10),
         p2p_latency=rng.uniform(0, 1e-4),
         allreduce_bandwidth=rng.uniform(1e9, 2e10),
@@ -144,7 +145,8 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
             else problem.allreduce_latency + 2 * (r - 1) / r * params / problem.allreduce_bandwidth
         )
         inflight = min(p, stages - s) if schedule == "1f1b" else p
-        memories.append(params * (2 + problem.opt_param_factor) + act * inflight + 2 * (ins + outs))
+        shards = r if problem.zero_optimizer else 1
+        memories.append(params * (2 + problem.opt_param_factor / shards) + act * inflight + 2 * (ins + outs))
     limit = problem.memory_limit_bytes
     if limit is not None and max(memories) > limit:
         return None

@@ -236,9 +236,9 @@ def test_required_microbatch_sizes_cover_search(seed: int, monkeypatch: pytest.M
     seen: set[int] = set()
     row, values = cost_module.CostModel.row, cost_module.CostModel.block_values
 
-    def record_row(self, first, m):
+    def record_row(self, first, m, replicas=1):
         seen.add(m)
-        return row(self, first, m)
+        return row(self, first, m, replicas)
 
     def record_values(self, m):
         seen.add(m)

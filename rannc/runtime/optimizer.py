@@ -1,0 +1,179 @@
+"""The user's optimizer on a partitioned model: local parameter groups, ZeRO-1 shards, global state dicts."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .dist import GroupCache
+
+
+class OptimizerBinding:
+    """Restricts the user's optimizer to this rank's parameters and gives it global `state_dict` modes.
+
+    Every parameter lives on a rank set (the replicas of every stage that uses it). Without ZeRO each of
+    those ranks steps it; with ZeRO-1 one rank of the set owns its optimizer state, steps it and broadcasts
+    the new values after `optimizer.step()`.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        canonical_of: dict[int, str],  # id(parameter) -> canonical name
+        rank_sets: dict[
+            str, tuple[int, ...]
+        ],  # canonical name -> ranks holding it (absent: unused everywhere)
+        sizes: dict[str, int],  # canonical name -> bytes
+        tensors: dict[str, torch.Tensor],
+        rank: int,
+        zero: bool,
+        groups: GroupCache,
+    ) -> None:
+        self.optimizer = optimizer
+        self.rank = rank
+        self.zero = zero
+        self.tensors = tensors
+        self.groups = groups
+        self.rank_sets = rank_sets
+        self.group_names = [[canonical_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+        flat = [name for names in self.group_names for name in names]
+        self.index_of = {name: k for k, name in enumerate(flat)}
+        self.owner = _owners(flat, rank_sets, sizes, zero)
+        self.keep = {
+            name
+            for name in flat
+            if name not in rank_sets or (rank in rank_sets[name] and (not zero or self.owner[name] == rank))
+        }
+        self._restrict()
+        self._original_state_dict = type(optimizer).state_dict.__get__(optimizer)
+        self._original_load_state_dict = type(optimizer).load_state_dict.__get__(optimizer)
+        optimizer.state_dict = types.MethodType(_state_dict, self)  # type: ignore[method-assign]
+        optimizer.load_state_dict = types.MethodType(_load_state_dict, self)  # type: ignore[method-assign]
+        if zero:
+            optimizer.register_step_post_hook(lambda *_: self.broadcast_owned())
+
+    def _restrict(self) -> None:
+        by_id = {id(self.tensors[n]): n for n in self.index_of if n in self.tensors}
+        for group in self.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if by_id.get(id(p)) in self.keep]
+        kept = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        for param in list(self.optimizer.state):
+            if id(param) not in kept:
+                del self.optimizer.state[param]
+            else:  # a state loaded before wrapping follows its parameter to the device
+                state = self.optimizer.state[param]
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0:
+                        state[key] = value.to(param.device)
+
+    def broadcast_owned(self) -> None:
+        """ZeRO-1: each parameter's owner sends its updated value to the other ranks of its set."""
+        by_set: dict[tuple[int, ...], list[str]] = {}
+        for name, ranks in self.rank_sets.items():
+            if len(ranks) > 1 and self.rank in ranks:
+                by_set.setdefault(ranks, []).append(name)
+        for ranks in sorted(by_set):
+            group = self.groups.get(ranks)
+            for name in sorted(by_set[ranks]):
+                dist.broadcast(self.tensors[name].data, src=self.owner[name], group=group)
+
+    def local_names(self) -> list[list[str]]:
+        return [[n for n in names if n in self.keep] for names in self.group_names]
+
+
+def accept_from_global(optimizer: torch.optim.Optimizer) -> None:
+    """Before the model is partitioned the optimizer still holds every parameter: `from_global` is a no-op."""
+    state_dict = type(optimizer).state_dict.__get__(optimizer)
+    load_state_dict = type(optimizer).load_state_dict.__get__(optimizer)
+
+    def global_state_dict(from_global: bool = False) -> dict[str, Any]:
+        return state_dict()
+
+    def global_load_state_dict(state: dict[str, Any], from_global: bool = False) -> None:
+        load_state_dict(state)
+
+    optimizer.state_dict = global_state_dict  # type: ignore[method-assign]
+    optimizer.load_state_dict = global_load_state_dict  # type: ignore[method-assign]
+
+
+def _owners(
+    names: list[str], rank_sets: dict[str, tuple[int, ...]], sizes: dict[str, int], zero: bool
+) -> dict[str, int]:
+    """Who reports (and, with ZeRO, steps) each parameter's optimizer state: balanced by bytes for ZeRO."""
+    owner: dict[str, int] = {}
+    load: dict[int, int] = {}
+    for name in sorted(names, key=lambda n: (-sizes.get(n, 0), n)):
+        ranks = rank_sets.get(name)
+        if not ranks:
+            owner[name] = 0
+        elif zero:
+            chosen = min(ranks, key=lambda r: (load.get(r, 0), r))
+            load[chosen] = load.get(chosen, 0) + sizes.get(name, 0)
+            owner[name] = chosen
+        else:
+            owner[name] = min(ranks)
+    return owner
+
+
+def _state_dict(self: OptimizerBinding, from_global: bool = False) -> dict[str, Any]:
+    """`from_global=True` (call on every rank): rank 0 gets the state dict the optimizer would have on the
+    unwrapped model (indices in the original parameter order); other ranks get an empty dict."""
+    if not from_global:
+        return self._original_state_dict()
+    local = self._original_state_dict()
+    local_state = local["state"]
+    mine: dict[int, dict[str, Any]] = {}
+    for g, names in enumerate(self.local_names()):
+        for k, name in zip(local["param_groups"][g]["params"], names):
+            if self.owner[name] == self.rank and k in local_state:
+                mine[self.index_of[name]] = {
+                    key: value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+                    for key, value in local_state[k].items()
+                }
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    gathered: list[Any] = [None] * world if self.rank == 0 else []
+    if world > 1:
+        dist.gather_object(mine, gathered if self.rank == 0 else None, dst=0)
+    else:
+        gathered = [mine]
+    if self.rank != 0:
+        return {}
+    state: dict[int, Any] = {}
+    for part in gathered:
+        state.update(part)
+    groups = []
+    for g, names in enumerate(self.group_names):
+        hyper = {k: v for k, v in local["param_groups"][g].items() if k != "params"}
+        groups.append({**hyper, "params": [self.index_of[n] for n in names]})
+    return {"state": {k: state[k] for k in sorted(state)}, "param_groups": groups}
+
+
+def _load_state_dict(self: OptimizerBinding, state_dict: dict[str, Any], from_global: bool = False) -> None:
+    """`from_global=True`: load a full state dict (as the unwrapped optimizer would save it) on every rank."""
+    if not from_global:
+        self._original_load_state_dict(state_dict)
+        return
+    if len(state_dict["param_groups"]) != len(self.group_names):
+        raise ValueError(
+            f"the state dict has {len(state_dict['param_groups'])} parameter groups, the optimizer "
+            f"{len(self.group_names)}; load a state dict saved from the same optimizer setup"
+        )
+    local_state: dict[int, Any] = {}
+    groups = []
+    counter = 0
+    for g, names in enumerate(self.local_names()):
+        indices = []
+        for name in names:
+            saved = state_dict["state"].get(
+                self.index_of[name], state_dict["state"].get(str(self.index_of[name]))
+            )
+            if saved is not None:
+                local_state[counter] = saved
+            indices.append(counter)
+            counter += 1
+        hyper = {k: v for k, v in state_dict["param_groups"][g].items() if k != "params"}
+        groups.append({**hyper, "params": indices})
+    self._original_load_state_dict({"state": local_state, "param_groups": groups})

@@ -1,0 +1,117 @@
+"""coarsen: neighbouring atomic units merged into at most max_blocks blocks, in order, balanced, cheap cuts kept."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from rannc.graph.blocks import coarsen
+
+
+def make_units(count: int) -> list[list[str]]:
+    # Units of different lengths, so that a block is recognisably a concatenation of whole units.
+    return [[f"n{k}_{j}" for j in range(1 + k % 3)] for k in range(count)]
+
+
+def block_unit_counts(units: list[list[str]], blocks: list[list[str]]) -> list[int]:
+    """How many whole units each block is made of; fails unless the blocks are whole units, in order, all used."""
+    counts = []
+    k = 0
+    for block in blocks:
+        rest, taken = list(block), 0
+        while rest:
+            assert k < len(units) and rest[: len(units[k])] == units[k], (block, k)
+            rest = rest[len(units[k]) :]
+            k += 1
+            taken += 1
+        counts.append(taken)
+    assert k == len(units)
+    return counts
+
+
+def test_blocks_partition_units_in_order() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        count = rng.randint(1, 30)
+        units = make_units(count)
+        costs = [rng.uniform(0.1, 10.0) for _ in range(count)]
+        cuts = [rng.choice([0.0, 16.0, 128.0, 4096.0]) for _ in range(count)]
+        max_blocks = rng.randint(1, count + 3)
+        blocks = coarsen(units, costs, cuts, max_blocks)
+        assert 1 <= len(blocks) <= max_blocks
+        assert len(blocks) == min(count, max_blocks)  # merges stop as soon as the limit is met
+        assert sum(blocks, []) == sum(units, [])
+        assert all(blocks)
+        block_unit_counts(units, blocks)  # whole units only
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 17])
+def test_enough_blocks_keeps_units_unchanged(count: int) -> None:
+    units = make_units(count)
+    for max_blocks in (count, count + 1, 10 * count):
+        blocks = coarsen(units, [1.0] * count, [32.0] * count, max_blocks)
+        assert blocks == units
+        assert all(block is not unit for block, unit in zip(blocks, units))  # no aliasing of the input lists
+
+
+def test_max_blocks_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_blocks"):
+        coarsen(make_units(3), [1.0] * 3, [1.0] * 3, 0)
+
+
+@pytest.mark.parametrize(
+    ("count", "max_blocks"), [(8, 4), (12, 3), (16, 2), (64, 8), (96, 3), (5, 5), (7, 1)]
+)
+def test_equal_costs_split_evenly_when_halving_fits(count: int, max_blocks: int) -> None:
+    """count = max_blocks * 2^k (or max_blocks == count, or one block): every block has the same number of units."""
+    units = make_units(count)
+    blocks = coarsen(units, [1.0] * count, [64.0] * count, max_blocks)
+    assert block_unit_counts(units, blocks) == [count // max_blocks] * max_blocks
+
+
+def test_equal_costs_are_balanced_within_a_factor_of_two() -> None:
+    for count in range(1, 50):
+        units = make_units(count)
+        for max_blocks in range(1, count + 1):
+            blocks = coarsen(units, [1.0] * count, [64.0] * count, max_blocks)
+            sizes = block_unit_counts(units, blocks)
+            ideal = math.ceil(count / max_blocks)
+            assert max(sizes) < 2 * ideal, (count, max_blocks, sizes)
+            assert min(sizes) >= count // max_blocks // 2, (count, max_blocks, sizes)
+
+
+def test_equal_costs_blocks_differ_by_at_most_one_unit() -> None:
+    unbalanced = []
+    for count, max_blocks in [(6, 2), (12, 2), (10, 4), (100, 8)]:
+        units = make_units(count)
+        sizes = block_unit_counts(units, coarsen(units, [1.0] * count, [64.0] * count, max_blocks))
+        if max(sizes) - min(sizes) > 1:
+            unbalanced.append((count, max_blocks, sizes))
+    assert not unbalanced
+
+
+@pytest.mark.parametrize("count", [2, 3, 6, 9])
+def test_a_huge_cut_is_removed_first(count: int) -> None:
+    """Among equal costs, the boundary carrying by far the most data is merged away in the first round, and
+    never comes back as a block boundary however far the coarsening goes."""
+    units = make_units(count)
+    for heavy in range(count - 1):
+        cuts = [8.0] * count
+        cuts[heavy] = 1e6
+        blocks = coarsen(units, [1.0] * count, cuts, count - 1)
+        expected = units[:heavy] + [units[heavy] + units[heavy + 1]] + units[heavy + 2 :]
+        assert blocks == expected, heavy
+        for max_blocks in range(1, count):
+            counts = block_unit_counts(units, coarsen(units, [1.0] * count, cuts, max_blocks))
+            boundaries = {sum(counts[: b + 1]) - 1 for b in range(len(counts) - 1)}
+            assert heavy not in boundaries, (heavy, max_blocks, counts)
+
+
+def test_costly_units_stay_apart() -> None:
+    """With equal cuts, the cheap units merge with each other and the expensive ones stay single."""
+    units = make_units(6)
+    costs = [10.0, 1.0, 1.0, 1.0, 1.0, 10.0]
+    blocks = coarsen(units, costs, [8.0] * 6, 4)
+    assert block_unit_counts(units, blocks) == [1, 2, 2, 1]

@@ -1,0 +1,129 @@
+"""Pipeline schedules as action lists: complete, ordered, deadlock-free together, and with the expected memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from rannc.runtime.schedule import SCHEDULES, Action, actions_for, fill_drain, forward_only, one_f_one_b
+
+Schedule = Callable[[int, int, int], list[Action]]
+STAGES = range(1, 6)
+MICROBATCHES = range(1, 9)
+BOTH = pytest.mark.parametrize("schedule", [one_f_one_b, fill_drain], ids=["1f1b", "fill_drain"])
+
+
+@BOTH
+def test_each_stage_runs_every_microbatch_forward_then_backward_once(schedule: Schedule) -> None:
+    for num_stages in STAGES:
+        for microbatches in MICROBATCHES:
+            for stage in range(num_stages):
+                actions = schedule(stage, num_stages, microbatches)
+                forwards = [a.microbatch for a in actions if a.kind == "F"]
+                backwards = [a.microbatch for a in actions if a.kind == "B"]
+                assert {a.kind for a in actions} <= {"F", "B"}
+                assert forwards == list(range(microbatches))  # exactly P, in microbatch order
+                assert backwards == list(range(microbatches))
+                where = {(a.kind, a.microbatch): k for k, a in enumerate(actions)}
+                assert len(where) == len(actions) == 2 * microbatches
+                assert all(where["B", i] > where["F", i] for i in range(microbatches))
+
+
+def simulate(schedule: Schedule, num_stages: int, microbatches: int) -> list[list[Action]]:
+    """Run every stage's action list concurrently, one action per stage per tick when it is ready.
+
+    F(i) at stage s waits for F(i) at every earlier stage (any of them may send it a value; sends do not block);
+    B(i) at stage s waits for B(i) at every later stage (gradients of everything it sent) and its own F(i).
+    Returns what ran at each tick; fails if the stages deadlock.
+    """
+    lists = [schedule(s, num_stages, microbatches) for s in range(num_stages)]
+    cursor = [0] * num_stages
+    done: set[tuple[str, int, int]] = set()
+    ticks: list[list[Action]] = []
+    while any(cursor[s] < len(lists[s]) for s in range(num_stages)):
+        ready = []
+        for s in range(num_stages):
+            if cursor[s] == len(lists[s]):
+                continue
+            action = lists[s][cursor[s]]
+            if action.kind == "F":
+                needed = [("F", action.microbatch, t) for t in range(s)]
+            else:
+                needed = [("B", action.microbatch, t) for t in range(s + 1, num_stages)]
+                needed.append(("F", action.microbatch, s))
+            if all(item in done for item in needed):
+                ready.append((s, action))
+        if not ready:
+            blocked = {s: str(lists[s][cursor[s]]) for s in range(num_stages) if cursor[s] < len(lists[s])}
+            raise AssertionError(f"deadlock with S={num_stages}, P={microbatches}: stages wait at {blocked}")
+        for s, action in ready:  # a tick's actions only see what finished in earlier ticks
+            cursor[s] += 1
+            done.add((action.kind, action.microbatch, s))
+        ticks.append([action for _, action in ready])
+    return ticks
+
+
+@BOTH
+def test_all_stages_together_never_deadlock(schedule: Schedule) -> None:
+    for num_stages in STAGES:
+        for microbatches in MICROBATCHES:
+            ticks = simulate(schedule, num_stages, microbatches)
+            assert sum(len(t) for t in ticks) == 2 * num_stages * microbatches
+
+
+def test_simulation_detects_a_deadlock() -> None:
+    """The checker itself: a last stage that wants B0 before F0 can never start."""
+
+    def broken(stage: int, num_stages: int, microbatches: int) -> list[Action]:
+        actions = fill_drain(stage, num_stages, microbatches)
+        if stage == num_stages - 1:
+            actions = [Action("B", 0)] + [a for a in actions if str(a) != "B0"]
+        return actions
+
+    with pytest.raises(AssertionError, match="deadlock"):
+        simulate(broken, 3, 2)
+
+
+def test_one_f_one_b_is_no_slower_than_fill_drain() -> None:
+    """With unit-time actions, 1F1B takes as many ticks as fill-drain (2 * (S + P - 1))."""
+    for num_stages in STAGES:
+        for microbatches in MICROBATCHES:
+            expected = 2 * (num_stages + microbatches - 1)
+            assert len(simulate(fill_drain, num_stages, microbatches)) == expected
+            assert len(simulate(one_f_one_b, num_stages, microbatches)) == expected
+
+
+def peak_in_flight(actions: list[Action]) -> int:
+    """Most microbatches whose forward ran and whose backward has not (activations held) at any point."""
+    live = peak = 0
+    for action in actions:
+        live += 1 if action.kind == "F" else -1
+        peak = max(peak, live)
+    return peak
+
+
+def test_peak_in_flight_microbatches() -> None:
+    for num_stages in STAGES:
+        for microbatches in MICROBATCHES:
+            for stage in range(num_stages):
+                assert peak_in_flight(one_f_one_b(stage, num_stages, microbatches)) == min(
+                    microbatches, num_stages - stage
+                )
+                assert peak_in_flight(fill_drain(stage, num_stages, microbatches)) == microbatches
+
+
+def test_one_f_one_b_example() -> None:
+    render = [" ".join(map(str, one_f_one_b(s, 3, 4))) for s in range(3)]
+    assert render == [
+        "F0 F1 F2 B0 F3 B1 B2 B3",
+        "F0 F1 B0 F2 B1 F3 B2 B3",
+        "F0 B0 F1 B1 F2 B2 F3 B3",
+    ]
+
+
+def test_forward_only_and_lookup() -> None:
+    assert [str(a) for a in forward_only(3)] == ["F0", "F1", "F2"]
+    assert set(SCHEDULES) == {"1f1b", "fill_drain"}
+    assert actions_for("1f1b", 1, 3, 4) == one_f_one_b(1, 3, 4)
+    assert actions_for("fill_drain", 0, 2, 3) == fill_drain(0, 2, 3)
