@@ -38,7 +38,9 @@ class Config:
     allreduce_bandwidth_gbps: float = 10.0  # GiB/s bus bandwidth assumed for gradient allreduce
     allreduce_latency_us: float = 50.0
     show_progress: bool = True
-    timeout_s: float = 300.0  # collective / point-to-point timeout
+    timeout_s: float = 300.0  # process-group timeout (set-up: capture, profiling, planning)
+    comm_timeout_s: float = 30.0  # a transfer or collective during training waits this long before failing
+    watchdog: bool = True  # exit promptly (non-zero) when another rank reports a failure
 
     def device_memory_limit(self, device_total_bytes: int | None) -> float | None:
         """Usable bytes per device after the margin, or None when nothing limits memory."""

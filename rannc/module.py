@@ -20,6 +20,7 @@ from .config import Config, load_config
 from .deploy import Deployment, save_deployment
 from .errors import DeploymentError, InputError, RanncError
 from .runtime import dist as rdist
+from .runtime import failures
 from .runtime.build import build_local_stage, stage_layout
 from .runtime.clip import clip_global_grad_norm
 from .runtime.gather import gather_global_batch
@@ -72,6 +73,7 @@ class RaNNCModule:
         self._ready = False
         self._delay_allreduce = False  # pyrannc's delay_grad_allreduce
         self._no_sync_depth = 0
+        self._steps = 0
 
     # ---- set-up on the first call ------------------------------------------------------------------
     def _setup(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -106,6 +108,11 @@ class RaNNCModule:
             groups,
         )
         self._bind_optimizer(groups)
+        failures.configure(self.config.comm_timeout_s)
+        failures.set_context(stage=my_stage)
+        if self.world_size > 1 and self.config.watchdog:
+            failures.start_watchdog(self.rank)
+        rdist.barrier()  # set-up takes different times per rank; training waits are short (comm_timeout_s)
         self._ready = True
         logger.info(
             "rank %d runs stage %d/%d (replica %d of %d); %d microbatches, %s schedule",
@@ -147,11 +154,19 @@ class RaNNCModule:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with failures.reported():
+            return self._forward(args, kwargs)
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         call = FlatCall.of(args, kwargs)
         if not self._ready:
             self._setup(args, kwargs)
             self._first_call = call
         self._check_call(call)
+        self._steps += 1
+        failures.set_context(step=self._steps)
+        if self.world_size > 1:
+            failures.mark_progress(self._steps)
         batch = gather_global_batch(call.leaves, self.device, self.world_size)
         plan = self.deployment.plan
         mode = (

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..capture.modes import exact_precision, training_mode
+from .failures import wait_all
 from .gather import GlobalBatch
 from .layout import SampleLayout
 from .routes import concrete_shape, symint_value
@@ -68,22 +69,41 @@ class PipelineCall:
         return acts
 
     def run_forward(self) -> list[torch.Tensor]:
+        from .trace import current_tracer  # RANNC_TRACE: one trace file per rank per step (no-op when unset)
+
+        tracer = current_tracer()
         for action in self.actions():
-            self._forward(action.microbatch) if action.kind == "F" else self._backward(action.microbatch)
-        self.transfer.wait_sends()
+            with tracer.span(str(action)):
+                self._forward(action.microbatch) if action.kind == "F" else self._backward(action.microbatch)
+        with tracer.span("wait_sends"):
+            self.transfer.wait_sends()
         if self.mode == "eager":
-            self._finish_backward()
-        return self._assemble_outputs()
+            with tracer.span("finish_backward"):
+                self._finish_backward()
+        with tracer.span("assemble_outputs"):
+            outputs = self._assemble_outputs()
+        if self.mode != "deferred":  # a deferred step ends in run_backward
+            tracer.dump(rank=self.stage.rank)
+        return outputs
 
     def run_backward(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Deferred mode: spread the users' output gradients, run every backward, sync gradients."""
-        self._spread_output_grads(grads)
+        from .trace import current_tracer
+
+        tracer = current_tracer()
+        with tracer.span("spread_output_grads"):
+            self._spread_output_grads(grads)
         for action in actions_for(self.schedule, self.stage.index, self.stage.num_stages, self.microbatches):
             if action.kind == "B":
-                self._backward(action.microbatch)
-        self.transfer.wait_sends()
-        self._finish_backward()
-        self.apply_param_grads(1.0)
+                with tracer.span(str(action)):
+                    self._backward(action.microbatch)
+        with tracer.span("wait_sends"):
+            self.transfer.wait_sends()
+        with tracer.span("finish_backward"):
+            self._finish_backward()
+        with tracer.span("grad_sync"):
+            self.apply_param_grads(1.0)
+        tracer.dump(rank=self.stage.rank)
         return self.local_input_grads(1.0)
 
     def apply_param_grads(self, scale: float | torch.Tensor) -> None:
@@ -225,10 +245,8 @@ class PipelineCall:
         if self.world == 1:
             return tensor
         if tensor.dtype == torch.bool:
-            as_int = tensor.to(torch.uint8)
-            dist.all_reduce(as_int)
-            return as_int.to(torch.bool)
-        dist.all_reduce(tensor)
+            return self._allreduce(tensor.to(torch.uint8)).to(torch.bool)
+        wait_all([dist.all_reduce(tensor, async_op=True)], lambda: "all-reducing the model outputs")
         return tensor
 
     def _spread_output_grads(self, grads: list[torch.Tensor | None]) -> None:

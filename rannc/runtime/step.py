@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import RanncError
+from .failures import reported
 from .pipeline import PipelineCall
 
 
@@ -22,6 +23,11 @@ class _PipelineFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
+        with reported():
+            return _PipelineFunction._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
         call: PipelineCall = ctx.call
         if ctx.call is None:
             raise RanncError(

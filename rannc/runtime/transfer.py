@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .failures import wait_all
 from .layout import SampleLayout
 from .routes import Route, concrete_shape
 
@@ -47,7 +49,13 @@ class Transfer:
             buf = torch.empty(shape, dtype=route.dtype, device=self.device)
             ops.append(dist.P2POp(dist.irecv, buf, self.stage_ranks[route.producer][jp], tag=tag))
             buffers.append(buf)
-        _complete(ops)
+        _complete(
+            ops,
+            lambda: (
+                f"receiving {route.value} for microbatch {microbatch} from rank(s) "
+                f"{[self.stage_ranks[route.producer][p[0]] for p in pieces]}"
+            ),
+        )
         packed = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=route.packed_batch_dim)
         result = route.unpack(packed)  # the producer's memory layout: exported views depend on strides
         assert result.shape[route.batch_dim] == hi - lo
@@ -88,7 +96,13 @@ class Transfer:
                     buf = self._empty(route, b - a)
                     ops.append(dist.P2POp(dist.irecv, buf, self.stage_ranks[consumer][jc], tag=tag))
                     received.append((buf, a))
-        _complete(ops)
+        _complete(
+            ops,
+            lambda: (
+                f"receiving the gradient of {route.value} for microbatch {microbatch} from stage(s) "
+                f"{list(route.consumers)}"
+            ),
+        )
         for buf, a in received:
             total.narrow(route.batch_dim, a - lo, buf.shape[route.batch_dim]).add_(buf)
         return total
@@ -99,14 +113,12 @@ class Transfer:
             self.pending.append((dist.batch_isend_irecv(ops), ops))
 
     def wait_sends(self) -> None:
-        for works, _ in self.pending:
-            for work in works:
-                work.wait()
+        for works, ops in self.pending:
+            wait_all(works, lambda ops=ops: f"sending to rank(s) {sorted({op.peer for op in ops})}")
         self.pending.clear()
 
 
-def _complete(ops: list[dist.P2POp]) -> None:
+def _complete(ops: list[dist.P2POp], describe: Callable[[], str]) -> None:
     """Post a group of receives together and wait for all of them."""
     if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        wait_all(dist.batch_isend_irecv(ops), describe)
