@@ -1,5 +1,6 @@
 """rannc: automatic hybrid pipeline + data parallel training for unmodified PyTorch models."""
 
+from .amp import GradScaler
 from .config import Config, load_config
 from .deploy import Deployment, load_deployment, save_deployment, show_deployment
 from .errors import CaptureError, ConfigError, DeploymentError, InputError, PlanError, RanncError
@@ -14,6 +15,7 @@ __all__ = [
     "ConfigError",
     "Deployment",
     "DeploymentError",
+    "GradScaler",
     "InputError",
     "PlanError",
     "RaNNCModule",

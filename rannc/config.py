@@ -40,6 +40,8 @@ class Config:
     show_progress: bool = True
     timeout_s: float = 300.0  # process-group timeout (set-up: capture, profiling, planning)
     comm_timeout_s: float = 30.0  # a transfer or collective during training waits this long before failing
+    verify: bool = False  # first step: compare with the unpartitioned model on rank 0 (RANNC_VERIFY=1)
+    verify_tolerance: float = 1e-4  # largest relative difference verify accepts
     watchdog: bool = True  # exit promptly (non-zero) when another rank reports a failure
 
     def device_memory_limit(self, device_total_bytes: int | None) -> float | None:

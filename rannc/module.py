@@ -27,6 +27,7 @@ from .runtime.gather import gather_global_batch
 from .runtime.optimizer import OptimizerBinding, accept_from_global
 from .runtime.pipeline import PipelineCall
 from .runtime.step import run_call
+from .verify import Verifier
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +75,14 @@ class RaNNCModule:
         self._delay_allreduce = False  # pyrannc's delay_grad_allreduce
         self._no_sync_depth = 0
         self._steps = 0
+        self._verifier: Verifier | None = None
 
     # ---- set-up on the first call ------------------------------------------------------------------
     def _setup(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         _check_same_model(self.module, self.world_size)
+        self._verifier = (
+            Verifier(self.module, self.rank, self.config.verify_tolerance) if self.config.verify else None
+        )
         result = partition.partition(self.module, args, kwargs, self.config, self.world_size, self.device)
         self.captured, self.analysis, self.deployment = result.captured, result.analysis, result.deployment
         if self.config.save_deployment:
@@ -174,15 +179,28 @@ class RaNNCModule:
             if not torch.is_grad_enabled()
             else ("eager" if plan.schedule == "1f1b" else "deferred")
         )
-        pipeline = PipelineCall(self.stage, batch, plan.microbatches, plan.schedule, mode)
+        sync = not (self._delay_allreduce or self._no_sync_depth > 0)
+        pipeline = PipelineCall(
+            self.stage, batch, plan.microbatches, plan.schedule, mode, training=self.module.training, sync_grads=sync
+        )
         grad_leaves = [
             (name, leaf)
             for name, leaf in zip(self.captured.user_inputs, call.leaves)
             if isinstance(leaf, torch.Tensor) and leaf.requires_grad
         ]
-        outputs = iter(run_call(pipeline, grad_leaves))
+        verifying = self._verifier is not None and not self._verifier.done and mode != "inference"
+        if verifying:
+            self._verifier.run_reference(batch.leaves, call.spec)
+            self.stage.after_sync = self._verify_gradients
+        results = run_call(pipeline, grad_leaves)
+        if verifying:
+            self._verifier.compare_outputs(results, batch.local_rows(self.rank))
+        outputs = iter(results)
         flat = [next(outputs) if spec.node is not None else spec.constant for spec in self.stage.outputs]
         return pytree.tree_unflatten(flat, self.captured.out_spec)
+
+    def _verify_gradients(self) -> None:
+        self._verifier.compare_grads(self._gather_to_rank0(lambda t: t.grad))
 
     def _check_call(self, call: FlatCall) -> None:
         if call.spec != self.captured.call_spec:
@@ -289,30 +307,41 @@ class RaNNCModule:
         """Call on every rank: rank 0 returns the full state under the original names, others an empty dict."""
         if not self._ready:
             return self.module.state_dict() if self.rank == 0 else {}
-        gathered: dict[str, torch.Tensor] = {}
-        plan = self.deployment.plan
-        for name in sorted(self._tensors):
-            tensor = self._tensors[name]
-            stage = self.layout.owner.get(name)
-            owner = 0 if stage is None else plan.stages[stage].ranks[0]
-            if owner == 0:
-                if self.rank == 0:
-                    gathered[name] = tensor.detach().cpu().clone()
-                continue
-            if self.rank == owner:
-                dist.send(tensor.detach().contiguous(), dst=0)
-            elif self.rank == 0:
-                shape, dtype = self._shapes[name]
-                buf = torch.empty(shape, dtype=dtype, device=self.device)
-                dist.recv(buf, src=owner)
-                gathered[name] = buf.cpu()
+        gathered = self._gather_to_rank0(lambda t: t)
         if self.rank != 0:
             return {}
         out: dict[str, torch.Tensor] = OrderedDict()
         for key in self.module.state_dict(keep_vars=True):
-            canonical = self.captured.aliases and _canonical(self.captured.aliases, key)
+            canonical = _canonical(self.captured.aliases, key)
             out[key] = gathered.get(canonical, gathered.get(key))
         return out
+
+    def _gather_to_rank0(self, select: Any) -> dict[str, torch.Tensor]:
+        """`select(tensor)` of every parameter and buffer, from the rank that holds it, collected on rank 0."""
+        gathered: dict[str, torch.Tensor] = {}
+        plan = self.deployment.plan
+        for name in sorted(self._tensors):
+            stage = self.layout.owner.get(name)
+            owner = 0 if stage is None else plan.stages[stage].ranks[0]
+            if self.rank == owner:
+                value = select(self._tensors[name])
+                present = value is not None
+                if owner == 0:
+                    if present:
+                        gathered[name] = value.detach().cpu().clone()
+                    continue
+                dist.send(torch.tensor([int(present)], device=self.device), dst=0)
+                if present:
+                    dist.send(value.detach().contiguous(), dst=0)
+            elif self.rank == 0:
+                flag = torch.zeros(1, dtype=torch.int64, device=self.device)
+                dist.recv(flag, src=owner)
+                if flag.item():
+                    shape, dtype = self._shapes[name]
+                    buf = torch.empty(shape, dtype=dtype, device=self.device)
+                    dist.recv(buf, src=owner)
+                    gathered[name] = buf.cpu()
+        return gathered
 
 
 def _save_on_rank0(deployment: Deployment, path: str, world_size: int) -> None:

@@ -42,6 +42,7 @@ class LocalStage:
                 unique.setdefault(canonical, tensor)
         self.trainable = unique  # canonical -> Parameter, deduplicated (tied weights appear once)
         self.pending: dict[str, torch.Tensor] = {}  # gradients computed here and not yet all-reduced
+        self.after_sync: Any = None  # called once after the next gradient sync (verification mode)
 
     def add_pending(self, grads: dict[str, torch.Tensor], scale: float | torch.Tensor) -> None:
         for name, grad in grads.items():
@@ -67,6 +68,9 @@ class LocalStage:
             else:
                 param.grad.add_(grad)
         self.pending = {}
+        if self.after_sync is not None:
+            callback, self.after_sync = self.after_sync, None
+            callback()
 
     @property
     def rank(self) -> int:

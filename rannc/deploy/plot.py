@@ -1,0 +1,183 @@
+"""Draw a plan as a PNG: per-stage time bars, per-stage memory split with the limit, and a step's Gantt chart."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..plan.simulate import Timeline
+from ..plan.types import Plan
+from .deployment import Deployment
+
+__all__ = ["memory_parts", "plot_plan"]
+
+_EVENT_COLORS = {
+    "F": "#4c72b0",
+    "B": "#dd8452",
+    "allreduce": "#55a868",
+    "recv_act": "#bbbbbb",
+    "recv_grad": "#999999",
+}
+_MEMORY_COLORS = {
+    "parameters": "#4c72b0",
+    "gradients": "#8172b3",
+    "optimizer": "#c44e52",
+    "buffers": "#937860",
+    "activations": "#dd8452",
+    "recompute workspace": "#da8bc3",
+    "optimizer + buffers": "#c44e52",
+    "total": "#777777",
+}
+_UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+
+
+def memory_parts(plan: Plan | None, timeline: Timeline | None) -> list[dict[str, float]]:
+    """Per stage, peak bytes per rank by kind.
+
+    From the timeline's stage `memory_parts` plus activations (activation_bytes x peak in flight) when it has
+    them; else from the plan (parameters, gradients = parameter bytes, activations, and the rest of the
+    predicted memory as "optimizer + buffers"); else the timeline's total peak memory.
+    """
+    if timeline is not None and all(t.memory_parts for t in timeline.stages):
+        out = []
+        for timing, inflight in zip(timeline.stages, timeline.peak_inflight):
+            parts = dict(timing.memory_parts or {})
+            parts["activations"] = timing.activation_bytes * inflight
+            out.append(parts)
+        return out
+    if plan is not None:
+        out = []
+        for stage in plan.stages:
+            known = 2 * stage.param_bytes + stage.activation_bytes
+            out.append(
+                {
+                    "parameters": stage.param_bytes,
+                    "gradients": stage.param_bytes,
+                    "optimizer + buffers": max(stage.memory_bytes - known, 0.0),
+                    "activations": stage.activation_bytes,
+                }
+            )
+        return out
+    if timeline is not None:
+        return [{"total": memory} for memory in timeline.peak_memory]
+    raise ValueError("need a plan or a timeline to draw memory")
+
+
+def _unit(largest: float) -> tuple[float, str]:
+    for scale, name in _UNITS:
+        if largest >= scale:
+            return float(scale), name
+    return 1.0, "B"
+
+
+def plot_plan(
+    deployment_or_plan: Deployment | Plan | None,
+    timeline: Timeline,
+    path: str | os.PathLike[str],
+    memory_limit: float | None = None,
+) -> Path:
+    """Write a PNG of the plan: (top) fwd/bwd/comm time per microbatch of each stage, (middle) peak memory per
+    rank of each stage split by kind with a line at `memory_limit` (default: the deployment's device memory),
+    (bottom) the simulated step as a Gantt chart, one row per stage. Uses matplotlib's Agg canvas (no pyplot,
+    no global backend change). Returns the path written."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+    except ImportError as exc:  # pragma: no cover - matplotlib is an optional dependency
+        raise ImportError("plot_plan needs matplotlib: pip install matplotlib") from exc
+
+    plan: Plan | None
+    if isinstance(deployment_or_plan, Deployment):
+        plan = deployment_or_plan.plan
+        if memory_limit is None:
+            memory_limit = deployment_or_plan.device_memory_bytes
+    else:
+        plan = deployment_or_plan
+    num_stages = timeline.num_stages
+    if plan is not None and len(plan.stages) != num_stages:
+        raise ValueError(f"the plan has {len(plan.stages)} stages but the timeline {num_stages}")
+
+    figure = Figure(figsize=(11, 9.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    time_ax, memory_ax, gantt_ax = figure.subplots(3, 1, height_ratios=[1, 1, 1.3])
+    stages = list(range(num_stages))
+    labels = [f"stage {s}" for s in stages]
+
+    # Top: seconds per microbatch by phase.
+    phases: dict[str, list[float]] = {
+        "forward": [t.fwd * 1e3 for t in timeline.stages],
+        "backward": [t.bwd * 1e3 for t in timeline.stages],
+        "p2p (fwd+bwd)": [2 * (t.comm_in + t.comm_out) * 1e3 for t in timeline.stages],
+    }
+    colors = {"forward": _EVENT_COLORS["F"], "backward": _EVENT_COLORS["B"], "p2p (fwd+bwd)": "#aaaaaa"}
+    _stacked_bars(time_ax, stages, phases, colors)
+    time_ax.set_ylabel("ms / microbatch")
+    time_ax.set_title(
+        f"{num_stages} stage(s), {timeline.microbatches} microbatches, {timeline.schedule}: simulated step "
+        f"{timeline.step_time * 1e3:.2f} ms, bubble {timeline.bubble_fraction:.0%}"
+        + (f" (planner predicted {plan.predicted_step_time * 1e3:.2f} ms)" if plan is not None else "")
+    )
+
+    # Middle: memory per rank by kind.
+    parts = memory_parts(plan, timeline)
+    kinds: list[str] = []
+    for stage_parts in parts:
+        kinds.extend(k for k in stage_parts if k not in kinds)
+    largest = max([sum(p.values()) for p in parts] + [memory_limit or 0.0])
+    scale, unit = _unit(largest)
+    series = {k: [p.get(k, 0.0) / scale for p in parts] for k in kinds}
+    _stacked_bars(memory_ax, stages, series, {k: _MEMORY_COLORS.get(k, "#cccccc") for k in kinds})
+    if memory_limit is not None:
+        memory_ax.axhline(memory_limit / scale, color="red", linestyle="--", label="memory limit")
+        memory_ax.legend(loc="upper right", fontsize="small")
+    memory_ax.set_ylabel(f"peak {unit} / rank")
+
+    for ax in (time_ax, memory_ax):
+        ax.set_xticks(stages, labels)
+
+    # Bottom: Gantt chart of the step.
+    boxes = sum(1 for events in timeline.events for e in events if e.kind in ("F", "B"))
+    for s, events in enumerate(timeline.events):
+        for event in events:
+            color = _EVENT_COLORS.get(event.kind, "#cccccc")
+            gantt_ax.broken_barh(
+                [(event.start * 1e3, event.duration * 1e3)],
+                (s - 0.4, 0.8),
+                facecolors=color,
+                edgecolor="white",
+            )
+            if event.kind in ("F", "B") and boxes <= 96 and timeline.step_time > 0:
+                if event.duration / timeline.step_time > 0.02:
+                    gantt_ax.text(
+                        (event.start + event.duration / 2) * 1e3,
+                        s,
+                        event.name,
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white",
+                    )
+    gantt_ax.set_yticks(stages, labels)
+    gantt_ax.set_ylim(num_stages - 0.5, -0.5)
+    gantt_ax.set_xlim(0, max(timeline.step_time * 1e3, 1e-9))
+    gantt_ax.set_xlabel("ms")
+    kinds_seen = [k for k in _EVENT_COLORS if any(e.kind == k for ev in timeline.events for e in ev)]
+    gantt_ax.legend(
+        handles=[Patch(color=_EVENT_COLORS[k], label=k) for k in kinds_seen],
+        loc="lower right",
+        fontsize="small",
+    )
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, format="png", dpi=100)
+    return target
+
+
+def _stacked_bars(ax: Any, stages: list[int], series: dict[str, list[float]], colors: dict[str, str]) -> None:
+    bottom = [0.0] * len(stages)
+    for name, values in series.items():
+        ax.bar(stages, values, bottom=bottom, label=name, color=colors.get(name, "#cccccc"), width=0.6)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.legend(loc="upper left", fontsize="small")

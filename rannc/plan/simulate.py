@@ -1,0 +1,300 @@
+"""Discrete-event simulation of one training step: per-stage event timeline, bubbles and peak memory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..runtime.schedule import SCHEDULES as _SCHEDULE_FUNCTIONS
+from ..runtime.schedule import Action, actions_for
+from .cost import CostModel, inflight_microbatches, p2p_time, stage_links, step_time
+from .types import Plan, PlanProblem
+
+__all__ = [
+    "Event",
+    "StageTiming",
+    "Timeline",
+    "analytic_step_time",
+    "bubble_bound",
+    "peak_inflight",
+    "simulate",
+    "simulate_plan",
+    "stage_timings",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageTiming:
+    """Per-microbatch costs of one stage (seconds, bytes per rank).
+
+    comm_in: seconds to receive one microbatch's inputs from earlier stages; the gradients of those inputs go
+    back in the same time. comm_out: seconds to move one microbatch's outputs to later stages, and so to receive
+    their gradients back. The first stage's comm_in and the last stage's comm_out are ignored (no neighbour).
+    static_bytes: everything that does not scale with the microbatches in flight (parameters, gradients,
+    optimizer state, buffers, boundary buffers); memory_parts optionally splits it by name.
+    """
+
+    fwd: float
+    bwd: float
+    comm_in: float = 0.0
+    comm_out: float = 0.0
+    allreduce: float = 0.0  # seconds of the stage's gradient allreduce, once per step
+    activation_bytes: float = 0.0  # saved for backward by one microbatch
+    static_bytes: float = 0.0
+    memory_parts: dict[str, float] | None = (
+        None  # e.g. parameters/gradients/optimizer/buffers; sums to static
+    )
+
+    @property
+    def analytic_time(self) -> float:
+        """t_s of the cost model: compute plus inputs and outputs moved forward and backward."""
+        return self.fwd + self.bwd + 2 * (self.comm_in + self.comm_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One interval of a stage's step: "F"/"B" compute, "recv_act"/"recv_grad" blocking receive, "allreduce"."""
+
+    kind: str
+    microbatch: int  # -1 for the allreduce
+    start: float
+    end: float
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.microbatch < 0 else f"{self.kind}{self.microbatch}"
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """The simulated step: events per stage (in time order), step time, in-flight microbatches and memory."""
+
+    schedule: str
+    microbatches: int
+    stages: list[StageTiming]
+    events: list[list[Event]]
+    step_time: float  # end of the last event of any stage, allreduces included
+    peak_inflight: list[int]  # per stage: most microbatches whose activations are held at once
+    peak_memory: list[float]  # per stage: static_bytes + activation_bytes * peak_inflight
+    rendezvous: bool
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def busy_time(self, stage: int) -> float:
+        """Seconds stage `stage` spends computing forwards and backwards (receives and allreduce excluded)."""
+        return sum(e.duration for e in self.events[stage] if e.kind in ("F", "B"))
+
+    @property
+    def bubble_fraction(self) -> float:
+        """1 - (sum over stages of F and B compute seconds) / (num_stages * step_time).
+
+        The fraction of the stages' step time not spent on forward/backward compute: pipeline fill and drain,
+        waiting for neighbours, blocking receives and the gradient allreduce all count as bubble. 0 when the
+        step takes no time.
+        """
+        if self.step_time <= 0:
+            return 0.0
+        busy = sum(self.busy_time(s) for s in range(self.num_stages))
+        return 1.0 - busy / (self.num_stages * self.step_time)
+
+    def stage_end(self, stage: int) -> float:
+        """When the stage's last event (its allreduce, if any) ends."""
+        return max((e.end for e in self.events[stage]), default=0.0)
+
+
+def peak_inflight(actions: list[Action]) -> int:
+    """Most microbatches forwarded but not yet backwarded at once while running `actions` in order."""
+    held = peak = 0
+    for action in actions:
+        held += 1 if action.kind == "F" else -1
+        peak = max(peak, held)
+    return peak
+
+
+def _check(stage_times: list[StageTiming], microbatches: int, schedule: str | None) -> None:
+    if not stage_times:
+        raise ValueError("need at least one stage")
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
+    if schedule is not None and schedule not in _SCHEDULE_FUNCTIONS:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {tuple(_SCHEDULE_FUNCTIONS)}")
+    for s, t in enumerate(stage_times):
+        values = (t.fwd, t.bwd, t.comm_in, t.comm_out, t.allreduce, t.activation_bytes, t.static_bytes)
+        if min(values) < 0:
+            raise ValueError(f"stage {s} has a negative time or size: {t}")
+
+
+def _receive_time(stage_times: list[StageTiming], stage: int, kind: str) -> float:
+    """Seconds to receive what F (activations from stage-1) or B (gradients from stage+1) needs at `stage`."""
+    if kind == "F":
+        return stage_times[stage].comm_in if stage > 0 else 0.0
+    return stage_times[stage].comm_out if stage < len(stage_times) - 1 else 0.0
+
+
+def simulate(
+    stage_times: list[StageTiming], microbatches: int, schedule: str, *, rendezvous: bool = True
+) -> Timeline:
+    """Simulate one step: every stage runs `actions_for(schedule, s, S, P)` in order, one action at a time.
+
+    F(i) at stage s needs F(i) at s-1 and a transfer of comm_in[s]; B(i) at s needs B(i) at s+1 (and its
+    own F(i)) and a transfer of comm_out[s]. With `rendezvous` (the runtime: sends are asynchronous, the
+    consumer posts a blocking receive when it starts the action and the data moves once both sides are
+    there) the transfer starts at max(stage free, producer done) and the consumer waits for it, so compute
+    starts at max(free, producer done) + transfer. Without it the data travels on its own as soon as it is
+    produced: compute starts at max(free, producer done + transfer). After its last action each stage runs
+    its gradient allreduce. Compute durations are fwd and bwd.
+    """
+    _check(stage_times, microbatches, schedule)
+    num_stages = len(stage_times)
+    lists = [actions_for(schedule, s, num_stages, microbatches) for s in range(num_stages)]
+    done: dict[tuple[str, int, int], float] = {}  # (kind, microbatch, stage) -> compute end
+    free = [0.0] * num_stages
+    cursor = [0] * num_stages
+    events: list[list[Event]] = [[] for _ in range(num_stages)]
+    remaining = sum(len(actions) for actions in lists)
+    while remaining:
+        progressed = False
+        for s in range(num_stages):
+            while cursor[s] < len(lists[s]):
+                action = lists[s][cursor[s]]
+                i = action.microbatch
+                if action.kind == "F":
+                    producer = ("F", i, s - 1) if s > 0 else None
+                    own = None
+                else:
+                    producer = ("B", i, s + 1) if s < num_stages - 1 else None
+                    own = ("F", i, s)
+                if (producer is not None and producer not in done) or (own is not None and own not in done):
+                    break
+                produced = done[producer] if producer is not None else 0.0
+                floor = max(free[s], done[own]) if own is not None else free[s]
+                transfer = _receive_time(stage_times, s, action.kind) if producer is not None else 0.0
+                if rendezvous:
+                    posted = max(floor, produced)
+                    start = posted + transfer
+                    if transfer > 0:
+                        kind = "recv_act" if action.kind == "F" else "recv_grad"
+                        events[s].append(Event(kind, i, posted, start))
+                else:
+                    start = max(floor, produced + transfer)
+                timing = stage_times[s]
+                end = start + (timing.fwd if action.kind == "F" else timing.bwd)
+                events[s].append(Event(action.kind, i, start, end))
+                done[action.kind, i, s] = end
+                free[s] = end
+                cursor[s] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"schedule {schedule!r} deadlocks with {num_stages} stages, {microbatches} mb")
+    for s, timing in enumerate(stage_times):
+        if timing.allreduce > 0:
+            events[s].append(Event("allreduce", -1, free[s], free[s] + timing.allreduce))
+    peaks = [peak_inflight(actions) for actions in lists]
+    return Timeline(
+        schedule=schedule,
+        microbatches=microbatches,
+        stages=list(stage_times),
+        events=events,
+        step_time=max(free[s] + t.allreduce for s, t in enumerate(stage_times)),
+        peak_inflight=peaks,
+        peak_memory=[t.static_bytes + t.activation_bytes * p for t, p in zip(stage_times, peaks)],
+        rendezvous=rendezvous,
+    )
+
+
+def bubble_bound(stage_times: list[StageTiming], microbatches: int, *, rendezvous: bool = True) -> float:
+    """A lower bound on `simulate(...).step_time` for any schedule (each stage runs every F and B once).
+
+    For each stage s: its first forward cannot compute before microbatch 0 went through the stages before it
+    (head_s = sum_{k<s} fwd_k + sum_{0<k<=s} comm_in_k); from then on it computes P forwards and P backwards
+    (plus, with rendezvous, waits for P-1 more input receives and P gradient receives); after its last backward
+    that gradient still has to reach every earlier stage k and k run its allreduce
+    (tail_s = max(AR_s, max_{k<s} sum_{k<=j<s} (comm_out_j + bwd_j) + AR_k)). The bound is
+    max_s head_s + work_s + tail_s; with balanced stages and no communication it equals the analytic
+    sum t_s + (P-1) max t_s + AR = (P + S - 1)(f + b) + AR.
+    """
+    _check(stage_times, microbatches, None)
+    p = microbatches
+    best = 0.0
+    head = 0.0
+    for s, t in enumerate(stage_times):
+        recv_in = _receive_time(stage_times, s, "F")
+        recv_grad = _receive_time(stage_times, s, "B")
+        head += recv_in
+        work = p * (t.fwd + t.bwd)
+        if rendezvous:
+            work += (p - 1) * recv_in + p * recv_grad
+        tail, drain = t.allreduce, 0.0
+        for k in range(s - 1, -1, -1):
+            drain += _receive_time(stage_times, k, "B") + stage_times[k].bwd
+            tail = max(tail, drain + stage_times[k].allreduce)
+        best = max(best, head + work + tail)
+        head += t.fwd
+    return best
+
+
+def analytic_step_time(stage_times: list[StageTiming], microbatches: int) -> float:
+    """The cost model's T = sum t_s + (P-1) max t_s + max AR_s with t_s = fwd + bwd + 2 (comm_in + comm_out)."""
+    return step_time([t.analytic_time for t in stage_times], [t.allreduce for t in stage_times], microbatches)
+
+
+def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
+    """StageTimings of every stage of `plan`, with the cost model's arithmetic for each stage.
+
+    Costs come from `rannc.plan.cost` exactly as `evaluate` computes them for this candidate (the stage's
+    recompute flag, the placement's intra-/inter-node links), without its feasibility checks. comm_in and
+    comm_out are the one-way p2p times of the stage's input and output bytes (the cost model charges
+    2 (comm_in + comm_out) per microbatch). static_bytes is split into parameters, gradients, optimizer
+    state (divided over the replicas with ZeRO-1), buffers (boundary send/receive buffers) and, for a
+    recomputed stage, the one microbatch of activations rebuilt for its backward; what scales with the
+    microbatches in flight is activation_bytes (the stashed boundary inputs when recomputing).
+    """
+    num_stages = len(plan.stages)
+    model = CostModel(problem)
+    links = stage_links(problem, [stage.replicas for stage in plan.stages])
+    timings = []
+    for s, stage in enumerate(plan.stages):
+        recompute = bool(getattr(stage, "recompute", False))
+        inflight = inflight_microbatches(plan.schedule, plan.microbatches, num_stages - s)
+        cost = model.stage(
+            stage.first_block,
+            stage.last_block,
+            stage.replicas,
+            plan.microbatches,
+            inflight,
+            recompute,
+            links[s],
+        )
+        shards = stage.replicas if problem.zero_optimizer else 1
+        parts = {
+            "parameters": cost.param_bytes,
+            "gradients": cost.param_bytes,
+            "optimizer": cost.param_bytes * problem.opt_param_factor / shards,
+            "buffers": 2 * (cost.in_bytes + cost.out_bytes),
+        }
+        if recompute:
+            parts["recompute workspace"] = cost.activation_bytes
+        timings.append(
+            StageTiming(
+                fwd=cost.fwd,
+                bwd=cost.bwd,
+                comm_in=p2p_time(problem, cost.in_bytes, links[s][0]),
+                comm_out=p2p_time(problem, cost.out_bytes, links[s][1]),
+                allreduce=cost.allreduce,
+                activation_bytes=cost.in_bytes if recompute else cost.activation_bytes,
+                static_bytes=sum(parts.values()),
+                memory_parts=parts,
+            )
+        )
+    return timings
+
+
+def simulate_plan(problem: PlanProblem, plan: Plan, *, rendezvous: bool = True) -> Timeline:
+    """Simulate one step of `plan` with the stage costs the planner used for it."""
+    return simulate(stage_timings(problem, plan), plan.microbatches, plan.schedule, rendezvous=rendezvous)
