@@ -1,0 +1,89 @@
+"""GradScaler agreement across ranks and the verification mode (real processes, gloo)."""
+
+from __future__ import annotations
+
+import models
+import pytest
+import torch
+from distributed_helpers import run_workers
+
+import rannc
+
+
+def _wrap(cache: str, **overrides):
+    model = models.build("mlp", 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    wrapped = rannc.RaNNCModule(
+        model,
+        opt,
+        partition_num=2,
+        min_pipeline=2,
+        max_pipeline=2,
+        profile_iterations=1,
+        show_progress=False,
+        profile_cache_dir=cache,
+        **overrides,
+    )
+    return model, opt, wrapped
+
+
+def scaler_worker(rank: int, world: int, cache: str) -> dict:
+    """Rank 0 plants an inf in one of its gradients: every rank must skip the step and lower the scale."""
+    _, opt, wrapped = _wrap(cache)
+    scaler = rannc.GradScaler("cpu", init_scale=1024.0)
+    batch = models.local_slice(models.make_batches("mlp", 0, 1, 8)[0], rank, world)
+    loss = models.get_loss("mlp", models.call(wrapped, batch))
+    scaler.scale(loss).backward()
+    before = [p.detach().clone() for p in wrapped.parameters()]
+    if rank == 0:
+        next(iter(wrapped.parameters())).grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, wrapped.parameters()))
+    # a clean step afterwards is taken everywhere
+    opt.zero_grad()
+    loss = models.get_loss("mlp", models.call(wrapped, batch))
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    moved = not all(torch.equal(a, b) for a, b in zip(before, wrapped.parameters()))
+    return {"unchanged_after_inf": unchanged, "scale": float(scaler.get_scale()), "moved_after_clean": moved}
+
+
+@pytest.mark.slow
+def test_grad_scaler_skips_the_same_step_on_every_rank(tmp_path) -> None:
+    results = run_workers(scaler_worker, 2, str(tmp_path), timeout=240)
+    for rank, result in enumerate(results):
+        assert result["unchanged_after_inf"], f"rank {rank} stepped although rank 0 found an inf"
+        assert result["moved_after_clean"], f"rank {rank} did not step on the clean step"
+    assert results[0]["scale"] == results[1]["scale"] == 512.0
+
+
+def verify_worker(rank: int, world: int, cache: str, corrupt: bool) -> dict:
+    _, opt, wrapped = _wrap(cache, verify=True, verify_tolerance=1e-4)
+    if corrupt and rank == world - 1:  # a wrong gradient on the last stage must be caught
+        for param in wrapped.parameters():
+            param.register_hook(lambda grad: grad * 1.5)
+    batch = models.local_slice(models.make_batches("mlp", 0, 1, 8)[0], rank, world)
+    loss = models.get_loss("mlp", models.call(wrapped, batch))
+    try:
+        loss.backward()
+    except rannc.RanncError as exc:
+        return {"error": str(exc)}
+    return {"report": wrapped._verifier.report if rank == 0 else None}
+
+
+@pytest.mark.slow
+def test_verify_reports_agreement(tmp_path) -> None:
+    results = run_workers(verify_worker, 2, str(tmp_path), False, timeout=240)
+    assert "error" not in results[0] and "error" not in results[1]
+    report = results[0]["report"]
+    assert report["gradients"] < 1e-5 and report["outputs"] < 1e-5
+
+
+@pytest.mark.slow
+def test_verify_fails_loudly_on_every_rank(tmp_path) -> None:
+    results = run_workers(verify_worker, 2, str(tmp_path), True, timeout=240)
+    for result in results:
+        assert "error" in result, "verification missed a 1.5x gradient error"
+        assert "does not reproduce the unpartitioned" in result["error"]
