@@ -22,6 +22,7 @@ from .errors import DeploymentError, InputError, RanncError
 from .runtime import dist as rdist
 from .runtime import failures
 from .runtime.build import build_local_stage, stage_layout
+from .runtime.checkpoint import load_sharded, local_state, save_sharded
 from .runtime.clip import clip_global_grad_norm
 from .runtime.gather import gather_global_batch
 from .runtime.optimizer import OptimizerBinding, accept_from_global
@@ -76,6 +77,7 @@ class RaNNCModule:
         self._no_sync_depth = 0
         self._steps = 0
         self._verifier: Verifier | None = None
+        self._pending_load: str | None = None
 
     # ---- set-up on the first call ------------------------------------------------------------------
     def _setup(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -118,6 +120,9 @@ class RaNNCModule:
         if self.world_size > 1 and self.config.watchdog:
             failures.start_watchdog(self.rank)
         rdist.barrier()  # set-up takes different times per rank; training waits are short (comm_timeout_s)
+        if self._pending_load is not None:
+            load_sharded(self._pending_load, self._tensors, self._local, self.optimizer)
+            self._pending_load = None
         self._ready = True
         logger.info(
             "rank %d runs stage %d/%d (replica %d of %d); %d microbatches, %s schedule",
@@ -181,7 +186,13 @@ class RaNNCModule:
         )
         sync = not (self._delay_allreduce or self._no_sync_depth > 0)
         pipeline = PipelineCall(
-            self.stage, batch, plan.microbatches, plan.schedule, mode, training=self.module.training, sync_grads=sync
+            self.stage,
+            batch,
+            plan.microbatches,
+            plan.schedule,
+            mode,
+            training=self.module.training,
+            sync_grads=sync,
         )
         grad_leaves = [
             (name, leaf)
@@ -210,6 +221,20 @@ class RaNNCModule:
                 "the call's arguments differ in structure from the first call "
                 f"(added: {', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}); the graph was "
                 "captured for the first call's arguments. Pass the same arguments every call, or wrap a new model"
+            )
+        reshaped = [
+            f"{path} has per-sample shape {tuple(new.shape[1:])} and dtype {new.dtype}, captured with "
+            f"{captured[0]} and {captured[1]}"
+            for path, captured, new in zip(call.paths, self.captured.input_shapes, call.leaves)
+            if captured is not None
+            and isinstance(new, torch.Tensor)
+            and (tuple(new.shape[1:]) != captured[0] or new.dtype != captured[1])
+        ]
+        if reshaped:
+            raise InputError(
+                f"input shapes other than the batch dimension changed since the plan was made: {'; '.join(reshaped)}. "
+                "The captured graph and plan are specific to those sizes: pad inputs to the captured size, or "
+                "wrap a new RaNNCModule for the new shape (one per sequence length, for example)"
             )
         changed = [
             f"{path} from {old!r} to {new!r}"
@@ -302,6 +327,26 @@ class RaNNCModule:
                 tensor = self._tensors.get(name)
                 if tensor is not None and tensor.numel() > 0:
                     tensor.copy_(value.to(tensor.device))
+
+    def save_sharded(self, path: str) -> None:
+        """Collective: write a sharded checkpoint (model and optimizer) with torch.distributed.checkpoint.
+
+        Each rank writes what it holds, so nothing is gathered on one rank; replicated tensors are written
+        once. Load it with `load_sharded` on any world size or plan.
+        """
+        if not self._ready:
+            raise RanncError("save_sharded needs a partitioned model: call the model once before saving")
+        save_sharded(path, local_state(self._tensors, self._local, self.optimizer))
+
+    def load_sharded(self, path: str) -> None:
+        """Collective: load a checkpoint written by `save_sharded` (possibly on another world size or plan).
+
+        Before the first call the load is deferred until the model has been partitioned.
+        """
+        if not self._ready:
+            self._pending_load = path
+            return
+        load_sharded(path, self._tensors, self._local, self.optimizer)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Call on every rank: rank 0 returns the full state under the original names, others an empty dict."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 import time
 from typing import Any
 
@@ -48,6 +49,7 @@ class CapturedGraph:
     graph_hash: str
     training: bool
     autocast: tuple[tuple[str, bool, str], ...] = ()
+    input_shapes: list[tuple[tuple[int, ...], torch.dtype] | None] = dataclasses.field(default_factory=list)
 
     def placeholder_nodes(self) -> dict[str, fx.Node]:
         return {n.name: n for n in self.gm.graph.nodes if n.op == "placeholder"}
@@ -186,6 +188,10 @@ def _from_program(model: torch.nn.Module, program: Any, call: FlatCall) -> Captu
         graph_hash=_graph_hash(gm, call),
         training=model.training,
         autocast=autocast_state(),
+        input_shapes=[
+            (tuple(leaf.shape[1:]), leaf.dtype) if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None
+            for leaf in call.leaves
+        ],
     )
 
 
@@ -213,7 +219,8 @@ def _batch_symbol(gm: fx.GraphModule, user_inputs: list[str]) -> Any:
 
 def _graph_hash(gm: fx.GraphModule, call: FlatCall) -> str:
     digest = hashlib.sha256()
-    digest.update(gm.code.encode())
+    # Device literals differ between a meta-device plan and the real run; the graph is the same.
+    digest.update(re.sub(r"device\(type='[a-z]+'(, index=\d+)?\)", "device(*)", gm.code).encode())
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):

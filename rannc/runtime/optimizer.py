@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import RanncError
 from .dist import GroupCache
 
 
@@ -52,6 +53,8 @@ class OptimizerBinding:
         self._original_load_state_dict = type(optimizer).load_state_dict.__get__(optimizer)
         optimizer.state_dict = types.MethodType(_state_dict, self)  # type: ignore[method-assign]
         optimizer.load_state_dict = types.MethodType(_load_state_dict, self)  # type: ignore[method-assign]
+        self.away = {id(tensors[n]): n for n in rank_sets if n in tensors and rank not in rank_sets[n]}
+        optimizer.register_step_pre_hook(lambda *_: self.check_local())
         if zero:
             optimizer.register_step_post_hook(lambda *_: self.broadcast_owned())
 
@@ -68,6 +71,18 @@ class OptimizerBinding:
                 for key, value in state.items():
                     if isinstance(value, torch.Tensor) and value.dim() > 0:
                         state[key] = value.to(param.device)
+
+    def check_local(self) -> None:
+        """Refuse to step parameters that live on other ranks (their local copy is an empty placeholder)."""
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) in self.away:
+                    raise RanncError(
+                        f"the optimizer steps parameter {self.away[id(param)]}, which rannc moved to ranks "
+                        f"{list(self.rank_sets[self.away[id(param)]])}; this rank holds an empty placeholder. Build "
+                        "optimizers from RaNNCModule.parameters() (this rank's parameters) or pass the optimizer "
+                        "to RaNNCModule, which restricts it for you"
+                    )
 
     def broadcast_owned(self) -> None:
         """ZeRO-1: each parameter's owner sends its updated value to the other ranks of its set."""
