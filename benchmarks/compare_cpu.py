@@ -620,8 +620,12 @@ def print_report(rows: list[Row], args: BenchArgs, kind: str, model_note: str) -
         if best_pp is not None:
             parts.append(f"/ pipelining best ({best_pp.name}) = {rate(row) / rate(best_pp):.2f}")
         else:
-            parts.append("/ pipelining: n/a (failed)")
-        parts.append(f"/ DDP = {rate(row) / rate(ddp):.2f}" if rate(ddp) else "/ DDP: n/a (failed)")
+            ran = any(n in by_name for n in ("pipelining GPipe", "pipelining 1F1B"))
+            parts.append(f"/ pipelining: n/a ({'failed' if ran else 'not run'})")
+        if rate(ddp):
+            parts.append(f"/ DDP = {rate(row) / rate(ddp):.2f}")
+        else:
+            parts.append(f"/ DDP: n/a ({'failed' if ddp is not None else 'not run'})")
         console.print(f"  {name} " + ", ".join(parts))
     console.print(
         "CPU work per step (CPU ms/step over CPU ms/step, summed over ranks; < 1 means rannc does less work; "
@@ -637,7 +641,9 @@ def print_report(rows: list[Row], args: BenchArgs, kind: str, model_note: str) -
             for other in (*pipelining, ddp, reference)
             if other is not None and other.result is not None
         ]
-        console.print(f"  {name} " + ", ".join(parts))
+        console.print(
+            f"  {name} " + (", ".join(parts) if parts else f"{cpu * 1e3:.0f} ms (nothing to compare)")
+        )
     for name in ("rannc forced 2 stages", "rannc free"):
         row = by_name.get(name)
         if row is not None and row.result is not None:
