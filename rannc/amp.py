@@ -1,4 +1,4 @@
-"""Mixed precision across ranks: a GradScaler whose inf/NaN check every rank agrees on."""
+"""Mixed precision across ranks: GradScaler inf/NaN checks that every rank agrees on."""
 
 from __future__ import annotations
 
@@ -7,13 +7,50 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+_original_unscale = torch.amp.GradScaler._unscale_grads_
+
+
+def _agree(per_device: dict[Any, torch.Tensor], found_inf: torch.Tensor) -> dict[Any, torch.Tensor]:
+    """All-reduce (max) the per-rank inf/NaN findings so the step is skipped on every rank or on none."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return per_device
+    agreed = found_inf.detach().clone()
+    for value in per_device.values():
+        agreed = torch.maximum(agreed, value.to(agreed.device))
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    if not per_device:  # a rank without local parameters still takes part in the decision
+        per_device[agreed.device] = agreed
+    for value in per_device.values():
+        value.copy_(agreed.to(value.device))
+    return per_device
+
+
+def _unscale_grads_(
+    self: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+    inv_scale: torch.Tensor,
+    found_inf: torch.Tensor,
+    allow_fp16: bool,
+) -> dict[Any, torch.Tensor]:
+    per_device = _original_unscale(self, optimizer, inv_scale, found_inf, allow_fp16)
+    if getattr(optimizer, "_rannc_binding", None) is not None or isinstance(self, GradScaler):
+        return _agree(per_device, found_inf)
+    return per_device
+
+
+def install() -> None:
+    """Make every ``torch.amp.GradScaler`` agree across ranks for optimizers that rannc manages.
+
+    Each rank only sees its own stage's gradients; without agreement one rank could skip a step that the
+    others take. Optimizers not passed to a RaNNCModule keep torch's behaviour (no collective).
+    """
+    torch.amp.GradScaler._unscale_grads_ = _unscale_grads_  # type: ignore[method-assign]
+
 
 class GradScaler(torch.amp.GradScaler):
-    """``torch.amp.GradScaler`` for partitioned models: a step is skipped on every rank or on none.
+    """``torch.amp.GradScaler`` that always agrees across ranks (also for optimizers rannc did not bind).
 
-    Each rank only sees the gradients of its own stage, so a plain scaler could skip a step on the rank
-    whose gradients overflowed and take it on the others. Here the per-rank findings are all-reduced (max)
-    before the step decision. Use it exactly like ``torch.amp.GradScaler``::
+    Example::
 
         scaler = rannc.GradScaler("cuda")
         with torch.autocast("cuda", dtype=torch.float16):
@@ -22,25 +59,3 @@ class GradScaler(torch.amp.GradScaler):
         scaler.step(optimizer)
         scaler.update()
     """
-
-    def _unscale_grads_(
-        self,
-        optimizer: torch.optim.Optimizer,
-        inv_scale: torch.Tensor,
-        found_inf: torch.Tensor,
-        allow_fp16: bool,
-    ) -> dict[torch.device, torch.Tensor]:
-        per_device: dict[Any, torch.Tensor] = super()._unscale_grads_(
-            optimizer, inv_scale, found_inf, allow_fp16
-        )
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return per_device
-        agreed = found_inf.detach().clone()
-        for value in per_device.values():
-            agreed = torch.maximum(agreed, value.to(agreed.device))
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        if not per_device:  # a rank without local parameters still takes part in the decision
-            per_device[agreed.device] = agreed
-        for value in per_device.values():
-            value.copy_(agreed.to(value.device))
-        return per_device

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
-from . import partition
+from . import amp, partition
 from .capture import FlatCall
 from .capture.modes import autocast_state
 from .config import Config, load_config
@@ -64,6 +64,7 @@ class RaNNCModule:
         self.optimizer = optimizer
         if optimizer is not None:
             accept_from_global(optimizer)
+            amp.install()
         self.config = (
             config.replace(**config_overrides) if config is not None else load_config(**config_overrides)
         )

@@ -27,10 +27,10 @@ def _wrap(cache: str, **overrides):
     return model, opt, wrapped
 
 
-def scaler_worker(rank: int, world: int, cache: str) -> dict:
+def scaler_worker(rank: int, world: int, cache: str, plain: bool) -> dict:
     """Rank 0 plants an inf in one of its gradients: every rank must skip the step and lower the scale."""
     _, opt, wrapped = _wrap(cache)
-    scaler = rannc.GradScaler("cpu", init_scale=1024.0)
+    scaler = (torch.amp.GradScaler if plain else rannc.GradScaler)("cpu", init_scale=1024.0)
     batch = models.local_slice(models.make_batches("mlp", 0, 1, 8)[0], rank, world)
     loss = models.get_loss("mlp", models.call(wrapped, batch))
     scaler.scale(loss).backward()
@@ -51,8 +51,9 @@ def scaler_worker(rank: int, world: int, cache: str) -> dict:
 
 
 @pytest.mark.slow
-def test_grad_scaler_skips_the_same_step_on_every_rank(tmp_path) -> None:
-    results = run_workers(scaler_worker, 2, str(tmp_path), timeout=240)
+@pytest.mark.parametrize("plain", [True, False], ids=["torch.amp.GradScaler", "rannc.GradScaler"])
+def test_grad_scaler_skips_the_same_step_on_every_rank(tmp_path, plain: bool) -> None:
+    results = run_workers(scaler_worker, 2, str(tmp_path), plain, timeout=240)
     for rank, result in enumerate(results):
         assert result["unchanged_after_inf"], f"rank {rank} stepped although rank 0 found an inf"
         assert result["moved_after_clean"], f"rank {rank} did not step on the clean step"

@@ -53,6 +53,7 @@ class OptimizerBinding:
         self._original_load_state_dict = type(optimizer).load_state_dict.__get__(optimizer)
         optimizer.state_dict = types.MethodType(_state_dict, self)  # type: ignore[method-assign]
         optimizer.load_state_dict = types.MethodType(_load_state_dict, self)  # type: ignore[method-assign]
+        optimizer._rannc_binding = self  # type: ignore[attr-defined]  # GradScalers agree across ranks
         self.away = {id(tensors[n]): n for n in rank_sets if n in tensors and rank not in rank_sets[n]}
         optimizer.register_step_pre_hook(lambda *_: self.check_local())
         if zero:
