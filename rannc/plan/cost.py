@@ -17,18 +17,23 @@ class StageCost:
     microbatch_size: int  # largest per-replica microbatch (m_s)
     inflight: int  # microbatches whose activations are held at the peak
     fwd: float  # seconds per microbatch, compute only
-    bwd: float
+    bwd: float  # includes the recomputed forward when `recompute`
     comm: float  # seconds per microbatch: inputs and outputs, forward and backward
     time: float  # fwd + bwd + comm (t_s)
     allreduce: float  # seconds per step for the gradient allreduce among the replicas
     param_bytes: float
-    activation_bytes: float  # saved activations of one microbatch
+    activation_bytes: float  # saved activations of one microbatch (without recompute)
     in_bytes: float  # boundary bytes received per microbatch (forward)
     out_bytes: float  # boundary bytes sent per microbatch (forward)
     memory: float  # predicted peak bytes per rank
+    recompute: bool = False
 
     @property
     def peak_activation_bytes(self) -> float:
+        """Activation bytes held at the peak: per microbatch x in flight, or with recompute the
+        boundary inputs of the microbatches in flight plus one microbatch's activations."""
+        if self.recompute:
+            return self.in_bytes * self.inflight + self.activation_bytes
         return self.activation_bytes * self.inflight
 
 
@@ -56,27 +61,67 @@ def inflight_microbatches(schedule: str, microbatches: int, stages_left: int) ->
     raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
-def microbatch_counts(problem: PlanProblem) -> range:
-    """Every microbatch count P the problem allows (possibly empty)."""
+def microbatch_counts(problem: PlanProblem) -> list[int]:
+    """Every microbatch count P the problem allows, ascending (possibly none)."""
     low = max(1, problem.min_microbatches)
     high = min(problem.global_batch, problem.max_microbatches)
-    return range(low, high + 1)
+    if problem.microbatch_choices is None:
+        return list(range(low, high + 1))
+    return sorted({p for p in problem.microbatch_choices if low <= p <= high})
 
 
-def p2p_time(problem: PlanProblem, nbytes: float) -> float:
-    """Seconds to send `nbytes` between two stages (0 when nothing is sent)."""
+def replica_counts(problem: PlanProblem, microbatches: int) -> list[int]:
+    """Every replica count a stage may have with P microbatches, ascending."""
+    high = min(problem.world_size, max_replicas(problem.global_batch, microbatches))
+    if problem.replica_choices is None:
+        return list(range(1, high + 1))
+    return sorted({r for r in problem.replica_choices if 1 <= r <= high})
+
+
+def p2p_time(problem: PlanProblem, nbytes: float, inter: bool = False) -> float:
+    """Seconds to send `nbytes` between two stages (0 when nothing is sent); `inter`: across nodes."""
     if nbytes == 0:
         return 0.0
+    if inter:
+        latency = problem.p2p_latency if problem.inter_node_latency is None else problem.inter_node_latency
+        bandwidth = (
+            problem.p2p_bandwidth if problem.inter_node_bandwidth is None else problem.inter_node_bandwidth
+        )
+        return latency + nbytes / bandwidth
     return problem.p2p_latency + nbytes / problem.p2p_bandwidth
 
 
-def allreduce_time(problem: PlanProblem, param_bytes: float, replicas: int) -> float:
-    """Seconds of the ring allreduce of a stage's gradients among its replicas."""
+def allreduce_time(problem: PlanProblem, param_bytes: float, replicas: int, inter: bool = False) -> float:
+    """Seconds of the ring allreduce of a stage's gradients among its replicas (`inter`: spanning nodes)."""
     if replicas == 1:
         return 0.0
-    return (
-        problem.allreduce_latency + 2 * (replicas - 1) / replicas * param_bytes / problem.allreduce_bandwidth
-    )
+    latency, bandwidth = problem.allreduce_latency, problem.allreduce_bandwidth
+    if inter:
+        if problem.allreduce_inter_latency is not None:
+            latency = problem.allreduce_inter_latency
+        if problem.allreduce_inter_bandwidth is not None:
+            bandwidth = problem.allreduce_inter_bandwidth
+    return latency + 2 * (replicas - 1) / replicas * param_bytes / bandwidth
+
+
+def spans_nodes(problem: PlanProblem, first_rank: int, replicas: int) -> bool:
+    """Whether ranks first_rank..first_rank+replicas-1 lie on more than one node."""
+    g = problem.gpus_per_node
+    return g is not None and first_rank // g != (first_rank + replicas - 1) // g
+
+
+def crosses_nodes(problem: PlanProblem, first_rank: int, end_rank: int) -> bool:
+    """Whether the transfer between two consecutive stages on ranks first_rank..end_rank-1 (both
+    stages together) uses the inter-node link: unless both stages lie inside one node."""
+    g = problem.gpus_per_node
+    return g is not None and first_rank // g != (end_rank - 1) // g
+
+
+# Row entry of one block range at one microbatch size: forward, backward, activation bytes, boundary
+# bytes in and out, parameter state bytes, and the p2p seconds (forward and backward) of the inputs
+# and of the outputs over an intra-node and an inter-node link.
+Row = tuple[float, float, float, float, float, float, float, float, float, float]
+F, B, A, IN, OUT, BASE, IN_INTRA, IN_INTER, OUT_INTRA, OUT_INTER = range(10)
 
 
 class CostModel:
@@ -86,8 +131,8 @@ class CostModel:
         self.problem = problem
         self.num_blocks = len(problem.blocks)
         self._block_values: dict[int, tuple[list[float], list[float], list[float]]] = {}
-        self._rows: dict[tuple[int, int], list[tuple[float, float, float, float, float, float]]] = {}
-        self._allreduce: dict[tuple[int, int], list[float]] = {}
+        self._rows: dict[tuple[int, int, int], list[Row]] = {}
+        self._allreduce: dict[tuple[int, int, bool], list[float]] = {}
 
     def block_values(self, m: int) -> tuple[list[float], list[float], list[float]]:
         """Forward time, backward time and activation bytes of every block at microbatch size m."""
@@ -102,12 +147,9 @@ class CostModel:
             self._block_values[m] = values
         return values
 
-    def row(
-        self, first: int, m: int, replicas: int = 1
-    ) -> list[tuple[float, float, float, float, float, float]]:
-        """For every last block j >= first: (fwd, bwd, act, comm, io, base) of range [first, j] at m.
+    def row(self, first: int, m: int, replicas: int = 1) -> list[Row]:
+        """For every last block j >= first: the Row of range [first, j] at microbatch size m.
 
-        io = 2 * (in + out) bytes of boundary buffers, base = parameter, gradient and optimizer bytes.
         Sums run block by block from `first`, so every caller gets bit-identical values.
         """
         shards = replicas if self.problem.zero_optimizer else 1
@@ -129,31 +171,62 @@ class CostModel:
             a_sum += act[j]
             in_bytes = in_table[j] * m
             out_bytes = out_table[j] * m
-            comm = 2 * (p2p_time(problem, in_bytes) + p2p_time(problem, out_bytes))
-            io = 2 * (in_bytes + out_bytes)
-            base = param_table[j] * state_factor
-            row.append((f_sum, b_sum, a_sum, comm, io, base))
+            row.append(
+                (
+                    f_sum,
+                    b_sum,
+                    a_sum,
+                    in_bytes,
+                    out_bytes,
+                    param_table[j] * state_factor,
+                    2 * p2p_time(problem, in_bytes),
+                    2 * p2p_time(problem, in_bytes, True),
+                    2 * p2p_time(problem, out_bytes),
+                    2 * p2p_time(problem, out_bytes, True),
+                )
+            )
         self._rows[key] = row
         return row
 
-    def allreduce_row(self, first: int, replicas: int) -> list[float]:
+    def allreduce_row(self, first: int, replicas: int, inter: bool = False) -> list[float]:
         """Allreduce time of range [first, j] on `replicas` ranks, for every j >= first."""
-        key = (first, replicas)
+        key = (first, replicas, inter)
         row = self._allreduce.get(key)
         if row is None:
             params = self.problem.range_param_bytes[first]
-            row = [allreduce_time(self.problem, params[j], replicas) for j in range(first, self.num_blocks)]
+            row = [
+                allreduce_time(self.problem, params[j], replicas, inter)
+                for j in range(first, self.num_blocks)
+            ]
             self._allreduce[key] = row
         return row
 
-    def allreduce(self, first: int, last: int, replicas: int) -> float:
-        return self.allreduce_row(first, replicas)[last - first]
+    def allreduce(self, first: int, last: int, replicas: int, inter: bool = False) -> float:
+        return self.allreduce_row(first, replicas, inter)[last - first]
 
-    def stage(self, first: int, last: int, replicas: int, microbatches: int, inflight: int) -> StageCost:
-        """Full cost breakdown of one stage."""
+    def stage(
+        self,
+        first: int,
+        last: int,
+        replicas: int,
+        microbatches: int,
+        inflight: int,
+        recompute: bool = False,
+        links: tuple[bool, bool, bool] = (False, False, False),
+    ) -> StageCost:
+        """Full cost breakdown of one stage; links: (inputs, outputs, allreduce) cross nodes."""
         problem = self.problem
         m = replica_microbatch_size(problem.global_batch, microbatches, replicas)
-        f_sum, b_sum, a_sum, comm, io, base = self.row(first, m, replicas)[last - first]
+        row = self.row(first, m, replicas)[last - first]
+        f_sum, b_sum, a_sum, in_bytes, out_bytes, base = row[:6]
+        comm = row[IN_INTER if links[0] else IN_INTRA] + row[OUT_INTER if links[1] else OUT_INTRA]
+        io = 2 * (in_bytes + out_bytes)
+        bwd = b_sum + f_sum if recompute else b_sum
+        memory = (
+            recompute_memory(base, a_sum, in_bytes, inflight, io)
+            if recompute
+            else stage_memory(base, a_sum, inflight, io)
+        )
         return StageCost(
             first_block=first,
             last_block=last,
@@ -161,26 +234,33 @@ class CostModel:
             microbatch_size=m,
             inflight=inflight,
             fwd=f_sum,
-            bwd=b_sum,
+            bwd=bwd,
             comm=comm,
-            time=stage_time(f_sum, b_sum, comm),
-            allreduce=self.allreduce(first, last, replicas),
+            time=stage_time(f_sum, bwd, comm),
+            allreduce=self.allreduce(first, last, replicas, links[2]),
             param_bytes=problem.range_param_bytes[first][last],
             activation_bytes=a_sum,
-            in_bytes=problem.range_in_bytes_per_sample[first][last] * m,
-            out_bytes=problem.range_out_bytes_per_sample[first][last] * m,
-            memory=stage_memory(base, a_sum, inflight, io),
+            in_bytes=in_bytes,
+            out_bytes=out_bytes,
+            memory=memory,
+            recompute=recompute,
         )
 
 
 def stage_time(fwd: float, bwd: float, comm: float) -> float:
-    """t_s: seconds one stage spends on one microbatch."""
+    """t_s: seconds one stage spends on one microbatch (bwd includes a recomputed forward)."""
     return fwd + bwd + comm
 
 
 def stage_memory(base: float, activation: float, inflight: int, io: float) -> float:
     """Peak bytes per rank: parameter state + held activations + boundary buffers."""
     return base + activation * inflight + io
+
+
+def recompute_memory(base: float, activation: float, in_bytes: float, inflight: int, io: float) -> float:
+    """Peak bytes per rank of a recomputed stage: parameter state + the boundary inputs of the
+    microbatches in flight + one microbatch's activations (rebuilt for its backward) + buffers."""
+    return base + in_bytes * inflight + activation + io
 
 
 def step_time(times: list[float], allreduces: list[float], microbatches: int) -> float:
@@ -197,14 +277,35 @@ def stage_cost(
     schedule: str,
     stage_index: int,
     num_stages: int,
+    recompute: bool = False,
 ) -> StageCost:
-    """Cost of stage `stage_index` (of `num_stages`) covering blocks first..last on `replicas` ranks."""
+    """Cost of stage `stage_index` (of `num_stages`) covering blocks first..last on `replicas` ranks.
+
+    Transfers are charged at the intra-node rate; `evaluate` applies the placement rules."""
     if not 0 <= first_block <= last_block < len(problem.blocks):
         raise ValueError(f"bad block range [{first_block}, {last_block}]")
     if replicas < 1 or microbatches < 1 or not 0 <= stage_index < num_stages:
         raise ValueError("replicas, microbatches must be >= 1 and 0 <= stage_index < num_stages")
     inflight = inflight_microbatches(schedule, microbatches, num_stages - stage_index)
-    return CostModel(problem).stage(first_block, last_block, replicas, microbatches, inflight)
+    return CostModel(problem).stage(first_block, last_block, replicas, microbatches, inflight, recompute)
+
+
+def stage_links(problem: PlanProblem, replicas: list[int]) -> list[tuple[bool, bool, bool]]:
+    """Per stage: whether its inputs, its outputs and its allreduce use inter-node links, with ranks
+    assigned contiguously in pipeline order. The first stage's inputs and the last stage's outputs
+    (to and from the user) count as intra-node."""
+    starts = [0]
+    for r in replicas:
+        starts.append(starts[-1] + r)
+    count = len(replicas)
+    return [
+        (
+            s > 0 and crosses_nodes(problem, starts[s - 1], starts[s + 1]),
+            s + 1 < count and crosses_nodes(problem, starts[s], starts[s + 2]),
+            spans_nodes(problem, starts[s], replicas[s]),
+        )
+        for s in range(count)
+    ]
 
 
 def evaluate(
@@ -214,19 +315,25 @@ def evaluate(
     microbatches: int,
     schedule: str,
     model: CostModel | None = None,
+    recompute: list[bool] | None = None,
 ) -> tuple[float, list[StageCost]] | None:
     """Step time and stage costs of one candidate, or None when it is not feasible.
 
-    Infeasible: microbatch count outside the problem's range or above the batch, a stage with more
-    replicas than samples per microbatch, or a stage over the memory limit. A malformed candidate
-    (ranges that do not cover the blocks in order, replicas not summing to the world size, an
-    unknown schedule) raises ValueError. `problem.num_stages` and `problem.schedules` are not checked.
+    Infeasible: microbatch count outside the problem's range or choices or above the batch, a
+    replica count outside the choices or above the samples per microbatch, recompute asked for when
+    the problem does not allow it, or a stage over the memory limit. recompute=None lets each stage
+    recompute exactly when it must to fit in memory (and the problem allows it), which is what the
+    search does. A malformed candidate (ranges that do not cover the blocks in order, replicas not
+    summing to the world size, an unknown schedule) raises ValueError. `problem.num_stages` and
+    `problem.schedules` are not checked.
     """
     num_blocks = len(problem.blocks)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     if not ranges or len(ranges) != len(replicas):
         raise ValueError("need one replica count per stage and at least one stage")
+    if recompute is not None and len(recompute) != len(ranges):
+        raise ValueError("need one recompute flag per stage")
     expected_first = 0
     for first, last in ranges:
         if first != expected_first or last < first:
@@ -238,18 +345,25 @@ def evaluate(
         raise ValueError(f"replicas {replicas} must be >= 1 and sum to world size {problem.world_size}")
     if microbatches not in microbatch_counts(problem):
         return None
-    if max(replicas) > max_replicas(problem.global_batch, microbatches):
+    allowed = set(replica_counts(problem, microbatches))
+    if any(r not in allowed for r in replicas):
+        return None
+    if recompute is not None and any(recompute) and not problem.allow_recompute:
         return None
     model = model if model is not None else CostModel(problem)
-    num_stages = len(ranges)
-    costs = [
-        model.stage(
-            first, last, r, microbatches, inflight_microbatches(schedule, microbatches, num_stages - s)
-        )
-        for s, ((first, last), r) in enumerate(zip(ranges, replicas, strict=True))
-    ]
     limit = problem.memory_limit_bytes
-    if limit is not None and any(cost.memory > limit for cost in costs):
-        return None
+    num_stages = len(ranges)
+    costs = []
+    for s, ((first, last), r, links) in enumerate(zip(ranges, replicas, stage_links(problem, replicas))):
+        inflight = inflight_microbatches(schedule, microbatches, num_stages - s)
+        if recompute is not None:
+            cost = model.stage(first, last, r, microbatches, inflight, recompute[s], links)
+        else:
+            cost = model.stage(first, last, r, microbatches, inflight, False, links)
+            if limit is not None and cost.memory > limit and problem.allow_recompute:
+                cost = model.stage(first, last, r, microbatches, inflight, True, links)
+        if limit is not None and cost.memory > limit:
+            return None
+        costs.append(cost)
     total = step_time([c.time for c in costs], [c.allreduce for c in costs], microbatches)
     return total, costs

@@ -1,158 +1,246 @@
-"""Pareto dynamic programme over stage suffixes for one (microbatch count, schedule) pair."""
+"""Pareto dynamic programme over stage suffixes for one (microbatch count, schedule) pair.
+
+A state is (k, b, d): the last k stages cover blocks b.. on the last d ranks (ranks are assigned
+contiguously in pipeline order, so the suffix starts at rank offset world - d). With gpus_per_node
+and a slower inter-node link each state keeps up to three lists, by how its first stage's input is
+charged: KIND_OWN (first stage inside one node, input over the inter-node link, or the pipeline's
+first stage), KIND_SPAN (first stage spans nodes, inter-node input) and KIND_JOINED (first stage
+inside the node of the stage before it, intra-node input).
+
+Recompute needs no state: a stage recomputes exactly when it does not fit in memory otherwise (a
+recomputed stage is never faster, and memory is checked per stage).
+"""
 
 from __future__ import annotations
 
 import math
+import operator
 
+from .bounds import PrefixBounds
 from .cost import (
     CostModel,
-    allreduce_time,
     inflight_microbatches,
-    max_replicas,
     microbatch_rows,
-    stage_memory,
-    stage_time,
+    replica_counts,
 )
+from .tables import StageTables
 from .types import PlanProblem
 
 # Two step times closer than this (relative) count as equal and the tie-break rules decide.
 TIE = 1e-12
+# Slack for sums of the same values taken in another order (rounding), in bound-based breaks.
+ROUNDING = 1e-12
+
+KIND_OWN, KIND_SPAN, KIND_JOINED = 0, 1, 2
 
 # A Pareto entry for a suffix of stages: (sum t, max t, max AR, last block of its first stage,
 # replicas of its first stage, entry of the remaining stages or None).
 Entry = tuple[float, float, float, int, int, "Entry | None"]
+_TERMINAL: Entry = (0.0, 0.0, 0.0, -1, 0, None)
 
 
 class SuffixSearch:
     """Pareto dynamic programme over suffixes for one (microbatch count, schedule)."""
 
-    def __init__(self, problem: PlanProblem, model: CostModel, microbatches: int, schedule: str) -> None:
+    def __init__(
+        self,
+        problem: PlanProblem,
+        model: CostModel,
+        microbatches: int,
+        schedule: str,
+        tables: StageTables | None = None,
+    ) -> None:
         self.problem = problem
         self.model = model
+        self.tables = tables if tables is not None else StageTables(model)
         self.p = microbatches
         self.schedule = schedule
         self.weight = float(microbatches - 1)
-        batch = problem.global_batch
-        self.rmax = min(problem.world_size, max_replicas(batch, microbatches))
-        rows = microbatch_rows(batch, microbatches)
-        num_blocks = len(problem.blocks)
-        # rows_by_r[r][i][j - i] = (fwd, bwd, act, comm, io, base) of range [i, j] with r replicas.
-        self.rows_by_r: list[list[list[tuple[float, float, float, float, float, float]]]] = [[]]
-        block_floor = [math.inf] * num_blocks
-        block_work = [math.inf] * num_blocks
-        for r in range(1, self.rmax + 1):
-            m = -(-rows // r)
-            self.rows_by_r.append([model.row(i, m, r) for i in range(num_blocks)])
-            fwd, bwd, _ = model.block_values(m)
-            for blk in range(num_blocks):
-                block_floor[blk] = min(block_floor[blk], fwd[blk] + bwd[blk])
-                block_work[blk] = min(block_work[blk], r * (fwd[blk] + bwd[blk]))
-        # Lower bounds over blocks 0..b-1, whatever the plan: prefix_floor[b] on the summed stage
-        # time, prefix_work[b] on the summed replicas x stage time (rank-seconds per microbatch).
-        self.prefix_floor = [0.0]
-        self.prefix_work = [0.0]
-        for value, work in zip(block_floor, block_work):
-            self.prefix_floor.append(self.prefix_floor[-1] + value)
-            self.prefix_work.append(self.prefix_work[-1] + work)
-        # prefix_allreduce[b]: least allreduce time of a replicated stage inside blocks 0..b-1.
-        self.prefix_allreduce = [math.inf]
-        least = math.inf
-        for j in range(num_blocks):
-            least = min(least, min(problem.range_param_bytes[i][j] for i in range(j + 1)))
-            self.prefix_allreduce.append(allreduce_time(problem, least, 2))
+        self.replicas = replica_counts(problem, microbatches)
+        self.rmax = self.replicas[-1] if self.replicas else 0
+        rows = microbatch_rows(problem.global_batch, microbatches)
+        self.sizes = [-(-rows // r) for r in self.replicas]
+        self._bounds: PrefixBounds | None = None
+        self.states = 0  # states expanded by the last run (for profiling)
 
-    def needed(self, b: int, d: int, k: int, stage_counts: list[int]) -> bool:
-        """Whether some allowed plan has a suffix of k stages on blocks b.. and d ranks."""
-        world, num_blocks = self.problem.world_size, len(self.problem.blocks)
-        if k > num_blocks - b or not k <= d <= k * self.rmax:
-            return False
-        for total in stage_counts:
-            before = total - k
-            if before == 0 and b == 0 and d == world:
-                return True
-            if before >= 1 and before <= b and before <= world - d <= before * self.rmax:
-                return True
-        return False
+    @property
+    def bounds(self) -> PrefixBounds:
+        if self._bounds is None:
+            self._bounds = PrefixBounds(self)
+        return self._bounds
 
-    def lower_bound(self, stage_counts: list[int]) -> float:
-        """A lower bound on the step time of every candidate with these microbatches."""
-        total = self.prefix_floor[-1]
-        biggest = max(b - a for a, b in zip(self.prefix_floor, self.prefix_floor[1:]))
-        # The largest stage time is at least the mean stage time and the mean rank-time per rank.
-        largest = max(total / max(stage_counts), biggest, self.prefix_work[-1] / self.problem.world_size)
-        # With more ranks than stages some stage is replicated and pays an allreduce.
-        replicated = self.problem.world_size > max(stage_counts)
-        return total + self.weight * largest + (self.prefix_allreduce[-1] if replicated else 0.0)
+    def lower_bound(self, stage_counts: list[int], cutoff: float = math.inf) -> float:
+        """A lower bound on the step time of every candidate with these microbatches (it may stop
+        refining once above the cutoff)."""
+        return self.bounds.whole(stage_counts, cutoff)
 
     def run(self, stage_counts: list[int], cutoff: float, beam: int = 0) -> dict[int, list[Entry]]:
         """Pareto entries of every allowed stage count whose step time may be <= cutoff.
 
-        With beam > 0 only the `beam` most promising entries of each state are kept: a quick
+        With beam > 0 only the `beam` most promising entries of each list are kept: a quick
         heuristic whose results are real candidates (an upper bound), not the exact optimum.
         """
         problem = self.problem
         num_blocks, world = len(problem.blocks), problem.world_size
+        if not self.replicas:
+            return {s: [] for s in stage_counts}
+        bounds = self.bounds
+        bounds.prepare(cutoff)
+        allowed = bounds.allowed_offsets(stage_counts)
+        pre_max, pre_ar = bounds.pre_max, bounds.pre_ar
         limit = problem.memory_limit_bytes
-        weight, rmax = self.weight, self.rmax
+        recompute = problem.allow_recompute and limit is not None
+        weight, p = self.weight, self.p
         most = max(stage_counts)
-        ar_rows = [[]] + [
-            [self.model.allreduce_row(i, r) for i in range(num_blocks)] for r in range(1, rmax + 1)
-        ]
-        layers: list[dict[tuple[int, int], list[Entry]]] = [{(num_blocks, 0): [(0.0, 0.0, 0.0, 0, 0, None)]}]
+        node = problem.gpus_per_node
+        split = node is not None and (
+            (problem.inter_node_bandwidth not in (None, problem.p2p_bandwidth))
+            or (problem.inter_node_latency not in (None, problem.p2p_latency))
+        )
+        spread = node is not None
+        tables = self.tables
+        columns = [tables.lists(m) for m in self.sizes]
+        bases = [tables.base_columns(r) for r in self.replicas]
+        ar_intra = [tables.allreduce_columns(r, False) for r in self.replicas]
+        ar_inter = [tables.allreduce_columns(r, True) for r in self.replicas] if spread else ar_intra
+        monotone = bounds.monotone
+        below: dict[int, list[tuple[int, list[list[Entry]]]]] = {num_blocks: [(0, [[_TERMINAL], [], []])]}
+        finals: dict[int, list[Entry]] = {}
+        self.states = 0
         for k in range(1, most + 1):
-            inflight = inflight_microbatches(self.schedule, self.p, k)
-            layer: dict[tuple[int, int], list[Entry]] = {}
-            below = layers[k - 1]
-            for b in range(num_blocks - k, -1, -1):
-                floor = self.prefix_floor[b]
-                for d in range(k, world + 1):
-                    if not self.needed(b, d, k, stage_counts):
-                        continue
-                    # The stages before this suffix (at most `before` of them on world - d ranks)
-                    # add at least `floor` to the summed time; their largest stage time is at least
-                    # their mean and their rank-seconds per rank; with spare ranks one replicates.
-                    before = min(b, world - d, most - k)
-                    before_max = max(floor / before, self.prefix_work[b] / (world - d)) if before else 0.0
-                    before_ar = self.prefix_allreduce[b] if world - d > before else 0.0
-                    lasts = range(num_blocks - 1, num_blocks) if k == 1 else range(b, num_blocks - k + 1)
-                    low_r, high_r = max(1, d - (k - 1) * rmax), min(rmax, d - (k - 1))
-                    candidates: list[Entry] = []
-                    for j in lasts:
-                        for r in range(low_r, high_r + 1):
-                            children = below.get((j + 1, d - r))
-                            if not children:
+            inflight = inflight_microbatches(self.schedule, p, k)
+            # Stages before this suffix hold at least this many microbatches (rounded down to a
+            # power of two: fewer tables, still a lower bound).
+            before_inflight = inflight_microbatches(self.schedule, p, k + 1)
+            pre_sum, pre_u = bounds.level_tables(1 << (before_inflight.bit_length() - 1))
+            cand: dict[tuple[int, int, int], list[Entry]] = {}
+            allowed_k = allowed[k]
+            stage_cap = cutoff * (1 + ROUNDING) / p
+            for c, children_by_d in below.items():
+                j = c - 1
+                terminal = c == num_blocks
+                for ri, r in enumerate(self.replicas):
+                    col = columns[ri][j]
+                    base_col = bases[ri][j]
+                    ar_col, arx_col = ar_intra[ri][j], ar_inter[ri][j]
+                    for b in range(j, -1, -1):
+                        f, bw, act, in_b, out_b, cin, cinx, cout, coutx = col[b]
+                        fb = f + bw
+                        if fb > stage_cap:
+                            if monotone:
+                                break
+                            continue
+                        if limit is not None:
+                            base, io = base_col[b], 2 * (in_b + out_b)
+                            if base + act * inflight + io <= limit:
+                                ct = fb
+                            elif recompute and base + in_b * inflight + act + io <= limit:
+                                ct = f + (bw + f)
+                            else:
                                 continue
-                            f_sum, b_sum, a_sum, comm, io, base = self.rows_by_r[r][b][j - b]
-                            if limit is not None and stage_memory(base, a_sum, inflight, io) > limit:
+                        else:
+                            ct = fb
+                        allowed_b = allowed_k[b]
+                        sums_b, maxes_b, ars_b, us_b = pre_sum[b], pre_max[b], pre_ar[b], pre_u[b]
+                        before_cap = min(b, most - k)
+                        for dc, lists in children_by_d:
+                            o = world - dc - r
+                            if o < 0:
+                                break
+                            if not (allowed_b >> o) & 1:
                                 continue
-                            t = stage_time(f_sum, b_sum, comm)
-                            ar = ar_rows[r][b][j - b]
-                            # Children are sorted by summed time: bound the whole group first.
-                            least = children[0][0] + t + floor
-                            bound_x = max(t, before_max, least / (k + before))
-                            if least + weight * bound_x + max(ar, before_ar) > cutoff:
-                                continue
-                            for child in children:
-                                a, x, y = child[0] + t, child[1], child[2]
-                                if t > x:
-                                    x = t
-                                if ar > y:
-                                    y = ar
-                                bound_x = max(x, before_max, (a + floor) / (k + before))
-                                if a + floor + weight * bound_x + max(y, before_ar) > cutoff:
-                                    continue
-                                candidates.append((a, x, y, j, r, child if k > 1 else None))
-                    if candidates:
-                        kept = _pareto(candidates, weight)
-                        if beam and len(kept) > beam:
-                            best = sorted(kept, key=lambda e: e[0] + weight * e[1] + e[2])[:beam]
-                            kept = sorted(best, key=_triple)
-                        layer[(b, d)] = kept
-            layers.append(layer)
+                            before = min(before_cap, o)
+                            floor, before_max, before_ar, before_u = sums_b[o], maxes_b[o], ars_b[o], us_b[o]
+                            # Placement: how this stage's inputs, outputs and allreduce are charged.
+                            spans = spread and o // node != (o + r - 1) // node
+                            ar = arx_col[b] if spans else ar_col[b]
+                            if not split:
+                                kinds = ((KIND_OWN, cin),)
+                                outs = ((lists[0], cout),)
+                            else:
+                                if o == 0:
+                                    kinds = ((KIND_OWN, cin),)
+                                elif spans:
+                                    kinds = ((KIND_SPAN, cinx),)
+                                elif o % node:
+                                    kinds = ((KIND_OWN, cinx), (KIND_JOINED, cin))
+                                else:
+                                    kinds = ((KIND_OWN, cinx),)
+                                if terminal:
+                                    outs = ((lists[0], cout),)
+                                elif not spans and (o + r) % node:
+                                    outs = ((lists[KIND_JOINED], cout), (lists[KIND_SPAN], coutx))
+                                else:
+                                    outs = ((lists[KIND_OWN], coutx), (lists[KIND_SPAN], coutx))
+                            mean_div = 1.0 / (k + before)
+                            for kind, in_comm in kinds:
+                                key = (b, world - o, kind)
+                                bucket = None
+                                for children, out_comm in outs:
+                                    if not children:
+                                        continue
+                                    t = ct + (in_comm + out_comm)
+                                    # Children are sorted by summed time: bound the whole group first.
+                                    least = children[0][0] + t + floor
+                                    bx = t if t > before_max else before_max
+                                    mean = least * mean_div
+                                    if mean > bx:
+                                        bx = mean
+                                    z = weight * bx + (ar if ar > before_ar else before_ar)
+                                    if least + (z if z > before_u else before_u) > cutoff:
+                                        continue
+                                    # Children whose largest t and AR this stage covers all give
+                                    # (sum + t, t, ar): the first one beats the rest (but near-ties).
+                                    covered = -1.0
+                                    tie = 3 * TIE * (weight * t + ar)
+                                    for child in children:
+                                        a = child[0] + t
+                                        x = child[1]
+                                        y = child[2]
+                                        if x <= t and y <= ar:
+                                            if covered < 0.0:
+                                                covered = a + tie + 3 * TIE * a
+                                            elif a > covered:
+                                                continue
+                                            x, y = t, ar
+                                        else:
+                                            if t > x:
+                                                x = t
+                                            if ar > y:
+                                                y = ar
+                                        total = a + floor
+                                        bx = x if x > before_max else before_max
+                                        mean = total * mean_div
+                                        if mean > bx:
+                                            bx = mean
+                                        z = weight * bx + (y if y > before_ar else before_ar)
+                                        if total + (z if z > before_u else before_u) > cutoff:
+                                            continue
+                                        if bucket is None:
+                                            bucket = cand.get(key)
+                                            if bucket is None:
+                                                bucket = cand[key] = []
+                                        bucket.append((a, x, y, j, r, child if k > 1 else None))
+            layer: dict[int, dict[int, list[list[Entry]]]] = {}
+            for (b, d, kind), candidates in cand.items():
+                kept = _pareto(candidates, weight)
+                if beam and len(kept) > beam:
+                    best = sorted(kept, key=lambda e: e[0] + weight * e[1] + e[2])[:beam]
+                    kept = sorted(best, key=_triple)
+                by_d = layer.setdefault(b, {})
+                lists = by_d.get(d)
+                if lists is None:
+                    lists = by_d[d] = [[], [], []]
+                lists[kind] = kept
+            self.states += len(cand)
+            finals[k] = layer.get(0, {}).get(world, [[]])[0]
             if k in stage_counts:
-                for entry in layer.get((0, world), ()):
+                for entry in finals[k]:
                     cutoff = min(cutoff, relaxed(entry[0] + weight * entry[1] + entry[2]))
-        return {s: layers[s].get((0, world), []) for s in stage_counts}
+            below = {c: sorted(by_d.items()) for c, by_d in layer.items() if c > 0}
+            if not below:
+                break
+        return {s: finals.get(s, []) for s in stage_counts}
 
 
 def relaxed(total: float) -> float:
@@ -176,7 +264,28 @@ def _pareto(candidates: list[Entry], weight: float) -> list[Entry]:
     e beats c when e.sum + w * (e.max_t - c.max_t)^+ + (e.max_ar - c.max_ar)^+ <= c.sum, since then
     any common prefix gives e a step time no larger than c's; near-ties go to the smaller layout.
     """
+    if len(candidates) > 8:
+        # Same largest t and AR: only the least sum (and its near-ties) can survive.
+        least: dict[tuple[float, float], float] = {}
+        for c in candidates:
+            pair = (c[1], c[2])
+            known = least.get(pair)
+            if known is None or c[0] < known:
+                least[pair] = c[0]
+        candidates = [
+            c
+            for c in candidates
+            if c[0] <= least[(c[1], c[2])] + 3 * TIE * (c[0] + weight * c[1] + c[2])
+        ]
     candidates.sort(key=_triple)
+    keys: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # by id: all alive during the call
+
+    def key(entry: Entry) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        found = keys.get(id(entry))
+        if found is None:
+            found = keys[id(entry)] = suffix_key(entry)
+        return found
+
     kept: list[Entry] = []
     for c in candidates:
         a, x, y = c[0], c[1], c[2]
@@ -188,22 +297,20 @@ def _pareto(candidates: list[Entry], weight: float) -> list[Entry]:
                 margin += weight * (e[1] - x)
             if e[2] > y:
                 margin += e[2] - y
-            if margin <= a + eps and (margin < a - eps or suffix_key(e) < suffix_key(c)):
+            if margin <= a + eps and (margin < a - eps or key(e) < key(c)):
                 beaten = True
                 break
         if beaten:
             continue
         # c can beat an earlier (smaller-sum) entry only in a near-tie.
-        while kept and kept[-1][0] >= a - eps and _near_beats(c, kept[-1], weight, eps):
+        while kept and kept[-1][0] >= a - eps:
+            e = kept[-1]
+            margin = c[0] + weight * max(c[1] - e[1], 0.0) + max(c[2] - e[2], 0.0) - e[0]
+            if not (margin <= eps and key(c) < key(e)):
+                break
             kept.pop()
         kept.append(c)
     return kept
 
 
-def _triple(entry: Entry) -> tuple[float, float, float]:
-    return entry[0], entry[1], entry[2]
-
-
-def _near_beats(c: Entry, e: Entry, weight: float, eps: float) -> bool:
-    margin = c[0] + weight * max(c[1] - e[1], 0.0) + max(c[2] - e[2], 0.0) - e[0]
-    return margin <= eps and suffix_key(c) < suffix_key(e)
+_triple = operator.itemgetter(0, 1, 2)

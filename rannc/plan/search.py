@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 
 from ..errors import PlanError
@@ -9,19 +10,30 @@ from .cost import (
     CostModel,
     StageCost,
     evaluate,
-    inflight_microbatches,
     max_replicas,
     microbatch_counts,
     microbatch_rows,
+    replica_counts,
     stage_cost,
-    stage_memory,
 )
+from .heuristic import uniform_candidates
+from .memory import least_memory
 from .pareto import TIE as _TIE
 from .pareto import SuffixSearch, relaxed, suffix_key
-from .types import SCHEDULES, Plan, PlanProblem, StagePlan
+from .tables import StageTables
+from .types import (
+    SCHEDULES,
+    Plan,
+    PlanProblem,
+    StagePlan,
+    default_microbatch_choices,
+    default_replica_choices,
+)
 
 __all__ = [
     "StageCost",
+    "default_microbatch_choices",
+    "default_replica_choices",
     "evaluate",
     "minimum_memory_needed",
     "plan_stages",
@@ -33,14 +45,22 @@ _GIB = float(2**30)
 
 
 def required_microbatch_sizes(
-    problem_world_size: int, global_batch: int, min_microbatches: int, max_microbatches: int
+    problem_world_size: int,
+    global_batch: int,
+    min_microbatches: int,
+    max_microbatches: int,
+    replica_choices: tuple[int, ...] | None = None,
+    microbatch_choices: tuple[int, ...] | None = None,
 ) -> list[int]:
     """Every per-replica microbatch size m the search may ask costs for, ascending."""
     sizes: set[int] = set()
     for p in range(max(1, min_microbatches), min(global_batch, max_microbatches) + 1):
+        if microbatch_choices is not None and p not in microbatch_choices:
+            continue
         rows = microbatch_rows(global_batch, p)
         for r in range(1, min(problem_world_size, max_replicas(global_batch, p)) + 1):
-            sizes.add(-(-rows // r))
+            if replica_choices is None or r in replica_choices:
+                sizes.add(-(-rows // r))
     return sorted(sizes)
 
 
@@ -106,6 +126,8 @@ def _check_problem(problem: PlanProblem) -> None:
                 f"forced stage count {forced} exceeds the {num_blocks} blocks the model was cut into; "
                 "lower partition_num or raise max_partition_num"
             )
+    if problem.gpus_per_node is not None and problem.gpus_per_node < 1:
+        raise PlanError(f"gpus_per_node is {problem.gpus_per_node}; need at least 1 (or None)")
     most_stages = max(_stage_counts(problem))
     if most_stages * max_replicas(batch, counts[0]) < world:
         needed = counts[0] * -(-world // most_stages)
@@ -114,35 +136,95 @@ def _check_problem(problem: PlanProblem) -> None:
             f"and at least {counts[0]} microbatch(es): every replica of a stage needs a sample of "
             f"every microbatch; use a global batch of at least {needed} or fewer ranks"
         )
+    if not any(_rank_sums_reach(problem, p) for p in counts):
+        raise PlanError(_no_plan_message(problem))
+
+
+def _rank_sums_reach(problem: PlanProblem, microbatches: int) -> bool:
+    """Whether some allowed stage count of allowed replica counts sums to the world size."""
+    world = problem.world_size
+    mask = (1 << (world + 1)) - 1
+    counts = set(_stage_counts(problem))
+    bits = 1
+    for n in range(1, max(counts) + 1):
+        bits = sum_shifts(bits, replica_counts(problem, microbatches)) & mask
+        if n in counts and (bits >> world) & 1:
+            return True
+    return False
+
+
+def sum_shifts(bits: int, shifts: list[int]) -> int:
+    out = 0
+    for r in shifts:
+        out |= bits << r
+    return out
 
 
 def _search(problem: PlanProblem, model: CostModel) -> tuple[int, str, list[int], list[int]] | None:
     """Best (microbatches, schedule, last blocks, replicas), or None when nothing fits in memory."""
     stage_counts = _stage_counts(problem)
+    tables = StageTables(model)
     found: list[tuple[float, int, int, int, tuple[int, ...], tuple[int, ...], str]] = []
     best = math.inf
     searches = [
-        (search.lower_bound(stage_counts), p, sched_rank, search)
+        (sched_rank, search)
         for p in microbatch_counts(problem)
         for sched_rank, schedule in _schedules(problem)
-        for search in [SuffixSearch(problem, model, p, schedule)]
+        for search in [SuffixSearch(problem, model, p, schedule, tables)]
+        if search.replicas
     ]
-    # Most promising first, so that the cutoff prunes the rest early; a quick beam search of the
-    # most promising ones gives a first cutoff. Equal bounds: more microbatches first (less bubble).
-    searches.sort(key=lambda item: (item[0], -item[1], item[2]))
-    for _, p, _, search in searches[:2]:
-        for entries in search.run(stage_counts, relaxed(best), beam=2).values():
-            for entry in entries:
-                best = min(best, entry[0] + (p - 1) * entry[1] + entry[2])
-    for bound, p, sched_rank, search in searches:
+    # First cutoff: the best uniform plan (K stages of world / K replicas) of every search.
+    first: list[tuple[float, int, SuffixSearch]] = []
+    for sched_rank, search in searches:
+        for total, _, _ in uniform_candidates(search, stage_counts, best):
+            if total < best:
+                best, first = total, [(0.0, sched_rank, search)]
+    # Searches by lower bound; equal bounds: more microbatches first (less bubble).
+    heap = [
+        (search.lower_bound(stage_counts, relaxed(best)), -search.p, sched_rank, index)
+        for index, (sched_rank, search) in enumerate(searches)
+    ]
+    heapq.heapify(heap)
+    if first:
+        first = [(first[0][2].lower_bound(stage_counts), first[0][1], first[0][2])]
+
+    def next_search() -> tuple[float, int, SuffixSearch] | None:
+        while heap:
+            bound, _, sched_rank, index = heapq.heappop(heap)
+            if bound > relaxed(best):
+                return None
+            if not first or searches[index][1] is not first[0][2]:
+                return bound, sched_rank, searches[index][1]
+        return None
+
+    pending = list(first)
+    if not pending:
+        # No uniform plan: a quick beam search of the most promising searches, tight cutoffs first
+        # (a failed search under a low cutoff prunes nearly everything).
+        pending = [item for item in (next_search(), next_search()) if item is not None]
+        for bound, _, search in pending:
+            slack = 0.02
+            while bound * (1 + slack) < best:
+                cutoff = bound * (1 + slack) if slack < 8 else math.inf
+                for entries in search.run(stage_counts, relaxed(min(best, cutoff)), beam=2).values():
+                    for entry in entries:
+                        best = min(best, entry[0] + search.weight * entry[1] + entry[2])
+                if cutoff == math.inf:
+                    break
+                slack *= 2
+    while True:
+        item = pending.pop(0) if pending else next_search()
+        if item is None:
+            break
+        bound, sched_rank, search = item
         cutoff = relaxed(best)
         if bound > cutoff:
             continue
         for count, entries in search.run(stage_counts, cutoff).items():
             for entry in entries:
-                total = entry[0] + (p - 1) * entry[1] + entry[2]
+                total = entry[0] + search.weight * entry[1] + entry[2]
                 lasts, reps = suffix_key(entry)
-                found.append((total, count, p, sched_rank, lasts, reps, search.schedule))
+                found.append((total, count, search.p, sched_rank, lasts, reps, search.schedule))
                 best = min(best, total)
     if not found:
         return None
@@ -151,54 +233,23 @@ def _search(problem: PlanProblem, model: CostModel) -> tuple[int, str, list[int]
     return p, schedule, list(lasts), list(reps)
 
 
-def _memory_floor(search: SuffixSearch, stage_counts: list[int], cap: float) -> float:
-    """Least largest-stage memory over the candidates of one search (cap when none is below cap)."""
-    problem = search.problem
-    num_blocks, world = len(problem.blocks), problem.world_size
-    layers: list[dict[tuple[int, int], float]] = [{(num_blocks, 0): -math.inf}]
-    for k in range(1, max(stage_counts) + 1):
-        inflight = inflight_microbatches(search.schedule, search.p, k)
-        layer: dict[tuple[int, int], float] = {}
-        for b in range(num_blocks - k, -1, -1):
-            for d in range(k, world + 1):
-                if not search.needed(b, d, k, stage_counts):
-                    continue
-                best = cap
-                lasts = range(num_blocks - 1, num_blocks) if k == 1 else range(b, num_blocks - k + 1)
-                for j in lasts:
-                    for r in range(1, min(search.rmax, d - (k - 1)) + 1):
-                        rest = layers[k - 1].get((j + 1, d - r), math.inf)
-                        if rest >= best:
-                            continue
-                        _, _, a_sum, _, io, base = search.rows_by_r[r][b][j - b]
-                        best = min(best, max(rest, stage_memory(base, a_sum, inflight, io)))
-                if best < cap:
-                    layer[(b, d)] = best
-        layers.append(layer)
-    return min([cap] + [layers[s].get((0, world), math.inf) for s in stage_counts])
-
-
 def minimum_memory_needed(problem: PlanProblem) -> float:
     """Smallest per-device memory limit (bytes) with which some plan of `problem` is feasible."""
     _check_problem(problem)
-    model = CostModel(problem)
-    stage_counts = _stage_counts(problem)
-    least = math.inf
-    done: set[tuple[int, int, str]] = set()
-    for p in microbatch_counts(problem):
-        for _, schedule in _schedules(problem, memory_only=True):
-            # Memory depends on p only through the microbatch rows, the replica cap and the
-            # activations in flight (which for 1F1B stop depending on p once p >= the stages).
-            key = (
-                microbatch_rows(problem.global_batch, p),
-                max_replicas(problem.global_batch, p),
-                schedule if schedule == "1f1b" and p >= max(stage_counts) else f"{schedule}{p}",
-            )
-            if key in done:
-                continue
-            done.add(key)
-            least = _memory_floor(SuffixSearch(problem, model, p, schedule), stage_counts, least)
+    tables = StageTables(CostModel(problem))
+    _, schedule = _schedules(problem, memory_only=True)[0]
+    least = least_memory(problem, tables, _stage_counts(problem), schedule)
+    if math.isinf(least):
+        raise PlanError(_no_plan_message(problem))
     return least
+
+
+def _no_plan_message(problem: PlanProblem) -> str:
+    return (
+        f"no plan exists for {problem.world_size} rank(s), whatever the memory: no allowed stage count "
+        f"with replica counts from {problem.replica_choices} (each at most the samples per microbatch) "
+        "sums to the world size; allow more replica counts or stage counts"
+    )
 
 
 def memory_error_message(problem: PlanProblem, need: float) -> str:
@@ -245,6 +296,7 @@ def plan_stages(problem: PlanProblem) -> Plan:
                 param_bytes=cost.param_bytes,
                 activation_bytes=cost.peak_activation_bytes,
                 memory_bytes=cost.memory,
+                recompute=cost.recompute,
             )
         )
         rank += cost.replicas

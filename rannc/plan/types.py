@@ -88,6 +88,25 @@ class PlanProblem:
     schedules: tuple[str, ...] = ("1f1b",)
     num_stages: int | None = None  # force the stage count
     zero_optimizer: bool = False  # ZeRO-1: optimizer state sharded over each stage's replicas
+    # Per-stage activation recompute: the search may let a stage keep only its boundary inputs per
+    # microbatch in flight (plus one microbatch's activations while it runs backward) and pay one
+    # more forward in backward.
+    allow_recompute: bool = False
+    # Replica counts a stage may have (None = every count 1..world_size) and microbatch counts the
+    # search may use (None = every count in [min_microbatches, max_microbatches]). The search is
+    # exact over exactly these choices; see default_replica_choices / default_microbatch_choices.
+    replica_choices: tuple[int, ...] | None = None
+    microbatch_choices: tuple[int, ...] | None = None
+    # Placement: ranks are assigned to stages contiguously in pipeline order (stage 0 gets ranks
+    # 0..r0-1, ...) and node n holds ranks n*g..n*g+g-1. With gpus_per_node set, a transfer between
+    # consecutive stages uses the inter-node link unless both stages lie inside one node, and a
+    # stage's gradient allreduce uses the inter-node link when its replicas span nodes. None = the
+    # p2p / allreduce values for every transfer.
+    gpus_per_node: int | None = None
+    inter_node_bandwidth: float | None = None  # bytes/s between stages on different nodes
+    inter_node_latency: float | None = None  # s
+    allreduce_inter_bandwidth: float | None = None  # bytes/s of an allreduce spanning nodes
+    allreduce_inter_latency: float | None = None  # s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +123,7 @@ class StagePlan:
     param_bytes: float
     activation_bytes: float  # activations held at peak (per microbatch x microbatches in flight)
     memory_bytes: float  # predicted peak per rank
+    recompute: bool = False  # activations recomputed in backward (bwd_time includes the extra forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +146,45 @@ class Plan:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Plan:
-        stages = [StagePlan(**stage) for stage in data["stages"]]
+        """Read a plan written by to_json (older files without newer optional fields included)."""
+        stage_fields = {f.name for f in dataclasses.fields(StagePlan)}
+        stages = [
+            StagePlan(**{k: v for k, v in stage.items() if k in stage_fields}) for stage in data["stages"]
+        ]
         fields = {f.name for f in dataclasses.fields(Plan)} - {"stages"}
         return Plan(stages=stages, **{k: data[k] for k in fields})
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def default_replica_choices(world_size: int, gpus_per_node: int | None = None) -> tuple[int, ...]:
+    """A compact set of replica counts for large clusters: 1..gpus_per_node, the divisors of the
+    world size and the multiples of gpus_per_node up to the world size (ascending).
+
+    `plan_stages` is exact over the plans whose every stage has a replica count from this set; plans
+    with other counts (say 13 replicas on 8-GPU nodes) are not considered.
+    """
+    if world_size < 1:
+        raise ValueError(f"world size {world_size} must be >= 1")
+    node = gpus_per_node if gpus_per_node is not None and gpus_per_node >= 1 else 1
+    counts = set(range(1, min(node, world_size) + 1)) | set(_divisors(world_size))
+    counts |= set(range(node, world_size + 1, node))
+    return tuple(sorted(counts))
+
+
+def default_microbatch_choices(
+    global_batch: int, min_microbatches: int = 1, max_microbatches: int = 32
+) -> tuple[int, ...]:
+    """A compact set of microbatch counts for large problems: powers of two, three times powers of
+    two and the divisors of the global batch inside [min, max], plus both ends (ascending)."""
+    low, high = max(1, min_microbatches), min(global_batch, max_microbatches)
+    counts = {p for p in _divisors(global_batch) if low <= p <= high}
+    power = 1
+    while power <= high:
+        counts |= {c for c in (power, 3 * power) if low <= c <= high}
+        power *= 2
+    if low <= high:
+        counts |= {low, high}
+    return tuple(sorted(counts))

@@ -7,7 +7,7 @@ import itertools
 import math
 import random
 
-from rannc.plan import BlockProfile, PlanProblem, evaluate, interpolate
+from rannc.plan import BlockProfile, PlanProblem, interpolate
 from rannc.plan import cost as cost_module
 
 
@@ -18,40 +18,74 @@ def compositions(total: int, parts: int):
         yield [bounds[i + 1] - bounds[i] for i in range(parts)]
 
 
+def _stage_counts(problem: PlanProblem) -> list[int]:
+    num_blocks, world = len(problem.blocks), problem.world_size
+    if problem.num_stages is not None:
+        return [problem.num_stages] if problem.num_stages <= min(num_blocks, world) else []
+    return list(range(1, min(num_blocks, world) + 1))
+
+
 def brute_force(problem: PlanProblem, ignore_memory: bool = False):
-    """Every feasible candidate as (step time, key, (ranges, replicas, P, schedule), max memory)."""
+    """Every feasible candidate as (step time, key, (ranges, replicas, P, schedule, recompute), max memory).
+
+    Every stage count, block split, replica split, microbatch count, schedule and (when allowed)
+    every vector of per-stage recompute flags. Costs come from `evaluate`'s stage costs (checked
+    against the definition by test_evaluate_matches_reference), cached per stage.
+    """
     if ignore_memory:
         problem = dataclasses.replace(problem, memory_limit_bytes=None)
     num_blocks, world = len(problem.blocks), problem.world_size
-    if problem.num_stages is not None:
-        stage_counts = [problem.num_stages] if problem.num_stages <= min(num_blocks, world) else []
-    else:
-        stage_counts = range(1, min(num_blocks, world) + 1)
-    low = max(1, problem.min_microbatches)
-    high = min(problem.global_batch, problem.max_microbatches)
-    model = cost_module.CostModel(problem)  # only a cache; the reference test checks evaluate itself
+    counts = cost_module.microbatch_counts(problem)
+    model = cost_module.CostModel(problem)
+    limit = problem.memory_limit_bytes
+    cache: dict = {}
+
+    def stage(first, last, r, p, inflight, recompute, links):
+        key = (first, last, r, p, inflight, recompute, links)
+        cost = cache.get(key)
+        if cost is None:
+            cost = cache[key] = model.stage(first, last, r, p, inflight, recompute, links)
+        return cost
+
+    flags = [False, True] if problem.allow_recompute else [False]
     out = []
-    for count in stage_counts:
+    for count in _stage_counts(problem):
         for sizes in compositions(num_blocks, count):
             ranges, first = [], 0
             for size in sizes:
                 ranges.append((first, first + size - 1))
                 first += size
             for replicas in compositions(world, count):
-                for p in range(low, high + 1):
+                links = cost_module.stage_links(problem, replicas)
+                for p in counts:
+                    allowed = set(cost_module.replica_counts(problem, p))
+                    if any(r not in allowed for r in replicas):
+                        continue
                     for rank, schedule in enumerate(problem.schedules):
-                        result = evaluate(problem, ranges, replicas, p, schedule, model)
-                        if result is None:
-                            continue
-                        total, costs = result
-                        key = (count, p, rank, ranges, replicas)
-                        memory = max(c.memory for c in costs)
-                        out.append((total, key, (ranges, replicas, p, schedule), memory))
+                        inflights = [cost_module.inflight_microbatches(schedule, p, count - s) for s in range(count)]
+                        for recompute in itertools.product(flags, repeat=count):
+                            costs = [
+                                stage(i, j, r, p, q, c, link)
+                                for (i, j), r, q, c, link in zip(ranges, replicas, inflights, recompute, links)
+                            ]
+                            memory = max(c.memory for c in costs)
+                            if limit is not None and memory > limit:
+                                continue
+                            total = cost_module.step_time([c.time for c in costs], [c.allreduce for c in costs], p)
+                            key = (count, p, rank, ranges, replicas, recompute)
+                            out.append((total, key, (ranges, replicas, p, schedule, list(recompute)), memory))
     return out
 
 
-def brute_best(problem: PlanProblem):
-    found = brute_force(problem)
+def brute_best(problem: PlanProblem, candidates: list | None = None):
+    """Least step time and the candidate the tie-break rules pick among the near-ties (fewest
+    stages, then microbatches, schedule order, block ranges, replicas, recompute flags).
+    `candidates`: brute_force of the problem without its memory limit, when at hand."""
+    if candidates is None:
+        found = brute_force(problem)
+    else:
+        limit = problem.memory_limit_bytes
+        found = [f for f in candidates if limit is None or f[3] <= limit]
     if not found:
         return None
     best = min(f[0] for f in found)
@@ -117,14 +151,146 @@ def random_problem(seed: int) -> PlanProblem:
     return problem
 
 
-def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str):
-    """The cost model written out from its definition, independently of rannc.plan.cost."""
-    batch, stages = problem.global_batch, len(ranges)
+def random_extended_problem(seed: int) -> tuple[PlanProblem, list]:
+    """Small instances with recompute, replica / microbatch choices and node placement rules, with
+    every candidate of the problem ignoring its memory limit (see brute_best)."""
+    rng = random.Random(10_000 + seed)
+    num_blocks, world = rng.randint(2, 7), rng.randint(2, 7)
+    batch = rng.choice([rng.randint(1, 12), rng.randint(8, 48), rng.randint(8, 48)])
+    blocks = []
+    for _ in range(num_blocks):
+        fwd = {1: 0.0} if rng.random() < 0.1 else random_table(rng, 1e-3)  # free recompute: a tie
+        blocks.append(
+            BlockProfile(fwd_time=fwd, bwd_time=random_table(rng, 2e-3), activation_bytes=random_table(rng, 1e7))
+        )
+    per_block = [rng.uniform(0, rng.choice([1e5, 1e6, 1e7])) for _ in range(num_blocks)]
+    boundary = [rng.choice([0.0, rng.uniform(0, 1e5), rng.uniform(0, 1e6)]) for _ in range(num_blocks + 1)]
+    params = [[0.0] * num_blocks for _ in range(num_blocks)]
+    ins = [[0.0] * num_blocks for _ in range(num_blocks)]
+    outs = [[0.0] * num_blocks for _ in range(num_blocks)]
+    for i in range(num_blocks):
+        for j in range(i, num_blocks):
+            params[i][j] = sum(per_block[i : j + 1]) * rng.uniform(0.8, 1.0)
+            ins[i][j] = 0.0 if i == 0 else boundary[i] + rng.choice([0.0, 100.0])
+            outs[i][j] = 0.0 if j == num_blocks - 1 else boundary[j + 1]
+    replica_choices = None
+    if rng.random() < 0.6:
+        replica_choices = tuple(sorted({1} | set(rng.sample(range(1, world + 1), rng.randint(1, world)))))
+        if rng.random() < 0.2:
+            replica_choices = tuple(sorted(set(rng.sample(range(1, world + 1), rng.randint(1, world)))))
+    microbatch_choices = None
+    if rng.random() < 0.5:
+        microbatch_choices = tuple(sorted(rng.sample(range(1, 9), rng.randint(1, 4))))
+    problem = PlanProblem(
+        blocks=blocks,
+        range_param_bytes=params,
+        range_in_bytes_per_sample=ins,
+        range_out_bytes_per_sample=outs,
+        world_size=world,
+        global_batch=batch,
+        opt_param_factor=rng.choice([0.0, 2.0, 6.0]),
+        zero_optimizer=rng.random() < 0.3,
+        p2p_bandwidth=rng.uniform(1e9, 2e10),
+        p2p_latency=rng.uniform(0, 1e-4),
+        allreduce_bandwidth=rng.uniform(1e9, 2e10),
+        allreduce_latency=rng.uniform(0, 1e-4),
+        min_microbatches=rng.choice([1, 1, 1, 2]),
+        max_microbatches=rng.choice([2, 4, 4, 8]),
+        schedules=rng.choice([("1f1b",), ("fill_drain",), ("1f1b", "fill_drain"), ("fill_drain", "1f1b")]),
+        num_stages=rng.choice([None, None, None, rng.randint(1, 4)]),
+        allow_recompute=rng.random() < 0.7,
+        replica_choices=replica_choices,
+        microbatch_choices=microbatch_choices,
+        gpus_per_node=rng.choice([None, 1, 2, 2, 3, 4]),
+        inter_node_bandwidth=rng.choice([None, rng.uniform(1e8, 2e10)]),
+        inter_node_latency=rng.choice([None, rng.uniform(0, 3e-4)]),
+        allreduce_inter_bandwidth=rng.choice([None, rng.uniform(1e8, 2e10)]),
+        allreduce_inter_latency=rng.choice([None, rng.uniform(0, 3e-4)]),
+    )
+    candidates = brute_force(problem)
+    if candidates and rng.random() < 0.8:
+        # Half the time a limit that some recomputing candidate meets (recompute often needed).
+        recomputing = [f for f in candidates if any(f[2][4])] if rng.random() < 0.5 else []
+        memories = sorted(f[3] for f in recomputing or candidates)
+        limit = memories[int(len(memories) * rng.random() ** 2)] * rng.choice([0.95, 1.0, 1.0, 1.05])
+        problem = dataclasses.replace(problem, memory_limit_bytes=limit)
+    return problem, candidates
+
+
+def medium_extended_problem(seed: int) -> tuple[PlanProblem, list]:
+    """6-7 realistic blocks on up to 6 ranks with recompute, choices and 2-3 GPUs per node, where
+    the search's pruning matters; with every candidate ignoring the memory limit."""
+    rng = random.Random(20_000 + seed)
+    num_blocks, world = rng.randint(6, 7), rng.randint(4, 6)
+    blocks = []
+    for _ in range(num_blocks):
+        f = rng.uniform(0.5e-3, 2e-3)
+        curve = rng.choice([1.0, 0.7])
+        blocks.append(
+            BlockProfile(
+                fwd_time={1: f, 4: f * 4**curve, 16: f * 16**curve},
+                bwd_time={1: 2 * f, 4: 2 * f * 4**curve, 16: 2 * f * 16**curve},
+                activation_bytes={1: 4e6, 16: 6.4e7},
+            )
+        )
+    per_block = [rng.uniform(1e6, rng.choice([1e7, 3e7])) for _ in range(num_blocks)]
+    params = [[sum(per_block[i : j + 1]) for j in range(num_blocks)] for i in range(num_blocks)]
+    ins = [[0.0 if i == 0 else 4e5 for _ in range(num_blocks)] for i in range(num_blocks)]
+    outs = [[0.0 if j == num_blocks - 1 else 4e5 for j in range(num_blocks)] for _ in range(num_blocks)]
+    problem = PlanProblem(
+        blocks,
+        params,
+        ins,
+        outs,
+        world_size=world,
+        global_batch=rng.choice([16, 32, 64]),
+        allreduce_bandwidth=rng.choice([1e9, 1e10]),
+        max_microbatches=16,
+        microbatch_choices=tuple(sorted(rng.sample([1, 2, 4, 8, 16], 3))),
+        schedules=rng.choice([("1f1b",), ("fill_drain", "1f1b")]),
+        allow_recompute=True,
+        gpus_per_node=rng.choice([2, 3]),
+        inter_node_bandwidth=rng.choice([2e8, 1e9]),
+        allreduce_inter_bandwidth=rng.choice([None, 2e8]),
+    )
+    candidates = brute_force(problem)
+    memories = sorted(f[3] for f in candidates)
+    limit = memories[int(len(memories) * rng.choice([0.01, 0.03, 0.1, 0.3]))]
+    return dataclasses.replace(problem, memory_limit_bytes=limit), candidates
+
+
+def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str, recompute=None):
+    """The cost model written out from its definition, independently of rannc.plan.cost.
+
+    recompute=None: each stage recomputes exactly when it must to fit (and recompute is allowed)."""
+    batch, stages, world = problem.global_batch, len(ranges), problem.world_size
     if not (1 <= p <= batch and problem.min_microbatches <= p <= problem.max_microbatches):
         return None
-    if any(r > batch // p for r in replicas):
+    if problem.microbatch_choices is not None and p not in problem.microbatch_choices:
         return None
-    times, allreduces, memories = [], [], []
+    if any(r > batch // p or r > world for r in replicas):
+        return None
+    if problem.replica_choices is not None and any(r not in problem.replica_choices for r in replicas):
+        return None
+    if recompute is not None and any(recompute) and not problem.allow_recompute:
+        return None
+    g = problem.gpus_per_node
+    starts = [sum(replicas[:s]) for s in range(stages + 1)]
+
+    def node(rank: int) -> int:
+        return 0 if g is None else rank // g
+
+    def send(n: float, inter: bool) -> float:
+        if n == 0:
+            return 0.0
+        if inter:
+            lat = problem.p2p_latency if problem.inter_node_latency is None else problem.inter_node_latency
+            bw = problem.p2p_bandwidth if problem.inter_node_bandwidth is None else problem.inter_node_bandwidth
+            return lat + n / bw
+        return problem.p2p_latency + n / problem.p2p_bandwidth
+
+    limit = problem.memory_limit_bytes
+    times, allreduces = [], []
     for s, ((i, j), r) in enumerate(zip(ranges, replicas)):
         m = math.ceil(math.ceil(batch / p) / r)
         blocks = problem.blocks[i : j + 1]
@@ -133,23 +299,32 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         act = sum(interpolate(b.activation_bytes, m) for b in blocks)
         ins = problem.range_in_bytes_per_sample[i][j] * m
         outs = problem.range_out_bytes_per_sample[i][j] * m
-
-        def send(n: float) -> float:
-            return 0.0 if n == 0 else problem.p2p_latency + n / problem.p2p_bandwidth
-
-        times.append(fwd + bwd + 2 * (send(ins) + send(outs)))
+        # Consecutive stages s-1, s (and s, s+1) talk intra-node only when both lie in one node.
+        in_inter = s > 0 and node(starts[s - 1]) != node(starts[s + 1] - 1)
+        out_inter = s < stages - 1 and node(starts[s]) != node(starts[s + 2] - 1)
         params = problem.range_param_bytes[i][j]
-        allreduces.append(
-            0.0
-            if r == 1
-            else problem.allreduce_latency + 2 * (r - 1) / r * params / problem.allreduce_bandwidth
-        )
         inflight = min(p, stages - s) if schedule == "1f1b" else p
         shards = r if problem.zero_optimizer else 1
-        memories.append(params * (2 + problem.opt_param_factor / shards) + act * inflight + 2 * (ins + outs))
-    limit = problem.memory_limit_bytes
-    if limit is not None and max(memories) > limit:
-        return None
+        static = params * (2 + problem.opt_param_factor / shards) + 2 * (ins + outs)
+        plain, again = static + act * inflight, static + ins * inflight + act
+        if recompute is not None:
+            redo = recompute[s]
+        else:
+            redo = limit is not None and plain > limit and problem.allow_recompute
+        memory = again if redo else plain
+        if limit is not None and memory > limit:
+            return None
+        times.append(fwd + bwd + (fwd if redo else 0.0) + 2 * (send(ins, in_inter) + send(outs, out_inter)))
+        if r == 1:
+            allreduces.append(0.0)
+        else:
+            spans = node(starts[s]) != node(starts[s] + r - 1)
+            lat, bw = problem.allreduce_latency, problem.allreduce_bandwidth
+            if spans and problem.allreduce_inter_latency is not None:
+                lat = problem.allreduce_inter_latency
+            if spans and problem.allreduce_inter_bandwidth is not None:
+                bw = problem.allreduce_inter_bandwidth
+            allreduces.append(lat + 2 * (r - 1) / r * params / bw)
     return sum(times) + (p - 1) * max(times) + max(allreduces)
 
 
@@ -225,3 +400,55 @@ def large_problem(num_blocks: int, world: int, batch: int, seed: int = 0) -> Pla
     return PlanProblem(
         blocks, params, ins, outs, world_size=world, global_batch=batch, schedules=("fill_drain", "1f1b")
     )
+
+
+def cluster_problem(
+    num_blocks: int,
+    world: int,
+    batch: int,
+    gpus_per_node: int = 8,
+    max_microbatches: int = 64,
+    seed: int = 0,
+    **kwargs,
+) -> PlanProblem:
+    """A ~2B-parameter-per-block transformer (100B+ at 48 blocks) on H100-like nodes: memory forces
+    many stages and recompute, replica counts from default_replica_choices, both schedules."""
+    from rannc.plan.types import default_replica_choices
+
+    rng = random.Random(seed)
+    blocks, per_block = [], []
+    for index in range(num_blocks):
+        scale = rng.uniform(0.95, 1.05) * (1.4 if index == num_blocks - 1 else 1.0)
+        fwd = {1: 0.025 * scale, 2: 0.045 * scale, 4: 0.085 * scale, 8: 0.165 * scale}
+        blocks.append(
+            BlockProfile(
+                fwd_time=fwd,
+                bwd_time={m: 2 * t for m, t in fwd.items()},
+                activation_bytes={1: 8.6e8 * scale, 8: 6.9e9 * scale},
+            )
+        )
+        per_block.append(3.6e9 * (1.3 if index in (0, num_blocks - 1) else 1.0))
+    params = [[math.fsum(per_block[i : j + 1]) for j in range(num_blocks)] for i in range(num_blocks)]
+    boundary = 5.0e7
+    ins = [[0.0 if i == 0 else boundary for _ in range(num_blocks)] for i in range(num_blocks)]
+    outs = [[0.0 if j == num_blocks - 1 else boundary for j in range(num_blocks)] for _ in range(num_blocks)]
+    settings = {
+        "memory_limit_bytes": 72e9,
+        "opt_param_factor": 6.0,
+        "zero_optimizer": True,
+        "p2p_bandwidth": 150e9,
+        "p2p_latency": 10e-6,
+        "inter_node_bandwidth": 25e9,
+        "inter_node_latency": 30e-6,
+        "allreduce_bandwidth": 100e9,
+        "allreduce_latency": 30e-6,
+        "allreduce_inter_bandwidth": 20e9,
+        "allreduce_inter_latency": 100e-6,
+        "max_microbatches": max_microbatches,
+        "schedules": ("fill_drain", "1f1b"),
+        "allow_recompute": True,
+        "gpus_per_node": gpus_per_node,
+        "replica_choices": default_replica_choices(world, gpus_per_node),
+    }
+    settings.update(kwargs)
+    return PlanProblem(blocks, params, ins, outs, world_size=world, global_batch=batch, **settings)

@@ -31,35 +31,41 @@ from rannc.plan import (
 )
 
 
+def check_against_brute(problem, expected, label) -> bool:
+    """plan_stages gives brute force's step time and tie-break choice; False when infeasible."""
+    if expected is None:
+        with pytest.raises(PlanError):
+            plan_stages(problem)
+        return False
+    best, (_, _, (ranges, replicas, p, schedule, recompute), _) = expected
+    plan = plan_stages(problem)
+    assert plan.predicted_step_time == pytest.approx(best, rel=1e-9), label
+    got_ranges = [(s.first_block, s.last_block) for s in plan.stages]
+    got_replicas = [s.replicas for s in plan.stages]
+    got_recompute = [s.recompute for s in plan.stages]
+    assert (got_ranges, got_replicas, plan.microbatches, plan.schedule, got_recompute) == (
+        ranges,
+        replicas,
+        p,
+        schedule,
+        recompute,
+    ), label
+    result = evaluate(problem, got_ranges, got_replicas, plan.microbatches, plan.schedule)
+    assert result is not None
+    assert result[0] == plan.predicted_step_time
+    ranks = [rank for s in plan.stages for rank in s.ranks]
+    assert ranks == list(range(problem.world_size))
+    if problem.memory_limit_bytes is not None:
+        assert all(s.memory_bytes <= problem.memory_limit_bytes for s in plan.stages)
+    return True
+
+
 @pytest.mark.parametrize("chunk", range(10))
 def test_search_matches_brute_force(chunk: int) -> None:
     feasible = 0
     for seed in range(chunk * 25, chunk * 25 + 25):
         problem = random_problem(seed)
-        expected = brute_best(problem)
-        if expected is None:
-            with pytest.raises(PlanError):
-                plan_stages(problem)
-            continue
-        feasible += 1
-        best, (_, _, (ranges, replicas, p, schedule), _) = expected
-        plan = plan_stages(problem)
-        assert plan.predicted_step_time == pytest.approx(best, rel=1e-9), seed
-        got_ranges = [(s.first_block, s.last_block) for s in plan.stages]
-        got_replicas = [s.replicas for s in plan.stages]
-        assert (got_ranges, got_replicas, plan.microbatches, plan.schedule) == (
-            ranges,
-            replicas,
-            p,
-            schedule,
-        ), seed
-        result = evaluate(problem, got_ranges, got_replicas, plan.microbatches, plan.schedule)
-        assert result is not None
-        assert result[0] == plan.predicted_step_time
-        ranks = [rank for s in plan.stages for rank in s.ranks]
-        assert ranks == list(range(problem.world_size))
-        if problem.memory_limit_bytes is not None:
-            assert all(s.memory_bytes <= problem.memory_limit_bytes for s in plan.stages)
+        feasible += check_against_brute(problem, brute_best(problem), seed)
     assert feasible > 0
 
 
@@ -87,7 +93,7 @@ def test_evaluate_matches_reference(seed: int) -> None:
     problem = random_problem(3000 + seed)
     rng = random.Random(seed)
     candidates = brute_force(dataclasses.replace(problem, memory_limit_bytes=None))
-    for _, _, (ranges, replicas, p, schedule), _ in rng.sample(candidates, min(20, len(candidates))):
+    for _, _, (ranges, replicas, p, schedule, _), _ in rng.sample(candidates, min(20, len(candidates))):
         for p_try in (p, p + 1):
             expected = reference_cost(problem, ranges, replicas, p_try, schedule)
             got = evaluate(problem, ranges, replicas, p_try, schedule)
@@ -100,11 +106,7 @@ def test_evaluate_matches_reference(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(12))
 def test_search_matches_brute_force_medium(seed: int) -> None:
     problem = medium_problem(seed)
-    best, (_, _, (ranges, replicas, p, schedule), _) = brute_best(problem)
-    plan = plan_stages(problem)
-    assert plan.predicted_step_time == pytest.approx(best, rel=1e-9)
-    got = ([(s.first_block, s.last_block) for s in plan.stages], [s.replicas for s in plan.stages])
-    assert (*got, plan.microbatches, plan.schedule) == (ranges, replicas, p, schedule)
+    assert check_against_brute(problem, brute_best(problem), seed)
 
 
 # ---------------------------------------------------------------- hand-made instances

@@ -1,0 +1,314 @@
+"""Lower bounds for the suffix search: on whole plans (to skip microbatch counts) and on the stages
+before a suffix (blocks 0..b-1 on ranks 0..o-1, to prune suffixes).
+
+Every bound holds for every plan of the search space (with any table values), so pruning with them
+keeps the search exact. They relax the plan: a stage's time is at least its compute time (with
+recompute when even one microbatch in flight does not fit otherwise) plus the cheaper link's p2p
+time, and its allreduce at least the cheaper link's. With u_s = (P - 1) t_s + AR_s,
+
+    T = sum t_s + (P - 1) max t_s + max AR_s >= sum t_s + max u_s,
+
+and both terms are bounded over the plans of blocks 0..b-1 that use at most o ranks: the sum by
+Lagrangian relaxation of the rank budget (min over plans of sum (t_s + lam r_s), minus lam o), the
+largest u_s by thresholds (the fewest ranks with which every u_s <= U is possible).
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .pareto import SuffixSearch
+
+_BIG = 1 << 40
+# Relative slack against rounding differences between these bounds and the search's sums.
+_SLACK = 1e-9
+
+
+class PrefixBounds:
+    """Bounds of one (microbatch count, schedule) search; `prepare` builds the tables by (b, o)."""
+
+    def __init__(self, search: SuffixSearch) -> None:
+        self.search = search
+        problem = search.problem
+        self.num_blocks = len(problem.blocks)
+        self.world = problem.world_size
+        self.weight = search.weight
+        tables = search.tables
+        self.ranks = np.array(search.replicas, dtype=np.int64)
+        shared = tables.shared.get((tuple(search.replicas), tuple(search.sizes)))
+        if shared is None:
+            shared = tables.shared[(tuple(search.replicas), tuple(search.sizes))] = _stage_arrays(search)
+        plain, again, fits, fits_again, allreduce, block, monotone = shared
+        self.monotone = monotone
+        self.block = block
+        self.allreduce = allreduce
+        self.plain, self.again, self.fits, self.fits_again = plain, again, fits, fits_again
+        # Single-level tables: every stage holds at least one microbatch (fill-drain: P).
+        self._base_level = search.p if search.schedule == "fill_drain" else 1
+        self.time = self.at_level(self._base_level)
+        self.u = self._u(self.time)
+        self._whole: float | None = None
+        self.pre_max: list[array] = []
+        self.pre_ar: list[array] = []
+        self._reach: list[int] | None = None
+
+    # ------------------------------------------------------------------ relaxed plans over blocks
+
+    def at_level(self, inflight: int) -> np.ndarray:
+        """Stage time lower bounds when `inflight` microbatches are in flight (inf: does not fit)."""
+        return np.where(
+            inflight <= self.fits, self.plain, np.where(inflight <= self.fits_again, self.again, np.inf)
+        )
+
+    def _u(self, time: np.ndarray) -> np.ndarray:
+        finite = np.isfinite(time)
+        return np.where(finite, self.weight * np.where(finite, time, 0.0) + self.allreduce, np.inf)
+
+    def _fewest_ranks(self, thresholds: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
+        """[g][b]: fewest ranks of a plan of blocks 0..b-1 with every u_s <= thresholds[g]
+        (thresholds ascending)."""
+        u = self.u if u is None else u
+        count, num_blocks = u.shape[0], u.shape[1]
+        grid = np.asarray(thresholds, dtype=np.float64)
+        # Index of the first threshold each stage meets; the first replica count met by threshold g.
+        met = np.searchsorted(grid, u, side="left")  # [r][i][j], len(grid) when never
+        first = np.full(
+            (len(grid) + 1, num_blocks, num_blocks), count, dtype=np.int16 if count < 30000 else np.int64
+        )
+        rows, columns = np.indices((num_blocks, num_blocks))
+        for ri in range(count - 1, -1, -1):  # the least index met at each threshold wins
+            first[met[ri], rows, columns] = ri
+        first = np.minimum.accumulate(first[:-1], axis=0)
+        least = np.append(self.ranks, _BIG)[first]
+        return _chain(least, 0, _BIG)
+
+    def _lagrange(self, lams: np.ndarray, time: np.ndarray | None = None) -> np.ndarray:
+        """[l][b]: least sum over stages of (t_s + lams[l] r_s) of a plan of blocks 0..b-1."""
+        time = self.time if time is None else time
+        out = []
+        step = max(1, 400_000 // max(1, time.size))
+        for start in range(0, len(lams), step):
+            part = lams[start : start + step, None, None, None]
+            cost = (time[None] + part * self.ranks[None, :, None, None]).min(axis=1)
+            out.append(_chain(cost, 0.0, np.inf))
+        return np.concatenate(out)
+
+    def _threshold(self, feasible, top: float, stop: float) -> float:
+        """Largest threshold (on two refined grids) under which `feasible` fails, or a value above
+        stop; 0 if none."""
+        low, high = 0.0, top
+        grid = top * np.geomspace(1e-6, 1.0, 64)
+        for _ in range(2):
+            fits = feasible(grid)
+            if (~fits).any():
+                low = max(low, float(grid[np.flatnonzero(~fits)[-1]]))
+            if fits.any():
+                high = min(high, float(grid[np.flatnonzero(fits)[0]]))
+            if low > stop or high <= low * (1 + 1e-3):
+                break
+            grid = np.linspace(low, high, 66)[1:-1] if low > 0 else high * np.geomspace(1e-12, 1.0, 64)[:-1]
+        return low
+
+    def whole(self, stage_counts: list[int], cutoff: float = np.inf) -> float:
+        """Lower bound on the step time of every plan (all blocks on all ranks); once above the
+        cutoff it may stop refining."""
+        if self._whole is not None:
+            return self._whole
+        world = self.world
+        finite = self.u[np.isfinite(self.u)]
+        top = float(finite.max()) if finite.size else 0.0
+        if finite.size == 0 or self._fewest_ranks(np.array([top]))[0, -1] > world:
+            self._whole = np.inf  # no plan at all
+            return self._whole
+        # Sum of stage times: the best Lagrange multiplier (the bound is concave in it).
+        lams = self._lambda_grid()
+        sums = 0.0
+        for _ in range(3):
+            values = _minus(self._lagrange(lams)[:, -1], lams * world)
+            best = int(values.argmax())
+            sums = max(sums, float(values.max()))
+            lams = np.linspace(lams[max(best - 1, 0)], lams[min(best + 1, len(lams) - 1)], 10)
+        mean = self.weight * sums / max(stage_counts)
+        # Largest u_s: the largest threshold with which no plan fits in the world.
+        largest = self._threshold(lambda grid: self._fewest_ranks(grid)[:, -1] <= world, top, cutoff - sums)
+        self._whole = sums + max(largest, mean)
+        return self._whole
+
+    def _lambda_grid(self) -> np.ndarray:
+        """Multipliers from far below to above the largest useful one (time per rank)."""
+        finite = self.time[np.isfinite(self.time)]
+        if not finite.size:
+            return np.zeros(1)
+        low = max(float(finite.min()) / max(1, int(self.ranks[-1])) * 1e-3, 1e-300)
+        high = max(float(finite.max()) * 4, low)
+        return np.concatenate([[0.0], np.geomspace(low, high, 24)])
+
+    # ------------------------------------------------------------------ tables for the search
+
+    def prepare(self, cutoff: float) -> None:
+        """Tables by (b, o) for the search, for plans of step time <= cutoff (see level_tables)."""
+        num_blocks, world = self.num_blocks, self.world
+        offsets = np.arange(world + 1)
+        self._cutoff = cutoff
+        self._level_tables: dict[int, tuple[list[array], list[array]]] = {}
+        # Largest stage time: rank-seconds per rank and the slowest single block (compute only, so
+        # that it bounds every stage containing the block when block times are >= 0).
+        ranks, block = self.ranks, self.block
+        if not self.monotone:
+            block = np.zeros_like(block)
+        top_index = np.searchsorted(ranks, offsets, side="right") - 1
+        running = np.minimum.accumulate(block, axis=1) if block.size else block
+        least = np.where(top_index[None, :] >= 0, running[:, np.maximum(top_index, 0)], np.inf)
+        work = np.concatenate([[0.0], np.cumsum((block * ranks[None, :]).min(axis=1))])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_rank = np.where(offsets[None, :] > 0, work[:, None] / np.maximum(offsets, 1)[None, :], 0.0)
+        biggest = np.vstack([np.zeros((1, world + 1)), np.maximum.accumulate(least, axis=0)])
+        pre_max = np.maximum(per_rank, biggest)
+        self.pre_max = _rows(pre_max)
+        self.pre_ar = _rows(np.zeros((num_blocks + 1, world + 1)))
+
+    def level_tables(self, inflight: int) -> tuple[list[array], list[array]]:
+        """(pre_sum, pre_u) by (b, o) when every stage before the suffix holds at least `inflight`
+        microbatches (1F1B: one more than the suffix's stages, fill-drain: P)."""
+        found = self._level_tables.get(inflight)
+        if found is not None:
+            return found
+        num_blocks, world, cutoff = self.num_blocks, self.world, self._cutoff
+        offsets = np.arange(world + 1)
+        time = self.time if inflight == self._base_level else self.at_level(inflight)
+        u = self._u(time)
+        # Stages no plan under the cutoff can contain: too slow on their own.
+        if np.isfinite(cutoff):
+            useless = (time * (self.weight + 1) > cutoff) | (u > cutoff)
+            time = np.where(useless, np.inf, time)
+            u = np.where(useless, np.inf, u)
+        # Sum: Lagrange multipliers on a geometric grid (and 0).
+        sums = np.zeros((num_blocks + 1, world + 1))
+        if np.isfinite(time).any():
+            lams = self._lambda_grid()
+            for lam, h in zip(lams.tolist(), self._lagrange(lams, time)):
+                np.maximum(sums, _minus(h[:, None], lam * offsets[None, :]), out=sums)
+        # Largest u_s: thresholds on a grid, fine near the cutoff and coarse below it.
+        finite_u = u[np.isfinite(u)]
+        pre_u = np.zeros((num_blocks + 1, world + 1))
+        if finite_u.size:
+            top = min(float(finite_u.max()), cutoff)
+            grid = np.array(sorted({top * 0.996**e for e in range(120)} | {top * 0.85**e for e in range(40)}))
+            fewest = self._fewest_ranks(grid, u)  # [grid][b], non-increasing along the grid
+            for b in range(1, num_blocks + 1):
+                # Largest threshold whose fewest ranks exceed o: the prefix's largest u_s is above it.
+                above = np.searchsorted(-fewest[:, b], -offsets, side="left")
+                pre_u[b] = np.where(above > 0, grid[np.maximum(above - 1, 0)], 0.0)
+        found = self._level_tables[inflight] = (_rows(sums), _rows(pre_u))
+        return found
+
+    # ------------------------------------------------------------------ stage counts and rank sums
+
+    def reach(self) -> list[int]:
+        """reach[n]: bit o set when n allowed replica counts can sum to o (o <= world)."""
+        if self._reach is None:
+            mask = (1 << (self.world + 1)) - 1
+            reach = [1]
+            for _ in range(min(self.num_blocks, self.world)):
+                previous, bits = reach[-1], 0
+                for r in self.search.replicas:
+                    bits |= previous << r
+                reach.append(bits & mask)
+            self._reach = reach
+        return self._reach
+
+    def allowed_offsets(self, stage_counts: list[int]) -> list[list[int]]:
+        """allowed[k][b]: bit o set when a suffix of k stages from block b may start at rank o, i.e.
+        some allowed plan has `before` stages on blocks 0..b-1 and ranks 0..o-1."""
+        reach = self.reach()
+        counts = set(stage_counts)
+        most = max(stage_counts)
+        allowed = [[0] * (self.num_blocks + 1) for _ in range(most + 1)]
+        for k in range(1, most + 1):
+            row = allowed[k]
+            row[0] = 1 if k in counts else 0
+            bits = 0
+            for b in range(1, self.num_blocks + 1):
+                if b < len(reach) and k + b in counts:
+                    bits |= reach[b]
+                row[b] = bits
+        return allowed
+
+
+def _stage_arrays(search: SuffixSearch) -> tuple:
+    """Stage time lower bounds without and with recompute, the most microbatches in flight with
+    which each fits (without and with recompute), allreduce lower bounds ([r index][first][last]),
+    each block's compute time alone ([block][r index]) and whether block times are >= 0."""
+    problem, tables = search.problem, search.tables
+    num_blocks = len(problem.blocks)
+    limit = problem.memory_limit_bytes
+    upper = np.arange(num_blocks)[None, :] >= np.arange(num_blocks)[:, None]
+    keep = 1 - _SLACK
+    sizes, replicas = search.sizes, search.replicas
+
+    def stack(name: str) -> np.ndarray:
+        return np.stack([tables.compute(m)[name] for m in sizes]) if sizes else np.zeros((0,) + upper.shape)
+
+    fwd, bwd = stack("fwd"), stack("bwd")
+    comm_in = np.minimum(stack("in_intra"), stack("in_inter"))
+    if num_blocks:
+        comm_in[:, 0, :] = stack("in_intra")[:, 0, :]  # the first stage's inputs come from the user
+    comm = (comm_in + np.minimum(stack("out_intra"), stack("out_inter"))) * keep
+    # Stage time lower bounds without and with recompute (inf below the diagonal).
+    plain = np.where(upper, (fwd + bwd) * keep + comm, np.inf)
+    again = np.where(upper, (fwd + (bwd + fwd)) * keep + comm, np.inf)
+    # Most microbatches in flight with which a stage fits, without and with recompute.
+    fits, fits_again = np.full(plain.shape, np.inf), np.zeros(plain.shape)
+    if limit is not None:
+        base = np.stack([tables.base(r) for r in replicas]) if replicas else np.zeros(plain.shape)
+        ins, act = stack("in"), stack("act")
+        io = 2 * (ins + stack("out"))
+        # Generous by far more than rounding, so that the bound never excludes a fit.
+        room = limit - base - io + 1e-9 * (abs(limit) + np.abs(base) + np.abs(io))
+        fits = _most_inflight(room, act)
+        if problem.allow_recompute:
+            fits_again = _most_inflight(room - act, ins)
+    allreduce = np.zeros(plain.shape)
+    if replicas:
+        allreduce = (
+            np.stack([np.minimum(tables.allreduce(r, False), tables.allreduce(r, True)) for r in replicas])
+            * keep
+        )
+    values = [search.model.block_values(m) for m in sizes]
+    block = np.array([np.add(f, b) for f, b, _ in values]).T * keep if values else np.zeros((num_blocks, 0))
+    monotone = all(min(f + b, default=0.0) >= 0.0 for f, b, _ in values)
+    return plain, again, fits, fits_again, allreduce, block, monotone
+
+
+def _most_inflight(room: np.ndarray, per_microbatch: np.ndarray) -> np.ndarray:
+    """Most microbatches in flight with which room >= per_microbatch * inflight (a little generous)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        most = np.where(per_microbatch > 0, room / per_microbatch, np.where(room >= 0, np.inf, -np.inf))
+    return most * (1 + 1e-9) + 1e-9
+
+
+def _rows(table: np.ndarray) -> list[array]:
+    """Rows of a 2-D table as arrays of doubles (cheap to build, Python floats when indexed)."""
+    table = np.ascontiguousarray(table, dtype=np.float64)
+    return [array("d", row.tobytes()) for row in table]
+
+
+def _minus(total: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """total - part, lowered by more than its rounding error (a lower bound stays one)."""
+    with np.errstate(invalid="ignore"):
+        lowered = total - part - 1e-12 * (np.abs(total) + np.abs(part))
+    return np.where(np.isfinite(total), lowered, total)
+
+
+def _chain(stage: np.ndarray, zero, inf) -> np.ndarray:
+    """[g][b]: least over chains 0 = i0 < i1 < ... < b of the sum of stage[g][i][next - 1]."""
+    count, num_blocks = stage.shape[0], stage.shape[1]
+    best = np.full((count, num_blocks + 1), inf, dtype=stage.dtype)
+    best[:, 0] = zero
+    for b in range(1, num_blocks + 1):
+        best[:, b] = (best[:, :b] + stage[:, :b, b - 1]).min(axis=1)
+    return best

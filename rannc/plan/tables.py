@@ -1,0 +1,132 @@
+"""Stage cost tables over every block range at once (numpy), bit-identical to `CostModel.row`.
+
+Every value is computed with the same IEEE operations in the same order as the scalar cost model
+(sequential running sums from the first block of the range), so the search and `evaluate` agree
+exactly. Entries below the diagonal (last block < first block) are meaningless.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cost import CostModel
+
+# Fields of a compute table, in order.
+FIELDS = ("fwd", "bwd", "act", "in", "out", "in_intra", "in_inter", "out_intra", "out_inter")
+
+
+class StageTables:
+    """Cached (L, L) arrays of one problem: [first][last] -> value."""
+
+    def __init__(self, model: CostModel) -> None:
+        self.model = model
+        problem = model.problem
+        self.num_blocks = num_blocks = len(problem.blocks)
+        index = np.arange(num_blocks)
+        self._upper = index[None, :] >= index[:, None]
+        self._params = np.array(problem.range_param_bytes, dtype=np.float64).reshape(num_blocks, num_blocks)
+        self._in = np.array(problem.range_in_bytes_per_sample, dtype=np.float64).reshape(
+            num_blocks, num_blocks
+        )
+        self._out = np.array(problem.range_out_bytes_per_sample, dtype=np.float64).reshape(
+            num_blocks, num_blocks
+        )
+        self._compute: dict[int, dict[str, np.ndarray]] = {}
+        self._lists: dict[int, list[list[list[float]]]] = {}
+        self._base: dict[int, np.ndarray] = {}
+        self._allreduce: dict[tuple[int, bool], np.ndarray] = {}
+        self._columns: dict[int, list[list[float]]] = {}
+        self.shared: dict[tuple, tuple] = {}  # per (replica counts, sizes): arrays of the bounds
+
+    def _running(self, values: list[float]) -> np.ndarray:
+        """[i][j] = values[i] + ... + values[j] summed left to right (as CostModel.row does)."""
+        spread = np.where(self._upper, np.array(values, dtype=np.float64)[None, :], 0.0)
+        return np.cumsum(spread, axis=1)
+
+    def _p2p(self, nbytes: np.ndarray, inter: bool) -> np.ndarray:
+        problem = self.model.problem
+        latency, bandwidth = problem.p2p_latency, problem.p2p_bandwidth
+        if inter:
+            if problem.inter_node_latency is not None:
+                latency = problem.inter_node_latency
+            if problem.inter_node_bandwidth is not None:
+                bandwidth = problem.inter_node_bandwidth
+        return np.where(nbytes == 0, 0.0, 2 * (latency + nbytes / bandwidth))
+
+    def compute(self, m: int) -> dict[str, np.ndarray]:
+        """Per range at microbatch size m: the FIELDS (p2p times count forward and backward)."""
+        table = self._compute.get(m)
+        if table is None:
+            fwd, bwd, act = self.model.block_values(m)
+            in_bytes = self._in * m
+            out_bytes = self._out * m
+            table = {
+                "fwd": self._running(fwd),
+                "bwd": self._running(bwd),
+                "act": self._running(act),
+                "in": in_bytes,
+                "out": out_bytes,
+                "in_intra": self._p2p(in_bytes, False),
+                "in_inter": self._p2p(in_bytes, True),
+                "out_intra": self._p2p(out_bytes, False),
+                "out_inter": self._p2p(out_bytes, True),
+            }
+            self._compute[m] = table
+        return table
+
+    def lists(self, m: int) -> list[list[list[float]]]:
+        """compute(m) as nested lists [last][first][field] (columns, for the search's inner loops)."""
+        nested = self._lists.get(m)
+        if nested is None:
+            table = self.compute(m)
+            stacked = np.stack([table[name].T for name in FIELDS], axis=-1)
+            nested = stacked.tolist()
+            self._lists[m] = nested
+        return nested
+
+    def base(self, replicas: int) -> np.ndarray:
+        """Parameter, gradient and optimizer bytes per rank of every range on `replicas` ranks."""
+        problem = self.model.problem
+        shards = replicas if problem.zero_optimizer else 1
+        table = self._base.get(shards)
+        if table is None:
+            table = self._params * (2 + problem.opt_param_factor / shards)
+            self._base[shards] = table
+        return table
+
+    def allreduce(self, replicas: int, inter: bool) -> np.ndarray:
+        """Allreduce seconds of every range on `replicas` ranks (intra- or inter-node)."""
+        key = (replicas, inter)
+        table = self._allreduce.get(key)
+        if table is None:
+            if replicas == 1:
+                table = np.zeros_like(self._params)
+            else:
+                problem = self.model.problem
+                latency, bandwidth = problem.allreduce_latency, problem.allreduce_bandwidth
+                if inter:
+                    if problem.allreduce_inter_latency is not None:
+                        latency = problem.allreduce_inter_latency
+                    if problem.allreduce_inter_bandwidth is not None:
+                        bandwidth = problem.allreduce_inter_bandwidth
+                table = latency + 2 * (replicas - 1) / replicas * self._params / bandwidth
+            self._allreduce[key] = table
+        return table
+
+    def base_columns(self, replicas: int) -> list[list[float]]:
+        """base(replicas) as nested lists [last][first]."""
+        key = -(replicas if self.model.problem.zero_optimizer else 1)
+        nested = self._columns.get(key)
+        if nested is None:
+            nested = self.base(replicas).T.tolist()
+            self._columns[key] = nested
+        return nested
+
+    def allreduce_columns(self, replicas: int, inter: bool) -> list[list[float]]:
+        """allreduce(replicas, inter) as nested lists [last][first]."""
+        key = 2 * replicas + int(inter)
+        nested = self._columns.get(key)
+        if nested is None:
+            nested = self.allreduce(replicas, inter).T.tolist()
+            self._columns[key] = nested
+        return nested

@@ -1,0 +1,266 @@
+"""The step simulator against closed forms, a lower bound, an independent longest-path computation and the plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+from plan_brute import cluster_problem, medium_problem, random_problem
+
+from rannc.deploy.plot import memory_parts, plot_plan
+from rannc.errors import PlanError
+from rannc.plan import evaluate, plan_stages
+from rannc.plan.simulate import (
+    StageTiming,
+    Timeline,
+    analytic_step_time,
+    bubble_bound,
+    simulate,
+    simulate_plan,
+)
+from rannc.runtime.schedule import actions_for
+
+SCHEDULES = ("1f1b", "fill_drain")
+MODES = pytest.mark.parametrize("rendezvous", [True, False], ids=["rendezvous", "async"])
+
+
+def random_timings(rng: random.Random, num_stages: int, comm: bool = True) -> list[StageTiming]:
+    return [
+        StageTiming(
+            fwd=rng.choice([0.0, rng.uniform(0, 3)]),
+            bwd=rng.uniform(0, 5),
+            comm_in=rng.choice([0.0, rng.uniform(0, 1)]) if comm else 0.0,
+            comm_out=rng.choice([0.0, rng.uniform(0, 1)]) if comm else 0.0,
+            allreduce=rng.choice([0.0, rng.uniform(0, 4)]),
+            activation_bytes=rng.uniform(0, 100),
+            static_bytes=rng.uniform(0, 1000),
+        )
+        for _ in range(num_stages)
+    ]
+
+
+def longest_path(stage_times: list[StageTiming], p: int, schedule: str, rendezvous: bool):
+    """Compute end times as the longest path through the DAG of actions (Kahn's order), from scratch.
+
+    Node (s, k) = k-th action of stage s. Edges: (s, k-1) -> (s, k); producer -> consumer (F(i)@s-1 -> F(i)@s,
+    B(i)@s+1 -> B(i)@s) and F(i)@s -> B(i)@s. An edge carries the consumer's receive time c (comm_in for an F
+    with a producer, comm_out for a B with one): every edge with rendezvous, only the producer edge without.
+    end(n) = max over edges (end(pred) + weight) + duration(n).
+    """
+    num = len(stage_times)
+    lists = [actions_for(schedule, s, num, p) for s in range(num)]
+    index = {(a.kind, a.microbatch, s): (s, k) for s in range(num) for k, a in enumerate(lists[s])}
+    preds: dict[tuple[int, int], list[tuple[tuple[int, int], float]]] = {}
+    for s in range(num):
+        for k, action in enumerate(lists[s]):
+            i = action.microbatch
+            producer, c = None, 0.0
+            if action.kind == "F" and s > 0:
+                producer, c = index["F", i, s - 1], stage_times[s].comm_in
+            elif action.kind == "B" and s < num - 1:
+                producer, c = index["B", i, s + 1], stage_times[s].comm_out
+            edges = []
+            if k > 0:
+                edges.append(((s, k - 1), c if rendezvous else 0.0))
+            if producer is not None:
+                edges.append((producer, c))
+            if action.kind == "B":
+                edges.append((index["F", i, s], c if rendezvous else 0.0))
+            preds[s, k] = edges
+    succs: dict[tuple[int, int], list[tuple[int, int]]] = {node: [] for node in preds}
+    waiting = {node: len(edges) for node, edges in preds.items()}
+    for node, edges in preds.items():
+        for pred, _ in edges:
+            succs[pred].append(node)
+    queue = [node for node, count in waiting.items() if count == 0]
+    end: dict[tuple[int, int], float] = {}
+    while queue:
+        node = queue.pop()
+        s, k = node
+        start = max([end[pred] + w for pred, w in preds[node]], default=0.0)
+        action = lists[s][k]
+        end[node] = start + (stage_times[s].fwd if action.kind == "F" else stage_times[s].bwd)
+        for nxt in succs[node]:
+            waiting[nxt] -= 1
+            if waiting[nxt] == 0:
+                queue.append(nxt)
+    assert len(end) == len(preds), "the schedule's dependency graph has a cycle"
+    ends = {(lists[s][k].kind, lists[s][k].microbatch, s): value for (s, k), value in end.items()}
+    step = max(end[s, len(lists[s]) - 1] + stage_times[s].allreduce for s in range(num))
+    return ends, step
+
+
+def compute_ends(timeline: Timeline) -> dict[tuple[str, int, int], float]:
+    return {
+        (e.kind, e.microbatch, s): e.end
+        for s, events in enumerate(timeline.events)
+        for e in events
+        if e.kind in ("F", "B")
+    }
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@MODES
+def test_balanced_stages_without_comm_take_p_plus_s_minus_1_slots(schedule: str, rendezvous: bool) -> None:
+    for num_stages in range(1, 6):
+        for p in range(1, 9):
+            for allreduce in (0.0, 0.7):
+                times = [StageTiming(fwd=1.25, bwd=2.5, allreduce=allreduce)] * num_stages
+                timeline = simulate(times, p, schedule, rendezvous=rendezvous)
+                expected = (p + num_stages - 1) * 3.75 + allreduce
+                assert timeline.step_time == pytest.approx(expected, rel=1e-12)
+                assert analytic_step_time(times, p) == pytest.approx(expected, rel=1e-12)
+                assert bubble_bound(times, p, rendezvous=rendezvous) == pytest.approx(expected, rel=1e-12)
+                busy = num_stages * p * 3.75
+                assert timeline.bubble_fraction == pytest.approx(1 - busy / (num_stages * expected))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_peak_inflight_and_memory(schedule: str) -> None:
+    for num_stages in range(1, 6):
+        for p in range(1, 9):
+            times = [
+                StageTiming(1.0, 2.0, activation_bytes=10.0 * (s + 1), static_bytes=7.0)
+                for s in range(num_stages)
+            ]
+            timeline = simulate(times, p, schedule)
+            expected = [min(p, num_stages - s) if schedule == "1f1b" else p for s in range(num_stages)]
+            assert timeline.peak_inflight == expected
+            assert timeline.peak_memory == [7.0 + 10.0 * (s + 1) * expected[s] for s in range(num_stages)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@MODES
+@pytest.mark.parametrize("chunk", range(4))
+def test_random_stages_match_longest_path_and_respect_the_bound(
+    schedule: str, rendezvous: bool, chunk: int
+) -> None:
+    for seed in range(chunk * 50, chunk * 50 + 50):
+        rng = random.Random(seed)
+        num_stages, p = rng.randint(1, 6), rng.randint(1, 9)
+        times = random_timings(rng, num_stages)
+        timeline = simulate(times, p, schedule, rendezvous=rendezvous)
+        ends, step = longest_path(times, p, schedule, rendezvous)
+        got = compute_ends(timeline)
+        assert got.keys() == ends.keys()
+        for key, value in ends.items():
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), (seed, key)
+        assert timeline.step_time == pytest.approx(step, rel=1e-12, abs=1e-12), seed
+        assert timeline.step_time >= bubble_bound(times, p, rendezvous=rendezvous) * (1 - 1e-12), seed
+        for s, events in enumerate(timeline.events):  # one thing at a time per stage, in time order
+            assert all(a.end <= b.start + 1e-12 for a, b in zip(events, events[1:])), (seed, s)
+        assert 0.0 <= timeline.bubble_fraction < 1.0 or timeline.step_time == 0.0
+
+
+@MODES
+def test_fill_drain_without_comm_is_two_flow_shops(rendezvous: bool) -> None:
+    """GPipe with no transfers: sum f + (P-1) max f + sum b + (P-1) max b, never below the analytic formula."""
+    rng = random.Random(7)
+    for _ in range(200):
+        num_stages, p = rng.randint(1, 6), rng.randint(1, 9)
+        times = [dataclasses.replace(t, allreduce=0.0) for t in random_timings(rng, num_stages, comm=False)]
+        fwd, bwd = [t.fwd for t in times], [t.bwd for t in times]
+        expected = sum(fwd) + (p - 1) * max(fwd) + sum(bwd) + (p - 1) * max(bwd)
+        step = simulate(times, p, "fill_drain", rendezvous=rendezvous).step_time
+        assert step == pytest.approx(expected, rel=1e-12)
+        assert step >= analytic_step_time(times, p) * (1 - 1e-12)
+
+
+def test_rendezvous_receivers_wait_for_transfers() -> None:
+    times = [StageTiming(1.0, 2.0, comm_out=0.5), StageTiming(1.0, 2.0, comm_in=0.5)]
+    rendezvous = simulate(times, 1, "1f1b")
+    names = [[e.name for e in events] for events in rendezvous.events]
+    assert names == [["F0", "recv_grad0", "B0"], ["recv_act0", "F0", "B0"]]
+    assert rendezvous.step_time == pytest.approx(1 + 0.5 + 1 + 2 + 0.5 + 2)
+    assert simulate(times, 1, "1f1b", rendezvous=False).step_time == pytest.approx(7.0)
+    # In steady state a rendezvous receiver pays every transfer; an asynchronous one only during the fill.
+    many = simulate(times, 6, "1f1b")
+    assert many.step_time > simulate(times, 6, "1f1b", rendezvous=False).step_time
+
+
+def test_bad_input_raises() -> None:
+    with pytest.raises(ValueError):
+        simulate([], 2, "1f1b")
+    with pytest.raises(ValueError):
+        simulate([StageTiming(1, 1)], 0, "1f1b")
+    with pytest.raises(ValueError):
+        simulate([StageTiming(1, 1)], 2, "zigzag")
+    with pytest.raises(ValueError):
+        simulate([StageTiming(-1, 1)], 2, "1f1b")
+
+
+def _plans(count: int):
+    for seed in range(count):
+        for problem in (random_problem(seed), medium_problem(seed)):
+            try:
+                yield problem, plan_stages(problem)
+            except PlanError:
+                continue
+
+
+def test_simulate_plan_uses_the_planner_costs() -> None:
+    seen = 0
+    for problem, plan in _plans(40):
+        seen += 1
+        timeline = simulate_plan(problem, plan)
+        num_stages = len(plan.stages)
+        assert timeline.num_stages == num_stages and timeline.microbatches == plan.microbatches
+        ranges = [(stage.first_block, stage.last_block) for stage in plan.stages]
+        result = evaluate(
+            problem, ranges, [stage.replicas for stage in plan.stages], plan.microbatches, plan.schedule
+        )
+        assert result is not None and result[0] == pytest.approx(plan.predicted_step_time, rel=1e-12)
+        for s, (timing, cost, stage) in enumerate(zip(timeline.stages, result[1], plan.stages)):
+            assert (timing.fwd, timing.bwd, timing.allreduce) == (cost.fwd, cost.bwd, cost.allreduce)
+            assert 2 * (timing.comm_in + timing.comm_out) == pytest.approx(cost.comm, rel=1e-12)
+            assert timeline.peak_inflight[s] == cost.inflight
+            assert timeline.peak_memory[s] == pytest.approx(stage.memory_bytes, rel=1e-12)
+        assert analytic_step_time(timeline.stages, plan.microbatches) == pytest.approx(
+            plan.predicted_step_time, rel=1e-12
+        )
+        for rendezvous in (True, False):
+            got = simulate_plan(problem, plan, rendezvous=rendezvous)
+            assert got.step_time >= bubble_bound(got.stages, plan.microbatches, rendezvous=rendezvous) * (
+                1 - 1e-12
+            )
+        if num_stages == 1:  # one stage: no pipeline, no transfers; the formula is exact
+            assert timeline.step_time == pytest.approx(plan.predicted_step_time, rel=1e-12)
+    assert seen > 20
+
+
+def test_simulate_plan_with_recompute_and_inter_node_links() -> None:
+    problem = cluster_problem(8, 8, 32, memory_limit_bytes=45e9, gpus_per_node=4)
+    plan = plan_stages(problem)
+    assert any(stage.recompute for stage in plan.stages)
+    timeline = simulate_plan(problem, plan)
+    ranges = [(stage.first_block, stage.last_block) for stage in plan.stages]
+    replicas = [stage.replicas for stage in plan.stages]
+    flags = [stage.recompute for stage in plan.stages]
+    result = evaluate(problem, ranges, replicas, plan.microbatches, plan.schedule, recompute=flags)
+    assert result is not None
+    for timing, cost, stage in zip(timeline.stages, result[1], plan.stages):
+        assert (timing.fwd, timing.bwd, timing.allreduce) == (cost.fwd, cost.bwd, cost.allreduce)
+        assert 2 * (timing.comm_in + timing.comm_out) == pytest.approx(cost.comm, rel=1e-12)
+        assert timing.memory_parts is not None
+        assert ("recompute workspace" in timing.memory_parts) == stage.recompute
+    assert timeline.peak_memory == pytest.approx([s.memory_bytes for s in plan.stages], rel=1e-12)
+    assert analytic_step_time(timeline.stages, plan.microbatches) == pytest.approx(plan.predicted_step_time)
+    assert bubble_bound(timeline.stages, plan.microbatches) <= timeline.step_time <= plan.predicted_step_time
+
+
+def test_plot_plan_writes_a_png(tmp_path) -> None:
+    problem = medium_problem(3)
+    plan = plan_stages(problem)
+    timeline = simulate_plan(problem, plan)
+    path = plot_plan(
+        plan, timeline, tmp_path / "plots" / "plan.png", memory_limit=max(timeline.peak_memory) * 1.1
+    )
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    parts = memory_parts(plan, timeline)
+    assert [sum(p.values()) for p in parts] == pytest.approx(timeline.peak_memory, rel=1e-12)
+    assert set(parts[0]) == {"parameters", "gradients", "optimizer", "buffers", "activations"}
+    plain = simulate([StageTiming(1e-3, 2e-3, static_bytes=5.0)] * 2, 3, "fill_drain")
+    assert memory_parts(None, plain) == [{"total": 5.0}, {"total": 5.0}]
+    assert plot_plan(None, plain, tmp_path / "plain.png").stat().st_size > 0
