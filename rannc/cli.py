@@ -1,13 +1,49 @@
-"""The `rannc` command: show a deployment file, run the local demo, print the version."""
+"""The `rannc` command: plan a cluster offline, show a deployment file, calibrate, run the demo, version."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .deploy.deployment import rannc_version
-from .errors import RanncError
+from .errors import ConfigError, RanncError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_memory(text: str) -> float:
+    """Bytes in '80GiB', '40GB', '1.5TiB', '512MiB' or '1000000' (GB/TB: powers of 10, GiB/TiB: of 2)."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ConfigError(f"cannot read memory size {text!r}; write it like 80GiB, 40GB, 1.5TiB or 512MiB")
+    value = float(match.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise ConfigError(f"memory size {text!r} must be positive")
+    return value
+
+
+def _memory_arg(text: str) -> float:
+    try:
+        return parse_memory(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,8 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rannc {rannc_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_plan(commands)
     show = commands.add_parser("show", help="print the stages of a deployment file")
     show.add_argument("path", metavar="PATH", help="a deployment file written by save_deployment")
+
+    calibrate = commands.add_parser("calibrate", help="measure this machine as a device profile (JSON)")
+    calibrate.add_argument("--out", default=None, help="where to write the profile (default: print it)")
+    calibrate.add_argument("--quick", action="store_true", help="tiny sizes: seconds, less accurate")
 
     demo = commands.add_parser("demo", help="train a small GPT-2 on local CPU processes with rannc")
     demo.add_argument("--world-size", type=int, default=4, help="number of local processes (default 4)")
@@ -35,6 +76,98 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_plan(commands: Any) -> None:
+    plan = commands.add_parser(
+        "plan",
+        help="plan a cluster you don't have, from a model built on the meta device",
+        description="Capture the model a factory returns (it may be built under torch.device('meta')), price "
+        "its blocks with a device profile and search the pipeline + data parallel plan for WORLD_SIZE devices.",
+    )
+    plan.add_argument("factory", metavar="MODULE:FACTORY", help="function returning (model, args[, kwargs])")
+    plan.add_argument("--world-size", type=int, required=True, help="number of devices")
+    plan.add_argument(
+        "--device-memory",
+        type=_memory_arg,
+        default=None,
+        help="memory per device, e.g. 80GiB (default: the profile's)",
+    )
+    plan.add_argument("--batch-size", type=int, required=True, help="global batch (samples per step)")
+    plan.add_argument(
+        "--device", required=True, help="device profile: a shipped name (h100-80gb, ...) or a JSON file"
+    )
+    plan.add_argument("--gpus-per-node", type=int, default=None, help="default: the profile's")
+    plan.add_argument("--max-microbatches", type=int, default=64, help="most microbatches tried (default 64)")
+    plan.add_argument(
+        "--dtype", default=None, help="compute dtype: fp32, tf32, bf16, fp16 (default: the model's)"
+    )
+    plan.add_argument(
+        "--mem-margin", type=float, default=0.1, help="fraction of memory held back (default 0.1)"
+    )
+    plan.add_argument("--max-blocks", type=int, default=32, help="blocks the stages are made of (default 32)")
+    plan.add_argument("--out", default=None, help="write the deployment JSON here")
+    plan.add_argument("--plot", default=None, help="draw the plan as a PNG here (needs matplotlib)")
+    plan.add_argument("--trace", default=None, help="write the simulated step as a Chrome trace here")
+    plan.add_argument("--no-recompute", action="store_true", help="never recompute activations")
+    plan.add_argument("--zero", action="store_true", help="ZeRO-1: shard optimizer state over replicas")
+
+
+_TRACE_PER_RANK = 64  # larger worlds get one trace process per stage instead of one per rank
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .deploy import save_deployment, show_deployment
+    from .offline import plan_offline
+    from .plan.trace import timeline_to_trace, write_trace
+
+    if os.getcwd() not in sys.path and "" not in sys.path:  # MODULE:FACTORY may live in the current directory
+        sys.path.insert(0, os.getcwd())
+    result = plan_offline(
+        args.factory,
+        world_size=args.world_size,
+        device_memory_bytes=args.device_memory,
+        global_batch=args.batch_size,
+        device=args.device,
+        gpus_per_node=args.gpus_per_node,
+        max_microbatches=args.max_microbatches,
+        dtype=args.dtype,
+        recompute=not args.no_recompute,
+        mem_margin=args.mem_margin,
+        max_blocks=args.max_blocks,
+        zero=args.zero,
+    )
+    show_deployment(result.deployment)
+    if args.out:
+        save_deployment(result.deployment, args.out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        from .deploy.plot import plot_plan
+
+        plot_plan(result.deployment, result.timeline, args.plot)
+        print(f"wrote {args.plot}")
+    if args.trace:
+        ranks = (
+            [s.ranks for s in result.deployment.plan.stages] if args.world_size <= _TRACE_PER_RANK else None
+        )
+        write_trace(args.trace, timeline_to_trace(result.timeline, ranks))
+        print(f"wrote {args.trace}")
+    return 0
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from .profile.calibrate import calibrate
+    from .profile.devices import save_profile
+
+    profile = calibrate(quick=args.quick)
+    if args.out:
+        save_profile(profile, args.out)
+        print(f"wrote {args.out} ({profile.name}); plan with --device {args.out}")
+    else:
+        print(json.dumps(profile.to_json(), indent=2, sort_keys=True))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rannc` console script; returns the exit status."""
     parser = _parser()
@@ -48,6 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"rannc show: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command in ("plan", "calibrate"):
+        try:
+            return _run_plan(args) if args.command == "plan" else _run_calibrate(args)
+        except RanncError as exc:
+            print(f"rannc {args.command}: {exc}", file=sys.stderr)
+            return 1
     if args.command == "demo":
         from .demo import DemoArgs, run_demo
 

@@ -25,6 +25,7 @@ class Config:
     max_pipeline: int = 32  # largest number of microbatches tried
     opt_param_factor: float = 2.0  # optimizer state bytes per parameter byte (2 for Adam)
     schedule: str = "auto"  # "auto" | "1f1b" | "fill_drain"
+    recompute: str = "never"  # activation recompute: "never", "auto" (planner decides), "always"
     enable_zero: bool = False  # ZeRO-1: shard optimizer state over each parameter's replicas
     save_deployment: bool = False
     load_deployment: bool = False
@@ -128,5 +129,7 @@ def _validate(config: Config) -> None:
         )
     if config.schedule not in ("auto", "1f1b", "fill_drain"):
         raise ConfigError(f"schedule must be 'auto', '1f1b' or 'fill_drain', got {config.schedule!r}")
+    if config.recompute not in ("never", "auto", "always"):
+        raise ConfigError(f"recompute must be 'never', 'auto' or 'always', got {config.recompute!r}")
     if config.partition_num < 0:
         raise ConfigError(f"partition_num must be >= 0, got {config.partition_num}")

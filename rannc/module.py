@@ -115,6 +115,7 @@ class RaNNCModule:
             self.device,
             groups,
         )
+        self.stage.recompute = plan.stages[my_stage].recompute or self.config.recompute == "always"
         self._bind_optimizer(groups)
         failures.configure(self.config.comm_timeout_s)
         failures.set_context(stage=my_stage)

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim, export
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import CaptureError
 from .inputs import FlatCall, dynamic_shapes_for, tile_rows
@@ -88,13 +89,16 @@ def capture(
     batch = Dim("batch", min=1)
     started = time.perf_counter()
     try:
-        program = export(
-            model,
-            tuple(small_args),
-            dict(small_kwargs),
-            dynamic_shapes=dynamic_shapes_for(small_args, small_kwargs, batch),
-            strict=False,
-        ).run_decompositions({})
+        # The math attention backend gives the same graph on every device (fused kernels return other
+        # strides, which exported views then depend on); training still runs the fastest kernel.
+        with sdpa_kernel([SDPBackend.MATH]):
+            program = export(
+                model,
+                tuple(small_args),
+                dict(small_kwargs),
+                dynamic_shapes=dynamic_shapes_for(small_args, small_kwargs, batch),
+                strict=False,
+            ).run_decompositions({})
     except Exception as exc:  # torch raises many types; all mean "cannot capture"
         raise CaptureError(_explain_export_failure(exc)) from exc
     logger.info("captured %s with torch.export in %.2fs", type(model).__name__, time.perf_counter() - started)

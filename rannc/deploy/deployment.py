@@ -60,6 +60,9 @@ class Deployment:
     stage_module_ranges: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # per stage or empty
     format_version: int = FORMAT_VERSION
     created_by: str = dataclasses.field(default_factory=_default_created_by)
+    # Optional extras for people (e.g. `rannc plan`'s memory split, simulated bubble, planning time); never read
+    # when the plan is deployed. Files without it load with {}.
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:
@@ -134,7 +137,7 @@ def deployment_to_json(deployment: Deployment) -> dict[str, Any]:
             entry["first_module"], entry["last_module"] = first, last
         entry["nodes"] = list(deployment.stage_nodes[index])
         stages.append(entry)
-    return {
+    document: dict[str, Any] = {
         "format": FORMAT,
         "format_version": deployment.format_version,
         "created_by": deployment.created_by,
@@ -148,6 +151,9 @@ def deployment_to_json(deployment: Deployment) -> dict[str, Any]:
         "block_names": list(deployment.block_names),
         "stages": stages,
     }
+    if deployment.report:
+        document["report"] = deployment.report
+    return document
 
 
 def save_deployment(deployment: Deployment, path: str | Path) -> None:
@@ -307,11 +313,21 @@ def deployment_from_json(data: Any, path: str = "<memory>") -> Deployment:
         stage_module_ranges=ranges,
         format_version=version,
         created_by=reader.get(data, "created_by", "str") if "created_by" in data else "unknown",
+        report=_report(reader, data),
     )
     problems = deployment.problems()
     if problems:
         raise reader.fail("; ".join(problems))
     return deployment
+
+
+def _report(reader: _Reader, data: dict[str, Any]) -> dict[str, Any]:
+    if "report" not in data:
+        return {}
+    report = data["report"]
+    if not isinstance(report, dict):
+        raise reader.fail(f"'report' should be an object, got {type(report).__name__}")
+    return report
 
 
 def load_deployment(
@@ -356,11 +372,12 @@ def load_deployment(
             "(delete the file or turn off load_deployment)"
         )
     saved, current = deployment.device_memory_bytes, expected_device_memory_bytes
-    if saved is not None and current is not None and abs(saved - current) > 0.01 * max(saved, current):
+    # Less memory than planned for may not fit; more is fine (e.g. a plan made offline for a smaller device).
+    if saved is not None and current is not None and current < saved * 0.99:
         raise DeploymentError(
             f"deployment file {path} was made for {format_bytes(saved)} of usable memory per device, "
-            f"this job has {format_bytes(current)}; set mem_limit_gb / mem_margin to match or re-plan "
-            "(delete the file or turn off load_deployment)"
+            f"this job has {format_bytes(current)}, less than that; set mem_limit_gb / mem_margin to match or "
+            "re-plan (delete the file or turn off load_deployment)"
         )
     return deployment
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console, Group
 from rich.table import Table
@@ -36,9 +37,63 @@ def _modules(deployment: Deployment, index: int) -> str:
     return first if first == last else f"{first or '?'} .. {last or '?'}"
 
 
+_PART_COLUMNS = (
+    ("parameters", "Params"),
+    ("gradients", "Grads"),
+    ("optimizer", "Optimizer"),
+    ("activations", "Activations"),
+    ("buffers", "Buffers"),
+)
+
+
+def _report_stages(deployment: Deployment) -> list[dict[str, Any]] | None:
+    """The report's per-stage entries when it has a memory split for every stage."""
+    stages = deployment.report.get("stages") if isinstance(deployment.report, dict) else None
+    if not isinstance(stages, list) or len(stages) != len(deployment.plan.stages):
+        return None
+    if not all(isinstance(s, dict) and isinstance(s.get("memory"), dict) for s in stages):
+        return None
+    return stages
+
+
+def _seconds(value: Any) -> str:
+    return f"{float(value):.2f} s" if isinstance(value, int | float) else "?"
+
+
+def _report_lines(deployment: Deployment) -> list[str]:
+    """Simulated step, bubble, device and planning time from an offline plan's report."""
+    report = deployment.report
+    lines: list[str] = []
+    if "simulated_step_time_s" in report:
+        lines.append(
+            f"simulated step time {float(report['simulated_step_time_s']) * 1e3:.2f} ms, "
+            f"{float(report.get('samples_per_s', 0.0)):.1f} samples/s, "
+            f"bubble fraction {float(report.get('bubble_fraction', 0.0)):.1%}"
+        )
+    if "device_profile" in report:
+        memory = report.get("device_memory_bytes")
+        text = f"device profile {report['device_profile']}, dtype {report.get('dtype', 'model')}"
+        if isinstance(memory, int | float):
+            text += f", {format_bytes(memory)} per device (mem_margin {report.get('mem_margin', 0)})"
+        if report.get("gpus_per_node"):
+            text += f", {report['gpus_per_node']} GPUs per node"
+        lines.append(text)
+    timings = report.get("planning_time_s")
+    if isinstance(timings, dict) and "total" in timings:
+        parts = ", ".join(
+            f"{name} {_seconds(timings[key])}"
+            for name, key in (("capture", "capture"), ("profiling", "profile"), ("search", "search"))
+            if key in timings
+        )
+        lines.append(f"planning time {_seconds(timings['total'])} ({parts})")
+    lines.extend(f"warning: {text}" for text in report.get("warnings") or [] if isinstance(text, str))
+    return lines
+
+
 def _renderable(deployment: Deployment) -> Group:
     plan = deployment.plan
     limit = deployment.device_memory_bytes
+    split = _report_stages(deployment)
     table = Table(
         title=(
             f"rannc deployment: {len(plan.stages)} stage(s) on {deployment.world_size} rank(s), "
@@ -50,17 +105,26 @@ def _renderable(deployment: Deployment) -> Group:
     table.add_column("Blocks")
     table.add_column("Modules", overflow="fold")
     table.add_column("Replicas", justify="right")
-    table.add_column("Ranks")
+    table.add_column("Ranks", overflow="fold")
     table.add_column("Fwd ms", justify="right")
     table.add_column("Bwd ms", justify="right")
+    if split is not None:
+        for _, title in _PART_COLUMNS:
+            table.add_column(title, justify="right")
     table.add_column("Memory / rank (limit)", justify="right")
     for index, stage in enumerate(plan.stages):
         memory = Text(format_bytes(stage.memory_bytes))
         if limit is not None and stage.memory_bytes > limit:
             memory.stylize("bold red")
         memory.append(f" / {format_bytes(limit) if limit is not None else 'unlimited'}")
+        recompute = bool(getattr(stage, "recompute", False))
+        parts = (
+            [format_bytes(float(split[index]["memory"].get(key, 0.0))) for key, _ in _PART_COLUMNS]
+            if split is not None
+            else []
+        )
         table.add_row(
-            str(index),
+            f"{index}*" if recompute else str(index),
             str(stage.first_block)
             if stage.first_block == stage.last_block
             else f"{stage.first_block}-{stage.last_block}",
@@ -69,15 +133,19 @@ def _renderable(deployment: Deployment) -> Group:
             format_ranks(stage.ranks),
             f"{stage.fwd_time * 1e3:.2f}",
             f"{stage.bwd_time * 1e3:.2f}",
+            *parts,
             memory,
         )
     step = plan.predicted_step_time
     rate = f"{plan.global_batch / step:.1f} samples/s" if step > 0 else "n/a samples/s"
-    summary = Text(
+    lines = [
         f"microbatches {plan.microbatches}, schedule {plan.schedule}, global batch {plan.global_batch}, "
         f"predicted step time {step * 1e3:.2f} ms, {rate}"
-    )
-    return Group(table, summary)
+    ]
+    if any(getattr(stage, "recompute", False) for stage in plan.stages):
+        lines.append("* activations recomputed in backward (Bwd ms includes the extra forward)")
+    lines.extend(_report_lines(deployment))
+    return Group(table, Text("\n".join(lines)))
 
 
 def show_deployment(path_or_deployment: str | Path | Deployment, console: Console | None = None) -> str:

@@ -53,7 +53,6 @@ class PrefixBounds:
         self.u = self._u(self.time)
         self._whole: float | None = None
         self.pre_max: list[array] = []
-        self.pre_ar: list[array] = []
         self._reach: list[int] | None = None
 
     # ------------------------------------------------------------------ relaxed plans over blocks
@@ -82,7 +81,9 @@ class PrefixBounds:
         rows, columns = np.indices((num_blocks, num_blocks))
         for ri in range(count - 1, -1, -1):  # the least index met at each threshold wins
             first[met[ri], rows, columns] = ri
-        first = np.minimum.accumulate(first[:-1], axis=0)
+        first = first[:-1]
+        for g in range(1, len(grid)):  # running minimum over the thresholds (faster than accumulate)
+            np.minimum(first[g - 1], first[g], out=first[g])
         least = np.append(self.ranks, _BIG)[first]
         return _chain(least, 0, _BIG)
 
@@ -151,7 +152,7 @@ class PrefixBounds:
 
     def prepare(self, cutoff: float) -> None:
         """Tables by (b, o) for the search, for plans of step time <= cutoff (see level_tables)."""
-        num_blocks, world = self.num_blocks, self.world
+        world = self.world
         offsets = np.arange(world + 1)
         self._cutoff = cutoff
         self._level_tables: dict[int, tuple[list[array], list[array]]] = {}
@@ -169,7 +170,6 @@ class PrefixBounds:
         biggest = np.vstack([np.zeros((1, world + 1)), np.maximum.accumulate(least, axis=0)])
         pre_max = np.maximum(per_rank, biggest)
         self.pre_max = _rows(pre_max)
-        self.pre_ar = _rows(np.zeros((num_blocks + 1, world + 1)))
 
     def level_tables(self, inflight: int) -> tuple[list[array], list[array]]:
         """(pre_sum, pre_u) by (b, o) when every stage before the suffix holds at least `inflight`
@@ -196,13 +196,17 @@ class PrefixBounds:
         finite_u = u[np.isfinite(u)]
         pre_u = np.zeros((num_blocks + 1, world + 1))
         if finite_u.size:
-            top = min(float(finite_u.max()), cutoff)
-            grid = np.array(sorted({top * 0.996**e for e in range(120)} | {top * 0.85**e for e in range(40)}))
+            most = float(finite_u.max())
+            top = min(most, cutoff)
+            points = {top * 0.996**e for e in range(120)} | {top * 0.85**e for e in range(40)} | {most}
+            grid = np.array(sorted(points))
             fewest = self._fewest_ranks(grid, u)  # [grid][b], non-increasing along the grid
             for b in range(1, num_blocks + 1):
                 # Largest threshold whose fewest ranks exceed o: the prefix's largest u_s is above it.
                 above = np.searchsorted(-fewest[:, b], -offsets, side="left")
                 pre_u[b] = np.where(above > 0, grid[np.maximum(above - 1, 0)], 0.0)
+                # No plan of the prefix at all on o ranks (with every stage that fits allowed).
+                pre_u[b][fewest[-1, b] > offsets] = np.inf
         found = self._level_tables[inflight] = (_rows(sums), _rows(pre_u))
         return found
 
@@ -280,7 +284,9 @@ def _stage_arrays(search: SuffixSearch) -> tuple:
         )
     values = [search.model.block_values(m) for m in sizes]
     block = np.array([np.add(f, b) for f, b, _ in values]).T * keep if values else np.zeros((num_blocks, 0))
+    # Stage times grow with their blocks and are >= 0 (the search's breaks rely on it).
     monotone = all(min(f + b, default=0.0) >= 0.0 for f, b, _ in values)
+    monotone = monotone and tables.boundaries_nonnegative
     return plain, again, fits, fits_again, allreduce, block, monotone
 
 

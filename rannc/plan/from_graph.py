@@ -151,4 +151,5 @@ def make_problem(
         schedules=(schedule,),
         num_stages=config.partition_num or None,
         zero_optimizer=config.enable_zero,
+        allow_recompute=config.recompute == "auto",
     )

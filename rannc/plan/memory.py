@@ -48,34 +48,41 @@ class _Reach:
         self.counts = counts
 
     def feasible(self, threshold: float) -> bool:
+        """Whether some plan has every stage's memory <= threshold."""
         problem, replicas = self.problem, self.replicas
         num_blocks, world = len(problem.blocks), problem.world_size
         mask = (1 << (world + 1)) - 1
         counts = set(self.counts)
         most = max(self.counts)
         below: dict[int, int] = {num_blocks: 1}
-        allowed_cache: dict[int, list[list[tuple[int, list[int] | None]]]] = {}
+        cache: dict[int, tuple[np.ndarray, list[list[int]], list[list[bool]]]] = {}
         for k in range(1, most + 1):
             level = min(k, len(self.levels)) - 1
-            allowed = allowed_cache.get(level)
-            if allowed is None:
-                allowed = allowed_cache[level] = _allowed(self.levels[level] <= threshold)
+            if level not in cache:
+                ok = self.levels[level] <= threshold  # [r index][first][last]
+                first = np.where(ok.any(axis=0), ok.argmax(axis=0), -1)
+                tail = ok.sum(axis=0) == len(replicas) - first  # every larger count allowed too
+                cache[level] = (ok, first.T.tolist(), tail.T.tolist())
+            ok, first_by_last, tail_by_last = cache[level]
             layer: dict[int, int] = {}
             for c, bits in below.items():
-                # suffix[ri] = OR over allowed counts from index ri of the child totals shifted by r.
-                suffix = [0] * (len(replicas) + 1)
-                for ri in range(len(replicas) - 1, -1, -1):
-                    suffix[ri] = suffix[ri + 1] | (bits << replicas[ri])
                 j = c - 1
+                firsts, tails = first_by_last[j], tail_by_last[j]
+                suffix: list[int] | None = None
                 for b in range(j + 1):
-                    first, explicit = allowed[b][j]
+                    first = firsts[b]
                     if first < 0:
                         continue
-                    if explicit is None:
+                    if tails[b]:
+                        if suffix is None:
+                            # suffix[ri]: child totals shifted by every count from index ri on.
+                            suffix = [0] * (len(replicas) + 1)
+                            for ri in range(len(replicas) - 1, -1, -1):
+                                suffix[ri] = suffix[ri + 1] | (bits << replicas[ri])
                         got = suffix[first]
                     else:
                         got = 0
-                        for ri in explicit:
+                        for ri in np.flatnonzero(ok[:, b, j]).tolist():
                             got |= bits << replicas[ri]
                     got &= mask
                     if got:
@@ -86,26 +93,6 @@ class _Reach:
             if not below:
                 return False
         return False
-
-
-def _allowed(ok: np.ndarray) -> list[list[tuple[int, list[int] | None]]]:
-    """[first][last] -> (first allowed r index or -1, None when every later index is allowed too,
-    else the explicit allowed indices)."""
-    count = ok.shape[0]
-    anyok = ok.any(axis=0)
-    first = np.where(anyok, ok.argmax(axis=0), -1)
-    tail = ok.sum(axis=0) == count - first
-    first_l, tail_l = first.tolist(), tail.tolist()
-    out: list[list[tuple[int, list[int] | None]]] = []
-    for b, row in enumerate(first_l):
-        cells: list[tuple[int, list[int] | None]] = []
-        for j, f in enumerate(row):
-            if f < 0 or tail_l[b][j]:
-                cells.append((f, None))
-            else:
-                cells.append((f, np.flatnonzero(ok[:, b, j]).tolist()))
-        out.append(cells)
-    return out
 
 
 def least_memory(problem: PlanProblem, tables: StageTables, stage_counts: list[int], schedule: str) -> float:
@@ -139,3 +126,17 @@ def least_memory(problem: PlanProblem, tables: StageTables, stage_counts: list[i
                 low = middle + 1
         best = float(values[high])
     return best
+
+
+def fits(
+    problem: PlanProblem, tables: StageTables, microbatches: int, schedule: str, stage_counts: list[int]
+) -> bool:
+    """Whether some plan with this microbatch count and schedule fits in the memory limit."""
+    limit = problem.memory_limit_bytes
+    replicas = replica_counts(problem, microbatches)
+    if limit is None or not replicas:
+        return bool(replicas)
+    most = max(stage_counts)
+    inflights = sorted({inflight_microbatches(schedule, microbatches, k) for k in range(1, most + 1)})
+    levels = [stage_memories(problem, tables, microbatches, replicas, q) for q in inflights]
+    return _Reach(problem, replicas, levels, stage_counts).feasible(limit)

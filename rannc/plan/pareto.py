@@ -86,8 +86,12 @@ class SuffixSearch:
             return {s: [] for s in stage_counts}
         bounds = self.bounds
         bounds.prepare(cutoff)
-        allowed = bounds.allowed_offsets(stage_counts)
-        pre_max, pre_ar = bounds.pre_max, bounds.pre_ar
+        # allowed[k][b][o] == "1": a suffix of k stages from block b may start at rank o.
+        allowed = [
+            [bin(bits)[:1:-1].ljust(world + 1, "0") for bits in row]
+            for row in bounds.allowed_offsets(stage_counts)
+        ]
+        pre_max = bounds.pre_max
         limit = problem.memory_limit_bytes
         recompute = problem.allow_recompute and limit is not None
         weight, p = self.weight, self.p
@@ -109,10 +113,8 @@ class SuffixSearch:
         self.states = 0
         for k in range(1, most + 1):
             inflight = inflight_microbatches(self.schedule, p, k)
-            # Stages before this suffix hold at least this many microbatches (rounded down to a
-            # power of two: fewer tables, still a lower bound).
-            before_inflight = inflight_microbatches(self.schedule, p, k + 1)
-            pre_sum, pre_u = bounds.level_tables(1 << (before_inflight.bit_length() - 1))
+            # Stages before this suffix hold at least this many microbatches.
+            pre_sum, pre_u = bounds.level_tables(inflight_microbatches(self.schedule, p, k + 1))
             cand: dict[tuple[int, int, int], list[Entry]] = {}
             allowed_k = allowed[k]
             stage_cap = cutoff * (1 + ROUNDING) / p
@@ -141,16 +143,25 @@ class SuffixSearch:
                         else:
                             ct = fb
                         allowed_b = allowed_k[b]
-                        sums_b, maxes_b, ars_b, us_b = pre_sum[b], pre_max[b], pre_ar[b], pre_u[b]
+                        sums_b, maxes_b, us_b = pre_sum[b], pre_max[b], pre_u[b]
                         before_cap = min(b, most - k)
+                        # Least t and AR of this stage whatever its placement: with the bounds on
+                        # the stages before, which only grow as their ranks shrink, they stop the
+                        # loop over children (more ranks for the children, fewer before).
+                        t_least = ct + ((cin if cin < cinx else cinx) + (cout if cout < coutx else coutx))
+                        ar_least = ar_col[b] if ar_col[b] < arx_col[b] else arx_col[b]
                         for dc, lists in children_by_d:
                             o = world - dc - r
                             if o < 0:
                                 break
-                            if not (allowed_b >> o) & 1:
+                            floor, before_max, before_u = sums_b[o], maxes_b[o], us_b[o]
+                            bx = t_least if t_least > before_max else before_max
+                            z = weight * bx + ar_least
+                            if t_least + floor + (z if z > before_u else before_u) > cutoff and monotone:
+                                break
+                            if allowed_b[o] != "1":
                                 continue
-                            before = min(before_cap, o)
-                            floor, before_max, before_ar, before_u = sums_b[o], maxes_b[o], ars_b[o], us_b[o]
+                            before = before_cap if before_cap < o else o
                             # Placement: how this stage's inputs, outputs and allreduce are charged.
                             spans = spread and o // node != (o + r - 1) // node
                             ar = arx_col[b] if spans else ar_col[b]
@@ -186,20 +197,21 @@ class SuffixSearch:
                                     mean = least * mean_div
                                     if mean > bx:
                                         bx = mean
-                                    z = weight * bx + (ar if ar > before_ar else before_ar)
+                                    z = weight * bx + ar
                                     if least + (z if z > before_u else before_u) > cutoff:
                                         continue
                                     # Children whose largest t and AR this stage covers all give
-                                    # (sum + t, t, ar): the first one beats the rest (but near-ties).
+                                    # (sum + t, t, ar): the first one beats the rest clearly (by
+                                    # more than the tie tolerance, so that _pareto would drop them
+                                    # too), near-ties aside.
                                     covered = -1.0
-                                    tie = 3 * TIE * (weight * t + ar)
                                     for child in children:
                                         a = child[0] + t
                                         x = child[1]
                                         y = child[2]
                                         if x <= t and y <= ar:
                                             if covered < 0.0:
-                                                covered = a + tie + 3 * TIE * a
+                                                covered = a + 4 * TIE * (a + weight * t + ar)
                                             elif a > covered:
                                                 continue
                                             x, y = t, ar
@@ -213,7 +225,7 @@ class SuffixSearch:
                                         mean = total * mean_div
                                         if mean > bx:
                                             bx = mean
-                                        z = weight * bx + (y if y > before_ar else before_ar)
+                                        z = weight * bx + y
                                         if total + (z if z > before_u else before_u) > cutoff:
                                             continue
                                         if bucket is None:
@@ -273,19 +285,10 @@ def _pareto(candidates: list[Entry], weight: float) -> list[Entry]:
             if known is None or c[0] < known:
                 least[pair] = c[0]
         candidates = [
-            c
-            for c in candidates
-            if c[0] <= least[(c[1], c[2])] + 3 * TIE * (c[0] + weight * c[1] + c[2])
+            c for c in candidates if c[0] <= least[(c[1], c[2])] + 3 * TIE * (c[0] + weight * c[1] + c[2])
         ]
     candidates.sort(key=_triple)
-    keys: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # by id: all alive during the call
-
-    def key(entry: Entry) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        found = keys.get(id(entry))
-        if found is None:
-            found = keys[id(entry)] = suffix_key(entry)
-        return found
-
+    key = _layout_less
     kept: list[Entry] = []
     for c in candidates:
         a, x, y = c[0], c[1], c[2]
@@ -297,7 +300,7 @@ def _pareto(candidates: list[Entry], weight: float) -> list[Entry]:
                 margin += weight * (e[1] - x)
             if e[2] > y:
                 margin += e[2] - y
-            if margin <= a + eps and (margin < a - eps or key(e) < key(c)):
+            if margin <= a + eps and (margin < a - eps or key(e, c)):
                 beaten = True
                 break
         if beaten:
@@ -306,7 +309,7 @@ def _pareto(candidates: list[Entry], weight: float) -> list[Entry]:
         while kept and kept[-1][0] >= a - eps:
             e = kept[-1]
             margin = c[0] + weight * max(c[1] - e[1], 0.0) + max(c[2] - e[2], 0.0) - e[0]
-            if not (margin <= eps and key(c) < key(e)):
+            if not (margin <= eps and key(c, e)):
                 break
             kept.pop()
         kept.append(c)
@@ -314,3 +317,20 @@ def _pareto(candidates: list[Entry], weight: float) -> list[Entry]:
 
 
 _triple = operator.itemgetter(0, 1, 2)
+
+
+def _layout_less(e: Entry, c: Entry) -> bool:
+    """suffix_key(e) < suffix_key(c) for two suffixes of as many stages, without building keys:
+    last blocks first, then replica counts; shared tails end the walk."""
+    x: Entry | None = e
+    y: Entry | None = c
+    while x is not None and y is not None and x is not y:
+        if x[3] != y[3]:
+            return x[3] < y[3]
+        x, y = x[5], y[5]
+    x, y = e, c
+    while x is not None and y is not None and x is not y:
+        if x[4] != y[4]:
+            return x[4] < y[4]
+        x, y = x[5], y[5]
+    return False

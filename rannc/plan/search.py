@@ -1,4 +1,19 @@
-"""Exact stage search: the block ranges, replica counts, microbatch count and schedule of least step time."""
+"""Exact stage search: the block ranges, replica counts, recompute flags, microbatch count and schedule
+of least predicted step time.
+
+The search space: every split of the blocks into contiguous stages (as many as num_stages, the
+blocks and the ranks allow), every replica count per stage from replica_choices with the counts
+summing to the world size (ranks contiguous in pipeline order), every microbatch count from
+microbatch_choices within [min, max], the allowed schedules and, with allow_recompute, recompute per
+stage. plan_stages returns a plan of least step time over exactly this space (checked against brute
+force in tests/plan); near-ties go to the fewest stages, then fewer microbatches, the schedule listed
+first, the smaller block ranges, the smaller replica counts and no recompute.
+
+How: one Pareto dynamic programme over stage suffixes per (microbatch count, schedule) (pareto.py),
+pruned with lower bounds (bounds.py) against the best plan so far. Searches run in the order of their
+lower bounds and stop once the bound is above the best plan; the first cutoff comes from uniform plans
+(heuristic.py).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +32,7 @@ from .cost import (
     stage_cost,
 )
 from .heuristic import uniform_candidates
-from .memory import least_memory
+from .memory import fits, least_memory
 from .pareto import TIE as _TIE
 from .pareto import SuffixSearch, relaxed, suffix_key
 from .tables import StageTables
@@ -108,9 +123,10 @@ def _check_problem(problem: PlanProblem) -> None:
         raise PlanError(f"global batch is {batch}; need at least one sample")
     counts = microbatch_counts(problem)
     if not counts:
+        among = "" if problem.microbatch_choices is None else f" among {problem.microbatch_choices}"
         raise PlanError(
-            f"no microbatch count in [{problem.min_microbatches}, {problem.max_microbatches}] is "
-            f"between 1 and the global batch {batch}; lower min_pipeline or raise the batch size"
+            f"no microbatch count{among} in [{problem.min_microbatches}, {problem.max_microbatches}] "
+            f"is between 1 and the global batch {batch}; lower min_pipeline or raise the batch size"
         )
     forced = problem.num_stages
     if forced is not None:
@@ -145,19 +161,16 @@ def _rank_sums_reach(problem: PlanProblem, microbatches: int) -> bool:
     world = problem.world_size
     mask = (1 << (world + 1)) - 1
     counts = set(_stage_counts(problem))
+    replicas = replica_counts(problem, microbatches)
     bits = 1
     for n in range(1, max(counts) + 1):
-        bits = sum_shifts(bits, replica_counts(problem, microbatches)) & mask
+        shifted = 0
+        for r in replicas:
+            shifted |= bits << r
+        bits = shifted & mask
         if n in counts and (bits >> world) & 1:
             return True
     return False
-
-
-def sum_shifts(bits: int, shifts: list[int]) -> int:
-    out = 0
-    for r in shifts:
-        out |= bits << r
-    return out
 
 
 def _search(problem: PlanProblem, model: CostModel) -> tuple[int, str, list[int], list[int]] | None:
@@ -193,8 +206,14 @@ def _search(problem: PlanProblem, model: CostModel) -> tuple[int, str, list[int]
             bound, _, sched_rank, index = heapq.heappop(heap)
             if bound > relaxed(best):
                 return None
-            if not first or searches[index][1] is not first[0][2]:
-                return bound, sched_rank, searches[index][1]
+            search = searches[index][1]
+            if first and search is first[0][2]:
+                continue
+            # Without any plan yet, first make sure one fits in memory (a search that finds
+            # nothing under no cutoff can take long).
+            if math.isinf(best) and not fits(problem, tables, search.p, search.schedule, stage_counts):
+                continue
+            return bound, sched_rank, search
         return None
 
     pending = list(first)

@@ -31,6 +31,8 @@ class StageTables:
         self._out = np.array(problem.range_out_bytes_per_sample, dtype=np.float64).reshape(
             num_blocks, num_blocks
         )
+        upper = self._upper
+        self.boundaries_nonnegative = bool((self._in[upper] >= 0).all() and (self._out[upper] >= 0).all())
         self._compute: dict[int, dict[str, np.ndarray]] = {}
         self._lists: dict[int, list[list[list[float]]]] = {}
         self._base: dict[int, np.ndarray] = {}

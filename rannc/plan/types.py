@@ -88,20 +88,23 @@ class PlanProblem:
     schedules: tuple[str, ...] = ("1f1b",)
     num_stages: int | None = None  # force the stage count
     zero_optimizer: bool = False  # ZeRO-1: optimizer state sharded over each stage's replicas
-    # Per-stage activation recompute: the search may let a stage keep only its boundary inputs per
-    # microbatch in flight (plus one microbatch's activations while it runs backward) and pay one
-    # more forward in backward.
+    # Per-stage activation recompute: a recomputed stage keeps only its boundary inputs per
+    # microbatch in flight (plus one microbatch's activations while it runs backward) and pays one
+    # more forward in backward. The search recomputes a stage exactly when it does not fit otherwise.
     allow_recompute: bool = False
     # Replica counts a stage may have (None = every count 1..world_size) and microbatch counts the
-    # search may use (None = every count in [min_microbatches, max_microbatches]). The search is
-    # exact over exactly these choices; see default_replica_choices / default_microbatch_choices.
+    # search may use (None = every count; always within [min_microbatches, max_microbatches]). The
+    # search is exact over exactly these choices; see default_replica_choices and
+    # default_microbatch_choices for compact sets for large clusters.
     replica_choices: tuple[int, ...] | None = None
     microbatch_choices: tuple[int, ...] | None = None
     # Placement: ranks are assigned to stages contiguously in pipeline order (stage 0 gets ranks
-    # 0..r0-1, ...) and node n holds ranks n*g..n*g+g-1. With gpus_per_node set, a transfer between
-    # consecutive stages uses the inter-node link unless both stages lie inside one node, and a
-    # stage's gradient allreduce uses the inter-node link when its replicas span nodes. None = the
-    # p2p / allreduce values for every transfer.
+    # 0..r0-1, stage 1 the next r1, ...) and node n holds ranks n*g..n*g+g-1. With gpus_per_node
+    # set, the transfers between two consecutive stages (a stage's inputs and outputs) use the
+    # inter-node link unless both stages lie inside one node (all boundary inputs of a stage count
+    # as coming from the stage before it; the pipeline's own inputs and outputs are intra-node),
+    # and a stage's gradient allreduce uses the inter-node link when its replicas span nodes.
+    # The inter-node values default (None) to the p2p / allreduce ones.
     gpus_per_node: int | None = None
     inter_node_bandwidth: float | None = None  # bytes/s between stages on different nodes
     inter_node_latency: float | None = None  # s

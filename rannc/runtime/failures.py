@@ -40,21 +40,31 @@ def where() -> str:
 def wait_all(works: Iterable[Any], describe: Callable[[], str]) -> None:
     """Wait for every work; on failure or timeout raise RemoteError saying what this rank was waiting for."""
     timeout = datetime.timedelta(seconds=_settings["timeout_s"])
-    for work in works:
-        try:
+    with guarded(describe):
+        for work in works:
             work.wait(timeout=timeout)
-        except RemoteError:
-            raise
-        except Exception as exc:  # gloo/NCCL raise RuntimeError for timeouts and dead peers alike
+
+
+@contextlib.contextmanager
+def guarded(describe: Callable[[], str]) -> Iterator[None]:
+    """Turn a communication failure (posting or waiting) into a RemoteError naming the peer or the cause."""
+    try:
+        yield
+    except RemoteError:
+        raise
+    except Exception as exc:  # gloo/NCCL raise RuntimeError for timeouts and dead peers alike
+        posted = posted_failure()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if posted is None:
+            time.sleep(0.5)  # the failing rank posts before it exits; give its message a moment to land
             posted = posted_failure()
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            if posted:
-                raise RemoteError(f"rank {rank} stopped because {posted}") from exc
-            raise RemoteError(
-                f"rank {rank} ({where()}) failed while {describe()}{_laggards()}: {exc}. The peer may have "
-                f"failed, been killed or stopped answering (timeout {_settings['timeout_s']:.0f}s, config item "
-                "comm_timeout_s)"
-            ) from exc
+        if posted:
+            raise RemoteError(f"rank {rank} stopped because {posted}") from exc
+        raise RemoteError(
+            f"rank {rank} ({where()}) failed while {describe()}{_laggards()}: {exc}. The peer may have "
+            f"failed, been killed or stopped answering (timeout {_settings['timeout_s']:.0f}s, config item "
+            "comm_timeout_s)"
+        ) from exc
 
 
 def mark_progress(step: int) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InputError
-from .failures import wait_all
+from .failures import guarded, wait_all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,9 @@ def gather_global_batch(leaves: list[Any], device: torch.device, world_size: int
         return GlobalBatch(moved, [local], flags)
     meta = torch.tensor([local, *[int(f) for f in flags]], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(meta) for _ in range(world_size)]
-    wait_all([dist.all_gather(gathered, meta, async_op=True)], lambda: "exchanging local batch sizes")
+    with guarded(lambda: "exchanging local batch sizes"):
+        work = dist.all_gather(gathered, meta, async_op=True)
+    wait_all([work], lambda: "exchanging local batch sizes")
     table = torch.stack(gathered).cpu()
     sizes = [int(v) for v in table[:, 0]]
     if min(sizes) < 1:
@@ -50,7 +52,8 @@ def gather_global_batch(leaves: list[Any], device: torch.device, world_size: int
             pad = tensor.new_zeros((widest - tensor.shape[0], *tensor.shape[1:]))
             tensor = torch.cat([tensor, pad])
         parts = [torch.empty_like(tensor) for _ in range(world_size)]
-        work = dist.all_gather(parts, tensor.contiguous(), async_op=True)
+        with guarded(lambda: "gathering the global batch"):
+            work = dist.all_gather(parts, tensor.contiguous(), async_op=True)
         wait_all([work], lambda: "gathering the global batch")
         out[pos] = torch.cat([part[:n] for part, n in zip(parts, sizes)])
     for pos, leaf in enumerate(leaves):

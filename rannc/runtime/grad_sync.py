@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from .dist import GroupCache
-from .failures import wait_all
+from .failures import guarded, wait_all
 
 
 class GradSync:
@@ -27,7 +27,8 @@ class GradSync:
             for dtype in sorted(by_dtype, key=str):
                 members = by_dtype[dtype]
                 flat = torch.cat([grads[n].reshape(-1) for n in members])
-                work = dist.all_reduce(flat, group=group, async_op=True)
+                with guarded(lambda: "all-reducing gradients"):
+                    work = dist.all_reduce(flat, group=group, async_op=True)
                 wait_all([work], lambda names=members: f"all-reducing gradients of {names[0]} and others")
                 offset = 0
                 for name in members:

@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..capture.modes import exact_precision, training_mode
-from .failures import wait_all
+from .failures import guarded, wait_all
 from .gather import GlobalBatch
 from .layout import SampleLayout
 from .routes import concrete_shape, symint_value
 from .schedule import Action, actions_for, forward_only
 from .stage import LocalStage
 from .transfer import Transfer
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _restored_rng(device: torch.device, state: Any) -> Iterator[None]:
+    """Replay a forward with the random state it first ran with (dropout masks match), then restore."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 class PipelineCall:
@@ -139,7 +157,10 @@ class PipelineCall:
                     value.requires_grad_(True)
                     grad_inputs.append(("boundary", item.name, value))
                 args.append(value)
-        with torch.set_grad_enabled(grad), training_mode(self.training), exact_precision():
+        recompute = grad and s.recompute
+        rng = _rng_state(s.device) if recompute else None
+        # A recomputed stage keeps only its inputs now and runs the forward again in backward.
+        with torch.set_grad_enabled(grad and not recompute), training_mode(self.training), exact_precision():
             outs = dict(zip(s.graph.outputs, s.graph.module(*args)))
         for route in s.produced:
             self.transfer.send_activation(route, outs[route.value], s.replica, i)
@@ -149,11 +170,26 @@ class PipelineCall:
                     buffer.copy_(outs[node])
         self._contribute_outputs(outs, i, lo, hi)
         if grad:
-            self.stash[i] = (grad_inputs, outs, hi - lo)
+            self.stash[i] = (
+                grad_inputs,
+                None if recompute else outs,
+                hi - lo,
+                args if recompute else None,
+                rng,
+            )
 
     def _backward(self, i: int) -> None:
         s = self.stage
-        grad_inputs, outs, rows = self.stash.pop(i)
+        grad_inputs, outs, rows, args, rng = self.stash.pop(i)
+        if outs is None:  # recompute: the same forward again, with the same random numbers, keeping graphs
+            # enable_grad: deferred backwards run inside autograd's backward, where grad mode is off
+            with (
+                _restored_rng(s.device, rng),
+                torch.enable_grad(),
+                training_mode(self.training),
+                exact_precision(),
+            ):
+                outs = dict(zip(s.graph.outputs, s.graph.module(*args)))
         lo, hi = self.layout.rows(s.index, i, s.replica)
         seeds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -246,7 +282,9 @@ class PipelineCall:
             return tensor
         if tensor.dtype == torch.bool:
             return self._allreduce(tensor.to(torch.uint8)).to(torch.bool)
-        wait_all([dist.all_reduce(tensor, async_op=True)], lambda: "all-reducing the model outputs")
+        with guarded(lambda: "all-reducing the model outputs"):
+            work = dist.all_reduce(tensor, async_op=True)
+        wait_all([work], lambda: "all-reducing the model outputs")
         return tensor
 
     def _spread_output_grads(self, grads: list[torch.Tensor | None]) -> None:

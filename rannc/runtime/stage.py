@@ -31,6 +31,7 @@ class LocalStage:
     batch_symbol: Any
     grad_sync: GradSync
     device: torch.device
+    recompute: bool = False  # keep only stage inputs per microbatch; run the forward again in backward
 
     def __post_init__(self) -> None:
         self.route_of = {r.value: r for r in self.routes}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .failures import wait_all
+from .failures import guarded, wait_all
 from .layout import SampleLayout
 from .routes import Route, concrete_shape
 
@@ -110,7 +110,9 @@ class Transfer:
     def _start(self, ops: list[dist.P2POp]) -> None:
         if ops:
             # Sends complete asynchronously; the buffers stay referenced until wait_sends.
-            self.pending.append((dist.batch_isend_irecv(ops), ops))
+            with guarded(lambda: f"sending to rank(s) {sorted({op.peer for op in ops})}"):
+                works = dist.batch_isend_irecv(ops)
+            self.pending.append((works, ops))
 
     def wait_sends(self) -> None:
         for works, ops in self.pending:
@@ -121,4 +123,6 @@ class Transfer:
 def _complete(ops: list[dist.P2POp], describe: Callable[[], str]) -> None:
     """Post a group of receives together and wait for all of them."""
     if ops:
-        wait_all(dist.batch_isend_irecv(ops), describe)
+        with guarded(describe):
+            works = dist.batch_isend_irecv(ops)
+        wait_all(works, describe)

@@ -1,0 +1,150 @@
+"""Time `rannc plan` (plan_offline) end to end for GPT-3 175B and T5 11B shapes built on the meta device."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.export  # noqa: E402
+import transformers  # noqa: E402
+
+from rannc.deploy import show_deployment  # noqa: E402
+from rannc.offline import plan_offline  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+GIB = 2**30
+
+
+def gpt3_175b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """GPT-3 175B shape: 96 layers x 12288, 96 heads, 2048 tokens, vocab 50257 (on meta)."""
+    config = transformers.GPT2Config(
+        n_layer=96, n_embd=12288, n_head=96, n_positions=2048, vocab_size=50257, use_cache=False
+    )
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(config)
+    ids = torch.zeros(1, 2048, dtype=torch.long, device="meta")
+    return model, (), {"input_ids": ids, "labels": ids}
+
+
+def t5_11b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """T5 11B shape: d_model 1024, d_ff 65536, 24 + 24 layers, 128 heads of 128, vocab 32128 (on meta)."""
+    config = transformers.T5Config(
+        d_model=1024,
+        d_ff=65536,
+        num_layers=24,
+        num_heads=128,
+        d_kv=128,
+        vocab_size=32128,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        use_cache=False,
+    )
+    with torch.device("meta"):
+        model = transformers.T5ForConditionalGeneration(config)
+    ids = torch.zeros(1, 512, dtype=torch.long, device="meta")
+    labels = torch.zeros(1, 128, dtype=torch.long, device="meta")
+    return model, (), {"input_ids": ids, "labels": labels}
+
+
+CASES = {
+    "gpt3-175b": dict(
+        factory=gpt3_175b,
+        world_size=1024,
+        device_memory_bytes=80 * GIB,
+        global_batch=1536,
+        device="h100-80gb",
+        gpus_per_node=8,
+        dtype="bf16",
+    ),
+    "t5-11b": dict(
+        factory=t5_11b,
+        world_size=32,
+        device_memory_bytes=40 * GIB,
+        global_batch=128,
+        device="a100-40gb",
+        dtype="bf16",
+    ),
+}
+
+
+@contextlib.contextmanager
+def timed_capture(into: dict[str, float]) -> Iterator[None]:
+    """Time torch.export.export and ExportedProgram.run_decompositions inside rannc's capture."""
+    import rannc.capture.export as capture_module
+
+    export, decompose = capture_module.export, torch.export.ExportedProgram.run_decompositions
+
+    def timed_export(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return export(*args, **kwargs)
+        finally:
+            into["export"] = into.get("export", 0.0) + time.perf_counter() - start
+
+    def timed_decompose(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return decompose(self, *args, **kwargs)
+        finally:
+            into["run_decompositions"] = into.get("run_decompositions", 0.0) + time.perf_counter() - start
+
+    capture_module.export = timed_export  # type: ignore[assignment]
+    torch.export.ExportedProgram.run_decompositions = timed_decompose  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        capture_module.export = export
+        torch.export.ExportedProgram.run_decompositions = decompose  # type: ignore[method-assign]
+
+
+def run(name: str, max_blocks: int | None) -> None:
+    case = dict(CASES[name])
+    if max_blocks is not None:
+        case["max_blocks"] = max_blocks
+    parts: dict[str, float] = {}
+    start = time.perf_counter()
+    with timed_capture(parts):
+        result = plan_offline(case.pop("factory"), **case)  # type: ignore[arg-type]
+    wall = time.perf_counter() - start
+    show_deployment(result.deployment)
+    t = result.timings
+    rest = t["capture"] - parts.get("export", 0.0) - parts.get("run_decompositions", 0.0)
+    print(
+        f"\n{name}: {wall:.1f} s end to end (peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)"
+    )
+    print(
+        f"  build {t['build']:.1f} s | capture {t['capture']:.1f} s (export {parts.get('export', 0):.1f}, "
+        f"run_decompositions {parts.get('run_decompositions', 0):.1f}, rest {rest:.1f}) | analyse "
+        f"{t['analyse']:.1f} s | profile {t['profile']:.1f} s ({result.report['distinct_blocks']} distinct of "
+        f"{result.report['num_blocks']} blocks x {len(result.report['profiled_microbatch_sizes'])} sizes) | "
+        f"search {t['search']:.1f} s | simulate {t['simulate']:.2f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("cases", nargs="*", metavar="CASE", help=f"some of {', '.join(CASES)} (default: all)")
+    parser.add_argument("--max-blocks", type=int, default=None, help="override each case's max_blocks")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    for name in args.cases or list(CASES):
+        run(name, args.max_blocks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
