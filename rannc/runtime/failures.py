@@ -19,6 +19,7 @@ from ..errors import RanncError, RemoteError
 logger = logging.getLogger(__name__)
 
 _ERROR_KEY = "rannc/failed"
+_LINGER_S = 3.5  # > watchdog poll + grace
 _settings = {"timeout_s": 30.0}
 _context: dict[str, Any] = {"step": 0, "stage": None}
 
@@ -155,6 +156,9 @@ def reported() -> Iterator[None]:
         raise
     except BaseException as exc:
         post_failure(f"rank {_rank()} ({where()}) failed: {type(exc).__name__}: {exc}")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Rank 0 hosts the TCP store: stay long enough for the others' watchdogs to read the message.
+            time.sleep(_LINGER_S)
         exc.add_note(f"rannc: raised on rank {_rank()} ({where()}); the other ranks were told and stop")
         raise
 
