@@ -19,7 +19,7 @@ from .capture import CapturedGraph, FlatCall, capture, tile_rows
 from .capture.samples import record_values
 from .deploy.deployment import Deployment, format_bytes
 from .errors import ConfigError, PlanError
-from .graph.analysis import GraphAnalysis, analyse, atomic_units
+from .graph.analysis import GraphAnalysis, analyse, atomic_units, has_single_loss, module_range
 from .graph.blocks import coarsen, estimate_op_costs
 from .graph.stage import StageGraph
 from .plan import PlanProblem, minimum_memory_needed, plan_stages, required_microbatch_sizes
@@ -124,21 +124,6 @@ def block_count(captured: CapturedGraph, usable: float, opt_param_factor: float,
     vals |= {fqn: n.meta["val"] for n in captured.gm.graph.nodes if (fqn := captured.buffers.get(n.name))}
     state = sum(v.numel() * v.element_size() for v in vals.values()) * (2 + opt_param_factor)
     return max(max_blocks, math.ceil(2 * state / usable))
-
-
-def _single_loss(captured: CapturedGraph, analysis: GraphAnalysis) -> bool:
-    """1F1B needs exactly one scalar, batch-dependent, differentiable output (the loss)."""
-    values = [analysis.values[n] for n in captured.user_outputs if n is not None]
-    losses = [v for v in values if v.kind == "tensor" and not v.shape and v.carries_grad]
-    return len([v for v in losses if analysis.is_batch.get(v.name, False)]) == 1
-
-
-def _module_range(nodes: dict[str, fx.Node], names: list[str]) -> tuple[str, str]:
-    """The first and last user module (innermost, from export's nn_module_stack) the ops came from."""
-    stacks = [(nodes[n].meta.get("nn_module_stack") or {}).values() for n in names]
-    paths = [[p for p, _ in stack if p and not p.startswith("_")] for stack in stacks]
-    inner = [ps[-1] for ps in paths if ps]
-    return (inner[0], inner[-1]) if inner else ("", "")
 
 
 def profile_sizes(needed: Sequence[int]) -> list[int]:
@@ -314,7 +299,7 @@ def plan_offline(
     )
     graphs = block_graphs(captured, analysis, blocks)
     tables = range_tables(captured, analysis, blocks, graphs)
-    allowed = [s for s in dict.fromkeys(schedules) if s != "1f1b" or _single_loss(captured, analysis)]
+    allowed = [s for s in dict.fromkeys(schedules) if s != "1f1b" or has_single_loss(captured, analysis)]
     if not allowed:
         raise PlanError(
             f"no schedule of {tuple(schedules)} fits this model: 1F1B needs exactly one scalar loss output; "
@@ -389,8 +374,8 @@ def plan_offline(
         world_size=world_size,
         device_memory_bytes=usable,
         stage_nodes=stage_nodes,
-        block_names=["..".join(_module_range(nodes, b)) for b in blocks],
-        stage_module_ranges=[_module_range(nodes, ns) for ns in stage_nodes],
+        block_names=["..".join(module_range(nodes, b)) for b in blocks],
+        stage_module_ranges=[module_range(nodes, ns) for ns in stage_nodes],
         report=report,
     )
     return OfflinePlan(deployment, problem, timeline, report, timings)

@@ -19,7 +19,7 @@ from .capture.samples import record_values
 from .config import Config
 from .deploy import Deployment, load_deployment
 from .errors import PlanError
-from .graph.analysis import GraphAnalysis, analyse, atomic_units
+from .graph.analysis import GraphAnalysis, analyse, atomic_units, has_single_loss, module_range
 from .graph.blocks import coarsen, estimate_op_costs
 from .plan import Plan, minimum_memory_needed, plan_stages, required_microbatch_sizes
 from .plan.from_graph import block_graphs, block_runners, make_problem, range_tables
@@ -63,18 +63,6 @@ def _check_same_graph(graph_hash: str, world_size: int) -> None:
         )
 
 
-def _module_path(node: Any) -> str:
-    """The innermost user module an op came from ("" when export recorded none)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [path for path, _ in stack.values() if path and not path.startswith("_")]
-    return paths[-1] if paths else ""
-
-
-def _module_range(nodes: dict[str, Any], names: list[str]) -> tuple[str, str]:
-    paths = [p for p in (_module_path(nodes[n]) for n in names) if p]
-    return (paths[0], paths[-1]) if paths else ("", "")
-
-
 def memory_limit(config: Config, device: torch.device) -> float | None:
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     return config.device_memory_limit(total)
@@ -82,16 +70,7 @@ def memory_limit(config: Config, device: torch.device) -> float | None:
 
 def resolve_schedule(config: Config, captured: CapturedGraph, analysis: GraphAnalysis) -> str:
     """1F1B needs a single scalar loss (its gradient is known in forward); otherwise fill-drain."""
-    losses = [
-        n
-        for n in captured.user_outputs
-        if n is not None
-        and analysis.values[n].kind == "tensor"
-        and len(analysis.values[n].shape) == 0
-        and analysis.is_batch.get(n, False)
-        and analysis.values[n].carries_grad
-    ]
-    eager = len(losses) == 1
+    eager = has_single_loss(captured, analysis)
     if config.schedule == "auto":
         return "1f1b" if eager else "fill_drain"
     if config.schedule == "1f1b" and not eager:
@@ -162,8 +141,8 @@ def partition(
     plan = _plan_on_rank0(problem, world_size, config)
     stage_nodes = [sum(blocks[s.first_block : s.last_block + 1], []) for s in plan.stages]
     nodes = {n.name: n for n in captured.gm.graph.nodes}
-    ranges = [_module_range(nodes, ns) for ns in stage_nodes]
-    block_names = ["..".join(_module_range(nodes, b)) for b in blocks]
+    ranges = [module_range(nodes, ns) for ns in stage_nodes]
+    block_names = ["..".join(module_range(nodes, b)) for b in blocks]
     deployment = Deployment(
         plan=plan,
         graph_hash=captured.graph_hash,

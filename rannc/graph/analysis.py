@@ -155,3 +155,25 @@ def atomic_units(analysis: GraphAnalysis) -> list[list[str]]:
     if current:
         units.append(current)
     return units
+
+
+def has_single_loss(captured: CapturedGraph, analysis: GraphAnalysis) -> bool:
+    """Exactly one scalar, batch-dependent, differentiable output (the loss): what 1F1B needs."""
+    losses = [
+        n
+        for n in captured.user_outputs
+        if n is not None
+        and analysis.values[n].kind == "tensor"
+        and len(analysis.values[n].shape) == 0
+        and analysis.is_batch.get(n, False)
+        and analysis.values[n].carries_grad
+    ]
+    return len(losses) == 1
+
+
+def module_range(nodes: dict[str, fx.Node], names: list[str]) -> tuple[str, str]:
+    """The first and last user module (innermost, from export's nn_module_stack) the ops came from."""
+    stacks = [(nodes[n].meta.get("nn_module_stack") or {}).values() for n in names]
+    paths = [[p for p, _ in stack if p and not p.startswith("_")] for stack in stacks]
+    inner = [ps[-1] for ps in paths if ps]
+    return (inner[0], inner[-1]) if inner else ("", "")
