@@ -95,6 +95,8 @@ class RaNNCModule:
         self.layout = stage_layout(self.captured, self.analysis, self.deployment.stage_nodes)
         self._tensors = _named_tensors(self.module)
         self._params = {name for name, _ in self.module.named_parameters()}
+        self._rank_sets = self.layout.rank_sets(stage_ranks)
+        self._alias_of = {alias: name for name, aliases in self.captured.aliases.items() for alias in aliases}
         self._shapes = {name: (t.shape, t.dtype) for name, t in self._tensors.items()}
         my_stage = plan.stage_of_rank(self.rank)
         local = {name for name, stages in self.layout.holders.items() if my_stage in stages}
@@ -142,12 +144,7 @@ class RaNNCModule:
         if self.optimizer is None:
             self.optimizer_binding = None
             return
-        plan = self.deployment.plan
-        rank_sets = {
-            name: tuple(sorted(r for s in stages for r in plan.stages[s].ranks))
-            for name, stages in self.layout.holders.items()
-            if name in self._params
-        }
+        rank_sets = {name: ranks for name, ranks in self._rank_sets.items() if name in self._params}
         sizes = {name: shape.numel() * dtype.itemsize for name, (shape, dtype) in self._shapes.items()}
         canonical_of = {id(t): name for name, t in self._tensors.items()}
         self.optimizer_binding = OptimizerBinding(
@@ -292,9 +289,7 @@ class RaNNCModule:
         """
         if not self._ready:
             return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, norm_type)
-        return clip_global_grad_norm(
-            self.stage, self.layout.holders, self.deployment.plan, max_norm, norm_type
-        )
+        return clip_global_grad_norm(self.stage, self._rank_sets, max_norm, norm_type)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.module.zero_grad(set_to_none=set_to_none)
@@ -325,7 +320,7 @@ class RaNNCModule:
             )
         with torch.no_grad():
             for key, value in state_dict.items():
-                name = _canonical(self.captured.aliases, key)
+                name = self._alias_of.get(key, key)
                 tensor = self._tensors.get(name)
                 if tensor is not None and tensor.numel() > 0:
                     tensor.copy_(value.to(tensor.device))
@@ -359,7 +354,7 @@ class RaNNCModule:
             return {}
         out: dict[str, torch.Tensor] = OrderedDict()
         for key in self.module.state_dict(keep_vars=True):
-            canonical = _canonical(self.captured.aliases, key)
+            canonical = self._alias_of.get(key, key)
             out[key] = gathered.get(canonical, gathered.get(key))
         return out
 
@@ -404,13 +399,6 @@ def _save_on_rank0(deployment: Deployment, path: str, world_size: int) -> None:
     if outcome[0] is not None:
         kind, message = outcome[0]
         raise DeploymentError(f"saving the deployment failed on rank 0 ({kind}): {message}")
-
-
-def _canonical(aliases: dict[str, list[str]], key: str) -> str:
-    for canonical, names in aliases.items():
-        if key in names:
-            return canonical
-    return key
 
 
 def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

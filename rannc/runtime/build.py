@@ -25,6 +25,13 @@ class Layout:
     holders: dict[str, list[int]]  # canonical tensor name -> stages that hold it
     owner: dict[str, int]  # canonical tensor name -> the stage whose copy is authoritative
 
+    def rank_sets(self, stage_ranks: list[list[int]]) -> dict[str, tuple[int, ...]]:
+        """Canonical tensor name -> the sorted ranks holding it (every replica of every stage using it)."""
+        return {
+            name: tuple(sorted(r for s in stages for r in stage_ranks[s]))
+            for name, stages in self.holders.items()
+        }
+
 
 def output_specs(
     captured: CapturedGraph, analysis: GraphAnalysis, stage_of_node: dict[str, int], last: int
@@ -135,12 +142,11 @@ def build_local_stage(
     mutations = {
         node: tensors[fqn] for node, fqn in captured.buffer_mutations.items() if node in graph.outputs
     }
+    params = set(captured.params.values())
     rank_sets: dict[tuple[int, ...], list[str]] = {}
-    for name, stages in layout.holders.items():
-        if name not in captured.params.values():
-            continue
-        ranks = tuple(sorted(r for s in stages for r in stage_ranks[s]))
-        rank_sets.setdefault(ranks, []).append(name)
+    for name, ranks in layout.rank_sets(stage_ranks).items():
+        if name in params:
+            rank_sets.setdefault(ranks, []).append(name)
     grad_groups = [(ranks, sorted(names)) for ranks, names in rank_sets.items()]
     symints = {item.name: _meta(captured, item.name) for item in graph.inputs if item.kind == "symint"}
     return LocalStage(

@@ -7,20 +7,18 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..plan.types import Plan
 from .stage import LocalStage
 
 
 def clip_global_grad_norm(
-    stage: LocalStage, holders: dict[str, list[int]], plan: Plan, max_norm: float, norm_type: float = 2.0
+    stage: LocalStage, rank_sets: dict[str, tuple[int, ...]], max_norm: float, norm_type: float = 2.0
 ) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ semantics for the whole partitioned model; returns the total norm."""
     rank = stage.rank
     owned = []
     for name, param in stage.trainable.items():
         # A parameter lives on every replica of every stage that uses it; the lowest of those ranks counts it.
-        first = min(r for s in holders[name] for r in plan.stages[s].ranks)
-        if first == rank and param.grad is not None:
+        if rank_sets[name][0] == rank and param.grad is not None:
             owned.append(param.grad.detach())
     norm_type = float(norm_type)
     device = stage.device

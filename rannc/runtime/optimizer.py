@@ -48,6 +48,12 @@ class OptimizerBinding:
             for name in flat
             if name not in rank_sets or (rank in rank_sets[name] and (not zero or self.owner[name] == rank))
         }
+        by_set: dict[tuple[int, ...], list[str]] = {}
+        for name, ranks in rank_sets.items():
+            if len(ranks) > 1 and rank in ranks:
+                by_set.setdefault(ranks, []).append(name)
+        # Grouped once, in the same order on every rank: broadcasts run after every optimizer step.
+        self.broadcast_sets = [(ranks, sorted(by_set[ranks])) for ranks in sorted(by_set)]
         self._restrict()
         self._original_state_dict = type(optimizer).state_dict.__get__(optimizer)
         self._original_load_state_dict = type(optimizer).load_state_dict.__get__(optimizer)
@@ -87,13 +93,9 @@ class OptimizerBinding:
 
     def broadcast_owned(self) -> None:
         """ZeRO-1: each parameter's owner sends its updated value to the other ranks of its set."""
-        by_set: dict[tuple[int, ...], list[str]] = {}
-        for name, ranks in self.rank_sets.items():
-            if len(ranks) > 1 and self.rank in ranks:
-                by_set.setdefault(ranks, []).append(name)
-        for ranks in sorted(by_set):
+        for ranks, names in self.broadcast_sets:
             group = self.groups.get(ranks)
-            for name in sorted(by_set[ranks]):
+            for name in names:
                 dist.broadcast(self.tensors[name].data, src=self.owner[name], group=group)
 
     def local_names(self) -> list[list[str]]:

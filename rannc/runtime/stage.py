@@ -37,9 +37,9 @@ class LocalStage:
         self.route_of = {r.value: r for r in self.routes}
         self.produced = [r for r in self.routes if r.producer == self.index]
         unique: dict[str, torch.Tensor] = {}
-        for placeholder, canonical in self.param_names.items():
+        for placeholder, canonical in self.param_names.items():  # parameter inputs of this stage only
             tensor = self.state[placeholder]
-            if placeholder in self.graph.input_names("param") and tensor.requires_grad:
+            if tensor.requires_grad:
                 unique.setdefault(canonical, tensor)
         self.trainable = unique  # canonical -> Parameter, deduplicated (tied weights appear once)
         self.pending: dict[str, torch.Tensor] = {}  # gradients computed here and not yet all-reduced
