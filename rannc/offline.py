@@ -210,7 +210,11 @@ def memory_split(timeline: Timeline) -> list[dict[str, float]]:
     out = []
     for timing, inflight in zip(timeline.stages, timeline.peak_inflight):
         parts = dict(timing.memory_parts or {})
-        parts["activations"] = timing.activation_bytes * inflight + parts.pop("recompute workspace", 0.0)
+        parts["activations"] = (
+            timing.activation_bytes * inflight
+            + parts.pop("recompute workspace", 0.0)
+            + parts.pop("workspace", 0.0)  # transient forward/backward memory of one block
+        )
         out.append({k: float(parts.get(k, 0.0)) for k in MEMORY_PARTS})
     return out
 
@@ -317,7 +321,10 @@ def plan_offline(
     fixed.update(max_microbatches=min(max_microbatches, global_batch), schedules=tuple(allowed))
     fixed.update(opt_param_factor=opt_param_factor, num_stages=num_stages, zero_optimizer=zero)
     newer = _problem_kwargs(
-        allow_recompute=recompute, **links, **_choices(world_size, global_batch, max_microbatches, gpus)
+        allow_recompute=recompute,
+        update_seconds_per_param_byte=profile.update_seconds_per_byte(opt_param_factor),
+        **links,
+        **_choices(world_size, global_batch, max_microbatches, gpus),
     )
 
     def make(profiles: list[BlockProfile]) -> PlanProblem:

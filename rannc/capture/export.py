@@ -86,7 +86,7 @@ def capture(
         for leaf in call.leaves
     ]
     small_args, small_kwargs = call.unflatten(leaves)
-    batch = Dim("batch", min=1)
+    dynamic_shapes = dynamic_shapes_for(small_args, small_kwargs, Dim("batch", min=1), model.forward)
     started = time.perf_counter()
     try:
         # The math attention backend gives the same graph on every device (fused kernels return other
@@ -96,7 +96,7 @@ def capture(
                 model,
                 tuple(small_args),
                 dict(small_kwargs),
-                dynamic_shapes=dynamic_shapes_for(small_args, small_kwargs, batch),
+                dynamic_shapes=dynamic_shapes,
                 strict=False,
             ).run_decompositions({})
     except Exception as exc:  # torch raises many types; all mean "cannot capture"

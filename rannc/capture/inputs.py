@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,8 +83,14 @@ def with_memory_order(tensor: torch.Tensor, order: tuple[int, ...]) -> torch.Ten
     return tensor.permute(*order).contiguous().permute(*inverse)
 
 
-def dynamic_shapes_for(args: tuple[Any, ...], kwargs: dict[str, Any], batch: Any) -> tuple[Any, ...]:
-    """torch.export dynamic_shapes marking dim 0 of every tensor input (of rank >= 1) as the batch."""
+def dynamic_shapes_for(
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch: Any, forward: Callable[..., Any] | None = None
+) -> tuple[Any, ...] | dict[str, Any]:
+    """torch.export dynamic_shapes marking dim 0 of every tensor input (of rank >= 1) as the batch.
+
+    With `forward` (the model's bound forward), the specs are keyed by its parameter names, which is what
+    torch.export needs when forward takes ``*args`` or ``**kwargs`` (their specs nest under that name).
+    """
 
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -93,4 +101,27 @@ def dynamic_shapes_for(args: tuple[Any, ...], kwargs: dict[str, Any], batch: Any
             return {k: spec(v) for k, v in value.items()}
         return None
 
+    if forward is not None:
+        try:
+            parameters = inspect.signature(forward).parameters
+            bound = inspect.signature(forward).bind(*args, **kwargs)
+        except (TypeError, ValueError):  # no signature, or one the call does not fit: export will say so
+            pass
+        else:
+            specs: dict[str, Any] = {}
+            for name, value in bound.arguments.items():
+                kind = parameters[name].kind
+                if kind is inspect.Parameter.VAR_POSITIONAL:
+                    specs[name] = tuple(spec(v) for v in value)
+                elif kind is inspect.Parameter.VAR_KEYWORD:
+                    # torch.export (2.13) cannot take dynamic shapes of tensors passed through **kwargs
+                    # ("Must provide a tree_name"); say how to fix the model instead of its assertion.
+                    raise InputError(
+                        f"forward() receives {sorted(value)} through **{name}; torch.export cannot mark the batch "
+                        f"dimension of tensors passed that way. Give forward() named parameters "
+                        f"(def forward(self, {', '.join(value)}): ...) and call it with those names"
+                    )
+                else:
+                    specs[name] = spec(value)
+            return specs
     return tuple(spec(a) for a in args) + tuple(spec(v) for v in kwargs.values())

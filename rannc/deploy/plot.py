@@ -16,6 +16,7 @@ _EVENT_COLORS = {
     "F": "#4c72b0",
     "B": "#dd8452",
     "allreduce": "#55a868",
+    "update": "#8c8c3c",
     "recv_act": "#bbbbbb",
     "recv_grad": "#999999",
 }
@@ -26,6 +27,7 @@ _MEMORY_COLORS = {
     "buffers": "#937860",
     "activations": "#dd8452",
     "recompute workspace": "#da8bc3",
+    "workspace": "#e6b35c",
     "optimizer + buffers": "#c44e52",
     "total": "#777777",
 }

@@ -20,13 +20,15 @@ class StageCost:
     bwd: float  # includes the recomputed forward when `recompute`
     comm: float  # seconds per microbatch: inputs and outputs, forward and backward
     time: float  # fwd + bwd + comm (t_s)
-    allreduce: float  # seconds per step for the gradient allreduce among the replicas
+    allreduce: float  # seconds per step after the last backward: gradient allreduce + optimizer update
     param_bytes: float
     activation_bytes: float  # saved activations of one microbatch (without recompute)
     in_bytes: float  # boundary bytes received per microbatch (forward)
     out_bytes: float  # boundary bytes sent per microbatch (forward)
     memory: float  # predicted peak bytes per rank
     recompute: bool = False
+    workspace_bytes: float = 0.0  # the largest block workspace of the stage (held once)
+    update: float = 0.0  # the optimizer update's part of `allreduce`
 
     @property
     def peak_activation_bytes(self) -> float:
@@ -104,6 +106,12 @@ def allreduce_time(problem: PlanProblem, param_bytes: float, replicas: int, inte
     return latency + 2 * (replicas - 1) / replicas * param_bytes / bandwidth
 
 
+def update_seconds_per_byte(problem: PlanProblem, replicas: int) -> float:
+    """Optimizer update seconds per parameter byte of a stage on `replicas` ranks (ZeRO-1: a shard each)."""
+    shards = replicas if problem.zero_optimizer else 1
+    return problem.update_seconds_per_param_byte / shards
+
+
 def spans_nodes(problem: PlanProblem, first_rank: int, replicas: int) -> bool:
     """Whether ranks first_rank..first_rank+replicas-1 lie on more than one node."""
     g = problem.gpus_per_node
@@ -118,10 +126,11 @@ def crosses_nodes(problem: PlanProblem, first_rank: int, end_rank: int) -> bool:
 
 
 # Row entry of one block range at one microbatch size: forward, backward, activation bytes, boundary
-# bytes in and out, parameter state bytes, and the p2p seconds (forward and backward) of the inputs
-# and of the outputs over an intra-node and an inter-node link.
-Row = tuple[float, float, float, float, float, float, float, float, float, float]
-F, B, A, IN, OUT, BASE, IN_INTRA, IN_INTER, OUT_INTRA, OUT_INTER = range(10)
+# bytes in and out, parameter state bytes, the p2p seconds (forward and backward) of the inputs and of
+# the outputs over an intra-node and an inter-node link, the largest block workspace and the bytes held
+# once per stage beyond parameter state (send/receive buffers + workspace).
+Row = tuple[float, float, float, float, float, float, float, float, float, float, float, float]
+F, B, A, IN, OUT, BASE, IN_INTRA, IN_INTER, OUT_INTRA, OUT_INTER, WS, IO = range(12)
 
 
 class CostModel:
@@ -131,6 +140,7 @@ class CostModel:
         self.problem = problem
         self.num_blocks = len(problem.blocks)
         self._block_values: dict[int, tuple[list[float], list[float], list[float]]] = {}
+        self._workspace: dict[int, list[float]] = {}
         self._rows: dict[tuple[int, int, int], list[Row]] = {}
         self._allreduce: dict[tuple[int, int, bool], list[float]] = {}
 
@@ -147,6 +157,13 @@ class CostModel:
             self._block_values[m] = values
         return values
 
+    def workspace_values(self, m: int) -> list[float]:
+        """Workspace bytes of every block at microbatch size m (0 where unknown)."""
+        values = self._workspace.get(m)
+        if values is None:
+            values = self._workspace[m] = [b.workspace_at(m) for b in self.problem.blocks]
+        return values
+
     def row(self, first: int, m: int, replicas: int = 1) -> list[Row]:
         """For every last block j >= first: the Row of range [first, j] at microbatch size m.
 
@@ -159,16 +176,18 @@ class CostModel:
             return row
         problem = self.problem
         fwd, bwd, act = self.block_values(m)
+        workspace = self.workspace_values(m)
         in_table = problem.range_in_bytes_per_sample[first]
         out_table = problem.range_out_bytes_per_sample[first]
         param_table = problem.range_param_bytes[first]
         state_factor = 2 + problem.opt_param_factor / shards  # ZeRO-1 divides optimizer state by replicas
         row = []
-        f_sum = b_sum = a_sum = 0.0
+        f_sum = b_sum = a_sum = ws_max = 0.0
         for j in range(first, self.num_blocks):
             f_sum += fwd[j]
             b_sum += bwd[j]
             a_sum += act[j]
+            ws_max = max(ws_max, workspace[j])
             in_bytes = in_table[j] * m
             out_bytes = out_table[j] * m
             row.append(
@@ -183,23 +202,31 @@ class CostModel:
                     2 * p2p_time(problem, in_bytes, True),
                     2 * p2p_time(problem, out_bytes),
                     2 * p2p_time(problem, out_bytes, True),
+                    ws_max,
+                    held_bytes(in_bytes, out_bytes, ws_max),
                 )
             )
         self._rows[key] = row
         return row
 
     def allreduce_row(self, first: int, replicas: int, inter: bool = False) -> list[float]:
-        """Allreduce time of range [first, j] on `replicas` ranks, for every j >= first."""
+        """End-of-step seconds of range [first, j] on `replicas` ranks, for every j >= first: the gradient
+        allreduce plus the optimizer update of the rank's parameters (its shard with ZeRO-1)."""
         key = (first, replicas, inter)
         row = self._allreduce.get(key)
         if row is None:
             params = self.problem.range_param_bytes[first]
+            per_byte = update_seconds_per_byte(self.problem, replicas)
             row = [
-                allreduce_time(self.problem, params[j], replicas, inter)
+                allreduce_time(self.problem, params[j], replicas, inter) + params[j] * per_byte
                 for j in range(first, self.num_blocks)
             ]
             self._allreduce[key] = row
         return row
+
+    def update(self, first: int, last: int, replicas: int) -> float:
+        """Seconds of the optimizer update of range [first, last] on one of `replicas` ranks."""
+        return self.problem.range_param_bytes[first][last] * update_seconds_per_byte(self.problem, replicas)
 
     def allreduce(self, first: int, last: int, replicas: int, inter: bool = False) -> float:
         return self.allreduce_row(first, replicas, inter)[last - first]
@@ -220,7 +247,7 @@ class CostModel:
         row = self.row(first, m, replicas)[last - first]
         f_sum, b_sum, a_sum, in_bytes, out_bytes, base = row[:6]
         comm = row[IN_INTER if links[0] else IN_INTRA] + row[OUT_INTER if links[1] else OUT_INTRA]
-        io = 2 * (in_bytes + out_bytes)
+        io = row[IO]
         bwd = b_sum + f_sum if recompute else b_sum
         memory = (
             recompute_memory(base, a_sum, in_bytes, inflight, io)
@@ -244,6 +271,8 @@ class CostModel:
             out_bytes=out_bytes,
             memory=memory,
             recompute=recompute,
+            workspace_bytes=row[WS],
+            update=self.update(first, last, replicas),
         )
 
 
@@ -252,14 +281,20 @@ def stage_time(fwd: float, bwd: float, comm: float) -> float:
     return fwd + bwd + comm
 
 
+def held_bytes(in_bytes: float, out_bytes: float, workspace: float) -> float:
+    """Bytes a stage holds once per step beyond parameter state: send and receive buffers of its
+    boundary tensors (forward and backward) and the largest workspace of its blocks."""
+    return 2 * (in_bytes + out_bytes) + workspace
+
+
 def stage_memory(base: float, activation: float, inflight: int, io: float) -> float:
-    """Peak bytes per rank: parameter state + held activations + boundary buffers."""
+    """Peak bytes per rank: parameter state + held activations + `io` (held_bytes: buffers, workspace)."""
     return base + activation * inflight + io
 
 
 def recompute_memory(base: float, activation: float, in_bytes: float, inflight: int, io: float) -> float:
     """Peak bytes per rank of a recomputed stage: parameter state + the boundary inputs of the
-    microbatches in flight + one microbatch's activations (rebuilt for its backward) + buffers."""
+    microbatches in flight + one microbatch's activations (rebuilt for its backward) + `io` (held_bytes)."""
     return base + in_bytes * inflight + activation + io
 
 

@@ -28,7 +28,7 @@ def stage_memories(
     for ri, r in enumerate(replicas):
         table = tables.compute(-(-rows // r))
         base = tables.base(r)
-        io = 2 * (table["in"] + table["out"])
+        io = table["io"]
         plain = base + table["act"] * inflight + io
         if problem.allow_recompute:
             plain = np.minimum(plain, base + table["in"] * inflight + table["act"] + io)

@@ -126,14 +126,14 @@ class SuffixSearch:
                     base_col = bases[ri][j]
                     ar_col, arx_col = ar_intra[ri][j], ar_inter[ri][j]
                     for b in range(j, -1, -1):
-                        f, bw, act, in_b, out_b, cin, cinx, cout, coutx = col[b]
+                        f, bw, act, in_b, _out_b, cin, cinx, cout, coutx, io = col[b]
                         fb = f + bw
                         if fb > stage_cap:
                             if monotone:
                                 break
                             continue
                         if limit is not None:
-                            base, io = base_col[b], 2 * (in_b + out_b)
+                            base = base_col[b]
                             if base + act * inflight + io <= limit:
                                 ct = fb
                             elif recompute and base + in_b * inflight + act + io <= limit:

@@ -30,7 +30,7 @@ class StageTiming:
     back in the same time. comm_out: seconds to move one microbatch's outputs to later stages, and so to receive
     their gradients back. The first stage's comm_in and the last stage's comm_out are ignored (no neighbour).
     static_bytes: everything that does not scale with the microbatches in flight (parameters, gradients,
-    optimizer state, buffers, boundary buffers); memory_parts optionally splits it by name.
+    optimizer state, boundary buffers, the largest block workspace); memory_parts optionally splits it by name.
     """
 
     fwd: float
@@ -43,6 +43,12 @@ class StageTiming:
     memory_parts: dict[str, float] | None = (
         None  # e.g. parameters/gradients/optimizer/buffers; sums to static
     )
+    update: float = 0.0  # seconds of the optimizer step on the stage's parameters, after the allreduce
+
+    @property
+    def tail(self) -> float:
+        """Seconds after the stage's last backward: gradient allreduce, then optimizer update."""
+        return self.allreduce + self.update
 
     @property
     def analytic_time(self) -> float:
@@ -124,7 +130,16 @@ def _check(stage_times: list[StageTiming], microbatches: int, schedule: str | No
     if schedule is not None and schedule not in _SCHEDULE_FUNCTIONS:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {tuple(_SCHEDULE_FUNCTIONS)}")
     for s, t in enumerate(stage_times):
-        values = (t.fwd, t.bwd, t.comm_in, t.comm_out, t.allreduce, t.activation_bytes, t.static_bytes)
+        values = (
+            t.fwd,
+            t.bwd,
+            t.comm_in,
+            t.comm_out,
+            t.allreduce,
+            t.update,
+            t.activation_bytes,
+            t.static_bytes,
+        )
         if min(values) < 0:
             raise ValueError(f"stage {s} has a negative time or size: {t}")
 
@@ -195,13 +210,16 @@ def simulate(
     for s, timing in enumerate(stage_times):
         if timing.allreduce > 0:
             events[s].append(Event("allreduce", -1, free[s], free[s] + timing.allreduce))
+        if timing.update > 0:
+            start = free[s] + timing.allreduce
+            events[s].append(Event("update", -1, start, start + timing.update))
     peaks = [peak_inflight(actions) for actions in lists]
     return Timeline(
         schedule=schedule,
         microbatches=microbatches,
         stages=list(stage_times),
         events=events,
-        step_time=max(free[s] + t.allreduce for s, t in enumerate(stage_times)),
+        step_time=max(free[s] + t.tail for s, t in enumerate(stage_times)),
         peak_inflight=peaks,
         peak_memory=[t.static_bytes + t.activation_bytes * p for t, p in zip(stage_times, peaks)],
         rendezvous=rendezvous,
@@ -230,10 +248,10 @@ def bubble_bound(stage_times: list[StageTiming], microbatches: int, *, rendezvou
         work = p * (t.fwd + t.bwd)
         if rendezvous:
             work += (p - 1) * recv_in + p * recv_grad
-        tail, drain = t.allreduce, 0.0
+        tail, drain = t.tail, 0.0
         for k in range(s - 1, -1, -1):
             drain += _receive_time(stage_times, k, "B") + stage_times[k].bwd
-            tail = max(tail, drain + stage_times[k].allreduce)
+            tail = max(tail, drain + stage_times[k].tail)
         best = max(best, head + work + tail)
         head += t.fwd
     return best
@@ -241,7 +259,7 @@ def bubble_bound(stage_times: list[StageTiming], microbatches: int, *, rendezvou
 
 def analytic_step_time(stage_times: list[StageTiming], microbatches: int) -> float:
     """The cost model's T = sum t_s + (P-1) max t_s + max AR_s with t_s = fwd + bwd + 2 (comm_in + comm_out)."""
-    return step_time([t.analytic_time for t in stage_times], [t.allreduce for t in stage_times], microbatches)
+    return step_time([t.analytic_time for t in stage_times], [t.tail for t in stage_times], microbatches)
 
 
 def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
@@ -278,6 +296,8 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
             "optimizer": cost.param_bytes * problem.opt_param_factor / shards,
             "buffers": 2 * (cost.in_bytes + cost.out_bytes),
         }
+        if cost.workspace_bytes:
+            parts["workspace"] = cost.workspace_bytes
         if recompute:
             parts["recompute workspace"] = cost.activation_bytes
         timings.append(
@@ -286,7 +306,8 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
                 bwd=cost.bwd,
                 comm_in=p2p_time(problem, cost.in_bytes, links[s][0]),
                 comm_out=p2p_time(problem, cost.out_bytes, links[s][1]),
-                allreduce=cost.allreduce,
+                allreduce=cost.allreduce - cost.update,
+                update=cost.update,
                 activation_bytes=cost.in_bytes if recompute else cost.activation_bytes,
                 static_bytes=sum(parts.values()),
                 memory_parts=parts,

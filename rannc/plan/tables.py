@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cost import CostModel
+from .cost import CostModel, held_bytes, update_seconds_per_byte
 
 # Fields of a compute table, in order.
-FIELDS = ("fwd", "bwd", "act", "in", "out", "in_intra", "in_inter", "out_intra", "out_inter")
+FIELDS = ("fwd", "bwd", "act", "in", "out", "in_intra", "in_inter", "out_intra", "out_inter", "io")
 
 
 class StageTables:
@@ -62,6 +62,10 @@ class StageTables:
             fwd, bwd, act = self.model.block_values(m)
             in_bytes = self._in * m
             out_bytes = self._out * m
+            spread = np.where(
+                self._upper, np.array(self.model.workspace_values(m), dtype=np.float64)[None, :], 0.0
+            )
+            workspace = np.maximum.accumulate(spread, axis=1)
             table = {
                 "fwd": self._running(fwd),
                 "bwd": self._running(bwd),
@@ -72,6 +76,7 @@ class StageTables:
                 "in_inter": self._p2p(in_bytes, True),
                 "out_intra": self._p2p(out_bytes, False),
                 "out_inter": self._p2p(out_bytes, True),
+                "io": held_bytes(in_bytes, out_bytes, workspace),
             }
             self._compute[m] = table
         return table
@@ -97,14 +102,15 @@ class StageTables:
         return table
 
     def allreduce(self, replicas: int, inter: bool) -> np.ndarray:
-        """Allreduce seconds of every range on `replicas` ranks (intra- or inter-node)."""
+        """End-of-step seconds (allreduce + optimizer update) of every range on `replicas` ranks."""
         key = (replicas, inter)
         table = self._allreduce.get(key)
         if table is None:
+            problem = self.model.problem
+            per_byte = update_seconds_per_byte(problem, replicas)
             if replicas == 1:
-                table = np.zeros_like(self._params)
+                table = np.zeros_like(self._params) + self._params * per_byte
             else:
-                problem = self.model.problem
                 latency, bandwidth = problem.allreduce_latency, problem.allreduce_bandwidth
                 if inter:
                     if problem.allreduce_inter_latency is not None:
@@ -112,6 +118,7 @@ class StageTables:
                     if problem.allreduce_inter_bandwidth is not None:
                         bandwidth = problem.allreduce_inter_bandwidth
                 table = latency + 2 * (replicas - 1) / replicas * self._params / bandwidth
+                table = table + self._params * per_byte
             self._allreduce[key] = table
         return table
 

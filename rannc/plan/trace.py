@@ -14,7 +14,14 @@ if TYPE_CHECKING:  # only for hints: rannc.runtime.trace imports this module wit
 
 __all__ = ["complete_event", "merge_traces", "name_event", "timeline_to_trace", "write_trace"]
 
-_CATEGORY = {"F": "compute", "B": "compute", "recv_act": "p2p", "recv_grad": "p2p", "allreduce": "allreduce"}
+_CATEGORY = {
+    "F": "compute",
+    "B": "compute",
+    "recv_act": "p2p",
+    "recv_grad": "p2p",
+    "allreduce": "allreduce",
+    "update": "optimizer",
+}
 
 
 def complete_event(

@@ -20,16 +20,26 @@ class BlockProfile:
     fwd_time: dict[int, float]
     bwd_time: dict[int, float]
     activation_bytes: dict[int, float]  # tensors saved for backward by one microbatch
+    # Transient bytes beyond the saved tensors while the block runs one microbatch's forward or backward
+    # (temporaries, incoming and outgoing gradients; parameter gradients excluded): held once per stage, not
+    # per microbatch in flight. Empty: not known (counted as 0).
+    workspace_bytes: dict[int, float] = dataclasses.field(default_factory=dict)
 
     def at(self, table: dict[int, float], m: int) -> float:
         return interpolate(table, m)
 
+    def workspace_at(self, m: int) -> float:
+        return interpolate(self.workspace_bytes, m) if self.workspace_bytes else 0.0
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "fwd_time": {str(k): v for k, v in self.fwd_time.items()},
             "bwd_time": {str(k): v for k, v in self.bwd_time.items()},
             "activation_bytes": {str(k): v for k, v in self.activation_bytes.items()},
         }
+        if self.workspace_bytes:
+            data["workspace_bytes"] = {str(k): v for k, v in self.workspace_bytes.items()}
+        return data
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> BlockProfile:
@@ -37,6 +47,7 @@ class BlockProfile:
             fwd_time={int(k): float(v) for k, v in data["fwd_time"].items()},
             bwd_time={int(k): float(v) for k, v in data["bwd_time"].items()},
             activation_bytes={int(k): float(v) for k, v in data["activation_bytes"].items()},
+            workspace_bytes={int(k): float(v) for k, v in data.get("workspace_bytes", {}).items()},
         )
 
 
@@ -88,6 +99,9 @@ class PlanProblem:
     schedules: tuple[str, ...] = ("1f1b",)
     num_stages: int | None = None  # force the stage count
     zero_optimizer: bool = False  # ZeRO-1: optimizer state sharded over each stage's replicas
+    # Seconds the optimizer step takes per byte of parameters a rank updates (after the allreduce; with
+    # ZeRO-1 a rank updates its shard). 0 = not modelled.
+    update_seconds_per_param_byte: float = 0.0
     # Per-stage activation recompute: a recomputed stage keeps only its boundary inputs per
     # microbatch in flight (plus one microbatch's activations while it runs backward) and pays one
     # more forward in backward. The search recomputes a stage exactly when it does not fit otherwise.

@@ -20,6 +20,7 @@ from ..graph.stage import StageGraph, build_stage
 from ..plan.types import BlockProfile
 from .devices import DeviceProfile
 from .measure import BlockRunner
+from .memtrack import PeakMemory
 
 __all__ = ["BlockEstimate", "OpCost", "analytic_block_profiles", "block_meta_inputs", "estimate_block"]
 __all__ += ["estimate_runner"]
@@ -55,6 +56,7 @@ class BlockEstimate:
     bwd_time: float
     activation_bytes: float
     ops: tuple[OpCost, ...]
+    workspace_bytes: float = 0.0  # most bytes live at once beyond saved tensors and parameter gradients
 
     def total(self, field: str, phase: str) -> float:
         """Sum of `field` ("flops", "bytes", "time") over the ops of `phase` ("fwd", "bwd")."""
@@ -279,23 +281,32 @@ def estimate_block(
             saved[key] = max(saved.get(key, 0.0), nbytes)
         return tensor
 
+    def priced_bytes(tensor: torch.Tensor) -> float:
+        return tensor.untyped_storage().nbytes() / tensor.element_size() * costs.item(tensor)
+
     runner = _MetaRunner(module, costs, fused_attention) if isinstance(module, fx.GraphModule) else None
+    live = PeakMemory(size_of=priced_bytes)  # what the forward and backward hold at once, on meta
     with torch.enable_grad(), exact_precision(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with costs:
-            outputs = runner.run(*args) if runner is not None else module(*args)
-        outs = [t for t in pytree.tree_leaves(outputs) if _is_tensor(t) and t.requires_grad]
-        wrt = [x for x in args if _is_tensor(x) and x.requires_grad]
-        grads = [torch.empty_like(t) for t in outs]
-        costs.phase = "bwd"
-        if outs and wrt:
+        with live:
             with costs:
-                torch.autograd.grad(outs, wrt, grads, allow_unused=True)
-            for p in params:
-                if p.requires_grad:  # param.grad += this microbatch's gradient
-                    costs.record("grad_accumulate", 0.0, 3 * costs.nbytes(p), [p])
+                outputs = runner.run(*args) if runner is not None else module(*args)
+            outs = [t for t in pytree.tree_leaves(outputs) if _is_tensor(t) and t.requires_grad]
+            wrt = [x for x in args if _is_tensor(x) and x.requires_grad]
+            grads = [torch.empty_like(t) for t in outs]
+            costs.phase = "bwd"
+            if outs and wrt:
+                with costs:
+                    torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+                for p in params:
+                    if p.requires_grad:  # param.grad += this microbatch's gradient
+                        costs.record("grad_accumulate", 0.0, 3 * costs.nbytes(p), [p])
+            del outputs, outs, grads
     fwd = sum(op.time for op in costs.ops if op.phase == "fwd")
     bwd = sum(op.time for op in costs.ops if op.phase == "bwd")
-    return BlockEstimate(fwd, bwd, float(sum(saved.values())), tuple(costs.ops))
+    activation = float(sum(saved.values()))
+    param_grads = sum(priced_bytes(p) for p in params if p.requires_grad)
+    workspace = max(0.0, live.peak_bytes - activation - param_grads)
+    return BlockEstimate(fwd, bwd, activation, tuple(costs.ops), workspace)
 
 
 def estimate_runner(
@@ -365,14 +376,21 @@ def analytic_block_profiles(
         indices = frozenset(
             i for i, x in enumerate(graph.inputs) if x.kind in ("param", "buffer", "constant")
         )
-        fwd, bwd, act = {}, {}, {}
+        fwd, bwd, act, workspace = {}, {}, {}, {}
         for m in sizes:
             inputs = block_meta_inputs(captured, graph, m, static)
             est = estimate_block(
                 graph.module, inputs, profile, dtype, param_indices=indices, fused_attention=fused_attention
             )
-            fwd[m], bwd[m], act[m] = est.fwd_time, est.bwd_time, est.activation_bytes
-        profiles.append(BlockProfile(fwd_time=fwd, bwd_time=bwd, activation_bytes=act))
+            fwd[m], bwd[m], act[m], workspace[m] = (
+                est.fwd_time,
+                est.bwd_time,
+                est.activation_bytes,
+                est.workspace_bytes,
+            )
+        profiles.append(
+            BlockProfile(fwd_time=fwd, bwd_time=bwd, activation_bytes=act, workspace_bytes=workspace)
+        )
     return profiles
 
 

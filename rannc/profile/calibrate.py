@@ -69,11 +69,18 @@ def calibrate(
     copy_bytes = (4 if quick else (1024 if cuda else 64)) * MIB
     bandwidth = _copy_bandwidth(device, copy_bytes, min_time)
     overhead = _op_overhead(device, 20 if quick else 200)
+    update_bytes = MIB if quick else (256 if cuda else 16) * MIB
+    update_rate = {
+        kind: _update_rate(device, kind, update_bytes, min_time) for kind in ("adam", "momentum", "sgd")
+    }
     sources = {
         "peak_flops": f"{where}: best square matmul (n in {sizes}), TFLOP/s: {', '.join(notes)}",
         "memory_bandwidth": f"{where}: copy of {copy_bytes // MIB} MiB (read + write), {bandwidth / 1e9:.3g} GB/s",
         "memory_bytes": f"{where}: " + ("CUDA total_memory" if cuda else "physical RAM (sysconf)"),
         "op_overhead": f"{where}: time per tiny add, {overhead * 1e6:.3g} us",
+        "optimizer_update_rate": f"{where}: optimizer.step() on {update_bytes // MIB} MiB of fp32 parameters in 8 "
+        "tensors (AdamW, SGD momentum 0.9, SGD; torch defaults), GB/s of parameters: "
+        + ", ".join(f"{kind} {rate / 1e9:.3g}" for kind, rate in update_rate.items()),
         "efficiency": "measured rates are what large kernels achieve: 80% (matmul) / 90% (memory) for the "
         "smaller kernels of real models (assumption)",
     }
@@ -98,6 +105,7 @@ def calibrate(
         matmul_efficiency=0.8,
         memory_efficiency=0.9,
         op_overhead=overhead,
+        optimizer_update_rate=update_rate,
         sources=sources,
         **links,
     )
@@ -171,6 +179,18 @@ def _op_overhead(device: torch.device, calls: int) -> float:
         torch.add(x, x)
     _sync(device)
     return (time.perf_counter() - start) / calls
+
+
+def _update_rate(device: torch.device, kind: str, nbytes: int, min_time: float) -> float:
+    """Parameter bytes per second that `kind`'s torch optimizer steps through (state already created)."""
+    params = [torch.nn.Parameter(torch.zeros(nbytes // 32, device=device)) for _ in range(8)]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    if kind == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=1e-4)
+    else:
+        optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9 if kind == "momentum" else 0.0)
+    return sum(p.numel() * 4 for p in params) / _seconds_per_call(optimizer.step, device, min_time)
 
 
 def _memory_bytes(device: torch.device) -> int:

@@ -25,6 +25,9 @@ _FORMAT = "rannc-device-profile"
 _VERSION = 1
 
 
+_UPDATE_PASSES = {"adam": 7, "momentum": 5, "sgd": 3}
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceProfile:
     """What one device (and its links) can do; rates in FLOP/s and bytes/s, latencies in seconds.
@@ -59,6 +62,9 @@ class DeviceProfile:
     allreduce_latency: float | None = None
     allreduce_inter_bandwidth: float | None = None  # bus bandwidth of an allreduce spanning nodes
     allreduce_inter_latency: float | None = None
+    # Measured optimizer step throughput, parameter bytes per second, by kind ("adam", "momentum", "sgd");
+    # missing kinds are priced as passes over memory (see update_seconds_per_byte).
+    optimizer_update_rate: dict[str, float] = dataclasses.field(default_factory=dict)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +80,17 @@ class DeviceProfile:
     def byte_rate(self) -> float:
         """Achievable bytes/s of memory-bound ops."""
         return self.memory_bandwidth * self.memory_efficiency
+
+    def update_seconds_per_byte(self, opt_param_factor: float) -> float:
+        """Seconds an optimizer step takes per parameter byte; the kind follows the optimizer state size
+        (>= 2 x parameters: Adam, >= 1: SGD with momentum, else plain SGD). Without a measured rate: the
+        bytes a fused implementation moves (Adam reads parameter, gradient and two moments and writes three:
+        7 passes; momentum 5; SGD 3) at the achievable memory bandwidth."""
+        kind = "adam" if opt_param_factor >= 2 else "momentum" if opt_param_factor >= 1 else "sgd"
+        rate = self.optimizer_update_rate.get(kind)
+        if rate:
+            return 1.0 / rate
+        return _UPDATE_PASSES[kind] / self.byte_rate()
 
     def planner_links(self) -> dict[str, Any]:
         """The link fields of `PlanProblem` (p2p_*, allreduce_*, gpus_per_node, inter_node_*, allreduce_inter_*).
@@ -164,6 +181,12 @@ def _validate(p: DeviceProfile) -> None:
         _number(getattr(p, name), name, 0, 1, strict=True)
     if isinstance(p.gpus_per_node, bool) or not isinstance(p.gpus_per_node, int) or p.gpus_per_node < 1:
         raise ConfigError(f"gpus_per_node must be an integer >= 1, got {p.gpus_per_node!r}")
+    if not isinstance(p.optimizer_update_rate, dict):
+        raise ConfigError(f"optimizer_update_rate must be an object, got {p.optimizer_update_rate!r}")
+    for key, value in p.optimizer_update_rate.items():
+        if key not in _UPDATE_PASSES:
+            raise ConfigError(f"optimizer_update_rate has unknown kind {key!r}; use {list(_UPDATE_PASSES)}")
+        _number(value, f"optimizer_update_rate[{key!r}]", 0, strict=True)
     if not isinstance(p.sources, dict) or not all(isinstance(v, str) for v in p.sources.values()):
         raise ConfigError("sources must be an object of strings")
 

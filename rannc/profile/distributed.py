@@ -26,11 +26,11 @@ __all__ = ["profile_blocks"]
 
 logger = logging.getLogger(__name__)
 
-_CACHE_FORMAT = "rannc-block-profiles/1"
-_FIELDS = ("fwd", "bwd", "activation")
+_CACHE_FORMAT = "rannc-block-profiles/2"  # 2: with workspace bytes
+_FIELDS = ("fwd", "bwd", "activation", "workspace")
 
 Task = tuple[int, int]  # (block index, microbatch size)
-Entry = dict[str, float]  # {"fwd": s, "bwd": s, "activation": bytes}
+Entry = dict[str, float]  # {"fwd": s, "bwd": s, "activation": bytes, "workspace": bytes}
 
 
 def profile_blocks(
@@ -208,6 +208,7 @@ def _measure_tasks(
                 "fwd": float(profile.fwd_time[m]),
                 "bwd": float(profile.bwd_time[m]),
                 "activation": float(profile.activation_bytes[m]),
+                "workspace": float(profile.workspace_bytes.get(m, 0.0)),
             }
             progress.advance(bar)
     return measured, None
@@ -240,4 +241,5 @@ def _profile_of(entries: dict[str, Entry], block: int, sizes: list[int]) -> Bloc
         fwd_time={m: row["fwd"] for m, row in rows.items()},
         bwd_time={m: row["bwd"] for m, row in rows.items()},
         activation_bytes={m: row["activation"] for m, row in rows.items()},
+        workspace_bytes={m: row["workspace"] for m, row in rows.items()},
     )

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..plan.types import BlockProfile
+from .memtrack import PeakMemory
 
 __all__ = ["BlockRunner", "measure_block"]
 
@@ -50,8 +51,9 @@ def measure_block(
 
     Floating-point activation inputs require grad (as between pipeline stages); backward runs over the
     floating-point outputs that require grad with fixed-seed random gradients. Activation bytes are the
-    unique storages saved for backward, not counting storages of parameter inputs; on CUDA the peak
-    allocation of the timed forward+backward runs (minus parameter gradients) is used when it is larger.
+    unique storages saved for backward, not counting storages of parameter inputs. Workspace bytes are the
+    most bytes live at once during a forward+backward beyond those saved tensors and the parameter
+    gradients (counted by `PeakMemory`; on CUDA also from the allocator's peak of the timed runs).
 
     Example::
 
@@ -66,14 +68,15 @@ def measure_block(
     fwd: dict[int, float] = {}
     bwd: dict[int, float] = {}
     activation: dict[int, float] = {}
+    workspace: dict[int, float] = {}
     for m in sizes:
-        fwd[m], bwd[m], activation[m] = _measure_size(runner, m, iterations, device)
-    return BlockProfile(fwd_time=fwd, bwd_time=bwd, activation_bytes=activation)
+        fwd[m], bwd[m], activation[m], workspace[m] = _measure_size(runner, m, iterations, device)
+    return BlockProfile(fwd_time=fwd, bwd_time=bwd, activation_bytes=activation, workspace_bytes=workspace)
 
 
 def _measure_size(
     runner: BlockRunner, m: int, iterations: int, device: torch.device | None
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, float]:
     inputs = list(runner.make_inputs(m))
     if device is None:
         device = _infer_device(inputs)
@@ -96,7 +99,7 @@ def _measure_prepared(
     params: list[torch.Tensor],
     iterations: int,
     device: torch.device,
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, float]:
     cuda = device.type == "cuda"
     param_storages = {_storage_key(p) for p in params}
     saved: dict[int, int] = {}
@@ -107,13 +110,17 @@ def _measure_prepared(
             saved[key] = max(saved.get(key, 0), tensor.untyped_storage().nbytes())
         return tensor
 
-    # Warm-up: also records the tensors saved for backward and picks the output gradients.
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        outputs = runner.module(*_fresh_activations(inputs, runner.param_input_indices))
-    grad_outputs = _random_grads(_differentiable(outputs))
-    _backward(outputs, grad_outputs)
-    del outputs
+    # Each backward allocates one gradient per parameter before accumulating it: not an activation.
+    param_grad_bytes = sum(_nbytes(p) for p in params if p.is_leaf and p.requires_grad)
+    # Warm-up: also records the tensors saved for backward, the peak, and picks the output gradients.
+    with PeakMemory() as tracker:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            outputs = runner.module(*_fresh_activations(inputs, runner.param_input_indices))
+        grad_outputs = _random_grads(_differentiable(outputs))
+        _backward(outputs, grad_outputs)
+        del outputs
     activation = float(sum(saved.values()))
+    workspace = max(0.0, tracker.peak_bytes - activation - param_grad_bytes)
 
     if cuda:  # peak after the warm-up, so that one-off workspaces (cuBLAS, cuDNN) are not counted
         torch.cuda.synchronize(device)
@@ -135,13 +142,11 @@ def _measure_prepared(
             _sync(cuda, device)
             bwd_times.append(time.perf_counter() - t0)
         del outputs, step_inputs
-    if cuda:
-        # Each backward allocates one gradient per parameter before accumulating it: not an activation.
-        param_grad_bytes = sum(_nbytes(p) for p in params if p.is_leaf and p.requires_grad)
+    if cuda:  # the allocator also sees what kernels allocate outside the dispatcher
         peak = torch.cuda.max_memory_allocated(device) - start_bytes - param_grad_bytes
-        activation = max(activation, float(peak))
+        workspace = max(workspace, float(peak) - activation)
     bwd_time = statistics.median(bwd_times) if bwd_times else 0.0
-    return statistics.median(fwd_times), bwd_time, activation
+    return statistics.median(fwd_times), bwd_time, activation, workspace
 
 
 def _fresh_activations(inputs: list[Any], param_indices: frozenset[int]) -> list[Any]:

@@ -120,6 +120,8 @@ def random_problem(seed: int) -> PlanProblem:
         )
         for _ in range(num_blocks)
     ]
+    if rng.random() < 0.5:  # transient workspace, held once per stage (largest block)
+        blocks = [dataclasses.replace(b, workspace_bytes=random_table(rng, 3e6)) for b in blocks]
     per_block = [rng.uniform(0, 1e8) for _ in range(num_blocks)]
     boundary = [rng.choice([0.0, rng.uniform(0, 1e5)]) for _ in range(num_blocks + 1)]
     params = [[0.0] * num_blocks for _ in range(num_blocks)]
@@ -200,6 +202,7 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         fwd = sum(interpolate(b.fwd_time, m) for b in blocks)
         bwd = sum(interpolate(b.bwd_time, m) for b in blocks)
         act = sum(interpolate(b.activation_bytes, m) for b in blocks)
+        workspace = max((interpolate(b.workspace_bytes, m) for b in blocks if b.workspace_bytes), default=0.0)
         ins = problem.range_in_bytes_per_sample[i][j] * m
         outs = problem.range_out_bytes_per_sample[i][j] * m
         # Consecutive stages s-1, s (and s, s+1) talk intra-node only when both lie in one node.
@@ -208,7 +211,7 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         params = problem.range_param_bytes[i][j]
         inflight = min(p, stages - s) if schedule == "1f1b" else p
         shards = r if problem.zero_optimizer else 1
-        base, io = params * (2 + problem.opt_param_factor / shards), 2 * (ins + outs)
+        base, io = params * (2 + problem.opt_param_factor / shards), 2 * (ins + outs) + workspace
         plain, again = base + act * inflight + io, base + ins * inflight + act + io
         if recompute is not None:
             redo = recompute[s]
@@ -218,8 +221,9 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         if limit is not None and memory > limit:
             return None
         times.append(fwd + bwd + (fwd if redo else 0.0) + 2 * (send(ins, in_inter) + send(outs, out_inter)))
+        update = params * (problem.update_seconds_per_param_byte / shards)
         if r == 1:
-            allreduces.append(0.0)
+            allreduces.append(0.0 + update)
         else:
             spans = node(starts[s]) != node(starts[s] + r - 1)
             lat, bw = problem.allreduce_latency, problem.allreduce_bandwidth
@@ -227,7 +231,7 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
                 lat = problem.allreduce_inter_latency
             if spans and problem.allreduce_inter_bandwidth is not None:
                 bw = problem.allreduce_inter_bandwidth
-            allreduces.append(lat + 2 * (r - 1) / r * params / bw)
+            allreduces.append(lat + 2 * (r - 1) / r * params / bw + update)
     return sum(times) + (p - 1) * max(times) + max(allreduces)
 
 

@@ -27,6 +27,8 @@ def random_extended_problem(seed: int) -> tuple[PlanProblem, list]:
                 fwd_time=fwd, bwd_time=random_table(rng, 2e-3), activation_bytes=random_table(rng, 1e7)
             )
         )
+    if rng.random() < 0.5:  # transient workspace, held once per stage (largest block)
+        blocks = [dataclasses.replace(b, workspace_bytes=random_table(rng, 2e7)) for b in blocks]
     per_block = [rng.uniform(0, rng.choice([1e5, 1e6, 1e7])) for _ in range(num_blocks)]
     boundary = [rng.choice([0.0, rng.uniform(0, 1e5), rng.uniform(0, 1e6)]) for _ in range(num_blocks + 1)]
     params = [[0.0] * num_blocks for _ in range(num_blocks)]
@@ -70,6 +72,7 @@ def random_extended_problem(seed: int) -> tuple[PlanProblem, list]:
         inter_node_latency=rng.choice([None, rng.uniform(0, 3e-4)]),
         allreduce_inter_bandwidth=rng.choice([None, rng.uniform(1e8, 2e10)]),
         allreduce_inter_latency=rng.choice([None, rng.uniform(0, 3e-4)]),
+        update_seconds_per_param_byte=rng.choice([0.0, rng.uniform(0, 1e-10), rng.uniform(0, 1e-9)]),
     )
     candidates = brute_force(problem)
     if candidates and rng.random() < 0.8:
