@@ -204,12 +204,13 @@ def run_case(case: Case, args: argparse.Namespace, out_dir: Path) -> dict[str, A
     from rannc.deploy import save_deployment
     from rannc.offline import plan_offline
     from rannc.plan.trace import name_event, timeline_to_trace
-    from rannc.profile import DeviceProfile
+    from rannc.profile import DeviceProfile, save_profile
 
     name = f"{case.model}-{case.world_size}ranks"
     started = time.perf_counter()
     profile = DeviceProfile.from_json(launch_local(calibrate_worker, case.world_size, timeout=600)[0])
     calibrate_s = time.perf_counter() - started
+    save_profile(profile, out_dir / f"{name}-profile.json")
     _CASE = case
     result = plan_offline(
         meta_factory,

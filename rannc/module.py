@@ -28,6 +28,7 @@ from .runtime.gather import gather_global_batch
 from .runtime.optimizer import OptimizerBinding, accept_from_global
 from .runtime.pipeline import PipelineCall
 from .runtime.step import run_call
+from .runtime.trace import current_tracer
 from .verify import Verifier
 
 logger = logging.getLogger(__name__)
@@ -174,9 +175,10 @@ class RaNNCModule:
         self._check_call(call)
         self._steps += 1
         failures.set_context(step=self._steps)
-        if self.world_size > 1:
-            failures.mark_progress(self._steps)
-        batch = gather_global_batch(call.leaves, self.device, self.world_size)
+        with current_tracer().span("gather_inputs"):  # RANNC_TRACE: part of this step's trace
+            if self.world_size > 1:
+                failures.mark_progress(self._steps)
+            batch = gather_global_batch(call.leaves, self.device, self.world_size)
         plan = self.deployment.plan
         mode = (
             "inference"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .types import SCHEDULES, PlanProblem, interpolate
 
@@ -127,8 +128,9 @@ def crosses_nodes(problem: PlanProblem, first_rank: int, end_rank: int) -> bool:
 
 # Row entry of one block range at one microbatch size: forward, backward, activation bytes, boundary
 # bytes in and out, parameter state bytes, the p2p seconds (forward and backward) of the inputs and of
-# the outputs over an intra-node and an inter-node link, the largest block workspace and the bytes held
-# once per stage beyond parameter state (send/receive buffers + workspace).
+# the outputs over an intra-node and an inter-node link, the stage workspace (the largest block workspace
+# plus the parameter gradients of the blocks after it) and the bytes held once per stage beyond parameter
+# state (send/receive buffers + workspace).
 Row = tuple[float, float, float, float, float, float, float, float, float, float, float, float]
 F, B, A, IN, OUT, BASE, IN_INTRA, IN_INTER, OUT_INTRA, OUT_INTER, WS, IO = range(12)
 
@@ -141,6 +143,8 @@ class CostModel:
         self.num_blocks = len(problem.blocks)
         self._block_values: dict[int, tuple[list[float], list[float], list[float]]] = {}
         self._workspace: dict[int, list[float]] = {}
+        # Without any workspace figures (older profiles, synthetic problems) the stage workspace is not modelled.
+        self.has_workspace = any(block.workspace_bytes for block in problem.blocks)
         self._rows: dict[tuple[int, int, int], list[Row]] = {}
         self._allreduce: dict[tuple[int, int, bool], list[float]] = {}
 
@@ -182,12 +186,16 @@ class CostModel:
         param_table = problem.range_param_bytes[first]
         state_factor = 2 + problem.opt_param_factor / shards  # ZeRO-1 divides optimizer state by replicas
         row = []
-        f_sum = b_sum = a_sum = ws_max = 0.0
+        f_sum = b_sum = a_sum = 0.0
+        reach = -math.inf
         for j in range(first, self.num_blocks):
             f_sum += fwd[j]
             b_sum += bwd[j]
             a_sum += act[j]
-            ws_max = max(ws_max, workspace[j])
+            # While block k runs its backward, the parameter gradients of blocks k+1..j (this microbatch's,
+            # not yet accumulated) are live too: max over k of workspace_k + params(k+1..j).
+            reach = max(reach, workspace[j] - param_table[j])
+            ws_max = reach + param_table[j] if self.has_workspace else 0.0
             in_bytes = in_table[j] * m
             out_bytes = out_table[j] * m
             row.append(

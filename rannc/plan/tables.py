@@ -62,10 +62,9 @@ class StageTables:
             fwd, bwd, act = self.model.block_values(m)
             in_bytes = self._in * m
             out_bytes = self._out * m
-            spread = np.where(
-                self._upper, np.array(self.model.workspace_values(m), dtype=np.float64)[None, :], 0.0
-            )
-            workspace = np.maximum.accumulate(spread, axis=1)
+            block_ws = np.array(self.model.workspace_values(m), dtype=np.float64)[None, :]
+            reach = np.maximum.accumulate(np.where(self._upper, block_ws - self._params, -np.inf), axis=1)
+            workspace = np.where(self._upper & self.model.has_workspace, reach + self._params, 0.0)
             table = {
                 "fwd": self._running(fwd),
                 "bwd": self._running(bwd),

@@ -56,7 +56,9 @@ class BlockEstimate:
     bwd_time: float
     activation_bytes: float
     ops: tuple[OpCost, ...]
-    workspace_bytes: float = 0.0  # most bytes live at once beyond saved tensors and parameter gradients
+    # Most bytes live at once beyond the inputs and the tensors saved for backward: temporaries, incoming and
+    # outgoing gradients and this microbatch's parameter gradients (the runtime accumulates them afterwards).
+    workspace_bytes: float = 0.0
 
     def total(self, field: str, phase: str) -> float:
         """Sum of `field` ("flops", "bytes", "time") over the ops of `phase` ("fwd", "bwd")."""
@@ -285,7 +287,9 @@ def estimate_block(
         return tensor.untyped_storage().nbytes() / tensor.element_size() * costs.item(tensor)
 
     runner = _MetaRunner(module, costs, fused_attention) if isinstance(module, fx.GraphModule) else None
-    live = PeakMemory(size_of=priced_bytes)  # what the forward and backward hold at once, on meta
+    # What the forward and backward hold at once beyond the block's inputs (parameters included), on meta.
+    existing = [x for x in args if _is_tensor(x)]
+    live = PeakMemory(existing, size_of=priced_bytes)
     with torch.enable_grad(), exact_precision(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with live:
             with costs:
@@ -304,8 +308,9 @@ def estimate_block(
     fwd = sum(op.time for op in costs.ops if op.phase == "fwd")
     bwd = sum(op.time for op in costs.ops if op.phase == "bwd")
     activation = float(sum(saved.values()))
-    param_grads = sum(priced_bytes(p) for p in params if p.requires_grad)
-    workspace = max(0.0, live.peak_bytes - activation - param_grads)
+    input_keys = {_storage_key(x) for x in existing}
+    saved_inputs = sum(v for key, v in saved.items() if key in input_keys)  # already in start_bytes
+    workspace = max(0.0, live.peak_bytes - live.start_bytes - (activation - saved_inputs))
     return BlockEstimate(fwd, bwd, activation, tuple(costs.ops), workspace)
 
 

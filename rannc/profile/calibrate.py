@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import socket
@@ -97,7 +98,7 @@ def calibrate(
         probed, text = _probe_links(device, quick)
         links.update(probed)
         sources.update(text)
-    return DeviceProfile(
+    profile = DeviceProfile(
         name=f"calibrated-{name}",
         peak_flops=peak,
         memory_bandwidth=bandwidth,
@@ -108,6 +109,88 @@ def calibrate(
         optimizer_update_rate=update_rate,
         sources=sources,
         **links,
+    )
+    return _fit_to_reference_layers(profile, device, quick, where)
+
+
+class _ReferenceLayer(torch.nn.Module):
+    """A pre-norm transformer layer written with plain ops (no fused attention), the calibration workload."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = torch.nn.LayerNorm(width)
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.proj = torch.nn.Linear(width, width)
+        self.norm2 = torch.nn.LayerNorm(width)
+        self.up = torch.nn.Linear(width, 4 * width)
+        self.down = torch.nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        attention = ((q @ k.transpose(-1, -2)) * (w // self.heads) ** -0.5).softmax(-1) @ v
+        x = x + self.proj(attention.transpose(1, 2).reshape(b, s, w))
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
+
+
+def _fit_to_reference_layers(
+    profile: DeviceProfile, device: torch.device, quick: bool, where: str
+) -> DeviceProfile:
+    """Scale the roofline to what real layers achieve here: time a forward + backward of reference transformer
+    layers (every rank at once when distributed, so the figure includes sharing the machine), estimate the
+    same layers with `profile`, and divide both efficiencies (and multiply the per-op overhead) by the
+    measured / estimated ratio (geometric mean over the layer sizes)."""
+    from torch.func import functional_call
+
+    from .analytic import estimate_block
+
+    if device.type == "cuda":
+        shapes = [(8, 512, 1024, 16)] if not quick else [(2, 64, 256, 4)]
+    else:
+        shapes = [(4, 64, 256, 4), (4, 64, 512, 8)] if not quick else [(2, 16, 64, 2)]
+    ratios, notes = [], []
+    for batch, seq, width, heads in shapes:
+        layer = _ReferenceLayer(width, heads).to(device)
+        names = [n for n, _ in layer.named_parameters()]
+
+        def run(
+            x: torch.Tensor, *params: torch.Tensor, layer: torch.nn.Module = layer, names: list[str] = names
+        ) -> tuple[torch.Tensor]:
+            return (functional_call(layer, dict(zip(names, params)), (x,)),)
+
+        params = [p.detach().requires_grad_(True) for p in layer.parameters()]
+        x = torch.randn(batch, seq, width, device=device, requires_grad=True)
+        grad = torch.randn(batch, seq, width, device=device)
+
+        def step(x: torch.Tensor = x, params: list[torch.Tensor] = params, grad: torch.Tensor = grad) -> None:
+            torch.autograd.grad(run(x, *params), [x, *params], [grad])
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank computes at the same time, as in training
+        measured = _seconds_per_call(step, device, 0.002 if quick else 0.3, repeats=5)
+        indices = frozenset(range(1, 1 + len(params)))
+        estimate = estimate_block(run, [x, *params], profile, param_indices=indices)
+        ratio = measured / max(estimate.fwd_time + estimate.bwd_time, 1e-12)
+        ratios.append(ratio)
+        notes.append(f"width {width} x {batch * seq} rows: {measured * 1e3:.3g} ms measured / {ratio:.3g}")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, ratios)
+        ratios = [statistics.fmean(r[i] for r in gathered) for i in range(len(ratios))]
+    factor = statistics.geometric_mean(ratios)
+    sources = dict(profile.sources)
+    sources["efficiency"] = (
+        f"{where}: forward + backward of reference transformer layers took {factor:.3g}x the roofline estimate "
+        f"at 80% (matmul) / 90% (memory) of the measured peaks ({'; '.join(notes)}), so both efficiencies are "
+        "divided and the per-op overhead multiplied by that factor"
+    )
+    return dataclasses.replace(
+        profile,
+        matmul_efficiency=min(1.0, profile.matmul_efficiency / factor),
+        memory_efficiency=min(1.0, profile.memory_efficiency / factor),
+        op_overhead=profile.op_overhead * factor,
+        sources=sources,
     )
 
 

@@ -52,8 +52,9 @@ def measure_block(
     Floating-point activation inputs require grad (as between pipeline stages); backward runs over the
     floating-point outputs that require grad with fixed-seed random gradients. Activation bytes are the
     unique storages saved for backward, not counting storages of parameter inputs. Workspace bytes are the
-    most bytes live at once during a forward+backward beyond those saved tensors and the parameter
-    gradients (counted by `PeakMemory`; on CUDA also from the allocator's peak of the timed runs).
+    most bytes live at once during a forward+backward beyond the inputs and those saved tensors, the
+    microbatch's parameter gradients included (counted by `PeakMemory`; on CUDA also from the allocator's
+    peak of the timed runs).
 
     Example::
 
@@ -110,17 +111,19 @@ def _measure_prepared(
             saved[key] = max(saved.get(key, 0), tensor.untyped_storage().nbytes())
         return tensor
 
-    # Each backward allocates one gradient per parameter before accumulating it: not an activation.
-    param_grad_bytes = sum(_nbytes(p) for p in params if p.is_leaf and p.requires_grad)
-    # Warm-up: also records the tensors saved for backward, the peak, and picks the output gradients.
-    with PeakMemory() as tracker:
+    # Warm-up: also records the tensors saved for backward, the peak beyond the inputs, and picks the output
+    # gradients.
+    existing = [x for x in inputs if _is_tensor(x)]
+    with PeakMemory(existing) as tracker:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             outputs = runner.module(*_fresh_activations(inputs, runner.param_input_indices))
         grad_outputs = _random_grads(_differentiable(outputs))
         _backward(outputs, grad_outputs)
         del outputs
     activation = float(sum(saved.values()))
-    workspace = max(0.0, tracker.peak_bytes - activation - param_grad_bytes)
+    input_keys = {_storage_key(x) for x in existing}
+    saved_inputs = sum(v for key, v in saved.items() if key in input_keys)  # already in start_bytes
+    workspace = max(0.0, tracker.peak_bytes - tracker.start_bytes - (activation - saved_inputs))
 
     if cuda:  # peak after the warm-up, so that one-off workspaces (cuBLAS, cuDNN) are not counted
         torch.cuda.synchronize(device)
@@ -143,7 +146,7 @@ def _measure_prepared(
             bwd_times.append(time.perf_counter() - t0)
         del outputs, step_inputs
     if cuda:  # the allocator also sees what kernels allocate outside the dispatcher
-        peak = torch.cuda.max_memory_allocated(device) - start_bytes - param_grad_bytes
+        peak = torch.cuda.max_memory_allocated(device) - start_bytes  # .grad of the parameters included
         workspace = max(workspace, float(peak) - activation)
     bwd_time = statistics.median(bwd_times) if bwd_times else 0.0
     return statistics.median(fwd_times), bwd_time, activation, workspace

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from .failures import guarded, wait_all
 from .layout import SampleLayout
 from .routes import Route, concrete_shape
+from .trace import current_tracer
 
 
 def _tag(route: Route, microbatch: int, num_routes: int, backward: bool) -> int:
@@ -51,6 +52,7 @@ class Transfer:
             buffers.append(buf)
         _complete(
             ops,
+            f"recv_act{microbatch}",
             lambda: (
                 f"receiving {route.value} for microbatch {microbatch} from rank(s) "
                 f"{[self.stage_ranks[route.producer][p[0]] for p in pieces]}"
@@ -98,6 +100,7 @@ class Transfer:
                     received.append((buf, a))
         _complete(
             ops,
+            f"recv_grad{microbatch}",
             lambda: (
                 f"receiving the gradient of {route.value} for microbatch {microbatch} from stage(s) "
                 f"{list(route.consumers)}"
@@ -120,9 +123,11 @@ class Transfer:
         self.pending.clear()
 
 
-def _complete(ops: list[dist.P2POp], describe: Callable[[], str]) -> None:
-    """Post a group of receives together and wait for all of them."""
+def _complete(ops: list[dist.P2POp], span: str, describe: Callable[[], str]) -> None:
+    """Post a group of receives together and wait for all of them (a RANNC_TRACE span named `span`, as the
+    simulator names its receive events)."""
     if ops:
-        with guarded(describe):
-            works = dist.batch_isend_irecv(ops)
-        wait_all(works, describe)
+        with current_tracer().span(span):
+            with guarded(describe):
+                works = dist.batch_isend_irecv(ops)
+            wait_all(works, describe)

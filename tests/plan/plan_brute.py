@@ -202,7 +202,15 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         fwd = sum(interpolate(b.fwd_time, m) for b in blocks)
         bwd = sum(interpolate(b.bwd_time, m) for b in blocks)
         act = sum(interpolate(b.activation_bytes, m) for b in blocks)
-        workspace = max((interpolate(b.workspace_bytes, m) for b in blocks if b.workspace_bytes), default=0.0)
+        # Block k's workspace, plus the parameter gradients of the stage's blocks after k (alive until the
+        # stage's backward of the microbatch ends); not modelled when no block has workspace figures.
+        workspace = 0.0
+        if any(b.workspace_bytes for b in problem.blocks):
+            prefix = problem.range_param_bytes[i]
+            workspace = max(
+                (interpolate(b.workspace_bytes, m) if b.workspace_bytes else 0.0) + prefix[j] - prefix[k]
+                for k, b in zip(range(i, j + 1), blocks)
+            )
         ins = problem.range_in_bytes_per_sample[i][j] * m
         outs = problem.range_out_bytes_per_sample[i][j] * m
         # Consecutive stages s-1, s (and s, s+1) talk intra-node only when both lie in one node.
