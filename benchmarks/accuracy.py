@@ -253,6 +253,17 @@ def run_case(case: Case, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         events.append(event)
     trace_path = out_dir / f"{name}-trace.json"
     trace_path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    png_path = out_dir / f"{name}-trace.png"
+    plot_traces(events, png_path, f"{name}: measured step (top) vs simulated step (bottom)")
+
+    # Compute alone (F and B spans less the receive waits inside them) vs the simulator's compute per stage.
+    compute = {}
+    for r, trace in enumerate(measured):
+        spans = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+        busy = sum(e["dur"] for e in spans if e["name"][:1] in "FB" and e["name"][1:].isdigit())
+        waits = sum(e["dur"] for e in spans if e["name"].startswith("recv_"))
+        timing = result.timeline.stages[stage_of[r]]
+        compute[r] = ((busy - waits) / 1e6, plan.microbatches * (timing.fwd + timing.bwd), waits / 1e6)
 
     predicted_step = float(result.report["simulated_step_time_s"])
     measured_step = statistics.median(step_times)
@@ -282,8 +293,46 @@ def run_case(case: Case, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         ],
         "memory": memory,
         "trace": trace_path,
+        "png": png_path,
+        "compute": compute,
         "plan_path": plan_path,
     }
+
+
+def plot_traces(events: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Draw Chrome trace events as one row per process (a Gantt chart)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {
+        e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"
+    }
+    pids = sorted({e["pid"] for e in events if e.get("ph") == "X"}, reverse=True)
+    colors = {"F": "#4c72b0", "B": "#dd8452", "recv": "#bbbbbb", "update": "#8c8c3c", "allreduce": "#55a868"}
+    fig, ax = plt.subplots(figsize=(14, 1.5 + 0.45 * len(pids)))
+    for row, pid in enumerate(pids):
+        for e in (e for e in events if e.get("ph") == "X" and e["pid"] == pid):
+            name = e["name"]
+            kind = (
+                "recv" if name.startswith("recv") else "allreduce" if name.startswith("allreduce") else name
+            )
+            kind = kind[0] if kind[:1] in "FB" and kind[1:].isdigit() else kind
+            low = name.startswith("recv")
+            ax.broken_barh(
+                [(e["ts"] / 1e3, e["dur"] / 1e3)],
+                (row - 0.45 if low else row - 0.3, 0.25 if low else 0.6),
+                facecolors=colors.get(kind, "#dddddd"),
+                edgecolors="black",
+                linewidth=0.3,
+            )
+    ax.set_yticks(range(len(pids)), [names.get(p, str(p)) for p in pids])
+    ax.set_xlabel("ms from the step's start")
+    ax.set_title(title + "; blue F, orange B, grey receive waits, green allreduce, olive optimizer update")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def stage_of(plan: Any, rank: int) -> int:
@@ -354,7 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     for r in results:
-        print(f"{r['name']}: {describe_plan(r['plan'])}; trace {r['trace']}")
+        print(f"{r['name']}: {describe_plan(r['plan'])}; trace {r['trace']} (drawn: {r['png']})")
+        for rank, (real, simulated, waits) in sorted(r["compute"].items()):
+            print(
+                f"  rank {rank}: traced step's compute {real * 1e3:.1f} ms vs simulated {simulated * 1e3:.1f} "
+                f"({real / simulated:.3f}x); receive waits {waits * 1e3:.1f} ms"
+            )
         print(f"  step times ms: {', '.join(f'{t * 1e3:.0f}' for t in r['step_times'])}")
         for (rank, fb, opt), stage in zip(r["phases"], [stage_of(r["plan"], k) for k, _, _ in r["phases"]]):
             print(

@@ -24,11 +24,11 @@ from .graph.blocks import coarsen, estimate_op_costs
 from .graph.stage import StageGraph
 from .plan import PlanProblem, minimum_memory_needed, plan_stages, required_microbatch_sizes
 from .plan import types as plan_types
-from .plan.from_graph import block_graphs, range_tables
+from .plan.from_graph import block_graphs, parameter_facts, range_tables
 from .plan.simulate import Timeline, simulate_plan
 from .plan.types import BlockProfile
 from .profile.analytic import analytic_block_profiles
-from .profile.devices import DeviceProfile, get_device_profile
+from .profile.devices import DeviceProfile, get_device_profile, optimizer_transient
 
 __all__ = ["DTYPE_ALIASES", "OfflinePlan", "load_factory", "normalise_dtype", "plan_offline"]
 
@@ -320,9 +320,13 @@ def plan_offline(
     fixed.update(memory_limit_bytes=usable)
     fixed.update(max_microbatches=min(max_microbatches, global_batch), schedules=tuple(allowed))
     fixed.update(opt_param_factor=opt_param_factor, num_stages=num_stages, zero_optimizer=zero)
+    largest, shared = parameter_facts(captured, graphs)
     newer = _problem_kwargs(
         allow_recompute=recompute,
         update_seconds_per_param_byte=profile.update_seconds_per_byte(opt_param_factor),
+        optimizer_transient=optimizer_transient(profile.kind, opt_param_factor),
+        range_largest_param_bytes=largest,
+        shared_params=shared,
         **links,
         **_choices(world_size, global_batch, max_microbatches, gpus),
     )

@@ -16,6 +16,7 @@ _EVENT_COLORS = {
     "F": "#4c72b0",
     "B": "#dd8452",
     "allreduce": "#55a868",
+    "allreduce_shared": "#2f7d4a",
     "update": "#8c8c3c",
     "recv_act": "#bbbbbb",
     "recv_grad": "#999999",

@@ -273,6 +273,8 @@ def _stage_arrays(search: SuffixSearch) -> tuple:
         io = stack("io")
         # Generous by far more than rounding, so that the bound never excludes a fit.
         room = limit - base - io + 1e-9 * (abs(limit) + np.abs(base) + np.abs(io))
+        end = np.stack([tables.step_end(r) for r in replicas]) if replicas else np.zeros(plain.shape)
+        room = np.where(end <= limit * (1 + 1e-9), room, -np.inf)  # the optimizer step alone does not fit
         fits = _most_inflight(room, act)
         if problem.allow_recompute:
             fits_again = _most_inflight(room - act, ins)

@@ -107,6 +107,16 @@ def allreduce_time(problem: PlanProblem, param_bytes: float, replicas: int, inte
     return latency + 2 * (replicas - 1) / replicas * param_bytes / bandwidth
 
 
+def optimizer_transient_bytes(problem: PlanProblem, first: int, last: int, replicas: int) -> float:
+    """Temporaries of the optimizer step on one of `replicas` ranks holding blocks [first, last]."""
+    per_param, per_largest = problem.optimizer_transient
+    if not per_param and not per_largest:
+        return 0.0
+    shards = replicas if problem.zero_optimizer else 1
+    largest = problem.range_largest_param_bytes[first][last] if problem.range_largest_param_bytes else 0.0
+    return problem.range_param_bytes[first][last] / shards * per_param + largest * per_largest
+
+
 def update_seconds_per_byte(problem: PlanProblem, replicas: int) -> float:
     """Optimizer update seconds per parameter byte of a stage on `replicas` ranks (ZeRO-1: a shard each)."""
     shards = replicas if problem.zero_optimizer else 1
@@ -262,6 +272,8 @@ class CostModel:
             if recompute
             else stage_memory(base, a_sum, inflight, io)
         )
+        # The optimizer step runs after the activations are freed: the peak is the larger of the two phases.
+        memory = max(memory, base + optimizer_transient_bytes(problem, first, last, replicas))
         return StageCost(
             first_block=first,
             last_block=last,

@@ -123,6 +123,38 @@ def range_tables(
     return param_bytes, in_table, out_table
 
 
+def parameter_facts(
+    captured: CapturedGraph, graphs: list[StageGraph]
+) -> tuple[list[list[float]], tuple[tuple[float, tuple[int, ...]], ...]]:
+    """Per range of blocks [i, j] the bytes of its largest parameter tensor, and the parameters several blocks
+    use (tied weights, or one weight used in two places) as (bytes, blocks)."""
+    placeholders = captured.placeholder_nodes()
+    users: dict[str, list[int]] = {}
+    sizes: dict[str, float] = {}
+    largest_of_block = []
+    for b, graph in enumerate(graphs):
+        largest = 0.0
+        for item in graph.inputs:
+            if item.kind == "param":
+                val = placeholders[item.name].meta["val"]
+                canonical = captured.params[item.name]
+                sizes[canonical] = nbytes = float(val.numel() * val.element_size())
+                users.setdefault(canonical, []).append(b)
+                largest = max(largest, nbytes)
+        largest_of_block.append(largest)
+    count = len(graphs)
+    table = [[0.0] * count for _ in range(count)]
+    for i in range(count):
+        running = 0.0
+        for j in range(i, count):
+            running = max(running, largest_of_block[j])
+            table[i][j] = running
+    shared = tuple(
+        (sizes[name], tuple(sorted(set(blocks)))) for name, blocks in users.items() if len(set(blocks)) > 1
+    )
+    return table, shared
+
+
 def make_problem(
     tables: tuple[list[list[float]], list[list[float]], list[list[float]]],
     profiles: list[BlockProfile],

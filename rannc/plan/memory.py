@@ -32,6 +32,7 @@ def stage_memories(
         plain = base + table["act"] * inflight + io
         if problem.allow_recompute:
             plain = np.minimum(plain, base + table["in"] * inflight + table["act"] + io)
+        plain = np.maximum(plain, tables.step_end(r))
         out[ri] = np.where(upper, plain, np.inf)
     return out
 

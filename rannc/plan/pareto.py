@@ -105,6 +105,7 @@ class SuffixSearch:
         tables = self.tables
         columns = [tables.lists(m) for m in self.sizes]
         bases = [tables.base_columns(r) for r in self.replicas]
+        ends = [tables.step_end_columns(r) for r in self.replicas]
         ar_intra = [tables.allreduce_columns(r, False) for r in self.replicas]
         ar_inter = [tables.allreduce_columns(r, True) for r in self.replicas] if spread else ar_intra
         monotone = bounds.monotone
@@ -124,6 +125,7 @@ class SuffixSearch:
                 for ri, r in enumerate(self.replicas):
                     col = columns[ri][j]
                     base_col = bases[ri][j]
+                    end_col = ends[ri][j]
                     ar_col, arx_col = ar_intra[ri][j], ar_inter[ri][j]
                     for b in range(j, -1, -1):
                         f, bw, act, in_b, _out_b, cin, cinx, cout, coutx, io = col[b]
@@ -134,6 +136,8 @@ class SuffixSearch:
                             continue
                         if limit is not None:
                             base = base_col[b]
+                            if end_col[b] > limit:  # the optimizer step does not fit
+                                continue
                             if base + act * inflight + io <= limit:
                                 ct = fb
                             elif recompute and base + in_b * inflight + act + io <= limit:

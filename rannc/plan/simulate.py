@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from ..runtime.schedule import SCHEDULES as _SCHEDULE_FUNCTIONS
 from ..runtime.schedule import Action, actions_for
-from .cost import CostModel, inflight_microbatches, p2p_time, stage_links, step_time
+from .cost import CostModel, allreduce_time, inflight_microbatches, p2p_time, stage_links, step_time
 from .types import Plan, PlanProblem
 
 __all__ = [
@@ -152,7 +153,12 @@ def _receive_time(stage_times: list[StageTiming], stage: int, kind: str) -> floa
 
 
 def simulate(
-    stage_times: list[StageTiming], microbatches: int, schedule: str, *, rendezvous: bool = True
+    stage_times: list[StageTiming],
+    microbatches: int,
+    schedule: str,
+    *,
+    rendezvous: bool = True,
+    shared: Sequence[tuple[float, tuple[int, ...]]] = (),
 ) -> Timeline:
     """Simulate one step: every stage runs `actions_for(schedule, s, S, P)` in order, one action at a time.
 
@@ -162,7 +168,9 @@ def simulate(
     there) the transfer starts at max(stage free, producer done) and the consumer waits for it, so compute
     starts at max(free, producer done) + transfer. Without it the data travels on its own as soon as it is
     produced: compute starts at max(free, producer done + transfer). After its last action each stage runs
-    its gradient allreduce. Compute durations are fwd and bwd.
+    its gradient allreduce; then each `shared` (seconds, stages) allreduce (a parameter held by several
+    stages) starts when all its stages are there; then each stage's optimizer update. Compute durations are
+    fwd and bwd.
     """
     _check(stage_times, microbatches, schedule)
     num_stages = len(stage_times)
@@ -207,19 +215,25 @@ def simulate(
                 progressed = True
         if not progressed:
             raise RuntimeError(f"schedule {schedule!r} deadlocks with {num_stages} stages, {microbatches} mb")
+    ends = [free[s] + timing.allreduce for s, timing in enumerate(stage_times)]
     for s, timing in enumerate(stage_times):
         if timing.allreduce > 0:
-            events[s].append(Event("allreduce", -1, free[s], free[s] + timing.allreduce))
+            events[s].append(Event("allreduce", -1, free[s], ends[s]))
+    for seconds, holders in shared:
+        start = max(ends[s] for s in holders)
+        for s in holders:
+            events[s].append(Event("allreduce_shared", -1, start, start + seconds))
+            ends[s] = start + seconds
+    for s, timing in enumerate(stage_times):
         if timing.update > 0:
-            start = free[s] + timing.allreduce
-            events[s].append(Event("update", -1, start, start + timing.update))
+            events[s].append(Event("update", -1, ends[s], ends[s] + timing.update))
     peaks = [peak_inflight(actions) for actions in lists]
     return Timeline(
         schedule=schedule,
         microbatches=microbatches,
         stages=list(stage_times),
         events=events,
-        step_time=max(free[s] + t.tail for s, t in enumerate(stage_times)),
+        step_time=max(ends[s] + t.update for s, t in enumerate(stage_times)),
         peak_inflight=peaks,
         peak_memory=[t.static_bytes + t.activation_bytes * p for t, p in zip(stage_times, peaks)],
         rendezvous=rendezvous,
@@ -316,6 +330,33 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
     return timings
 
 
+def shared_allreduces(problem: PlanProblem, plan: Plan) -> list[tuple[float, tuple[int, ...]]]:
+    """(seconds, stages) of the gradient allreduce of every parameter the plan puts on several stages: over
+    every rank of those stages, beyond what each stage's own allreduce among its replicas already moved."""
+    stage_of_block = {
+        b: s for s, st in enumerate(plan.stages) for b in range(st.first_block, st.last_block + 1)
+    }
+    found = []
+    for nbytes, blocks in problem.shared_params:
+        holders = tuple(sorted({stage_of_block[b] for b in blocks}))
+        if len(holders) < 2:
+            continue
+        ranks = [rank for s in holders for rank in plan.stages[s].ranks]
+        g = problem.gpus_per_node
+        inter = g is not None and len({rank // g for rank in ranks}) > 1
+        seconds = allreduce_time(problem, nbytes, len(ranks), inter)
+        seconds -= min(allreduce_time(problem, nbytes, plan.stages[s].replicas) for s in holders)
+        found.append((max(seconds, 0.0), holders))
+    return found
+
+
 def simulate_plan(problem: PlanProblem, plan: Plan, *, rendezvous: bool = True) -> Timeline:
-    """Simulate one step of `plan` with the stage costs the planner used for it."""
-    return simulate(stage_timings(problem, plan), plan.microbatches, plan.schedule, rendezvous=rendezvous)
+    """Simulate one step of `plan` with the stage costs the planner used for it (and the allreduce of
+    parameters shared between its stages, which the planner's own cost leaves out)."""
+    return simulate(
+        stage_timings(problem, plan),
+        plan.microbatches,
+        plan.schedule,
+        rendezvous=rendezvous,
+        shared=shared_allreduces(problem, plan),
+    )

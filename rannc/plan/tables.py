@@ -100,6 +100,34 @@ class StageTables:
             self._base[shards] = table
         return table
 
+    def step_end(self, replicas: int) -> np.ndarray:
+        """Parameter state + optimizer step temporaries per rank of every range on `replicas` ranks."""
+        problem = self.model.problem
+        shards = replicas if problem.zero_optimizer else 1
+        key = -1 - shards
+        table = self._base.get(key)
+        if table is None:
+            per_param, per_largest = problem.optimizer_transient
+            largest = (
+                np.array(problem.range_largest_param_bytes, dtype=np.float64).reshape(self._params.shape)
+                if problem.range_largest_param_bytes
+                else np.zeros_like(self._params)
+            )
+            transient = self._params / shards * per_param + largest * per_largest
+            if not per_param and not per_largest:
+                transient = np.zeros_like(self._params)
+            table = self._base[key] = self.base(replicas) + transient
+        return table
+
+    def step_end_columns(self, replicas: int) -> list[list[float]]:
+        """step_end(replicas) as nested lists [last][first]."""
+        shards = replicas if self.model.problem.zero_optimizer else 1
+        key = -(10**6) - shards
+        nested = self._columns.get(key)
+        if nested is None:
+            nested = self._columns[key] = self.step_end(replicas).T.tolist()
+        return nested
+
     def allreduce(self, replicas: int, inter: bool) -> np.ndarray:
         """End-of-step seconds (allreduce + optimizer update) of every range on `replicas` ranks."""
         key = (replicas, inter)

@@ -20,6 +20,7 @@ _CATEGORY = {
     "recv_act": "p2p",
     "recv_grad": "p2p",
     "allreduce": "allreduce",
+    "allreduce_shared": "allreduce",
     "update": "optimizer",
 }
 

@@ -124,6 +124,16 @@ class PlanProblem:
     inter_node_latency: float | None = None  # s
     allreduce_inter_bandwidth: float | None = None  # bytes/s of an allreduce spanning nodes
     allreduce_inter_latency: float | None = None  # s
+    # The optimizer step's temporaries (after the backward, when activations are gone): bytes =
+    # optimizer_transient[0] x parameter bytes the rank updates (its shard with ZeRO-1) + optimizer_transient[1]
+    # x the largest parameter tensor of the stage (range_largest_param_bytes; 0 when None). A stage's peak is the
+    # larger of its forward/backward peak and parameter state + these temporaries.
+    optimizer_transient: tuple[float, float] = (0.0, 0.0)
+    range_largest_param_bytes: list[list[float]] | None = None
+    # Parameters used by several blocks (tied weights): (bytes, blocks). When a plan puts those blocks on
+    # different stages, every rank holding the parameter joins one gradient allreduce; the simulator and the
+    # report charge it (the search does not).
+    shared_params: tuple[tuple[float, tuple[int, ...]], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

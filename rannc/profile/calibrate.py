@@ -107,6 +107,7 @@ def calibrate(
         memory_efficiency=0.9,
         op_overhead=overhead,
         optimizer_update_rate=update_rate,
+        kind="gpu" if cuda else "cpu",
         sources=sources,
         **links,
     )
@@ -145,13 +146,14 @@ def _fit_to_reference_layers(
 
     from .analytic import estimate_block
 
+    # Stacks of layers as large as a pipeline stage's working set (beyond the caches), run like one.
     if device.type == "cuda":
-        shapes = [(8, 512, 1024, 16)] if not quick else [(2, 64, 256, 4)]
+        shapes = [(8, 512, 1024, 16, 8)] if not quick else [(2, 64, 256, 4, 2)]
     else:
-        shapes = [(4, 64, 256, 4), (4, 64, 512, 8)] if not quick else [(2, 16, 64, 2)]
+        shapes = [(4, 64, 256, 4, 8), (4, 64, 512, 8, 4)] if not quick else [(2, 16, 64, 2, 2)]
     ratios, notes = [], []
-    for batch, seq, width, heads in shapes:
-        layer = _ReferenceLayer(width, heads).to(device)
+    for batch, seq, width, heads, depth in shapes:
+        layer = torch.nn.Sequential(*[_ReferenceLayer(width, heads) for _ in range(depth)]).to(device)
         names = [n for n, _ in layer.named_parameters()]
 
         def run(
@@ -173,7 +175,9 @@ def _fit_to_reference_layers(
         estimate = estimate_block(run, [x, *params], profile, param_indices=indices)
         ratio = measured / max(estimate.fwd_time + estimate.bwd_time, 1e-12)
         ratios.append(ratio)
-        notes.append(f"width {width} x {batch * seq} rows: {measured * 1e3:.3g} ms measured / {ratio:.3g}")
+        notes.append(
+            f"{depth} layers of width {width} x {batch * seq} rows: {measured * 1e3:.3g} ms measured / {ratio:.3g}"
+        )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, ratios)

@@ -26,6 +26,24 @@ _VERSION = 1
 
 
 _UPDATE_PASSES = {"adam": 7, "momentum": 5, "sgd": 3}
+# Temporaries of torch's default optimizer implementation, as (x parameter bytes, x largest parameter tensor):
+# on CPUs a loop over tensors (Adam holds up to three tensors' worth of temporaries of the largest parameter,
+# measured with rannc.profile.memtrack), on GPUs the foreach form (one list of temporaries, e.g. Adam's
+# square roots of the second moments).
+_OPTIMIZER_TRANSIENT = {
+    "cpu": {"adam": (0.0, 3.0), "momentum": (0.0, 0.0), "sgd": (0.0, 0.0)},
+    "gpu": {"adam": (1.0, 0.0), "momentum": (1.0, 0.0), "sgd": (0.0, 0.0)},
+}
+
+
+def optimizer_kind(opt_param_factor: float) -> str:
+    """The optimizer family its state size suggests: >= 2 x parameters Adam, >= 1 momentum SGD, else SGD."""
+    return "adam" if opt_param_factor >= 2 else "momentum" if opt_param_factor >= 1 else "sgd"
+
+
+def optimizer_transient(device_kind: str, opt_param_factor: float) -> tuple[float, float]:
+    """(x parameter bytes, x largest parameter) of optimizer step temporaries on a "cpu" or "gpu" device."""
+    return _OPTIMIZER_TRANSIENT["cpu" if device_kind == "cpu" else "gpu"][optimizer_kind(opt_param_factor)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +83,9 @@ class DeviceProfile:
     # Measured optimizer step throughput, parameter bytes per second, by kind ("adam", "momentum", "sgd");
     # missing kinds are priced as passes over memory (see update_seconds_per_byte).
     optimizer_update_rate: dict[str, float] = dataclasses.field(default_factory=dict)
+    kind: str = (
+        "gpu"  # "gpu" or "cpu": which default optimizer implementation (and its temporaries) to expect
+    )
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -86,7 +107,7 @@ class DeviceProfile:
         (>= 2 x parameters: Adam, >= 1: SGD with momentum, else plain SGD). Without a measured rate: the
         bytes a fused implementation moves (Adam reads parameter, gradient and two moments and writes three:
         7 passes; momentum 5; SGD 3) at the achievable memory bandwidth."""
-        kind = "adam" if opt_param_factor >= 2 else "momentum" if opt_param_factor >= 1 else "sgd"
+        kind = optimizer_kind(opt_param_factor)
         rate = self.optimizer_update_rate.get(kind)
         if rate:
             return 1.0 / rate
@@ -181,6 +202,8 @@ def _validate(p: DeviceProfile) -> None:
         _number(getattr(p, name), name, 0, 1, strict=True)
     if isinstance(p.gpus_per_node, bool) or not isinstance(p.gpus_per_node, int) or p.gpus_per_node < 1:
         raise ConfigError(f"gpus_per_node must be an integer >= 1, got {p.gpus_per_node!r}")
+    if p.kind not in ("gpu", "cpu"):
+        raise ConfigError(f"kind must be 'gpu' or 'cpu', got {p.kind!r}")
     if not isinstance(p.optimizer_update_rate, dict):
         raise ConfigError(f"optimizer_update_rate must be an object, got {p.optimizer_update_rate!r}")
     for key, value in p.optimizer_update_rate.items():
@@ -330,6 +353,7 @@ _SHIPPED: dict[str, DeviceProfile] = {
             inter_node_latency=100e-6,
             gpus_per_node=1,
             op_overhead=10e-6,
+            kind="cpu",
             sources={
                 "all": "generic conservative CPU (assumption, no spec sheet): a few cores with AVX2/AVX-512 FMA "
                 "~100 GFLOP/s FP32, half that for BF16/FP16 (often emulated), 20 GB/s DRAM, 16 GiB; run "

@@ -221,6 +221,12 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         shards = r if problem.zero_optimizer else 1
         base, io = params * (2 + problem.opt_param_factor / shards), 2 * (ins + outs) + workspace
         plain, again = base + act * inflight + io, base + ins * inflight + act + io
+        # The optimizer step's temporaries come after the activations are freed: the larger phase counts.
+        largest = problem.range_largest_param_bytes[i][j] if problem.range_largest_param_bytes else 0.0
+        step_end = (
+            base + params / shards * problem.optimizer_transient[0] + largest * problem.optimizer_transient[1]
+        )
+        plain, again = max(plain, step_end), max(again, step_end)
         if recompute is not None:
             redo = recompute[s]
         else:

@@ -73,6 +73,13 @@ def random_extended_problem(seed: int) -> tuple[PlanProblem, list]:
         allreduce_inter_bandwidth=rng.choice([None, rng.uniform(1e8, 2e10)]),
         allreduce_inter_latency=rng.choice([None, rng.uniform(0, 3e-4)]),
         update_seconds_per_param_byte=rng.choice([0.0, rng.uniform(0, 1e-10), rng.uniform(0, 1e-9)]),
+        optimizer_transient=rng.choice(
+            [(0.0, 0.0), (1.0, 0.0), (0.0, 3.0), (rng.uniform(0, 2), rng.uniform(0, 4))]
+        ),
+        range_largest_param_bytes=[
+            [max(per_block[i : j + 1]) * rng.uniform(0.3, 1.0) if j >= i else 0.0 for j in range(num_blocks)]
+            for i in range(num_blocks)
+        ],
     )
     candidates = brute_force(problem)
     if candidates and rng.random() < 0.8:
