@@ -58,7 +58,7 @@ class BenchArgs:
     n_layer: int = 8
     n_embd: int = 256
     n_head: int = 4
-    vocab_size: int = 2048
+    vocab_size: int = 16384  # GPT-2 small's head/layer cost ratio (50257 x 768 vs 12 x 768^2 per token)
     seq_len: int = 64
     global_batch: int = 32
     microbatches: int = 4
@@ -609,7 +609,7 @@ def print_report(rows: list[Row], args: BenchArgs, kind: str, model_note: str) -
     best_pp = max(pipelining, key=rate) if pipelining else None
     ddp = by_name.get("DDP")
     console.print("Ratios (samples/s over samples/s; > 1 means rannc is faster):")
-    for name in ("rannc forced 2 stages", "rannc free"):
+    for name in ("rannc forced 2 stages", "rannc free", "rannc data parallel"):
         row = by_name.get(name)
         if row is None:
             continue
@@ -631,7 +631,7 @@ def print_report(rows: list[Row], args: BenchArgs, kind: str, model_note: str) -
         "CPU work per step (CPU ms/step over CPU ms/step, summed over ranks; < 1 means rannc does less work; "
         "unlike samples/s it hardly depends on other load, but it does not see pipeline bubbles):"
     )
-    for name in ("rannc forced 2 stages", "rannc free"):
+    for name in ("rannc forced 2 stages", "rannc free", "rannc data parallel"):
         row = by_name.get(name)
         if row is None or row.result is None:
             continue
@@ -644,7 +644,7 @@ def print_report(rows: list[Row], args: BenchArgs, kind: str, model_note: str) -
         console.print(
             f"  {name} " + (", ".join(parts) if parts else f"{cpu * 1e3:.0f} ms (nothing to compare)")
         )
-    for name in ("rannc forced 2 stages", "rannc free"):
+    for name in ("rannc forced 2 stages", "rannc free", "rannc data parallel"):
         row = by_name.get(name)
         if row is not None and row.result is not None:
             console.print(f"  {name} plan: {describe_plan(row.result['plan'])}")
@@ -680,6 +680,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchArgs, list[str]]:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--global-batch", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=None,
+        help="vocabulary size (default 16384: the LM head then costs about 5 layers, as in GPT-2 small)",
+    )
     parser.add_argument("--model", choices=("auto", "gpt2", "plain"), default="auto")
     parser.add_argument(
         "--timeout", type=float, default=1200.0, help="seconds per system before it is stopped"
@@ -690,7 +696,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchArgs, list[str]]:
     parser.add_argument(
         "--systems",
         default="all",
-        help="comma-separated subset of: eager1,eager2,ddp,gpipe,1f1b,rannc-forced,rannc-free",
+        help="comma-separated subset of: eager1,eager2,ddp,gpipe,1f1b,rannc-forced,rannc-free,rannc-dp",
     )
     parser.add_argument(
         "--rounds",
@@ -714,6 +720,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchArgs, list[str]]:
         warmup=ns.warmup if ns.warmup is not None else base.warmup,
         global_batch=ns.global_batch if ns.global_batch is not None else base.global_batch,
         seq_len=ns.seq_len if ns.seq_len is not None else base.seq_len,
+        vocab_size=ns.vocab if ns.vocab is not None else base.vocab_size,
         timeout_s=ns.timeout,
         profile_iterations=ns.profile_iterations,
         cprofile=ns.cprofile,
@@ -724,7 +731,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchArgs, list[str]]:
     if args.global_batch % (WORLD_SIZE * args.microbatches):
         parser.error("--global-batch must be divisible by 2 x --microbatches")
     systems = [s.strip() for s in ns.systems.split(",") if s.strip()]
-    known = {"eager1", "eager2", "ddp", "gpipe", "1f1b", "rannc-forced", "rannc-free"}
+    known = {"eager1", "eager2", "ddp", "gpipe", "1f1b", "rannc-forced", "rannc-free", "rannc-dp"}
     if systems == ["all"]:
         systems = sorted(known)
     if unknown := set(systems) - known:
@@ -790,6 +797,13 @@ def main(argv: list[str] | None = None) -> int:
             2,
             rannc_worker,
             (kind, dict(rannc_common)),
+        ),
+        (
+            "rannc-dp",
+            "rannc data parallel",
+            2,
+            rannc_worker,
+            (kind, {**rannc_common, "partition_num": 1, "min_pipeline": 1, "max_pipeline": 1}),
         ),
     ]
     by_round: dict[str, list[Row]] = {}

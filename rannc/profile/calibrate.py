@@ -27,9 +27,10 @@ def calibrate(
 ) -> DeviceProfile:
     """A DeviceProfile of this machine: matmul FLOP/s per dtype, copy bandwidth, memory, per-op overhead.
 
-    When torch.distributed is initialised with more than one rank (and `world_size_probe`), every rank
-    must call it: ranks 0 and 1 measure point-to-point latency/bandwidth (1 KiB .. 64 MiB ping-pong) and
-    all ranks an allreduce; everyone returns rank 0's figures. Otherwise the link figures are copied from
+    When torch.distributed is initialised with more than one rank, every rank must call it: every figure is
+    measured on all ranks at once and averaged (what one rank gets while all compute, as in training), and
+    (with `world_size_probe`) ranks 0 and 1 measure point-to-point latency/bandwidth (1 KiB .. 64 MiB
+    ping-pong) and all ranks an allreduce. Otherwise the link figures are copied from
     the shipped profile of the same GPU model (or the generic "cpu" profile), as `sources` says.
     `quick` uses tiny sizes (for tests). Takes a few seconds on a CPU.
 
@@ -43,6 +44,8 @@ def calibrate(
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"
     base = (profile_for_device_name(name) if cuda else None) or get_device_profile("cpu")
     where = f"measured by rannc.profile.calibrate on {socket.gethostname()} ({name}), {_today()}"
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        where += f", per rank with {dist.get_world_size()} ranks measuring at once"
     if cuda:
         sizes = [256, 512] if quick else [2048, 4096, 8192]
     else:
@@ -52,7 +55,11 @@ def calibrate(
     peak: dict[str, float] = {}
     notes: list[str] = []
     for key, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        rate = _matmul_rate(device, dtype, sizes if key == "float32" or cuda else sizes[:-1], min_time)
+        rate = _together(
+            lambda dtype=dtype, key=key: _matmul_rate(
+                device, dtype, sizes if key == "float32" or cuda else sizes[:-1], min_time
+            )
+        )
         if rate is not None:
             peak[key] = rate
             notes.append(f"{key} {rate / 1e12:.3g}")
@@ -60,7 +67,9 @@ def calibrate(
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
         try:
-            peak["tf32"] = _matmul_rate(device, torch.float32, sizes, min_time) or peak["float32"]
+            peak["tf32"] = (
+                _together(lambda: _matmul_rate(device, torch.float32, sizes, min_time)) or peak["float32"]
+            )
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
         notes.append(f"tf32 {peak['tf32'] / 1e12:.3g}")
@@ -68,11 +77,12 @@ def calibrate(
         peak["tf32"] = peak["float32"]
         notes.append("tf32 = float32 (no TF32 on CPUs)")
     copy_bytes = (4 if quick else (1024 if cuda else 64)) * MIB
-    bandwidth = _copy_bandwidth(device, copy_bytes, min_time)
-    overhead = _op_overhead(device, 20 if quick else 200)
+    bandwidth = _together(lambda: _copy_bandwidth(device, copy_bytes, min_time))
+    overhead = _together(lambda: _op_overhead(device, 20 if quick else 200))
     update_bytes = MIB if quick else (256 if cuda else 16) * MIB
     update_rate = {
-        kind: _update_rate(device, kind, update_bytes, min_time) for kind in ("adam", "momentum", "sgd")
+        kind: _together(lambda kind=kind: _update_rate(device, kind, update_bytes, min_time))
+        for kind in ("adam", "momentum", "sgd")
     }
     sources = {
         "peak_flops": f"{where}: best square matmul (n in {sizes}), TFLOP/s: {', '.join(notes)}",
@@ -196,6 +206,18 @@ def _fit_to_reference_layers(
         op_overhead=profile.op_overhead * factor,
         sources=sources,
     )
+
+
+def _together(measure: Callable[[], float | None]) -> Any:
+    """`measure()` on every rank at once when distributed (so each figure is what one rank gets while all of
+    them compute, as in training), averaged over the ranks; else just `measure()`."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return measure()
+    dist.barrier()
+    value = measure()
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return None if any(v is None for v in values) else statistics.fmean(values)
 
 
 def _default_device() -> torch.device:

@@ -131,8 +131,12 @@ def _measure_prepared(
         start_bytes = torch.cuda.memory_allocated(device)
     fwd_times: list[float] = []
     bwd_times: list[float] = []
+    # In a pipeline step a block's weights and inputs are not in the CPU caches (other blocks and microbatches
+    # ran since), so each timed run starts cold; otherwise small microbatches look cheaper than they are.
+    flush = _cache_flusher(device)
     for _ in range(iterations):
         step_inputs = _fresh_activations(inputs, runner.param_input_indices)
+        flush()
         _sync(cuda, device)
         t0 = time.perf_counter()
         outputs = runner.module(*step_inputs)
@@ -140,6 +144,7 @@ def _measure_prepared(
         t1 = time.perf_counter()
         fwd_times.append(t1 - t0)
         if grad_outputs:
+            flush()
             t0 = time.perf_counter()
             _backward(outputs, grad_outputs)
             _sync(cuda, device)
@@ -150,6 +155,21 @@ def _measure_prepared(
         workspace = max(workspace, float(peak) - activation)
     bwd_time = statistics.median(bwd_times) if bwd_times else 0.0
     return statistics.median(fwd_times), bwd_time, activation, workspace
+
+
+CACHE_FLUSH_BYTES = 64 * 2**20  # larger than the last-level cache of the CPUs this runs on (32 MiB here)
+
+
+def _cache_flusher(device: torch.device) -> Callable[[], None]:
+    """A function that evicts the CPU caches (writes a buffer larger than them); a no-op on other devices."""
+    if device.type != "cpu":
+        return lambda: None
+    buffer = torch.zeros(CACHE_FLUSH_BYTES // 4)
+
+    def flush() -> None:
+        buffer.add_(1.0)
+
+    return flush
 
 
 def _fresh_activations(inputs: list[Any], param_indices: frozenset[int]) -> list[Any]:

@@ -43,6 +43,9 @@ def _buckets(names: list[str], grads: dict[str, torch.Tensor]) -> list[list[str]
     for name in names:
         nbytes = grads[name].numel() * grads[name].element_size()
         if nbytes >= BUCKET_BYTES and grads[name].is_contiguous():
+            if current:
+                buckets.append(current)
+                current, size = [], 0
             buckets.append([name])
             continue
         if current and size + nbytes > BUCKET_BYTES:

@@ -1,0 +1,163 @@
+"""The end of a step in the cost model: optimizer temporaries (the larger of the two memory phases), parameters
+shared between stages (tied weights: one allreduce over every holder, in the simulator), and the graph facts
+that feed them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import models
+import pytest
+
+from rannc.capture import capture
+from rannc.errors import ConfigError
+from rannc.graph.analysis import analyse, atomic_units
+from rannc.graph.blocks import coarsen
+from rannc.plan import BlockProfile, Plan, PlanProblem, StagePlan, evaluate, plan_stages
+from rannc.plan.cost import CostModel, allreduce_time
+from rannc.plan.from_graph import block_graphs, parameter_facts
+from rannc.plan.memory import stage_memories
+from rannc.plan.simulate import shared_allreduces, simulate_plan
+from rannc.plan.tables import StageTables
+from rannc.profile.devices import DeviceProfile, get_device_profile, optimizer_transient
+
+PARAMS = [4e6, 1e6, 2e6]
+LARGEST = [3e6, 1e6, 0.5e6]
+
+
+def problem(**kwargs) -> PlanProblem:
+    blocks = [BlockProfile(fwd_time={1: 1e-3}, bwd_time={1: 2e-3}, activation_bytes={1: 1e5}) for _ in PARAMS]
+    n = len(blocks)
+    params = [[math.fsum(PARAMS[i : j + 1]) for j in range(n)] for i in range(n)]
+    largest = [[max(LARGEST[i : j + 1]) if j >= i else 0.0 for j in range(n)] for i in range(n)]
+    zeros = [[0.0] * n for _ in range(n)]
+    settings = dict(world_size=4, global_batch=4, range_largest_param_bytes=largest)
+    settings.update(kwargs)
+    return PlanProblem(blocks, params, zeros, zeros, **settings)
+
+
+def test_optimizer_temporaries_only_count_when_they_exceed_the_backward_peak() -> None:
+    base = CostModel(problem()).stage(0, 1, 1, 4, 4)  # no temporaries modelled
+    state = 5e6 * 4  # parameters, gradients, Adam's two moments
+    assert base.memory == pytest.approx(state + 2e5 * 4, rel=1e-12)
+    # Three times the largest tensor (CPU Adam): 9e6 > the activations' 8e5, so the step's end sets the peak.
+    cpu = CostModel(problem(optimizer_transient=(0.0, 3.0))).stage(0, 1, 1, 4, 4)
+    assert cpu.memory == state + 3 * 3e6
+    # Small temporaries leave the forward/backward peak alone.
+    small = CostModel(problem(optimizer_transient=(0.0, 0.1))).stage(0, 1, 1, 4, 4)
+    assert small.memory == base.memory
+    # A share of the parameters (GPU foreach), divided over the replicas with ZeRO-1.
+    zero = problem(optimizer_transient=(1.0, 0.0), zero_optimizer=True)
+    two = CostModel(zero).stage(0, 1, 2, 2, 1)
+    assert two.memory == pytest.approx(5e6 * (2 + 2 / 2) + 5e6 / 2, rel=1e-12)
+
+
+def test_optimizer_temporaries_in_tables_search_and_least_memory() -> None:
+    p = problem(optimizer_transient=(0.5, 2.0), zero_optimizer=True)
+    model = CostModel(p)
+    tables = StageTables(model)
+    for r in (1, 2, 4):
+        end = tables.step_end(r)
+        for i in range(3):
+            for j in range(i, 3):
+                shards = r
+                expected = p.range_param_bytes[i][j] * (2 + 2 / shards) + (
+                    p.range_param_bytes[i][j] / shards * 0.5 + p.range_largest_param_bytes[i][j] * 2.0
+                )
+                assert end[i][j] == expected
+        memories = stage_memories(p, tables, 1, [r], 1)[0]
+        assert memories[0][2] >= end[0][2]
+    # A limit between the one-stage end-of-step peak and the two-stage ones forces a split.
+    one_stage = CostModel(p).stage(0, 2, 4, 1, 1).memory
+    limited = dataclasses.replace(p, memory_limit_bytes=one_stage * 0.99, num_stages=None)
+    plan = plan_stages(limited)
+    assert len(plan.stages) > 1
+    assert all(s.memory_bytes <= one_stage * 0.99 for s in plan.stages)
+    again = evaluate(
+        limited,
+        [(s.first_block, s.last_block) for s in plan.stages],
+        [s.replicas for s in plan.stages],
+        plan.microbatches,
+        plan.schedule,
+    )
+    assert again is not None and again[0] == pytest.approx(plan.predicted_step_time, rel=1e-12)
+    assert max(cost.memory for cost in again[1]) <= one_stage * 0.99
+
+
+def _two_stage_plan(p: PlanProblem, replicas: tuple[int, int]) -> Plan:
+    costs = [CostModel(p).stage(0, 0, replicas[0], 2, 2), CostModel(p).stage(1, 2, replicas[1], 2, 1)]
+    starts = [0, replicas[0]]
+    stages = [
+        StagePlan(
+            c.first_block,
+            c.last_block,
+            c.replicas,
+            list(range(s, s + c.replicas)),
+            c.microbatch_size,
+            c.fwd,
+            c.bwd,
+            c.comm,
+            c.allreduce,
+            c.param_bytes,
+            c.activation_bytes,
+            c.memory,
+        )
+        for c, s in zip(costs, starts)
+    ]
+    return Plan(stages, 2, "1f1b", 0.0, p.global_batch, p.world_size)
+
+
+def test_shared_parameter_allreduce_spans_its_stages() -> None:
+    tied = 8e5
+    p = problem(shared_params=((tied, (0, 2)),), allreduce_bandwidth=1e9, allreduce_latency=1e-4)
+    plan = _two_stage_plan(p, (2, 2))
+    found = shared_allreduces(p, plan)
+    # Over all 4 holder ranks, less what each stage's own 2-replica allreduce already moved.
+    expected = allreduce_time(p, tied, 4) - allreduce_time(p, tied, 2)
+    assert found == [(pytest.approx(expected, rel=1e-12), (0, 1))]
+    timeline = simulate_plan(p, plan)
+    plain = simulate_plan(dataclasses.replace(p, shared_params=()), plan)
+    shared_events = [[e for e in events if e.kind == "allreduce_shared"] for events in timeline.events]
+    assert all(len(events) == 1 for events in shared_events)
+    # It starts when both stages finished their own allreduce, at the same moment on both.
+    starts = {events[0].start for events in shared_events}
+    assert len(starts) == 1
+    assert starts.pop() == pytest.approx(max(max(e.end for e in ev) for ev in plain.events), rel=1e-12)
+    assert timeline.step_time == pytest.approx(plain.step_time + expected, rel=1e-12)
+    # Blocks on one stage: nothing extra.
+    together = problem(shared_params=((tied, (1, 2)),))
+    assert shared_allreduces(together, _two_stage_plan(together, (2, 2))) == []
+
+
+def test_parameter_facts_of_a_tied_model() -> None:
+    model = models.build("skip_tied", 0)
+    batch = models.make_batches("skip_tied", 0, 1, 2)[0]
+    captured = capture(model, batch["args"], batch["kwargs"])
+    analysis = analyse(captured)
+    units = atomic_units(analysis)
+    blocks = coarsen(units, [1.0] * len(units), [0.0] * len(units), 4)
+    graphs = block_graphs(captured, analysis, blocks)
+    largest, shared = parameter_facts(captured, graphs)
+    embed = model.embed.weight.numel() * 4
+    assert largest[0][len(graphs) - 1] == embed  # the tied embedding is the largest tensor
+    assert all(
+        largest[i][j] <= largest[i][j + 1] for i in range(len(graphs)) for j in range(i, len(graphs) - 1)
+    )
+    # The embedding is used at the start (lookup) and the end (output projection): shared by two blocks.
+    assert (float(embed), (0, len(graphs) - 1)) in shared
+    assert all(nbytes > 0 and len(blocks) > 1 for nbytes, blocks in shared)
+
+
+def test_device_kind_and_optimizer_temporaries() -> None:
+    assert get_device_profile("cpu").kind == "cpu"
+    assert get_device_profile("h100-80gb").kind == "gpu"
+    assert optimizer_transient("cpu", 2.0) == (0.0, 3.0)
+    assert optimizer_transient("gpu", 2.0) == (1.0, 0.0)
+    assert optimizer_transient("cpu", 0.0) == (0.0, 0.0)
+    with pytest.raises(ConfigError, match="kind"):
+        dataclasses.replace(get_device_profile("cpu"), kind="tpu")
+    data = get_device_profile("cpu").to_json()
+    assert DeviceProfile.from_json(data).kind == "cpu"
+    del data["kind"]
+    assert DeviceProfile.from_json(data).kind == "gpu"  # older files: GPU defaults
