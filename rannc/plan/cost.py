@@ -28,7 +28,7 @@ class StageCost:
     out_bytes: float  # boundary bytes sent per microbatch (forward)
     memory: float  # predicted peak bytes per rank
     recompute: bool = False
-    workspace_bytes: float = 0.0  # the largest block workspace of the stage (held once)
+    workspace_bytes: float = 0.0  # held once: max over its blocks of workspace + later blocks' gradients
     update: float = 0.0  # the optimizer update's part of `allreduce`
 
     @property

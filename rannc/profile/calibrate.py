@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .devices import DeviceProfile, get_device_profile, profile_for_device_name, save_profile
+from .measure import cache_flusher
 
 __all__ = ["calibrate"]
 
@@ -145,67 +146,149 @@ class _ReferenceLayer(torch.nn.Module):
         return x + self.down(torch.nn.functional.gelu(self.up(self.norm2(x))))
 
 
+class _ReferenceHead(torch.nn.Module):
+    """Memory-bound work as at the end of a language model: norm, a wide projection, log-softmax, loss."""
+
+    def __init__(self, width: int, vocab: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.proj = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(torch.nn.functional.gelu(self.norm(x)))
+        return torch.nn.functional.log_softmax(logits, -1).neg().mean(-1, keepdim=True).expand_as(x) + x
+
+
+def _reference_workloads(
+    device: torch.device, quick: bool
+) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
+    """(label, module, input): stacks of transformer layers as large as a stage's working set (beyond the
+    caches), mostly matmul-bound, and a wide head, mostly memory-bound."""
+    if quick:
+        shapes, head = [(2, 16, 64, 2, 2)], (2, 16, 64, 512)
+    elif device.type == "cuda":
+        shapes, head = [(8, 512, 1024, 16, 8)], (8, 512, 1024, 50304)
+    else:
+        shapes, head = [(4, 64, 256, 4, 8), (4, 64, 512, 8, 4)], (4, 64, 256, 16384)
+    found = []
+    for batch, seq, width, heads, depth in shapes:
+        stack = torch.nn.Sequential(*[_ReferenceLayer(width, heads) for _ in range(depth)])
+        found.append(
+            (f"{depth} layers of width {width} x {batch * seq} rows", stack, torch.randn(batch, seq, width))
+        )
+    batch, seq, width, vocab = head
+    found.append(
+        (
+            f"head {width} -> {vocab} x {batch * seq} rows",
+            _ReferenceHead(width, vocab),
+            torch.randn(batch, seq, width),
+        )
+    )
+    return [(label, module.to(device), x.to(device)) for label, module, x in found]
+
+
 def _fit_to_reference_layers(
     profile: DeviceProfile, device: torch.device, quick: bool, where: str
 ) -> DeviceProfile:
-    """Scale the roofline to what real layers achieve here: time a forward + backward of reference transformer
-    layers (every rank at once when distributed, so the figure includes sharing the machine), estimate the
-    same layers with `profile`, and divide both efficiencies (and multiply the per-op overhead) by the
-    measured / estimated ratio (geometric mean over the layer sizes)."""
+    """Fit the two roofline efficiencies to what real work achieves here.
+
+    Times a forward + backward of each reference workload (every rank at once when distributed, so the
+    figures include sharing the machine; caches cold, as a pipeline stage runs), prices the same work with
+    `profile` split into its compute-bound and memory-bound ops (plus the per-op overhead), and solves
+    measured = compute / matmul_efficiency + memory / memory_efficiency + overhead in the least-squares sense
+    (relative errors). Falls back to one common factor when the fit is not well posed.
+    """
     from torch.func import functional_call
 
     from .analytic import estimate_block
 
-    # Stacks of layers as large as a pipeline stage's working set (beyond the caches), run like one.
-    if device.type == "cuda":
-        shapes = [(8, 512, 1024, 16, 8)] if not quick else [(2, 64, 256, 4, 2)]
-    else:
-        shapes = [(4, 64, 256, 4, 8), (4, 64, 512, 8, 4)] if not quick else [(2, 16, 64, 2, 2)]
-    ratios, notes = [], []
-    for batch, seq, width, heads, depth in shapes:
-        layer = torch.nn.Sequential(*[_ReferenceLayer(width, heads) for _ in range(depth)]).to(device)
-        names = [n for n, _ in layer.named_parameters()]
+    rows: list[
+        tuple[float, float, float, float]
+    ] = []  # (measured, compute at 100%, memory at 100%, overhead)
+    notes = []
+    nominal = dataclasses.replace(profile, matmul_efficiency=1.0, memory_efficiency=1.0)
+    for label, module, x in _reference_workloads(device, quick):
+        names = [n for n, _ in module.named_parameters()]
 
         def run(
-            x: torch.Tensor, *params: torch.Tensor, layer: torch.nn.Module = layer, names: list[str] = names
+            x: torch.Tensor, *params: torch.Tensor, module: torch.nn.Module = module, names: list[str] = names
         ) -> tuple[torch.Tensor]:
-            return (functional_call(layer, dict(zip(names, params)), (x,)),)
+            return (functional_call(module, dict(zip(names, params)), (x,)),)
 
-        params = [p.detach().requires_grad_(True) for p in layer.parameters()]
-        x = torch.randn(batch, seq, width, device=device, requires_grad=True)
-        grad = torch.randn(batch, seq, width, device=device)
+        params = [p.detach().requires_grad_(True) for p in module.parameters()]
+        x = x.requires_grad_(True)
+        grad = torch.randn_like(x)
 
         def step(x: torch.Tensor = x, params: list[torch.Tensor] = params, grad: torch.Tensor = grad) -> None:
             torch.autograd.grad(run(x, *params), [x, *params], [grad])
 
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every rank computes at the same time, as in training
-        measured = _seconds_per_call(step, device, 0.002 if quick else 0.3, repeats=5)
-        indices = frozenset(range(1, 1 + len(params)))
-        estimate = estimate_block(run, [x, *params], profile, param_indices=indices)
-        ratio = measured / max(estimate.fwd_time + estimate.bwd_time, 1e-12)
-        ratios.append(ratio)
-        notes.append(
-            f"{depth} layers of width {width} x {batch * seq} rows: {measured * 1e3:.3g} ms measured / {ratio:.3g}"
+        measured = _together(lambda step=step: _cold_seconds(step, device, 2 if quick else 5))
+        estimate = estimate_block(
+            run, [x, *params], nominal, param_indices=frozenset(range(1, 1 + len(params)))
         )
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, ratios)
-        ratios = [statistics.fmean(r[i] for r in gathered) for i in range(len(ratios))]
-    factor = statistics.geometric_mean(ratios)
+        rows.append((measured, *_split_roofline(estimate.ops, nominal, profile)))
+        notes.append(f"{label}: {measured * 1e3:.3g} ms")
+    matmul_eff, memory_eff, how = _solve_efficiencies(rows, profile)
     sources = dict(profile.sources)
     sources["efficiency"] = (
-        f"{where}: forward + backward of reference transformer layers took {factor:.3g}x the roofline estimate "
-        f"at 80% (matmul) / 90% (memory) of the measured peaks ({'; '.join(notes)}), so both efficiencies are "
-        "divided and the per-op overhead multiplied by that factor"
+        f"{where}: fitted to forward + backward of reference workloads ({'; '.join(notes)}) priced at the "
+        f"measured peaks: {how}"
     )
     return dataclasses.replace(
-        profile,
-        matmul_efficiency=min(1.0, profile.matmul_efficiency / factor),
-        memory_efficiency=min(1.0, profile.memory_efficiency / factor),
-        op_overhead=profile.op_overhead * factor,
-        sources=sources,
+        profile, matmul_efficiency=matmul_eff, memory_efficiency=memory_eff, sources=sources
     )
+
+
+def _split_roofline(ops: Any, nominal: DeviceProfile, profile: DeviceProfile) -> tuple[float, float, float]:
+    """Seconds at 100% efficiency of the ops that are compute-bound / memory-bound at `profile`'s efficiencies,
+    and their per-op overhead."""
+    compute = memory = overhead = 0.0
+    peak, bandwidth = nominal.peak("float32"), nominal.memory_bandwidth
+    for op in ops:
+        c, m = op.flops / peak, op.bytes / bandwidth
+        if c / profile.matmul_efficiency >= m / profile.memory_efficiency:
+            compute += c
+        else:
+            memory += m
+        overhead += op.time - max(c, m)
+    return compute, memory, overhead
+
+
+def _solve_efficiencies(
+    rows: list[tuple[float, float, float, float]], profile: DeviceProfile
+) -> tuple[float, float, str]:
+    """(matmul efficiency, memory efficiency, how they were found) from (measured, compute, memory, overhead)."""
+    import numpy as np
+
+    a = np.array([[c / t, m / t] for t, c, m, _ in rows])
+    b = np.array([(t - o) / t for t, _, _, o in rows])
+    if len(rows) >= 2 and np.linalg.matrix_rank(a) == 2:
+        inverse, *_ = np.linalg.lstsq(a, b, rcond=None)  # 1 / efficiency each
+        if (inverse >= 1.0).all():
+            return 1.0 / inverse[0], 1.0 / inverse[1], "least squares over compute- and memory-bound work"
+    # One factor on both (the workloads cannot tell them apart, or the fit left [0, 1]).
+    predicted = [c / profile.matmul_efficiency + m / profile.memory_efficiency + o for _, c, m, o in rows]
+    factor = statistics.geometric_mean([t / p for (t, _, _, _), p in zip(rows, predicted)])
+    return (
+        min(1.0, profile.matmul_efficiency / factor),
+        min(1.0, profile.memory_efficiency / factor),
+        f"one factor {factor:.3g} on both efficiencies",
+    )
+
+
+def _cold_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median seconds of fn() started with cold caches each time (as a pipeline stage runs), after a warm-up."""
+    flush = cache_flusher(device)
+    fn()
+    samples = []
+    for _ in range(repeats):
+        flush()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 def _together(measure: Callable[[], float | None]) -> Any:

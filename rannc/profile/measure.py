@@ -133,7 +133,7 @@ def _measure_prepared(
     bwd_times: list[float] = []
     # In a pipeline step a block's weights and inputs are not in the CPU caches (other blocks and microbatches
     # ran since), so each timed run starts cold; otherwise small microbatches look cheaper than they are.
-    flush = _cache_flusher(device)
+    flush = cache_flusher(device)
     for _ in range(iterations):
         step_inputs = _fresh_activations(inputs, runner.param_input_indices)
         flush()
@@ -160,7 +160,7 @@ def _measure_prepared(
 CACHE_FLUSH_BYTES = 64 * 2**20  # larger than the last-level cache of the CPUs this runs on (32 MiB here)
 
 
-def _cache_flusher(device: torch.device) -> Callable[[], None]:
+def cache_flusher(device: torch.device) -> Callable[[], None]:
     """A function that evicts the CPU caches (writes a buffer larger than them); a no-op on other devices."""
     if device.type != "cpu":
         return lambda: None

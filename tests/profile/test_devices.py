@@ -162,3 +162,33 @@ def test_calibrate_measures_links_between_ranks() -> None:
     assert 0 < first.intra_node_latency < 0.1 and first.intra_node_bandwidth > 1e6
     assert first.allreduce_bandwidth and first.allreduce_latency and first.gpus_per_node == 2
     assert "ping-pong" in first.sources["intra_node"] and "allreduce" in first.sources["allreduce"]
+
+
+def test_efficiency_fit_recovers_known_efficiencies() -> None:
+    from rannc.profile.calibrate import _solve_efficiencies
+
+    base = get_device_profile("cpu")  # 0.6 / 0.7
+    # Workloads whose compute / memory parts (seconds at 100%) and overhead are known, timed as if the device
+    # ran matmuls at 85% and memory-bound ops at 40% of the peaks.
+    parts = [(0.10, 0.01, 0.002), (0.20, 0.03, 0.004), (0.02, 0.05, 0.001)]
+    rows = [(c / 0.85 + m / 0.40 + o, c, m, o) for c, m, o in parts]
+    matmul, memory, how = _solve_efficiencies(rows, base)
+    assert matmul == pytest.approx(0.85, rel=1e-9) and memory == pytest.approx(0.40, rel=1e-9)
+    assert "least squares" in how
+    # Work that cannot tell the two apart (proportional parts): one factor on both, capped at 1.
+    same = [
+        (2 * (c / base.matmul_efficiency + m / base.memory_efficiency) + o, c, m, o) for c, m, o in [parts[0]]
+    ]
+    matmul, memory, how = _solve_efficiencies(same, base)
+    assert "one factor" in how and matmul < base.matmul_efficiency and memory < base.memory_efficiency
+    # A fit that would need an efficiency above 100% falls back too.
+    faster = [(0.5 * (c + m) + o, c, m, o) for c, m, o in parts]
+    matmul, memory, how = _solve_efficiencies(faster, base)
+    assert "one factor" in how and matmul == 1.0 and memory == 1.0
+
+
+def test_calibrate_fits_efficiencies_to_reference_work() -> None:
+    profile = calibrate(quick=True)
+    assert 0 < profile.matmul_efficiency <= 1 and 0 < profile.memory_efficiency <= 1
+    assert "reference workloads" in profile.sources["efficiency"]
+    assert profile.kind == "cpu" and set(profile.optimizer_update_rate) == {"adam", "momentum", "sgd"}
