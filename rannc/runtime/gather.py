@@ -27,6 +27,15 @@ class GlobalBatch:
         return lo, lo + self.local_sizes[rank]
 
 
+_ALIGN = 16  # bytes: each tensor starts aligned in the packed buffer, so it can be viewed in its dtype
+
+
+def _aligned_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    raw = tensor.reshape(-1).view(torch.uint8)
+    pad = -raw.numel() % _ALIGN
+    return torch.cat([raw, raw.new_zeros(pad)]) if pad else raw
+
+
 def gather_global_batch(leaves: list[Any], device: torch.device, world_size: int) -> GlobalBatch:
     batch_positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.dim() > 0]
     local = leaves[batch_positions[0]].shape[0] if batch_positions else 0
@@ -46,16 +55,29 @@ def gather_global_batch(leaves: list[Any], device: torch.device, world_size: int
     any_grad = [bool(v) for v in table[:, 1:].any(dim=0)]
     widest = max(sizes)
     out = list(leaves)
+    # Every batch tensor (padded to the widest local batch) goes into one byte buffer: one collective.
+    padded = []
     for pos in batch_positions:
-        tensor = leaves[pos].detach().to(device)
+        tensor = leaves[pos].detach().to(device).contiguous()
         if tensor.shape[0] < widest:
             pad = tensor.new_zeros((widest - tensor.shape[0], *tensor.shape[1:]))
             tensor = torch.cat([tensor, pad])
-        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        padded.append(tensor)
+    packed = torch.cat([_aligned_bytes(t) for t in padded]) if padded else None
+    if packed is not None:
+        parts = [torch.empty_like(packed) for _ in range(world_size)]
         with guarded(lambda: "gathering the global batch"):
-            work = dist.all_gather(parts, tensor.contiguous(), async_op=True)
+            work = dist.all_gather(parts, packed, async_op=True)
         wait_all([work], lambda: "gathering the global batch")
-        out[pos] = torch.cat([part[:n] for part, n in zip(parts, sizes)])
+        offset = 0
+        for pos, tensor in zip(batch_positions, padded):
+            nbytes = tensor.numel() * tensor.element_size()
+            pieces = [
+                part[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)[:n]
+                for part, n in zip(parts, sizes)
+            ]
+            out[pos] = torch.cat(pieces)
+            offset += -(-nbytes // _ALIGN) * _ALIGN
     for pos, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor) and leaf.dim() == 0:
             out[pos] = leaf.detach().to(device)
