@@ -87,12 +87,17 @@ class _Costs(TorchDispatchMode):
         span = 1 + sum((s - 1) * abs(st) for s, st in zip(tensor.shape, tensor.stride()))
         return min(tensor.numel(), span) * self.item(tensor)
 
-    def record(self, op: str, flops: float, nbytes: float, like: Sequence[Any]) -> None:
+    def record(
+        self, op: str, flops: float, nbytes: float, like: Sequence[Any], elements: float = 0.0
+    ) -> None:
         if flops == 0 and nbytes == 0:
             return
         floating = (t.dtype for t in like if _is_tensor(t) and t.is_floating_point())
         key = self.dtype or _DTYPE_KEY.get(next(floating, torch.float32), "float32")
         seconds = max(flops / self.profile.flop_rate(key), nbytes / self.profile.byte_rate())
+        rate = self.profile.elementwise_rate.get(op)
+        if rate:  # arithmetic-bound elementwise op on this device (measured)
+            seconds = max(seconds, elements / rate)
         self.ops.append(OpCost(op, self.phase, flops, nbytes, seconds + self.profile.op_overhead))
 
     def traffic(self, func: Any, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> float:
@@ -122,7 +127,8 @@ class _Costs(TorchDispatchMode):
         flops = float(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0.0
         ins = [t for t in pytree.tree_leaves((args, kwargs)) if _is_tensor(t)]
         outs = [t for t in pytree.tree_leaves(out) if _is_tensor(t)]
-        self.record(str(packet), flops, self.traffic(func, ins, outs), ins + outs)
+        elements = float(sum(t.numel() for t in outs))
+        self.record(str(packet), flops, self.traffic(func, ins, outs), ins + outs, elements)
         return out
 
 

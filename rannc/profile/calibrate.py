@@ -109,6 +109,13 @@ def calibrate(
         probed, text = _probe_links(device, quick)
         links.update(probed)
         sources.update(text)
+    elementwise = {} if cuda else _elementwise_rates(device, quick, bandwidth)
+    if elementwise:
+        sources["elementwise_rate"] = (
+            f"{where}: elements/s of arithmetic-bound elementwise ops on {_ELEMENTWISE_SHAPE[0]} x "
+            f"{_ELEMENTWISE_SHAPE[1]} float32 (those slower than moving their bytes at the copy bandwidth): "
+            + ", ".join(f"{op} {rate / 1e9:.2g}G" for op, rate in sorted(elementwise.items()))
+        )
     profile = DeviceProfile(
         name=f"calibrated-{name}",
         peak_flops=peak,
@@ -118,6 +125,7 @@ def calibrate(
         memory_efficiency=0.9,
         op_overhead=overhead,
         optimizer_update_rate=update_rate,
+        elementwise_rate=elementwise,
         kind="gpu" if cuda else "cpu",
         sources=sources,
         **links,
@@ -371,6 +379,49 @@ def _op_overhead(device: torch.device, calls: int) -> float:
         torch.add(x, x)
     _sync(device)
     return (time.perf_counter() - start) / calls
+
+
+_ELEMENTWISE_SHAPE = (256, 4096)
+
+
+def _elementwise_ops(x: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """One call of each elementwise aten op that may be bound by arithmetic rather than memory."""
+    aten = torch.ops.aten
+    pos, grad, other = x.abs() + 0.5, torch.randn_like(x), torch.randn_like(x).abs() + 0.5
+    soft, log_soft, tanh, sig = x.softmax(-1), x.log_softmax(-1), x.tanh(), x.sigmoid()
+    return {
+        "aten.exp": lambda: aten.exp(x),
+        "aten.log": lambda: aten.log(pos),
+        "aten.tanh": lambda: aten.tanh(x),
+        "aten.erf": lambda: aten.erf(x),
+        "aten.sigmoid": lambda: aten.sigmoid(x),
+        "aten.sqrt": lambda: aten.sqrt(pos),
+        "aten.rsqrt": lambda: aten.rsqrt(pos),
+        "aten.pow": lambda: aten.pow(x, 3.0),
+        "aten.div": lambda: aten.div(x, other),
+        "aten.gelu": lambda: aten.gelu(x),
+        "aten.gelu_backward": lambda: aten.gelu_backward(grad, x),
+        "aten.tanh_backward": lambda: aten.tanh_backward(grad, tanh),
+        "aten.sigmoid_backward": lambda: aten.sigmoid_backward(grad, sig),
+        "aten._softmax": lambda: aten._softmax(x, -1, False),
+        "aten._log_softmax": lambda: aten._log_softmax(x, -1, False),
+        "aten._softmax_backward_data": lambda: aten._softmax_backward_data(grad, soft, -1, x.dtype),
+        "aten._log_softmax_backward_data": lambda: aten._log_softmax_backward_data(
+            grad, log_soft, -1, x.dtype
+        ),
+    }
+
+
+def _elementwise_rates(device: torch.device, quick: bool, bandwidth: float) -> dict[str, float]:
+    """Elements/s of each op in _elementwise_ops that is slower than moving its bytes (read + write) would be."""
+    x = torch.randn(*(_ELEMENTWISE_SHAPE if not quick else (16, 256)), device=device)
+    rates = {}
+    for op, call in _elementwise_ops(x).items():
+        seconds = _together(lambda call=call: _seconds_per_call(call, device, 0.002 if quick else 0.02))
+        inputs = 2 if op.endswith("_backward") or op.endswith("_data") or op == "aten.div" else 1
+        if seconds > 1.2 * (inputs + 1) * x.numel() * x.element_size() / bandwidth:
+            rates[op] = x.numel() / seconds
+    return rates
 
 
 def _update_rate(device: torch.device, kind: str, nbytes: int, min_time: float) -> float:

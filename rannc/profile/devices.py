@@ -83,6 +83,10 @@ class DeviceProfile:
     # Measured optimizer step throughput, parameter bytes per second, by kind ("adam", "momentum", "sgd");
     # missing kinds are priced as passes over memory (see update_seconds_per_byte).
     optimizer_update_rate: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Measured elements per second of elementwise ops whose arithmetic, not memory, bounds them on this device
+    # (transcendentals on CPUs), by aten op ("aten.exp", ...): such an op takes at least its output elements /
+    # rate. Empty: every elementwise op is priced by the bytes it moves.
+    elementwise_rate: dict[str, float] = dataclasses.field(default_factory=dict)
     kind: str = (
         "gpu"  # "gpu" or "cpu": which default optimizer implementation (and its temporaries) to expect
     )
@@ -204,6 +208,12 @@ def _validate(p: DeviceProfile) -> None:
         raise ConfigError(f"gpus_per_node must be an integer >= 1, got {p.gpus_per_node!r}")
     if p.kind not in ("gpu", "cpu"):
         raise ConfigError(f"kind must be 'gpu' or 'cpu', got {p.kind!r}")
+    if not isinstance(p.elementwise_rate, dict):
+        raise ConfigError(f"elementwise_rate must be an object, got {p.elementwise_rate!r}")
+    for key, value in p.elementwise_rate.items():
+        if not isinstance(key, str) or not key.startswith("aten."):
+            raise ConfigError(f"elementwise_rate keys are aten op names like 'aten.exp', got {key!r}")
+        _number(value, f"elementwise_rate[{key!r}]", 0, strict=True)
     if not isinstance(p.optimizer_update_rate, dict):
         raise ConfigError(f"optimizer_update_rate must be an object, got {p.optimizer_update_rate!r}")
     for key, value in p.optimizer_update_rate.items():

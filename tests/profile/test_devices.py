@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from rannc.errors import ConfigError
@@ -192,3 +193,20 @@ def test_calibrate_fits_efficiencies_to_reference_work() -> None:
     assert 0 < profile.matmul_efficiency <= 1 and 0 < profile.memory_efficiency <= 1
     assert "reference workloads" in profile.sources["efficiency"]
     assert profile.kind == "cpu" and set(profile.optimizer_update_rate) == {"adam", "momentum", "sgd"}
+
+
+def test_elementwise_rates_price_arithmetic_bound_ops() -> None:
+    from rannc.profile.analytic import estimate_block
+
+    base = get_device_profile("cpu")
+    x = torch.empty(256, 4096, device="meta")
+    plain = estimate_block(lambda x: (x.tanh(),), [x], base)
+    slow = dataclasses.replace(base, elementwise_rate={"aten.tanh": 1e8})
+    priced = estimate_block(lambda x: (x.tanh(),), [x], slow)
+    tanh = [op for op in priced.ops if op.op == "aten.tanh"]
+    assert tanh and tanh[0].time == pytest.approx(256 * 4096 / 1e8 + base.op_overhead, rel=1e-9)
+    assert priced.fwd_time > plain.fwd_time
+    with pytest.raises(ConfigError, match="aten op names"):
+        dataclasses.replace(base, elementwise_rate={"tanh": 1e8})
+    with pytest.raises(ConfigError, match="elementwise_rate"):
+        dataclasses.replace(base, elementwise_rate={"aten.tanh": 0.0})
