@@ -295,9 +295,25 @@ def plan_stages(problem: PlanProblem) -> Plan:
     for last in lasts:
         ranges.append((first, last))
         first = last + 1
-    result = evaluate(problem, ranges, reps, p, schedule, model)
-    if result is None:  # pragma: no cover - the search only returns feasible candidates
+    plan = plan_of_candidate(problem, ranges, reps, p, schedule, model)
+    if plan is None:  # pragma: no cover - the search only returns feasible candidates
         raise PlanError("internal error: the chosen plan is not feasible")
+    return plan
+
+
+def plan_of_candidate(
+    problem: PlanProblem,
+    ranges: list[tuple[int, int]],
+    replicas: list[int],
+    microbatches: int,
+    schedule: str,
+    model: CostModel | None = None,
+) -> Plan | None:
+    """The Plan of one candidate (stage block ranges, replicas, microbatches, schedule) with the cost model's
+    figures, ranks assigned contiguously in pipeline order; None when the candidate is not feasible."""
+    result = evaluate(problem, ranges, replicas, microbatches, schedule, model)
+    if result is None:
+        return None
     total, costs = result
     stages, rank = [], 0
     for cost in costs:
@@ -321,7 +337,7 @@ def plan_stages(problem: PlanProblem) -> Plan:
         rank += cost.replicas
     return Plan(
         stages=stages,
-        microbatches=p,
+        microbatches=microbatches,
         schedule=schedule,
         predicted_step_time=total,
         global_batch=problem.global_batch,

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from rannc.errors import ConfigError, PlanError
-from rannc.plan import BlockProfile, Plan, PlanProblem, StagePlan, evaluate, plan_stages
+from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, plan_stages
 from rannc.plan.cost import IO, WS, CostModel
+from rannc.plan.search import plan_of_candidate
 from rannc.plan.simulate import analytic_step_time, simulate_plan
 from rannc.plan.tables import StageTables
 from rannc.profile.devices import DeviceProfile, load_profile, save_profile
@@ -194,28 +195,9 @@ def test_search_uses_the_same_update_and_workspace_costs() -> None:
 
 
 def plan_of(problem: PlanProblem, ranges: list[tuple[int, int]], replicas: list[int], p: int) -> Plan:
-    result = evaluate(problem, ranges, replicas, p, "1f1b")
-    assert result is not None
-    stages, start = [], 0
-    for cost in result[1]:
-        stages.append(
-            StagePlan(
-                first_block=cost.first_block,
-                last_block=cost.last_block,
-                replicas=cost.replicas,
-                ranks=list(range(start, start + cost.replicas)),
-                microbatch_size=cost.microbatch_size,
-                fwd_time=cost.fwd,
-                bwd_time=cost.bwd,
-                comm_time=cost.comm,
-                allreduce_time=cost.allreduce,
-                param_bytes=cost.param_bytes,
-                activation_bytes=cost.activation_bytes,
-                memory_bytes=cost.memory,
-            )
-        )
-        start += cost.replicas
-    return Plan(stages, p, "1f1b", result[0], problem.global_batch, problem.world_size)
+    plan = plan_of_candidate(problem, ranges, replicas, p, "1f1b")
+    assert plan is not None
+    return plan
 
 
 def test_simulated_update_follows_the_allreduce() -> None:

@@ -14,10 +14,11 @@ from rannc.capture import capture
 from rannc.errors import ConfigError
 from rannc.graph.analysis import analyse, atomic_units
 from rannc.graph.blocks import coarsen
-from rannc.plan import BlockProfile, Plan, PlanProblem, StagePlan, evaluate, plan_stages
+from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, plan_stages
 from rannc.plan.cost import CostModel, allreduce_time
 from rannc.plan.from_graph import block_graphs, parameter_facts
 from rannc.plan.memory import stage_memories
+from rannc.plan.search import plan_of_candidate
 from rannc.plan.simulate import shared_allreduces, simulate_plan
 from rannc.plan.tables import StageTables
 from rannc.profile.devices import DeviceProfile, get_device_profile, optimizer_transient
@@ -86,26 +87,9 @@ def test_optimizer_temporaries_in_tables_search_and_least_memory() -> None:
 
 
 def _two_stage_plan(p: PlanProblem, replicas: tuple[int, int]) -> Plan:
-    costs = [CostModel(p).stage(0, 0, replicas[0], 2, 2), CostModel(p).stage(1, 2, replicas[1], 2, 1)]
-    starts = [0, replicas[0]]
-    stages = [
-        StagePlan(
-            c.first_block,
-            c.last_block,
-            c.replicas,
-            list(range(s, s + c.replicas)),
-            c.microbatch_size,
-            c.fwd,
-            c.bwd,
-            c.comm,
-            c.allreduce,
-            c.param_bytes,
-            c.activation_bytes,
-            c.memory,
-        )
-        for c, s in zip(costs, starts)
-    ]
-    return Plan(stages, 2, "1f1b", 0.0, p.global_batch, p.world_size)
+    plan = plan_of_candidate(p, [(0, 0), (1, 2)], list(replicas), 2, "1f1b")
+    assert plan is not None
+    return plan
 
 
 def test_shared_parameter_allreduce_spans_its_stages() -> None:
