@@ -109,11 +109,12 @@ def calibrate(
         probed, text = _probe_links(device, quick)
         links.update(probed)
         sources.update(text)
-    elementwise = {} if cuda else _elementwise_rates(device, quick, bandwidth)
+    elementwise_shape = (16, 256) if quick else (256, 4096)
+    elementwise = {} if cuda else _elementwise_rates(device, elementwise_shape, quick, bandwidth)
     if elementwise:
         sources["elementwise_rate"] = (
-            f"{where}: elements/s of arithmetic-bound elementwise ops on {_ELEMENTWISE_SHAPE[0]} x "
-            f"{_ELEMENTWISE_SHAPE[1]} float32 (those slower than moving their bytes at the copy bandwidth): "
+            f"{where}: elements/s of arithmetic-bound elementwise ops on {elementwise_shape[0]} x "
+            f"{elementwise_shape[1]} float32 (those slower than moving their bytes at the copy bandwidth): "
             + ", ".join(f"{op} {rate / 1e9:.2g}G" for op, rate in sorted(elementwise.items()))
         )
     profile = DeviceProfile(
@@ -381,9 +382,6 @@ def _op_overhead(device: torch.device, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-_ELEMENTWISE_SHAPE = (256, 4096)
-
-
 def _elementwise_ops(x: torch.Tensor) -> dict[str, Callable[[], Any]]:
     """One call of each elementwise aten op that may be bound by arithmetic rather than memory."""
     aten = torch.ops.aten
@@ -412,9 +410,11 @@ def _elementwise_ops(x: torch.Tensor) -> dict[str, Callable[[], Any]]:
     }
 
 
-def _elementwise_rates(device: torch.device, quick: bool, bandwidth: float) -> dict[str, float]:
+def _elementwise_rates(
+    device: torch.device, shape: tuple[int, int], quick: bool, bandwidth: float
+) -> dict[str, float]:
     """Elements/s of each op in _elementwise_ops that is slower than moving its bytes (read + write) would be."""
-    x = torch.randn(*(_ELEMENTWISE_SHAPE if not quick else (16, 256)), device=device)
+    x = torch.randn(*shape, device=device)
     rates = {}
     for op, call in _elementwise_ops(x).items():
         seconds = _together(lambda call=call: _seconds_per_call(call, device, 0.002 if quick else 0.02))
