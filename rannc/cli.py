@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="measure this machine as a device profile (JSON)")
     calibrate.add_argument("--out", default=None, help="where to write the profile (default: print it)")
     calibrate.add_argument("--quick", action="store_true", help="tiny sizes: seconds, less accurate")
+    calibrate.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="measure with this many local CPU processes at once (gloo, one thread each), as a job of that many "
+        "ranks on this machine will run; also measures their links (default 1). For GPUs run "
+        "`torchrun --nproc-per-node N -m rannc.profile.calibrate --out FILE` instead",
+    )
 
     demo = commands.add_parser("demo", help="train a small GPT-2 on local CPU processes with rannc")
     demo.add_argument("--world-size", type=int, default=4, help="number of local processes (default 4)")
@@ -153,13 +161,30 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_rank(rank: int, world_size: int, quick: bool) -> dict[str, Any] | None:
+    """One process of `rannc calibrate --ranks N` (module level: spawned workers import it)."""
+    from .profile.calibrate import calibrate
+
+    profile = calibrate("cpu", quick=quick)
+    return profile.to_json() if rank == 0 else None
+
+
 def _run_calibrate(args: argparse.Namespace) -> int:
     import json
 
     from .profile.calibrate import calibrate
     from .profile.devices import save_profile
 
-    profile = calibrate(quick=args.quick)
+    if args.ranks < 1:
+        raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
+    if args.ranks > 1:
+        from .launch import launch_local
+        from .profile.devices import DeviceProfile
+
+        results = launch_local(_calibrate_rank, args.ranks, (args.quick,), timeout=900)
+        profile = DeviceProfile.from_json(results[0])
+    else:
+        profile = calibrate(quick=args.quick)
     if args.out:
         save_profile(profile, args.out)
         print(f"wrote {args.out} ({profile.name}); plan with --device {args.out}")

@@ -182,6 +182,21 @@ def test_calibrate_writes_a_profile(tmp_path: Path) -> None:
     assert profile.name.startswith("calibrated-") and profile.peak("float32") > 0
 
 
+@pytest.mark.slow
+def test_calibrate_with_local_ranks_measures_them_together(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["calibrate", "--quick", "--ranks", "2", "--out", str(path)]) == 0
+    profile = load_profile(path)
+    assert "per rank with 2 ranks measuring at once" in profile.sources["peak_flops"]
+    assert "gloo, 2 ranks" in profile.sources["intra_node"] and profile.gpus_per_node == 2
+    assert profile.kind == "cpu" and profile.intra_node_latency > 0
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        assert main(["calibrate", "--quick", "--ranks", "0"]) == 1
+    assert "--ranks must be >= 1" in errors.getvalue()
+
+
 def _vm_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
