@@ -81,29 +81,43 @@ def replica_counts(problem: PlanProblem, microbatches: int) -> list[int]:
     return sorted({r for r in problem.replica_choices if 1 <= r <= high})
 
 
+def p2p_link(problem: PlanProblem, inter: bool) -> tuple[float, float]:
+    """(latency, bandwidth) of a transfer between stages, within a node or (`inter`) across nodes."""
+    if not inter:
+        return problem.p2p_latency, problem.p2p_bandwidth
+    return (
+        problem.p2p_latency if problem.inter_node_latency is None else problem.inter_node_latency,
+        problem.p2p_bandwidth if problem.inter_node_bandwidth is None else problem.inter_node_bandwidth,
+    )
+
+
+def allreduce_link(problem: PlanProblem, inter: bool) -> tuple[float, float]:
+    """(latency, bus bandwidth) of an allreduce within a node or (`inter`) spanning nodes."""
+    if not inter:
+        return problem.allreduce_latency, problem.allreduce_bandwidth
+    return (
+        problem.allreduce_latency
+        if problem.allreduce_inter_latency is None
+        else problem.allreduce_inter_latency,
+        problem.allreduce_bandwidth
+        if problem.allreduce_inter_bandwidth is None
+        else problem.allreduce_inter_bandwidth,
+    )
+
+
 def p2p_time(problem: PlanProblem, nbytes: float, inter: bool = False) -> float:
     """Seconds to send `nbytes` between two stages (0 when nothing is sent); `inter`: across nodes."""
     if nbytes == 0:
         return 0.0
-    if inter:
-        latency = problem.p2p_latency if problem.inter_node_latency is None else problem.inter_node_latency
-        bandwidth = (
-            problem.p2p_bandwidth if problem.inter_node_bandwidth is None else problem.inter_node_bandwidth
-        )
-        return latency + nbytes / bandwidth
-    return problem.p2p_latency + nbytes / problem.p2p_bandwidth
+    latency, bandwidth = p2p_link(problem, inter)
+    return latency + nbytes / bandwidth
 
 
 def allreduce_time(problem: PlanProblem, param_bytes: float, replicas: int, inter: bool = False) -> float:
     """Seconds of the ring allreduce of a stage's gradients among its replicas (`inter`: spanning nodes)."""
     if replicas == 1:
         return 0.0
-    latency, bandwidth = problem.allreduce_latency, problem.allreduce_bandwidth
-    if inter:
-        if problem.allreduce_inter_latency is not None:
-            latency = problem.allreduce_inter_latency
-        if problem.allreduce_inter_bandwidth is not None:
-            bandwidth = problem.allreduce_inter_bandwidth
+    latency, bandwidth = allreduce_link(problem, inter)
     return latency + 2 * (replicas - 1) / replicas * param_bytes / bandwidth
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cost import CostModel, held_bytes, update_seconds_per_byte
+from .cost import CostModel, allreduce_link, held_bytes, p2p_link, update_seconds_per_byte
 
 # Fields of a compute table, in order.
 FIELDS = ("fwd", "bwd", "act", "in", "out", "in_intra", "in_inter", "out_intra", "out_inter", "io")
@@ -46,13 +46,7 @@ class StageTables:
         return np.cumsum(spread, axis=1)
 
     def _p2p(self, nbytes: np.ndarray, inter: bool) -> np.ndarray:
-        problem = self.model.problem
-        latency, bandwidth = problem.p2p_latency, problem.p2p_bandwidth
-        if inter:
-            if problem.inter_node_latency is not None:
-                latency = problem.inter_node_latency
-            if problem.inter_node_bandwidth is not None:
-                bandwidth = problem.inter_node_bandwidth
+        latency, bandwidth = p2p_link(self.model.problem, inter)
         return np.where(nbytes == 0, 0.0, 2 * (latency + nbytes / bandwidth))
 
     def compute(self, m: int) -> dict[str, np.ndarray]:
@@ -138,12 +132,7 @@ class StageTables:
             if replicas == 1:
                 table = np.zeros_like(self._params) + self._params * per_byte
             else:
-                latency, bandwidth = problem.allreduce_latency, problem.allreduce_bandwidth
-                if inter:
-                    if problem.allreduce_inter_latency is not None:
-                        latency = problem.allreduce_inter_latency
-                    if problem.allreduce_inter_bandwidth is not None:
-                        bandwidth = problem.allreduce_inter_bandwidth
+                latency, bandwidth = allreduce_link(problem, inter)
                 table = latency + 2 * (replicas - 1) / replicas * self._params / bandwidth
                 table = table + self._params * per_byte
             self._allreduce[key] = table
