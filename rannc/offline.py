@@ -19,16 +19,16 @@ from .capture import CapturedGraph, FlatCall, capture, tile_rows
 from .capture.samples import record_values
 from .deploy.deployment import Deployment, format_bytes
 from .errors import ConfigError, PlanError
-from .graph.analysis import GraphAnalysis, analyse, atomic_units, has_single_loss, module_range
+from .graph.analysis import GraphAnalysis, analyse, atomic_units, has_single_loss
 from .graph.blocks import coarsen, estimate_op_costs
 from .graph.stage import StageGraph
 from .plan import PlanProblem, minimum_memory_needed, plan_stages, required_microbatch_sizes
 from .plan import types as plan_types
-from .plan.from_graph import block_graphs, parameter_facts, range_tables
+from .plan.from_graph import block_graphs, deployment_of, range_tables, step_end_fields
 from .plan.simulate import Timeline, simulate_plan
 from .plan.types import BlockProfile
 from .profile.analytic import analytic_block_profiles
-from .profile.devices import DeviceProfile, get_device_profile, optimizer_transient
+from .profile.devices import DeviceProfile, get_device_profile
 
 __all__ = ["DTYPE_ALIASES", "OfflinePlan", "load_factory", "normalise_dtype", "plan_offline"]
 
@@ -315,13 +315,9 @@ def plan_offline(
     fixed.update(memory_limit_bytes=usable)
     fixed.update(max_microbatches=min(max_microbatches, global_batch), schedules=tuple(allowed))
     fixed.update(opt_param_factor=opt_param_factor, num_stages=num_stages, zero_optimizer=zero)
-    largest, shared = parameter_facts(captured, graphs)
     newer = _problem_kwargs(
         allow_recompute=recompute,
-        update_seconds_per_param_byte=profile.update_seconds_per_byte(opt_param_factor),
-        optimizer_transient=optimizer_transient(profile.kind, opt_param_factor),
-        range_largest_param_bytes=largest,
-        shared_params=shared,
+        **step_end_fields(captured, graphs, profile, opt_param_factor),
         **links,
         **_choices(world_size, global_batch, max_microbatches, gpus),
     )
@@ -348,8 +344,6 @@ def plan_offline(
     lap("simulate")
     timings["total"] = time.perf_counter() - started
 
-    stage_nodes = [sum(blocks[s.first_block : s.last_block + 1], []) for s in plan.stages]
-    nodes = {n.name: n for n in captured.gm.graph.nodes}
     step = timeline.step_time
     report: dict[str, Any] = {"kind": "offline", "device_profile": profile.name, "dtype": compute or "model"}
     report.update(device_memory_bytes=memory, mem_margin=mem_margin, usable_memory_bytes=usable)
@@ -371,14 +365,5 @@ def plan_offline(
         }
         for parts, inflight, stage in zip(memory_split(timeline), timeline.peak_inflight, plan.stages)
     ]
-    deployment = Deployment(
-        plan=plan,
-        graph_hash=captured.graph_hash,
-        world_size=world_size,
-        device_memory_bytes=usable,
-        stage_nodes=stage_nodes,
-        block_names=["..".join(module_range(nodes, b)) for b in blocks],
-        stage_module_ranges=[module_range(nodes, ns) for ns in stage_nodes],
-        report=report,
-    )
+    deployment = deployment_of(plan, captured, blocks, world_size, usable, report)
     return OfflinePlan(deployment, problem, timeline, report, timings)

@@ -19,12 +19,19 @@ from .capture.samples import record_values
 from .config import Config
 from .deploy import Deployment, load_deployment
 from .errors import PlanError
-from .graph.analysis import GraphAnalysis, analyse, atomic_units, has_single_loss, module_range
+from .graph.analysis import GraphAnalysis, analyse, atomic_units, has_single_loss
 from .graph.blocks import coarsen, estimate_op_costs
 from .plan import Plan, minimum_memory_needed, plan_stages, required_microbatch_sizes
-from .plan.from_graph import block_graphs, block_runners, make_problem, parameter_facts, range_tables
+from .plan.from_graph import (
+    block_graphs,
+    block_runners,
+    deployment_of,
+    make_problem,
+    range_tables,
+    step_end_fields,
+)
 from .profile import profile_blocks
-from .profile.devices import get_device_profile, optimizer_transient, profile_for_device_name
+from .profile.devices import DeviceProfile, get_device_profile, profile_for_device_name
 
 logger = logging.getLogger(__name__)
 
@@ -139,21 +146,13 @@ def partition(
         profiles = profile_blocks(runners, sizes, cache_key=key, config=config, device=device)
     tables = range_tables(captured, analysis, blocks, graphs)
     problem = make_problem(tables, profiles, world_size, global_batch, limit, config, schedule)
-    problem = dataclasses.replace(problem, **_step_end_model(captured, graphs, config, device))
-    plan = _plan_on_rank0(problem, world_size, config)
-    stage_nodes = [sum(blocks[s.first_block : s.last_block + 1], []) for s in plan.stages]
-    nodes = {n.name: n for n in captured.gm.graph.nodes}
-    ranges = [module_range(nodes, ns) for ns in stage_nodes]
-    block_names = ["..".join(module_range(nodes, b)) for b in blocks]
-    deployment = Deployment(
-        plan=plan,
-        graph_hash=captured.graph_hash,
-        world_size=world_size,
-        device_memory_bytes=limit,
-        stage_nodes=stage_nodes,
-        block_names=block_names,
-        stage_module_ranges=ranges,
+    # The end of a step (optimizer update time, temporaries) is priced with the shipped profile of this
+    # device, not measured.
+    problem = dataclasses.replace(
+        problem, **step_end_fields(captured, graphs, _shipped_profile(device), config.opt_param_factor)
     )
+    plan = _plan_on_rank0(problem, world_size, config)
+    deployment = deployment_of(plan, captured, blocks, world_size, limit)
     logger.info(
         "partitioned into %d stage(s), %d microbatches in %.1fs (%d ops, %d units, %d blocks)",
         len(plan.stages),
@@ -166,22 +165,11 @@ def partition(
     return Partitioned(captured, analysis, deployment)
 
 
-def _step_end_model(
-    captured: CapturedGraph, graphs: list[Any], config: Config, device: torch.device
-) -> dict[str, Any]:
-    """What the planner needs about the end of a step on this device: optimizer update time (from the shipped
-    profile of this device, not measured), optimizer temporaries, and the parameters shared between blocks."""
-    cuda = device.type == "cuda"
-    profile = (profile_for_device_name(torch.cuda.get_device_name(device)) if cuda else None) or (
-        get_device_profile("h100-80gb" if cuda else "cpu")
-    )
-    largest, shared = parameter_facts(captured, graphs)
-    return {
-        "update_seconds_per_param_byte": profile.update_seconds_per_byte(config.opt_param_factor),
-        "optimizer_transient": optimizer_transient("gpu" if cuda else "cpu", config.opt_param_factor),
-        "range_largest_param_bytes": largest,
-        "shared_params": shared,
-    }
+def _shipped_profile(device: torch.device) -> DeviceProfile:
+    """The shipped profile of this device's model (CUDA: by name, else H100), or the generic CPU one."""
+    if device.type == "cuda":
+        return profile_for_device_name(torch.cuda.get_device_name(device)) or get_device_profile("h100-80gb")
+    return get_device_profile("cpu")
 
 
 def _profile_sizes(world_size: int, global_batch: int, config: Config) -> list[int]:

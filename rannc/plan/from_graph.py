@@ -8,11 +8,13 @@ import torch
 
 from ..capture import CapturedGraph, tile_rows
 from ..capture.inputs import with_memory_order
-from ..graph.analysis import GraphAnalysis
+from ..deploy import Deployment
+from ..graph.analysis import GraphAnalysis, module_range
 from ..graph.stage import StageGraph, build_stage
 from ..profile import BlockRunner
+from ..profile.devices import DeviceProfile, optimizer_transient
 from ..runtime.routes import symint_value
-from .types import BlockProfile, PlanProblem
+from .types import BlockProfile, Plan, PlanProblem
 
 
 def block_graphs(
@@ -153,6 +155,43 @@ def parameter_facts(
         (sizes[name], tuple(sorted(set(blocks)))) for name, blocks in users.items() if len(set(blocks)) > 1
     )
     return table, shared
+
+
+def step_end_fields(
+    captured: CapturedGraph, graphs: list[StageGraph], profile: DeviceProfile, opt_param_factor: float
+) -> dict[str, Any]:
+    """The PlanProblem fields about the end of a step on `profile`'s device: optimizer update time, optimizer
+    temporaries, the largest parameter of each block range and the parameters shared between blocks."""
+    largest, shared = parameter_facts(captured, graphs)
+    return {
+        "update_seconds_per_param_byte": profile.update_seconds_per_byte(opt_param_factor),
+        "optimizer_transient": optimizer_transient(profile.kind, opt_param_factor),
+        "range_largest_param_bytes": largest,
+        "shared_params": shared,
+    }
+
+
+def deployment_of(
+    plan: Plan,
+    captured: CapturedGraph,
+    blocks: list[list[str]],
+    world_size: int,
+    device_memory_bytes: float | None,
+    report: dict[str, Any] | None = None,
+) -> Deployment:
+    """The Deployment of `plan`: each stage's graph nodes and module range, each block's name."""
+    stage_nodes = [sum(blocks[s.first_block : s.last_block + 1], []) for s in plan.stages]
+    nodes = {n.name: n for n in captured.gm.graph.nodes}
+    return Deployment(
+        plan=plan,
+        graph_hash=captured.graph_hash,
+        world_size=world_size,
+        device_memory_bytes=device_memory_bytes,
+        stage_nodes=stage_nodes,
+        block_names=["..".join(module_range(nodes, b)) for b in blocks],
+        stage_module_ranges=[module_range(nodes, ns) for ns in stage_nodes],
+        report=report if report is not None else {},
+    )
 
 
 def make_problem(
