@@ -20,7 +20,7 @@ from rich.progress import Progress
 from ..config import Config
 from ..errors import RanncError
 from ..plan.types import BlockProfile
-from .measure import BlockRunner, measure_block
+from .measure import BlockRunner, cache_flusher, measure_block
 
 __all__ = ["profile_blocks"]
 
@@ -195,11 +195,12 @@ def _measure_tasks(
 ) -> tuple[dict[str, Entry], Exception | None]:
     """This rank's measurements; an exception is returned, not raised, so that no rank is left waiting."""
     measured: dict[str, Entry] = {}
+    flush = cache_flusher(device) if device is not None else None  # one eviction buffer for every task
     with Progress(transient=True, disable=not show) as progress:
         bar = progress.add_task("profiling blocks", total=len(tasks))
         for block, m in tasks:
             try:
-                profile = measure_block(runners[block], [m], config.profile_iterations, device)
+                profile = measure_block(runners[block], [m], config.profile_iterations, device, flush=flush)
             except Exception as exc:
                 logger.exception("profiling block %d at microbatch size %d failed", block, m)
                 exc.add_note(f"while profiling block {block} at microbatch size {m}")

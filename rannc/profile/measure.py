@@ -46,6 +46,8 @@ def measure_block(
     microbatch_sizes: Sequence[int],
     iterations: int = 3,
     device: torch.device | None = None,
+    *,
+    flush: Callable[[], None] | None = None,
 ) -> BlockProfile:
     """Median forward/backward seconds and saved-activation bytes of `runner` at each microbatch size.
 
@@ -54,7 +56,8 @@ def measure_block(
     unique storages saved for backward, not counting storages of parameter inputs. Workspace bytes are the
     most bytes live at once during a forward+backward beyond the inputs and those saved tensors, the
     microbatch's parameter gradients included (counted by `PeakMemory`; on CUDA also from the allocator's
-    peak of the timed runs).
+    peak of the timed runs). `flush` evicts the caches before each timed run (default: a `cache_flusher` of
+    the device made for this call; pass one to reuse its buffer over many calls).
 
     Example::
 
@@ -70,13 +73,19 @@ def measure_block(
     bwd: dict[int, float] = {}
     activation: dict[int, float] = {}
     workspace: dict[int, float] = {}
+    if flush is None and device is not None:
+        flush = cache_flusher(device)
     for m in sizes:
-        fwd[m], bwd[m], activation[m], workspace[m] = _measure_size(runner, m, iterations, device)
+        fwd[m], bwd[m], activation[m], workspace[m] = _measure_size(runner, m, iterations, device, flush)
     return BlockProfile(fwd_time=fwd, bwd_time=bwd, activation_bytes=activation, workspace_bytes=workspace)
 
 
 def _measure_size(
-    runner: BlockRunner, m: int, iterations: int, device: torch.device | None
+    runner: BlockRunner,
+    m: int,
+    iterations: int,
+    device: torch.device | None,
+    flush: Callable[[], None] | None,
 ) -> tuple[float, float, float, float]:
     inputs = list(runner.make_inputs(m))
     if device is None:
@@ -88,7 +97,9 @@ def _measure_size(
         p.grad = None
     try:
         with torch.enable_grad():
-            return _measure_prepared(runner, inputs, params, iterations, device)
+            return _measure_prepared(
+                runner, inputs, params, iterations, device, flush or cache_flusher(device)
+            )
     finally:
         for p, grad in previous_grads:
             p.grad = grad
@@ -100,6 +111,7 @@ def _measure_prepared(
     params: list[torch.Tensor],
     iterations: int,
     device: torch.device,
+    flush: Callable[[], None],
 ) -> tuple[float, float, float, float]:
     cuda = device.type == "cuda"
     param_storages = {_storage_key(p) for p in params}
@@ -133,7 +145,6 @@ def _measure_prepared(
     bwd_times: list[float] = []
     # In a pipeline step a block's weights and inputs are not in the CPU caches (other blocks and microbatches
     # ran since), so each timed run starts cold; otherwise small microbatches look cheaper than they are.
-    flush = cache_flusher(device)
     for _ in range(iterations):
         step_inputs = _fresh_activations(inputs, runner.param_input_indices)
         flush()

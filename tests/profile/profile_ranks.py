@@ -86,9 +86,9 @@ def profile_twice(
     calls: list[tuple[int, ...]] = []
     measure = profile_distributed.measure_block
 
-    def counting_measure(runner: BlockRunner, microbatch_sizes: list[int], *args: Any) -> Any:
+    def counting_measure(runner: BlockRunner, microbatch_sizes: list[int], *args: Any, **kwargs: Any) -> Any:
         calls.append(tuple(microbatch_sizes))
-        return measure(runner, microbatch_sizes, *args)
+        return measure(runner, microbatch_sizes, *args, **kwargs)
 
     profile_distributed.measure_block = counting_measure
     config = Config(

@@ -25,9 +25,9 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, tuple[int, ...]]]:
     recorded: list[tuple[int, tuple[int, ...]]] = []
     measure = profile_distributed.measure_block
 
-    def counting_measure(runner: BlockRunner, microbatch_sizes: list[int], *args: Any) -> Any:
+    def counting_measure(runner: BlockRunner, microbatch_sizes: list[int], *args: Any, **kwargs: Any) -> Any:
         recorded.append((id(runner), tuple(microbatch_sizes)))
-        return measure(runner, microbatch_sizes, *args)
+        return measure(runner, microbatch_sizes, *args, **kwargs)
 
     monkeypatch.setattr(profile_distributed, "measure_block", counting_measure)
     return recorded
