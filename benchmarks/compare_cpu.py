@@ -281,13 +281,8 @@ def _timed_loop(
 
 
 # ---- workers -----------------------------------------------------------------------------------------------------
-def eager_worker(rank: int, world_size: int, args: BenchArgs, kind: str, threads: int) -> dict[str, Any]:
-    torch = _torch()
-    _quiet()
-    torch.set_num_threads(threads)
-    model = build_loss_model(args, kind)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    batches = make_batches(args)
+def training_step(model: Any, optimizer: Any, batches: list[Any]) -> Any:
+    """step_fn(step): one forward (the wrapper computes the loss), backward, optimizer step; the loss."""
 
     def step_fn(step: int) -> float:
         ids, labels = batches[step]
@@ -296,6 +291,19 @@ def eager_worker(rank: int, world_size: int, args: BenchArgs, kind: str, threads
         optimizer.step()
         optimizer.zero_grad()
         return float(loss.detach())
+
+    return step_fn
+
+
+def eager_worker(rank: int, world_size: int, args: BenchArgs, kind: str, threads: int) -> dict[str, Any]:
+    torch = _torch()
+    _quiet()
+    torch.set_num_threads(threads)
+    model = build_loss_model(args, kind)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    batches = make_batches(args)
+
+    step_fn = training_step(model, optimizer, batches)
 
     start = time.perf_counter()
     first = step_fn(0)
@@ -399,13 +407,7 @@ def rannc_worker(
     start = time.perf_counter()
     wrapped = rannc.RaNNCModule(model, optimizer, show_progress=False, **overrides)
 
-    def step_fn(step: int) -> float:
-        ids, labels = batches[step]
-        loss = wrapped(ids, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return float(loss.detach())
+    step_fn = training_step(wrapped, optimizer, batches)
 
     first = step_fn(0)  # capture, profile, plan, deploy, then one training step
     setup = time.perf_counter() - start
