@@ -175,6 +175,7 @@ class RaNNCModule:
         self._check_call(call)
         self._steps += 1
         failures.set_context(step=self._steps)
+        current_tracer().flush()  # a traced forward whose backward never ran
         with current_tracer().span("gather_inputs"):  # RANNC_TRACE: part of this step's trace
             if self.world_size > 1:
                 failures.mark_progress(self._steps)

@@ -82,6 +82,29 @@ def test_step_tracer_records_and_dumps_steps(tmp_path: Path) -> None:
     assert trace_file("/a/b.json", 0, 5) == Path("/a/b.json")
 
 
+def test_step_held_open_is_written_by_flush_or_by_its_backward(tmp_path: Path) -> None:
+    tracer = StepTracer(tmp_path)
+    with tracer.span("F0"):
+        pass
+    tracer.hold_open(rank=2)  # forward over; its backward may still add spans
+    assert list(tmp_path.iterdir()) == []
+    with tracer.span("grad_sync"):
+        pass
+    tracer.flush()
+    data = json.loads((tmp_path / "rank2_step0.json").read_text())
+    assert [e["name"] for e in complete(data)] == ["F0", "grad_sync"]
+    tracer.flush()  # nothing open: writes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank2_step0.json"]
+    with tracer.span("F0"):
+        pass
+    tracer.hold_open(rank=2)
+    tracer.flush()  # the next step starts without a backward
+    assert (tmp_path / "rank2_step1.json").exists() and tracer.open_rank is None
+    disabled = StepTracer(None)
+    disabled.hold_open(rank=0)
+    assert disabled.open_rank is None
+
+
 def test_disabled_tracer_is_a_shared_no_op(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("RANNC_TRACE", raising=False)
     tracer = current_tracer()
@@ -158,9 +181,9 @@ def test_rannc_trace_writes_one_file_per_rank_and_step(tmp_path: Path) -> None:
         assert actions == (["F0", "F1", "B0", "B1"] if schedule == "fill_drain" else ["F0", "B0", "F1", "B1"])
         names = [e["name"] for e in events]
         assert "wait_sends" in names and "finish_backward" in names
-        if schedule == "fill_drain":
-            assert "grad_sync" in names  # deferred: the step ends after run_backward
-        else:
-            assert "assemble_outputs" in names
+        # Both schedules' steps end with the gradient sync (1F1B: in the loss's backward, after the forward).
+        assert names[-1] == "grad_sync"
+        if schedule == "1f1b":
+            assert "assemble_outputs" in names and names.index("assemble_outputs") < names.index("grad_sync")
         starts = [e["ts"] for e in events]
         assert starts == sorted(starts) and all(e["pid"] == 0 and e["dur"] >= 0 for e in events)

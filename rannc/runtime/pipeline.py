@@ -100,7 +100,9 @@ class PipelineCall:
                 self._finish_backward()
         with tracer.span("assemble_outputs"):
             outputs = self._assemble_outputs()
-        if self.mode != "deferred":  # a deferred step ends in run_backward
+        if self.mode == "eager":  # the step ends after its gradient sync, in the loss's backward
+            tracer.hold_open(self.stage.rank)
+        elif self.mode == "inference":  # a deferred step ends in run_backward
             tracer.dump(rank=self.stage.rank)
         return outputs
 
@@ -119,8 +121,7 @@ class PipelineCall:
             self.transfer.wait_sends()
         with tracer.span("finish_backward"):
             self._finish_backward()
-        with tracer.span("grad_sync"):
-            self.apply_param_grads(1.0)
+        self.apply_param_grads(1.0)
         tracer.dump(rank=self.stage.rank)
         return self.local_input_grads(1.0)
 
@@ -128,7 +129,10 @@ class PipelineCall:
         """Add this call's parameter gradients (times the output gradient) and sync them unless deferred."""
         self.stage.add_pending(self.param_grads, scale)
         if self.sync_grads:
-            self.stage.sync_grads()
+            from .trace import current_tracer
+
+            with current_tracer().span("grad_sync"):
+                self.stage.sync_grads()
 
     # ---- one microbatch ----------------------------------------------------------------------------
     def _forward(self, i: int) -> None:

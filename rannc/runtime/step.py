@@ -9,6 +9,7 @@ import torch
 from ..errors import RanncError
 from .failures import reported
 from .pipeline import PipelineCall
+from .trace import current_tracer
 
 
 class _PipelineFunction(torch.autograd.Function):
@@ -58,6 +59,7 @@ class _PipelineFunction(torch.autograd.Function):
                 return (None, None, *[None] * len(call.grad_leaf_names))
             call.apply_param_grads(scale.to(torch.float64))
             input_grads = call.local_input_grads(scale)
+            current_tracer().flush()  # the step's trace ends with its gradient sync
         else:
             input_grads = call.run_backward(list(grads))
         return (None, None, *input_grads)

@@ -39,6 +39,7 @@ class StepTracer:
         self.spans: list[tuple[str, float, float, dict[str, Any]]] = []
         self._origin: float | None = None
         self._origin_unix = 0.0
+        self.open_rank: int | None = None  # a step whose forward ended and whose backward may still add spans
 
     @property
     def enabled(self) -> bool:
@@ -58,6 +59,17 @@ class StepTracer:
             yield
         finally:
             self.spans.append((name, start - self._origin, time.perf_counter() - self._origin, args))
+
+    def hold_open(self, rank: int) -> None:
+        """The step's forward is over but its backward (gradient sync) belongs to it too: `dump` it later, or
+        `flush` before the next step starts when no backward comes."""
+        if self.target is not None:
+            self.open_rank = rank
+
+    def flush(self) -> None:
+        """Write a step left open by `hold_open` (a forward whose backward never ran)."""
+        if self.open_rank is not None:
+            self.dump(rank=self.open_rank)
 
     def events(self, rank: int) -> list[dict[str, Any]]:
         """The recorded spans as trace events of process `rank`, thread 0, in the order they started."""
@@ -88,6 +100,7 @@ class StepTracer:
         written = write_trace(file, trace)
         self.spans = []
         self._origin = None
+        self.open_rank = None
         self.step += 1
         return written
 
