@@ -116,6 +116,9 @@ def test_plan_json(planned: dict[str, Any]) -> None:
     for key in ("graph_hash", "world_size", "device_memory_bytes", "microbatches", "schedule"):
         assert key in data
     assert "predicted_step_time_s" in data and data["predicted_step_time_s"] > 0
+    # The search's final choice is simulated: the file's prediction is the simulator's step time.
+    assert data["predicted_step_time_s"] == pytest.approx(data["report"]["simulated_step_time_s"], rel=1e-12)
+    assert data["analytic_step_time_s"] > 0
     assert data["world_size"] == WORLD and data["global_batch"] == BATCH
     assert data["device_memory_bytes"] == pytest.approx(0.9 * MEMORY)
     ranks = sorted(r for stage in data["stages"] for r in stage["ranks"])

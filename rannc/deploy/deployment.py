@@ -148,6 +148,7 @@ def deployment_to_json(deployment: Deployment) -> dict[str, Any]:
         "microbatches": plan.microbatches,
         "schedule": plan.schedule,
         "predicted_step_time_s": plan.predicted_step_time,
+        "analytic_step_time_s": plan.analytic_step_time,
         "block_names": list(deployment.block_names),
         "stages": stages,
     }
@@ -302,6 +303,11 @@ def deployment_from_json(data: Any, path: str = "<memory>") -> Deployment:
         predicted_step_time=reader.get(data, "predicted_step_time_s", "float"),
         global_batch=reader.get(data, "global_batch", "int"),
         world_size=world_size,
+        analytic_step_time=(
+            reader.get(data, "analytic_step_time_s", "float | None")
+            if "analytic_step_time_s" in data
+            else None
+        ),
     )
     deployment = Deployment(
         plan=plan,

@@ -141,6 +141,11 @@ def _renderable(deployment: Deployment) -> Group:
     lines = [
         f"microbatches {plan.microbatches}, schedule {plan.schedule}, global batch {plan.global_batch}, "
         f"predicted step time {step * 1e3:.2f} ms, {rate}"
+        + (
+            f" (simulated; the cost model's sum formula gives {plan.analytic_step_time * 1e3:.2f} ms)"
+            if plan.analytic_step_time is not None
+            else ""
+        )
     ]
     if any(getattr(stage, "recompute", False) for stage in plan.stages):
         lines.append("* activations recomputed in backward (Bwd ms includes the extra forward)")

@@ -16,6 +16,9 @@ from ..profile.devices import DeviceProfile, optimizer_transient
 from ..runtime.routes import symint_value
 from .types import BlockProfile, Plan, PlanProblem
 
+# How many near-optimal candidates the search simulates to make its final choice (PlanProblem.simulate_candidates).
+SIMULATE_CANDIDATES = 16
+
 
 def block_graphs(
     captured: CapturedGraph, analysis: GraphAnalysis, blocks: list[list[str]]
@@ -161,13 +164,15 @@ def step_end_fields(
     captured: CapturedGraph, graphs: list[StageGraph], profile: DeviceProfile, opt_param_factor: float
 ) -> dict[str, Any]:
     """The PlanProblem fields about the end of a step on `profile`'s device: optimizer update time, optimizer
-    temporaries, the largest parameter of each block range and the parameters shared between blocks."""
+    temporaries, the largest parameter of each block range and the parameters shared between blocks (whose
+    allreduce only the simulator charges, so the search's final choice is simulated)."""
     largest, shared = parameter_facts(captured, graphs)
     return {
         "update_seconds_per_param_byte": profile.update_seconds_per_byte(opt_param_factor),
         "optimizer_transient": optimizer_transient(profile.kind, opt_param_factor),
         "range_largest_param_bytes": largest,
         "shared_params": shared,
+        "simulate_candidates": SIMULATE_CANDIDATES,
     }
 
 

@@ -9,6 +9,11 @@ stage. plan_stages returns a plan of least step time over exactly this space (ch
 force in tests/plan); near-ties go to the fewest stages, then fewer microbatches, the schedule listed
 first, the smaller block ranges, the smaller replica counts and no recompute.
 
+With `problem.simulate_candidates` > 0 the analytic optimum and the other candidates the search met within
+SIMULATE_WINDOW of it are simulated (simulate.py) and the least simulated step time wins: the analytic sum
+T = sum t_s + (P-1) max t_s + AR is exact for balanced stages only, and leaves out rendezvous waits and the
+allreduce of parameters shared between stages.
+
 How: one Pareto dynamic programme over stage suffixes per (microbatch count, schedule) (pareto.py),
 pruned with lower bounds (bounds.py) against the best plan so far. Searches run in the order of their
 lower bounds and stop once the bound is above the best plan; the first cutoff comes from uniform plans
@@ -17,6 +22,7 @@ lower bounds and stop once the bound is above the best plan; the first cutoff co
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 
@@ -57,6 +63,10 @@ __all__ = [
 ]
 
 _GIB = float(2**30)
+# The simulator re-ranks the candidates within this fraction of the least analytic step time; one must beat an
+# earlier (analytically cheaper) one by more than SIMULATE_TIE (relative) to be chosen instead.
+SIMULATE_WINDOW = 0.05
+SIMULATE_TIE = 1e-9
 
 
 def required_microbatch_sizes(
@@ -173,11 +183,16 @@ def _rank_sums_reach(problem: PlanProblem, microbatches: int) -> bool:
     return False
 
 
-def _search(problem: PlanProblem, model: CostModel) -> tuple[int, str, list[int], list[int]] | None:
-    """Best (microbatches, schedule, last blocks, replicas), or None when nothing fits in memory."""
+# (analytic step time, stage count, microbatches, schedule tie rank, last blocks, replicas, schedule)
+_Found = tuple[float, int, int, int, tuple[int, ...], tuple[int, ...], str]
+
+
+def _search(problem: PlanProblem, model: CostModel) -> tuple[list[_Found], float]:
+    """Every candidate the search met (feasible, found under its cutoff at the time) and the least analytic
+    step time; an empty list when nothing fits in memory."""
     stage_counts = _stage_counts(problem)
     tables = StageTables(model)
-    found: list[tuple[float, int, int, int, tuple[int, ...], tuple[int, ...], str]] = []
+    found: list[_Found] = []
     best = math.inf
     searches = [
         (sched_rank, search)
@@ -245,11 +260,52 @@ def _search(problem: PlanProblem, model: CostModel) -> tuple[int, str, list[int]
                 lasts, reps = suffix_key(entry)
                 found.append((total, count, search.p, sched_rank, lasts, reps, search.schedule))
                 best = min(best, total)
-    if not found:
-        return None
+    return found, best
+
+
+def _analytic_choice(found: list[_Found], best: float) -> _Found:
+    """The least analytic step time; near-ties by the documented order (key f[1:6])."""
     near = [f for f in found if f[0] <= best + _TIE * abs(best)]
-    _, _, p, _, lasts, reps, schedule = min(near, key=lambda f: f[1:6])
-    return p, schedule, list(lasts), list(reps)
+    return min(near, key=lambda f: f[1:6])
+
+
+def _ranges(lasts: tuple[int, ...]) -> list[tuple[int, int]]:
+    ranges, first = [], 0
+    for last in lasts:
+        ranges.append((first, last))
+        first = last + 1
+    return ranges
+
+
+def _simulated_choice(
+    problem: PlanProblem, model: CostModel, found: list[_Found], best: float
+) -> tuple[Plan, float]:
+    """Of the distinct candidates within SIMULATE_WINDOW of the analytic optimum (the analytic choice first,
+    then by analytic time), the first `problem.simulate_candidates` simulated: the plan of least simulated
+    step time (ties: the earlier candidate) and its simulated step time."""
+    from .simulate import simulate_plan  # the simulator imports the cost model this module builds on
+
+    first = _analytic_choice(found, best)
+    limit = best + SIMULATE_WINDOW * abs(best)
+    ordered = [first] + sorted((f for f in found if f[0] <= limit), key=lambda f: (f[0], f[1:6]))
+    seen: set[tuple[int, str, tuple[int, ...], tuple[int, ...]]] = set()
+    chosen: tuple[Plan, float] | None = None
+    for _, _, p, _, lasts, reps, schedule in ordered:
+        identity = (p, schedule, lasts, reps)
+        if identity in seen:
+            continue
+        seen.add(identity)
+        plan = plan_of_candidate(problem, _ranges(lasts), list(reps), p, schedule, model)
+        if plan is None:  # pragma: no cover - the search only lists feasible candidates
+            continue
+        step = simulate_plan(problem, plan).step_time
+        if chosen is None or step < chosen[1] * (1 - SIMULATE_TIE):
+            chosen = (plan, step)
+        if len(seen) >= problem.simulate_candidates:
+            break
+    if chosen is None:  # pragma: no cover
+        raise PlanError("internal error: no candidate of the search is feasible")
+    return chosen
 
 
 def minimum_memory_needed(problem: PlanProblem) -> float:
@@ -287,15 +343,16 @@ def plan_stages(problem: PlanProblem) -> Plan:
     """The plan of least predicted step time; PlanError when no plan satisfies the constraints."""
     _check_problem(problem)
     model = CostModel(problem)
-    best = _search(problem, model)
-    if best is None:
+    found, best = _search(problem, model)
+    if not found:
         raise PlanError(memory_error_message(problem, minimum_memory_needed(problem)))
-    p, schedule, lasts, reps = best
-    ranges, first = [], 0
-    for last in lasts:
-        ranges.append((first, last))
-        first = last + 1
-    plan = plan_of_candidate(problem, ranges, reps, p, schedule, model)
+    if problem.simulate_candidates > 0:
+        plan, step = _simulated_choice(problem, model, found, best)
+        return dataclasses.replace(
+            plan, predicted_step_time=step, analytic_step_time=plan.predicted_step_time
+        )
+    _, _, p, _, lasts, reps, schedule = _analytic_choice(found, best)
+    plan = plan_of_candidate(problem, _ranges(lasts), list(reps), p, schedule, model)
     if plan is None:  # pragma: no cover - the search only returns feasible candidates
         raise PlanError("internal error: the chosen plan is not feasible")
     return plan

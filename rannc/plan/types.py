@@ -134,6 +134,11 @@ class PlanProblem:
     # different stages, every rank holding the parameter joins one gradient allreduce; the simulator and the
     # report charge it (the search does not).
     shared_params: tuple[tuple[float, tuple[int, ...]], ...] = ()
+    # Final choice by the simulator: the search finds the least analytic step time exactly, then simulates up
+    # to this many of the distinct candidates it met within SIMULATE_WINDOW of that optimum (cheapest first)
+    # and returns the one of least simulated step time (rendezvous waits, unbalanced bubbles, shared-parameter
+    # allreduces, which the analytic sum leaves out). 0: the analytic optimum, unsimulated.
+    simulate_candidates: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +163,10 @@ class Plan:
     stages: list[StagePlan]
     microbatches: int
     schedule: str
-    predicted_step_time: float
+    predicted_step_time: float  # the simulator's step time when the search simulated its candidates
     global_batch: int
     world_size: int
+    analytic_step_time: float | None = None  # the cost model's sum formula, when the simulator predicted
 
     def stage_of_rank(self, rank: int) -> int:
         for index, stage in enumerate(self.stages):
@@ -179,7 +185,7 @@ class Plan:
             StagePlan(**{k: v for k, v in stage.items() if k in stage_fields}) for stage in data["stages"]
         ]
         fields = {f.name for f in dataclasses.fields(Plan)} - {"stages"}
-        return Plan(stages=stages, **{k: data[k] for k in fields})
+        return Plan(stages=stages, **{k: data[k] for k in fields if k in data})
 
 
 def _divisors(n: int) -> list[int]:

@@ -77,6 +77,19 @@ def test_round_trip(saved: Path) -> None:
     assert load_deployment(saved) == make_deployment()
 
 
+def test_round_trip_keeps_the_analytic_step_time_of_a_simulated_choice(tmp_path: Path) -> None:
+    original = make_deployment()
+    simulated = dataclasses.replace(
+        original, plan=dataclasses.replace(original.plan, analytic_step_time=0.45)
+    )
+    path = tmp_path / "d.json"
+    save_deployment(simulated, path)
+    assert json.loads(path.read_text())["analytic_step_time_s"] == 0.45
+    assert load_deployment(path) == simulated
+    edit(path, lambda data: data.pop("analytic_step_time_s"))  # files from before the field
+    assert load_deployment(path).plan.analytic_step_time is None
+
+
 def test_round_trip_without_optional_names_and_unlimited_memory(tmp_path: Path) -> None:
     original = make_deployment(block_names=[], stage_module_ranges=[], device_memory_bytes=None)
     path = tmp_path / "d.json"
