@@ -33,6 +33,9 @@ _DTYPE_KEY = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float1
 _NO_TRAFFIC = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default}
 _NO_TRAFFIC |= {aten.new_empty_strided.default, aten.empty_like.default, aten._unsafe_view.default}
 _GATHERS = {aten.embedding.default, aten.index_select.default, aten.gather.default, aten.index.Tensor}
+# Matmuls priced by the device's shape table (operands: (a, b), or (bias, a, b) for those _WITH_BIAS).
+_MATMULS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm}
+_WITH_BIAS = {aten.addmm, aten.baddbmm}
 _SKIP = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, torch.ops.prim.device.default}
 _warned: set[str] = set()
 
@@ -46,6 +49,9 @@ class OpCost:
     flops: float
     bytes: float
     time: float
+    shape_factor: float = (
+        1.0  # the device's measured fraction of peak for this matmul's shape (1: not a matmul)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,17 +94,35 @@ class _Costs(TorchDispatchMode):
         return min(tensor.numel(), span) * self.item(tensor)
 
     def record(
-        self, op: str, flops: float, nbytes: float, like: Sequence[Any], elements: float = 0.0
+        self,
+        op: str,
+        flops: float,
+        nbytes: float,
+        like: Sequence[Any],
+        elements: float = 0.0,
+        shape_factor: float = 1.0,
     ) -> None:
         if flops == 0 and nbytes == 0:
             return
         floating = (t.dtype for t in like if _is_tensor(t) and t.is_floating_point())
         key = self.dtype or _DTYPE_KEY.get(next(floating, torch.float32), "float32")
-        seconds = max(flops / self.profile.flop_rate(key), nbytes / self.profile.byte_rate())
+        seconds = max(flops / (self.profile.flop_rate(key) * shape_factor), nbytes / self.profile.byte_rate())
         rate = self.profile.elementwise_rate.get(op)
         if rate:  # arithmetic-bound elementwise op on this device (measured)
             seconds = max(seconds, elements / rate)
-        self.ops.append(OpCost(op, self.phase, flops, nbytes, seconds + self.profile.op_overhead))
+        self.ops.append(
+            OpCost(op, self.phase, flops, nbytes, seconds + self.profile.op_overhead, shape_factor)
+        )
+
+    def shape_factor(self, packet: Any, args: Any) -> float:
+        """The device's measured fraction of peak for a matmul's (rows, reduction, columns); 1 for other ops."""
+        if packet not in _MATMULS or not self.profile.matmul_shapes:
+            return 1.0
+        a, b = (args[1], args[2]) if packet in _WITH_BIAS else (args[0], args[1])
+        if not (_is_tensor(a) and _is_tensor(b)) or a.dim() < 2 or b.dim() < 2:
+            return 1.0
+        rows = a.numel() // a.shape[-1]  # a batched matmul counts as one of all its rows
+        return self.profile.matmul_shape_factor(rows, a.shape[-1], b.shape[-1])
 
     def traffic(self, func: Any, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> float:
         """Bytes read + written: 0 for views and allocations; gathers read only the rows they copy."""
@@ -128,7 +152,8 @@ class _Costs(TorchDispatchMode):
         ins = [t for t in pytree.tree_leaves((args, kwargs)) if _is_tensor(t)]
         outs = [t for t in pytree.tree_leaves(out) if _is_tensor(t)]
         elements = float(sum(t.numel() for t in outs))
-        self.record(str(packet), flops, self.traffic(func, ins, outs), ins + outs, elements)
+        factor = self.shape_factor(packet, args) if flops else 1.0
+        self.record(str(packet), flops, self.traffic(func, ins, outs), ins + outs, elements, factor)
         return out
 
 

@@ -117,6 +117,12 @@ def calibrate(
             f"{elementwise_shape[1]} float32 (those slower than moving their bytes at the copy bandwidth): "
             + ", ".join(f"{op} {rate / 1e9:.2g}G" for op, rate in sorted(elementwise.items()))
         )
+    shapes = _matmul_shapes(device, quick, peak["float32"])
+    sources["matmul_shapes"] = (
+        f"{where}: float32 (m x k) @ (k x n) matmuls with cold caches on the grid m {shapes['m']}, k {shapes['k']}, "
+        f"n {shapes['n']} (each at most {_SHAPE_FLOPS[_shape_key(device, quick)]:.2g} FLOPs; larger ones count as "
+        f"running at peak), FLOP/s over the peak: {min(shapes['factor']):.2f} .. {max(shapes['factor']):.2f}"
+    )
     profile = DeviceProfile(
         name=f"calibrated-{name}",
         peak_flops=peak,
@@ -129,9 +135,78 @@ def calibrate(
         elementwise_rate=elementwise,
         kind="gpu" if cuda else "cpu",
         sources=sources,
+        matmul_shapes=shapes,
         **links,
     )
     return _fit_to_reference_layers(profile, device, quick, where)
+
+
+# Grid of the matmul shape table per device kind (rows m, reduction k, columns n) and the most FLOPs measured.
+_SHAPE_GRIDS = {
+    "quick": ([4, 16], [8, 32], [8, 32]),
+    "cpu": ([16, 64, 256, 1024, 4096], [64, 256, 1024, 4096], [64, 256, 1024, 4096, 16384]),
+    "cuda": ([64, 256, 1024, 4096, 16384], [64, 256, 1024, 4096, 16384], [64, 256, 1024, 4096, 16384, 65536]),
+}
+_SHAPE_FLOPS = {"quick": 1e6, "cpu": 1.2e9, "cuda": 2e11}
+
+
+def _shape_key(device: torch.device, quick: bool) -> str:
+    return "quick" if quick else ("cuda" if device.type == "cuda" else "cpu")
+
+
+def _matmul_shapes(device: torch.device, quick: bool, peak: float) -> dict[str, list[float]]:
+    """DeviceProfile.matmul_shapes: each grid shape's cold-cache float32 FLOP/s over `peak` (every rank at once
+    when distributed, averaged). A shape above the FLOP cap gets the best factor of its neighbours one grid step
+    smaller along one axis (larger matmuls run at least as well), 1 when it has none."""
+    key = _shape_key(device, quick)
+    ms, ks, ns = _SHAPE_GRIDS[key]
+    cap = _SHAPE_FLOPS[key]
+    flush = cache_flusher(device)
+    repeats = 2 if quick else 3
+
+    def measure() -> list[float]:
+        factors = []
+        for m in ms:
+            for k in ks:
+                for n in ns:
+                    flops = 2.0 * m * k * n
+                    if flops > cap:
+                        factors.append(-1.0)  # filled in below
+                        continue
+                    a = torch.randn(m, k, device=device)
+                    b = torch.randn(k, n, device=device)
+                    torch.mm(a, b)  # warm-up (kernel selection, allocator)
+                    samples = []
+                    for _ in range(repeats):
+                        flush()
+                        _sync(device)
+                        start = time.perf_counter()
+                        torch.mm(a, b)
+                        _sync(device)
+                        samples.append(time.perf_counter() - start)
+                    rate = flops / max(statistics.median(samples), 1e-9)
+                    factors.append(min(1.0, max(1e-3, rate / peak)))
+        return factors
+
+    factors = _together(measure)
+    sizes = (len(ks), len(ns))
+    for i in range(len(ms)):  # m-major order: the smaller neighbours are already final
+        for j in range(len(ks)):
+            for k in range(len(ns)):
+                index = (i * sizes[0] + j) * sizes[1] + k
+                if factors[index] >= 0:
+                    continue
+                smaller = [(i - 1, j, k), (i, j - 1, k), (i, j, k - 1)]
+                known = [
+                    factors[(a * sizes[0] + b) * sizes[1] + c] for a, b, c in smaller if min(a, b, c) >= 0
+                ]
+                factors[index] = max(known, default=1.0)
+    return {
+        "m": [float(v) for v in ms],
+        "k": [float(v) for v in ks],
+        "n": [float(v) for v in ns],
+        "factor": factors,
+    }
 
 
 class _ReferenceLayer(torch.nn.Module):
@@ -254,7 +329,7 @@ def _split_roofline(ops: Any, nominal: DeviceProfile, profile: DeviceProfile) ->
     compute = memory = overhead = 0.0
     peak, bandwidth = nominal.peak("float32"), nominal.memory_bandwidth
     for op in ops:
-        c, m = op.flops / peak, op.bytes / bandwidth
+        c, m = op.flops / (peak * op.shape_factor), op.bytes / bandwidth
         if c / profile.matmul_efficiency >= m / profile.memory_efficiency:
             compute += c
         else:
@@ -309,7 +384,11 @@ def _together(measure: Callable[[], float | None]) -> Any:
     value = measure()
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
-    return None if any(v is None for v in values) else statistics.fmean(values)
+    if any(v is None for v in values):
+        return None
+    if isinstance(value, list):  # one figure per entry
+        return [statistics.fmean(column) for column in zip(*values)]
+    return statistics.fmean(values)
 
 
 def _default_device() -> torch.device:

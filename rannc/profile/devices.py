@@ -91,6 +91,12 @@ class DeviceProfile:
         "gpu"  # "gpu" or "cpu": which default optimizer implementation (and its temporaries) to expect
     )
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Measured matmul throughput by shape (`rannc calibrate`): {"m": [...], "k": [...], "n": [...], "factor":
+    # [...]}, a grid of (rows, reduction, columns) with, flattened m-major, the FLOP/s of an (m x k) @ (k x n)
+    # matmul started with cold caches over the float32 peak. A matmul is priced at peak x matmul_efficiency x
+    # its shape's factor (log-linear between grid points, clamped at the ends): small and skinny matmuls run
+    # well below the peak of large square ones. None: every matmul runs at peak x matmul_efficiency.
+    matmul_shapes: dict[str, list[float]] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -101,6 +107,13 @@ class DeviceProfile:
     def flop_rate(self, dtype: str) -> float:
         """Achievable FLOP/s of matmul-like ops in `dtype`."""
         return self.peak(dtype) * self.matmul_efficiency
+
+    def matmul_shape_factor(self, m: float, k: float, n: float) -> float:
+        """The measured fraction of peak an (m x k) @ (k x n) matmul achieves (1 without a table)."""
+        table = self.matmul_shapes
+        if not table:
+            return 1.0
+        return _grid_lookup(table, (m, k, n))
 
     def byte_rate(self) -> float:
         """Achievable bytes/s of memory-bound ops."""
@@ -164,6 +177,47 @@ class DeviceProfile:
             raise ConfigError(f"{where}: {exc}") from None
 
 
+def _grid_lookup(table: dict[str, list[float]], point: tuple[float, float, float]) -> float:
+    """Trilinear interpolation in log space of table["factor"] on the grid table["m"] x ["k"] x ["n"]."""
+    corners: list[list[tuple[int, float]]] = []  # per axis: (index, weight) of the two neighbours
+    for axis, value in zip(("m", "k", "n"), point):
+        grid = table[axis]
+        x = math.log(min(max(value, grid[0]), grid[-1]))
+        hi = next((i for i, g in enumerate(grid) if math.log(g) >= x), len(grid) - 1)
+        lo = max(0, hi - 1)
+        span = math.log(grid[hi]) - math.log(grid[lo])
+        w = (x - math.log(grid[lo])) / span if span > 0 else 1.0
+        corners.append([(lo, 1.0 - w), (hi, w)])
+    sizes = (len(table["k"]), len(table["n"]))
+    total = 0.0
+    for i, wi in corners[0]:
+        for j, wj in corners[1]:
+            for k, wk in corners[2]:
+                total += wi * wj * wk * table["factor"][(i * sizes[0] + j) * sizes[1] + k]
+    return total
+
+
+def _validate_matmul_shapes(table: Any) -> None:
+    if table is None:
+        return
+    if not isinstance(table, dict) or set(table) != {"m", "k", "n", "factor"}:
+        raise ConfigError("matmul_shapes must be null or an object with 'm', 'k', 'n' and 'factor' lists")
+    for axis in ("m", "k", "n"):
+        grid = table[axis]
+        if not isinstance(grid, list) or not grid:
+            raise ConfigError(f"matmul_shapes[{axis!r}] must be a non-empty list of sizes")
+        for value in grid:
+            _number(value, f"matmul_shapes[{axis!r}] entries", 0, strict=True)
+        if any(b <= a for a, b in zip(grid, grid[1:])):
+            raise ConfigError(f"matmul_shapes[{axis!r}] must be strictly increasing, got {grid}")
+    factors = table["factor"]
+    expected = len(table["m"]) * len(table["k"]) * len(table["n"])
+    if not isinstance(factors, list) or len(factors) != expected:
+        raise ConfigError(f"matmul_shapes['factor'] must list {expected} values (m x k x n, m-major)")
+    for value in factors:
+        _number(value, "matmul_shapes['factor'] entries", 0, 1, strict=True)
+
+
 def _is_required(field: dataclasses.Field[Any]) -> bool:
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
@@ -220,6 +274,7 @@ def _validate(p: DeviceProfile) -> None:
         if key not in _UPDATE_PASSES:
             raise ConfigError(f"optimizer_update_rate has unknown kind {key!r}; use {list(_UPDATE_PASSES)}")
         _number(value, f"optimizer_update_rate[{key!r}]", 0, strict=True)
+    _validate_matmul_shapes(p.matmul_shapes)
     if not isinstance(p.sources, dict) or not all(isinstance(v, str) for v in p.sources.values()):
         raise ConfigError("sources must be an object of strings")
 

@@ -163,6 +163,8 @@ def test_calibrate_measures_links_between_ranks() -> None:
     assert 0 < first.intra_node_latency < 0.1 and first.intra_node_bandwidth > 1e6
     assert first.allreduce_bandwidth and first.allreduce_latency and first.gpus_per_node == 2
     assert "ping-pong" in first.sources["intra_node"] and "allreduce" in first.sources["allreduce"]
+    # Every figure is the ranks' average, the shape table entry by entry.
+    assert first.matmul_shapes == second.matmul_shapes and len(first.matmul_shapes["factor"]) == 8
 
 
 def test_efficiency_fit_recovers_known_efficiencies() -> None:
@@ -193,6 +195,8 @@ def test_calibrate_fits_efficiencies_to_reference_work() -> None:
     assert 0 < profile.matmul_efficiency <= 1 and 0 < profile.memory_efficiency <= 1
     assert "reference workloads" in profile.sources["efficiency"]
     assert profile.kind == "cpu" and set(profile.optimizer_update_rate) == {"adam", "momentum", "sgd"}
+    shapes = profile.matmul_shapes  # measured matmul shape table (quick: a 2 x 2 x 2 grid)
+    assert shapes is not None and len(shapes["factor"]) == 8 and "matmul_shapes" in profile.sources
 
 
 def test_elementwise_rates_price_arithmetic_bound_ops() -> None:
