@@ -35,6 +35,9 @@ def _restored_rng(device: torch.device, state: Any) -> Iterator[None]:
         yield
 
 
+_LOCAL_INPUTS = ("param", "buffer", "constant", "user", "symint")  # graph inputs not received from a stage
+
+
 class PipelineCall:
     """State of one forward (and its backward): stashed activations, accumulated outputs and gradients.
 
@@ -141,6 +144,8 @@ class PipelineCall:
         grad = self.mode != "inference"
         args: list[Any] = []
         grad_inputs: list[tuple[str, str, torch.Tensor]] = []
+        boundary = [s.route_of[item.name] for item in s.graph.inputs if item.kind not in _LOCAL_INPUTS]
+        received = iter(self.transfer.recv_activations(boundary, s.index, s.replica, i) if boundary else [])
         for item in s.graph.inputs:
             if item.kind in ("param", "buffer", "constant"):
                 args.append(s.state[item.name])
@@ -156,7 +161,7 @@ class PipelineCall:
                 args.append(symint_value(s.symints[item.name], s.batch_symbol, hi - lo))
             else:
                 route = s.route_of[item.name]
-                value = self.transfer.recv_activation(route, s.index, s.replica, i)
+                value = next(received)
                 if grad and route.carries_grad:
                     value.requires_grad_(True)
                     grad_inputs.append(("boundary", item.name, value))
@@ -203,9 +208,10 @@ class PipelineCall:
             key = id(tensor)
             seeds[key] = (tensor, grad if key not in seeds else seeds[key][1] + grad)
 
-        for route in s.produced:
-            if route.carries_grad:
-                seed(outs[route.value], self.transfer.recv_grad(route, s.replica, i))
+        carrying = [route for route in s.produced if route.carries_grad]
+        if carrying:
+            for route, grad in zip(carrying, self.transfer.recv_grads(carrying, s.replica, i)):
+                seed(outs[route.value], grad)
         for k, spec in enumerate(s.outputs):
             if spec.producer != s.index or spec.node is None:
                 continue

@@ -40,28 +40,45 @@ class Transfer:
         shape = concrete_shape(route.shape, self.symbol, rows)
         return torch.empty(shape, dtype=route.dtype, device=self.device)
 
-    def recv_activation(self, route: Route, stage: int, replica: int, microbatch: int) -> torch.Tensor:
-        lo, hi = self.layout.rows(stage, microbatch, replica)
-        pieces = [p for p in self.layout.pieces(route.producer, stage, microbatch) if p[1] == replica]
-        buffers, ops = [], []
-        tag = _tag(route, microbatch, self.num_routes, False)
-        for jp, _, (a, b) in pieces:
-            shape = route.packed_shape(concrete_shape(route.shape, self.symbol, b - a))
-            buf = torch.empty(shape, dtype=route.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, buf, self.stage_ranks[route.producer][jp], tag=tag))
-            buffers.append(buf)
+    def recv_activations(
+        self, routes: list[Route], stage: int, replica: int, microbatch: int
+    ) -> list[torch.Tensor]:
+        """This replica's rows of every route's value for `microbatch`, all receives posted at once (a
+        busy sender then serves them together instead of one after the other)."""
+        ops: list[dist.P2POp] = []
+        parts: list[tuple[Route, list[torch.Tensor]]] = []
+        producers: set[int] = set()
+        for route in routes:
+            pieces = [p for p in self.layout.pieces(route.producer, stage, microbatch) if p[1] == replica]
+            tag = _tag(route, microbatch, self.num_routes, False)
+            buffers = []
+            for jp, _, (a, b) in pieces:
+                shape = route.packed_shape(concrete_shape(route.shape, self.symbol, b - a))
+                buf = torch.empty(shape, dtype=route.dtype, device=self.device)
+                peer = self.stage_ranks[route.producer][jp]
+                ops.append(dist.P2POp(dist.irecv, buf, peer, tag=tag))
+                producers.add(peer)
+                buffers.append(buf)
+            parts.append((route, buffers))
         _complete(
             ops,
             f"recv_act{microbatch}",
             lambda: (
-                f"receiving {route.value} for microbatch {microbatch} from rank(s) "
-                f"{[self.stage_ranks[route.producer][p[0]] for p in pieces]}"
+                f"receiving {', '.join(r.value for r in routes)} for microbatch {microbatch} from rank(s) "
+                f"{sorted(producers)}"
             ),
         )
-        packed = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=route.packed_batch_dim)
-        result = route.unpack(packed)  # the producer's memory layout: exported views depend on strides
-        assert result.shape[route.batch_dim] == hi - lo
-        return result
+        lo, hi = self.layout.rows(stage, microbatch, replica)
+        results = []
+        while parts:  # popped: a received buffer that unpacking copied is freed at once
+            route, buffers = parts.pop(0)
+            packed = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=route.packed_batch_dim)
+            del buffers
+            result = route.unpack(packed)  # the producer's memory layout: exported views depend on strides
+            del packed
+            assert result.shape[route.batch_dim] == hi - lo
+            results.append(result)
+        return results
 
     def send_activation(self, route: Route, value: torch.Tensor, replica: int, microbatch: int) -> None:
         lo, _ = self.layout.rows(route.producer, microbatch, replica)
@@ -84,31 +101,37 @@ class Transfer:
                 ops.append(dist.P2POp(dist.isend, piece, self.stage_ranks[route.producer][jp], tag=tag))
         self._start(ops)
 
-    def recv_grad(self, route: Route, replica: int, microbatch: int) -> torch.Tensor:
-        """Sum of the gradients every consumer sends back for this replica's rows of the value."""
-        lo, hi = self.layout.rows(route.producer, microbatch, replica)
-        total = torch.zeros(
-            concrete_shape(route.shape, self.symbol, hi - lo), dtype=route.dtype, device=self.device
-        )
-        tag = _tag(route, microbatch, self.num_routes, True)
-        received, ops = [], []
-        for consumer in route.consumers:
-            for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch):
-                if jp == replica:
-                    buf = self._empty(route, b - a)
-                    ops.append(dist.P2POp(dist.irecv, buf, self.stage_ranks[consumer][jc], tag=tag))
-                    received.append((buf, a))
+    def recv_grads(self, routes: list[Route], replica: int, microbatch: int) -> list[torch.Tensor]:
+        """For each route: the sum of the gradients every consumer sends back for this replica's rows of the
+        value; all receives posted at once."""
+        ops: list[dist.P2POp] = []
+        parts: list[tuple[Route, torch.Tensor, list[tuple[torch.Tensor, int]]]] = []
+        for route in routes:
+            lo, hi = self.layout.rows(route.producer, microbatch, replica)
+            total = torch.zeros(
+                concrete_shape(route.shape, self.symbol, hi - lo), dtype=route.dtype, device=self.device
+            )
+            tag = _tag(route, microbatch, self.num_routes, True)
+            received = []
+            for consumer in route.consumers:
+                for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch):
+                    if jp == replica:
+                        buf = self._empty(route, b - a)
+                        ops.append(dist.P2POp(dist.irecv, buf, self.stage_ranks[consumer][jc], tag=tag))
+                        received.append((buf, a - lo))
+            parts.append((route, total, received))
         _complete(
             ops,
             f"recv_grad{microbatch}",
             lambda: (
-                f"receiving the gradient of {route.value} for microbatch {microbatch} from stage(s) "
-                f"{list(route.consumers)}"
+                f"receiving the gradients of {', '.join(r.value for r in routes)} for microbatch {microbatch} "
+                f"from stage(s) {sorted({c for r in routes for c in r.consumers})}"
             ),
         )
-        for buf, a in received:
-            total.narrow(route.batch_dim, a - lo, buf.shape[route.batch_dim]).add_(buf)
-        return total
+        for route, total, received in parts:
+            for buf, offset in received:
+                total.narrow(route.batch_dim, offset, buf.shape[route.batch_dim]).add_(buf)
+        return [total for _, total, _ in parts]
 
     def _start(self, ops: list[dist.P2POp]) -> None:
         if ops:

@@ -163,6 +163,8 @@ def test_calibrate_measures_links_between_ranks() -> None:
     assert 0 < first.intra_node_latency < 0.1 and first.intra_node_bandwidth > 1e6
     assert first.allreduce_bandwidth and first.allreduce_latency and first.gpus_per_node == 2
     assert "ping-pong" in first.sources["intra_node"] and "allreduce" in first.sources["allreduce"]
+    # The latency is the larger of an idle ping-pong and a message from a rank that computes after sending.
+    assert "computes right after sending" in first.sources["intra_node"]
     # Every figure is the ranks' average, the shape table entry by entry.
     assert first.matmul_shapes == second.matmul_shapes and len(first.matmul_shapes["factor"]) == 8
 
