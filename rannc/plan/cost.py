@@ -317,8 +317,9 @@ def stage_time(fwd: float, bwd: float, comm: float) -> float:
 
 def held_bytes(in_bytes: float, out_bytes: float, workspace: float) -> float:
     """Bytes a stage holds once per step beyond parameter state: send and receive buffers of its
-    boundary tensors (forward and backward) and the largest workspace of its blocks."""
-    return 2 * (in_bytes + out_bytes) + workspace
+    boundary tensors (forward and backward), the receive the runtime posts ahead for the next action, and the
+    largest workspace of its blocks."""
+    return 3 * (in_bytes + out_bytes) + workspace
 
 
 def stage_memory(base: float, activation: float, inflight: int, io: float) -> float:

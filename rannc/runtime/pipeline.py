@@ -78,6 +78,9 @@ class PipelineCall:
         self.param_grads: dict[str, torch.Tensor] = {}
         self.input_grads: dict[str, torch.Tensor] = {}
         self.grad_leaf_names: list[str] = []  # leaves that require grad on this rank, set by the caller
+        # Routes whose values this stage receives (graph input order) and whose gradients it receives back.
+        self.received_routes = [stage.route_of[i.name] for i in stage.graph.inputs if i.kind not in _LOCAL_INPUTS]
+        self.grad_routes = [route for route in stage.produced if route.carries_grad]
 
     # ---- schedule ----------------------------------------------------------------------------------
     def actions(self) -> list[Action]:
@@ -93,7 +96,9 @@ class PipelineCall:
         from .trace import current_tracer  # RANNC_TRACE: one trace file per rank per step (no-op when unset)
 
         tracer = current_tracer()
-        for action in self.actions():
+        actions = self.actions()
+        for k, action in enumerate(actions):
+            self._post_receives(actions[k + 1 : k + 2])
             with tracer.span(str(action)):
                 self._forward(action.microbatch) if action.kind == "F" else self._backward(action.microbatch)
         with tracer.span("wait_sends"):
@@ -116,10 +121,15 @@ class PipelineCall:
         tracer = current_tracer()
         with tracer.span("spread_output_grads"):
             self._spread_output_grads(grads)
-        for action in actions_for(self.schedule, self.stage.index, self.stage.num_stages, self.microbatches):
-            if action.kind == "B":
-                with tracer.span(str(action)):
-                    self._backward(action.microbatch)
+        actions = [
+            a
+            for a in actions_for(self.schedule, self.stage.index, self.stage.num_stages, self.microbatches)
+            if a.kind == "B"
+        ]
+        for k, action in enumerate(actions):
+            self._post_receives(actions[k + 1 : k + 2])
+            with tracer.span(str(action)):
+                self._backward(action.microbatch)
         with tracer.span("wait_sends"):
             self.transfer.wait_sends()
         with tracer.span("finish_backward"):
@@ -137,6 +147,16 @@ class PipelineCall:
             with current_tracer().span("grad_sync"):
                 self.stage.sync_grads()
 
+    def _post_receives(self, upcoming: list[Action]) -> None:
+        """Post the receives of the next action before running this one, so that its inputs (or output
+        gradients) arrive while this rank computes instead of when it asks for them."""
+        s = self.stage
+        for action in upcoming:
+            if action.kind == "F":
+                self.transfer.post_activations(self.received_routes, s.index, s.replica, action.microbatch)
+            elif self.mode != "inference":
+                self.transfer.post_grads(self.grad_routes, s.replica, action.microbatch)
+
     # ---- one microbatch ----------------------------------------------------------------------------
     def _forward(self, i: int) -> None:
         s = self.stage
@@ -144,8 +164,7 @@ class PipelineCall:
         grad = self.mode != "inference"
         args: list[Any] = []
         grad_inputs: list[tuple[str, str, torch.Tensor]] = []
-        boundary = [s.route_of[item.name] for item in s.graph.inputs if item.kind not in _LOCAL_INPUTS]
-        received = iter(self.transfer.recv_activations(boundary, s.index, s.replica, i) if boundary else [])
+        received = iter(self.transfer.recv_activations(self.received_routes, s.index, s.replica, i))
         for item in s.graph.inputs:
             if item.kind in ("param", "buffer", "constant"):
                 args.append(s.state[item.name])
@@ -208,10 +227,8 @@ class PipelineCall:
             key = id(tensor)
             seeds[key] = (tensor, grad if key not in seeds else seeds[key][1] + grad)
 
-        carrying = [route for route in s.produced if route.carries_grad]
-        if carrying:
-            for route, grad in zip(carrying, self.transfer.recv_grads(carrying, s.replica, i)):
-                seed(outs[route.value], grad)
+        for route, grad in zip(self.grad_routes, self.transfer.recv_grads(self.grad_routes, s.replica, i)):
+            seed(outs[route.value], grad)
         for k, spec in enumerate(s.outputs):
             if spec.producer != s.index or spec.node is None:
                 continue

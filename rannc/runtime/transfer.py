@@ -35,16 +35,20 @@ class Transfer:
         self.symbol = symbol
         self.device = device
         self.pending: list[Any] = []  # send handles and their buffers, kept alive until wait_sends
+        # Receives posted ahead of need: ("act" | "grad", microbatch) -> (works, buffers, describe)
+        self.posted: dict[tuple[str, int], Any] = {}
 
     def _empty(self, route: Route, rows: int) -> torch.Tensor:
         shape = concrete_shape(route.shape, self.symbol, rows)
         return torch.empty(shape, dtype=route.dtype, device=self.device)
 
-    def recv_activations(
-        self, routes: list[Route], stage: int, replica: int, microbatch: int
-    ) -> list[torch.Tensor]:
-        """This replica's rows of every route's value for `microbatch`, all receives posted at once (a
-        busy sender then serves them together instead of one after the other)."""
+    def post_activations(self, routes: list[Route], stage: int, replica: int, microbatch: int) -> None:
+        """Post the receives of this replica's rows of every route's value for `microbatch` now (all at once, so
+        a sender serves them together); `recv_activations` waits for them. Posting ahead of need lets the data
+        arrive while this rank still computes."""
+        key = ("act", microbatch)
+        if key in self.posted or not routes:
+            return
         ops: list[dist.P2POp] = []
         parts: list[tuple[Route, list[torch.Tensor]]] = []
         producers: set[int] = set()
@@ -60,14 +64,22 @@ class Transfer:
                 producers.add(peer)
                 buffers.append(buf)
             parts.append((route, buffers))
-        _complete(
-            ops,
-            f"recv_act{microbatch}",
-            lambda: (
-                f"receiving {', '.join(r.value for r in routes)} for microbatch {microbatch} from rank(s) "
-                f"{sorted(producers)}"
-            ),
-        )
+
+        def describe() -> str:
+            names = ", ".join(r.value for r in routes)
+            return f"receiving {names} for microbatch {microbatch} from rank(s) {sorted(producers)}"
+
+        self.posted[key] = (_post(ops, describe), parts, describe)
+
+    def recv_activations(
+        self, routes: list[Route], stage: int, replica: int, microbatch: int
+    ) -> list[torch.Tensor]:
+        """This replica's rows of every route's value for `microbatch` (posting the receives unless done)."""
+        if not routes:
+            return []
+        self.post_activations(routes, stage, replica, microbatch)
+        works, parts, describe = self.posted.pop(("act", microbatch))
+        _wait(works, f"recv_act{microbatch}", describe)
         lo, hi = self.layout.rows(stage, microbatch, replica)
         results = []
         while parts:  # popped: a received buffer that unpacking copied is freed at once
@@ -101,16 +113,16 @@ class Transfer:
                 ops.append(dist.P2POp(dist.isend, piece, self.stage_ranks[route.producer][jp], tag=tag))
         self._start(ops)
 
-    def recv_grads(self, routes: list[Route], replica: int, microbatch: int) -> list[torch.Tensor]:
-        """For each route: the sum of the gradients every consumer sends back for this replica's rows of the
-        value; all receives posted at once."""
+    def post_grads(self, routes: list[Route], replica: int, microbatch: int) -> None:
+        """Post the receives of the gradients every consumer sends back for this replica's rows of each route's
+        value for `microbatch` (all at once); `recv_grads` waits for them and sums."""
+        key = ("grad", microbatch)
+        if key in self.posted or not routes:
+            return
         ops: list[dist.P2POp] = []
-        parts: list[tuple[Route, torch.Tensor, list[tuple[torch.Tensor, int]]]] = []
+        parts: list[tuple[Route, list[tuple[torch.Tensor, int]]]] = []
         for route in routes:
-            lo, hi = self.layout.rows(route.producer, microbatch, replica)
-            total = torch.zeros(
-                concrete_shape(route.shape, self.symbol, hi - lo), dtype=route.dtype, device=self.device
-            )
+            lo, _ = self.layout.rows(route.producer, microbatch, replica)
             tag = _tag(route, microbatch, self.num_routes, True)
             received = []
             for consumer in route.consumers:
@@ -119,19 +131,33 @@ class Transfer:
                         buf = self._empty(route, b - a)
                         ops.append(dist.P2POp(dist.irecv, buf, self.stage_ranks[consumer][jc], tag=tag))
                         received.append((buf, a - lo))
-            parts.append((route, total, received))
-        _complete(
-            ops,
-            f"recv_grad{microbatch}",
-            lambda: (
-                f"receiving the gradients of {', '.join(r.value for r in routes)} for microbatch {microbatch} "
-                f"from stage(s) {sorted({c for r in routes for c in r.consumers})}"
-            ),
-        )
-        for route, total, received in parts:
+            parts.append((route, received))
+
+        def describe() -> str:
+            names = ", ".join(r.value for r in routes)
+            consumers = sorted({c for r in routes for c in r.consumers})
+            return f"receiving the gradients of {names} for microbatch {microbatch} from stage(s) {consumers}"
+
+        self.posted[key] = (_post(ops, describe), parts, describe)
+
+    def recv_grads(self, routes: list[Route], replica: int, microbatch: int) -> list[torch.Tensor]:
+        """For each route: the sum of the gradients every consumer sends back for this replica's rows of the
+        value (posting the receives unless done)."""
+        if not routes:
+            return []
+        self.post_grads(routes, replica, microbatch)
+        works, parts, describe = self.posted.pop(("grad", microbatch))
+        _wait(works, f"recv_grad{microbatch}", describe)
+        totals = []
+        for route, received in parts:
+            lo, hi = self.layout.rows(route.producer, microbatch, replica)
+            total = torch.zeros(
+                concrete_shape(route.shape, self.symbol, hi - lo), dtype=route.dtype, device=self.device
+            )
             for buf, offset in received:
                 total.narrow(route.batch_dim, offset, buf.shape[route.batch_dim]).add_(buf)
-        return [total for _, total, _ in parts]
+            totals.append(total)
+        return totals
 
     def _start(self, ops: list[dist.P2POp]) -> None:
         if ops:
@@ -146,11 +172,13 @@ class Transfer:
         self.pending.clear()
 
 
-def _complete(ops: list[dist.P2POp], span: str, describe: Callable[[], str]) -> None:
-    """Post a group of receives together and wait for all of them (a RANNC_TRACE span named `span`, as the
-    simulator names its receive events)."""
-    if ops:
+def _post(ops: list[dist.P2POp], describe: Callable[[], str]) -> list[Any]:
+    with guarded(describe):
+        return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _wait(works: list[Any], span: str, describe: Callable[[], str]) -> None:
+    """Wait for posted receives (a RANNC_TRACE span named `span`, as the simulator names its receive events)."""
+    if works:
         with current_tracer().span(span):
-            with guarded(describe):
-                works = dist.batch_isend_irecv(ops)
             wait_all(works, describe)
