@@ -46,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from rannc.launch import LaunchError, launch_local  # noqa: E402
+from rannc.runtime.host_memory import keep_freed_host_memory  # noqa: E402
 
 SEED = 1234
 WORLD_SIZE = 2
@@ -299,6 +300,7 @@ def eager_worker(rank: int, world_size: int, args: BenchArgs, kind: str, threads
     torch = _torch()
     _quiet()
     torch.set_num_threads(threads)
+    keep_freed_host_memory()  # as RaNNCModule does on CPUs: every row runs with the same allocator
     model = build_loss_model(args, kind)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     batches = make_batches(args)
@@ -320,6 +322,7 @@ def ddp_worker(rank: int, world_size: int, args: BenchArgs, kind: str) -> dict[s
 
     _quiet()
     torch.set_num_threads(1)
+    keep_freed_host_memory()  # as RaNNCModule does on CPUs: every row runs with the same allocator
     start = time.perf_counter()
     model = DistributedDataParallel(build_loss_model(args, kind))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -351,6 +354,7 @@ def pipelining_worker(
 
     _quiet()
     torch.set_num_threads(1)
+    keep_freed_host_memory()  # as RaNNCModule does on CPUs: every row runs with the same allocator
     start = time.perf_counter()
     model = build_logits_model(args, kind)
     batches = make_batches(args)

@@ -44,6 +44,7 @@ class Config:
     verify: bool = False  # first step: compare with the unpartitioned model on rank 0 (RANNC_VERIFY=1)
     verify_tolerance: float = 1e-4  # largest relative difference verify accepts
     watchdog: bool = True  # exit promptly (non-zero) when another rank reports a failure
+    keep_host_memory: bool = True  # on CPU: glibc malloc keeps freed memory (no page faults every step)
 
     def device_memory_limit(self, device_total_bytes: int | None) -> float | None:
         """Usable bytes per device after the margin, or None when nothing limits memory."""

@@ -79,7 +79,9 @@ class PipelineCall:
         self.input_grads: dict[str, torch.Tensor] = {}
         self.grad_leaf_names: list[str] = []  # leaves that require grad on this rank, set by the caller
         # Routes whose values this stage receives (graph input order) and whose gradients it receives back.
-        self.received_routes = [stage.route_of[i.name] for i in stage.graph.inputs if i.kind not in _LOCAL_INPUTS]
+        self.received_routes = [
+            stage.route_of[i.name] for i in stage.graph.inputs if i.kind not in _LOCAL_INPUTS
+        ]
         self.grad_routes = [route for route in stage.produced if route.carries_grad]
 
     # ---- schedule ----------------------------------------------------------------------------------
