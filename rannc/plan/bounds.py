@@ -270,7 +270,7 @@ def _stage_arrays(search: SuffixSearch) -> tuple:
     if limit is not None:
         base = np.stack([tables.base(r) for r in replicas]) if replicas else np.zeros(plain.shape)
         ins, act = stack("in"), stack("act")
-        io = stack("io")
+        io = stack("io") + search.p * (ins + stack("out"))  # + every send of the step
         # Generous by far more than rounding, so that the bound never excludes a fit.
         room = limit - base - io + 1e-9 * (abs(limit) + np.abs(base) + np.abs(io))
         end = np.stack([tables.step_end(r) for r in replicas]) if replicas else np.zeros(plain.shape)

@@ -285,7 +285,7 @@ class CostModel:
             recompute_memory(base, a_sum, in_bytes, inflight, io)
             if recompute
             else stage_memory(base, a_sum, inflight, io)
-        )
+        ) + sent_bytes(in_bytes, out_bytes, microbatches)
         # The optimizer step runs after the activations are freed: the peak is the larger of the two phases.
         memory = max(memory, base + optimizer_transient_bytes(problem, first, last, replicas))
         return StageCost(
@@ -316,10 +316,16 @@ def stage_time(fwd: float, bwd: float, comm: float) -> float:
 
 
 def held_bytes(in_bytes: float, out_bytes: float, workspace: float) -> float:
-    """Bytes a stage holds once per step beyond parameter state: send and receive buffers of its
-    boundary tensors (forward and backward), the receive the runtime posts ahead for the next action, and the
-    largest workspace of its blocks."""
-    return 3 * (in_bytes + out_bytes) + workspace
+    """Bytes a stage holds once per step beyond parameter state and sends: receive buffers of its boundary
+    tensors (forward and backward: the current action's and the one the runtime posts ahead for the next) and
+    the largest workspace of its blocks."""
+    return 2 * (in_bytes + out_bytes) + workspace
+
+
+def sent_bytes(in_bytes: float, out_bytes: float, microbatches: int) -> float:
+    """Send buffers: the runtime keeps every send of a step (outputs forward, input gradients backward) until
+    the step's end, when it waits for them all."""
+    return microbatches * (in_bytes + out_bytes)
 
 
 def stage_memory(base: float, activation: float, inflight: int, io: float) -> float:

@@ -28,10 +28,10 @@ def stage_memories(
     for ri, r in enumerate(replicas):
         table = tables.compute(-(-rows // r))
         base = tables.base(r)
-        io = table["io"]
-        plain = base + table["act"] * inflight + io
+        io, sent = table["io"], microbatches * (table["in"] + table["out"])  # sent: every send of the step
+        plain = base + table["act"] * inflight + io + sent  # summed in cost.stage's order
         if problem.allow_recompute:
-            plain = np.minimum(plain, base + table["in"] * inflight + table["act"] + io)
+            plain = np.minimum(plain, base + table["in"] * inflight + table["act"] + io + sent)
         plain = np.maximum(plain, tables.step_end(r))
         out[ri] = np.where(upper, plain, np.inf)
     return out

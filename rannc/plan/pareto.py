@@ -128,7 +128,7 @@ class SuffixSearch:
                     end_col = ends[ri][j]
                     ar_col, arx_col = ar_intra[ri][j], ar_inter[ri][j]
                     for b in range(j, -1, -1):
-                        f, bw, act, in_b, _out_b, cin, cinx, cout, coutx, io = col[b]
+                        f, bw, act, in_b, out_b, cin, cinx, cout, coutx, io = col[b]
                         fb = f + bw
                         if fb > stage_cap:
                             if monotone:
@@ -138,9 +138,10 @@ class SuffixSearch:
                             base = base_col[b]
                             if end_col[b] > limit:  # the optimizer step does not fit
                                 continue
-                            if base + act * inflight + io <= limit:
+                            sent = p * (in_b + out_b)  # every send of the step; sums in cost.stage's order
+                            if base + act * inflight + io + sent <= limit:
                                 ct = fb
-                            elif recompute and base + in_b * inflight + act + io <= limit:
+                            elif recompute and base + in_b * inflight + act + io + sent <= limit:
                                 ct = f + (bw + f)
                             else:
                                 continue

@@ -308,7 +308,7 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
             "parameters": cost.param_bytes,
             "gradients": cost.param_bytes,
             "optimizer": cost.param_bytes * problem.opt_param_factor / shards,
-            "buffers": 3 * (cost.in_bytes + cost.out_bytes),
+            "buffers": (2 + plan.microbatches) * (cost.in_bytes + cost.out_bytes),
         }
         if cost.workspace_bytes:
             parts["workspace"] = cost.workspace_bytes

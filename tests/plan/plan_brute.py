@@ -219,7 +219,11 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         params = problem.range_param_bytes[i][j]
         inflight = min(p, stages - s) if schedule == "1f1b" else p
         shards = r if problem.zero_optimizer else 1
-        base, io = params * (2 + problem.opt_param_factor / shards), 3 * (ins + outs) + workspace
+        # Receive buffers (the current action's and one posted ahead) and workspace, plus every send of the step.
+        base, io = (
+            params * (2 + problem.opt_param_factor / shards),
+            2 * (ins + outs) + workspace + p * (ins + outs),
+        )
         plain, again = base + act * inflight + io, base + ins * inflight + act + io
         # The optimizer step's temporaries come after the activations are freed: the larger phase counts.
         largest = problem.range_largest_param_bytes[i][j] if problem.range_largest_param_bytes else 0.0
