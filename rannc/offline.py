@@ -214,13 +214,34 @@ def memory_split(timeline: Timeline) -> list[dict[str, float]]:
     return out
 
 
-def _memory_hint(exc: PlanError, problem: PlanProblem, mem_margin: float) -> PlanError:
-    """Add the least device memory that fits, and whether finer blocks (max_blocks) would help."""
+def _memory_hint(
+    exc: PlanError, problem: PlanProblem, mem_margin: float, reblocked: Callable[[float], PlanProblem]
+) -> PlanError:
+    """Add the least device memory that fits, and whether finer blocks (max_blocks) would help.
+
+    Less memory cuts the model into more blocks (block_count), and finer blocks can need less memory: the
+    figure given is checked with the blocks that much memory gets (`reblocked(usable bytes)`), raised until a
+    plan fits in it."""
     try:
         needed = minimum_memory_needed(problem)
     except PlanError:
         return exc
-    device = math.ceil(needed / (1.0 - mem_margin) / 2**30 * 100) / 100
+
+    def device_gib(usable: float) -> float:
+        return math.ceil(usable / (1.0 - mem_margin) / 2**30 * 100) / 100
+
+    for _ in range(4):
+        usable = device_gib(needed) * 2**30 * (1.0 - mem_margin)
+        try:
+            coarser = reblocked(usable)
+            again = minimum_memory_needed(coarser)
+        except PlanError:
+            break
+        problem = coarser
+        if again <= usable:
+            break
+        needed = again
+    device = device_gib(needed)
     text = f"{exc}; minimum memory: {format_bytes(needed)} usable per device, that is a device memory of at least "
     text += f"{device:.2f} GiB with mem_margin={mem_margin}"
     factor, ranges = 2 + problem.opt_param_factor, problem.range_param_bytes
@@ -293,11 +314,6 @@ def plan_offline(
     op_costs = estimate_op_costs(analysis, flops, global_batch)
     unit_costs = [sum(op_costs[n] for n in unit) for unit in units]
     unit_cuts = [analysis.cut_bytes_per_sample[analysis.position[unit[-1]]] for unit in units]
-    blocks = coarsen(
-        units, unit_costs, unit_cuts, block_count(captured, usable, opt_param_factor, max_blocks)
-    )
-    graphs = block_graphs(captured, analysis, blocks)
-    tables = range_tables(captured, analysis, blocks, graphs)
     allowed = [s for s in dict.fromkeys(schedules) if s != "1f1b" or has_single_loss(captured, analysis)]
     if not allowed:
         raise PlanError(
@@ -309,36 +325,48 @@ def plan_offline(
         links["allreduce_inter_bandwidth"] = min(
             profile.intra_node_bandwidth, profile.inter_node_bandwidth * gpus
         )
-    lap("analyse")
-
     fixed: dict[str, Any] = dict(world_size=world_size, global_batch=global_batch, min_microbatches=1)
     fixed.update(memory_limit_bytes=usable)
     fixed.update(max_microbatches=min(max_microbatches, global_batch), schedules=tuple(allowed))
     fixed.update(opt_param_factor=opt_param_factor, num_stages=num_stages, zero_optimizer=zero)
-    newer = _problem_kwargs(
-        allow_recompute=recompute,
-        **step_end_fields(captured, graphs, profile, opt_param_factor),
-        **links,
-        **_choices(world_size, global_batch, max_microbatches, gpus),
-    )
 
-    def make(profiles: list[BlockProfile]) -> PlanProblem:
-        ranges = dict(
-            zip(("range_param_bytes", "range_in_bytes_per_sample", "range_out_bytes_per_sample"), tables)
+    def blocked(usable_bytes: float) -> tuple[list[list[str]], list[StageGraph], PlanProblem, int]:
+        """Blocks as many as `usable_bytes` per device calls for, their graphs, the priced problem and how many
+        distinct blocks were estimated."""
+        count = block_count(captured, usable_bytes, opt_param_factor, max_blocks)
+        blocks = coarsen(units, unit_costs, unit_cuts, count)
+        graphs = block_graphs(captured, analysis, blocks)
+        tables = range_tables(captured, analysis, blocks, graphs)
+        newer = _problem_kwargs(
+            allow_recompute=recompute,
+            **step_end_fields(captured, graphs, profile, opt_param_factor),
+            **links,
+            **_choices(world_size, global_batch, max_microbatches, gpus),
         )
-        return PlanProblem(blocks=profiles, **ranges, **fixed, **newer)
 
-    placeholder = BlockProfile({1: 0.0}, {1: 0.0}, {1: 0.0})
-    sizes = profile_sizes(_needed_sizes(make([placeholder] * len(blocks))))
-    if not sizes:
-        raise PlanError(f"no microbatch count fits a global batch of {global_batch} on {world_size} rank(s)")
-    profiles, distinct = _estimate_blocks(captured, analysis, graphs, sizes, profile, compute)
-    problem = make(profiles)
+        def make(profiles: list[BlockProfile]) -> PlanProblem:
+            ranges = dict(
+                zip(("range_param_bytes", "range_in_bytes_per_sample", "range_out_bytes_per_sample"), tables)
+            )
+            return PlanProblem(blocks=profiles, **ranges, **fixed, **newer)
+
+        placeholder = BlockProfile({1: 0.0}, {1: 0.0}, {1: 0.0})
+        sizes = profile_sizes(_needed_sizes(make([placeholder] * len(blocks))))
+        if not sizes:
+            raise PlanError(
+                f"no microbatch count fits a global batch of {global_batch} on {world_size} rank(s)"
+            )
+        profiles, distinct = _estimate_blocks(captured, analysis, graphs, sizes, profile, compute)
+        return blocks, graphs, make(profiles), distinct
+
+    lap("analyse")
+    blocks, graphs, problem, distinct = blocked(usable)
+    sizes = sorted(problem.blocks[0].fwd_time) if problem.blocks else []
     lap("profile")
     try:
         plan = plan_stages(problem)
     except PlanError as exc:
-        raise _memory_hint(exc, problem, mem_margin) from exc
+        raise _memory_hint(exc, problem, mem_margin, lambda needed: blocked(needed)[2]) from exc
     lap("search")
     timeline = simulate_plan(problem, plan)
     lap("simulate")

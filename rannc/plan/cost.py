@@ -217,9 +217,11 @@ class CostModel:
             b_sum += bwd[j]
             a_sum += act[j]
             # While block k runs its backward, the parameter gradients of blocks k+1..j (this microbatch's,
-            # not yet accumulated) are live too: max over k of workspace_k + params(k+1..j).
-            reach = max(reach, workspace[j] - param_table[j])
-            ws_max = reach + param_table[j] if self.has_workspace else 0.0
+            # not yet accumulated) are live too, and this microbatch's activations of blocks k+1..j are freed
+            # already: max over k of workspace_k + params(k+1..j) - act(k+1..j), on top of the activations.
+            offset = param_table[j] - a_sum
+            reach = max(reach, workspace[j] - offset)
+            ws_max = reach + offset if self.has_workspace else 0.0
             in_bytes = in_table[j] * m
             out_bytes = out_table[j] * m
             row.append(

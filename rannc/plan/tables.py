@@ -57,12 +57,14 @@ class StageTables:
             in_bytes = self._in * m
             out_bytes = self._out * m
             block_ws = np.array(self.model.workspace_values(m), dtype=np.float64)[None, :]
-            reach = np.maximum.accumulate(np.where(self._upper, block_ws - self._params, -np.inf), axis=1)
-            workspace = np.where(self._upper & self.model.has_workspace, reach + self._params, 0.0)
+            running_act = self._running(act)
+            offset = self._params - running_act  # as CostModel.row: params(i..j) - act(i..j)
+            reach = np.maximum.accumulate(np.where(self._upper, block_ws - offset, -np.inf), axis=1)
+            workspace = np.where(self._upper & self.model.has_workspace, reach + offset, 0.0)
             table = {
                 "fwd": self._running(fwd),
                 "bwd": self._running(bwd),
-                "act": self._running(act),
+                "act": running_act,
                 "in": in_bytes,
                 "out": out_bytes,
                 "in_intra": self._p2p(in_bytes, False),

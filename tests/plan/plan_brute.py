@@ -203,13 +203,20 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         bwd = sum(interpolate(b.bwd_time, m) for b in blocks)
         act = sum(interpolate(b.activation_bytes, m) for b in blocks)
         # Block k's workspace, plus the parameter gradients of the stage's blocks after k (alive until the
-        # stage's backward of the microbatch ends); not modelled when no block has workspace figures.
+        # stage's backward of the microbatch ends), less the microbatch's activations of those blocks (freed by
+        # their backward); not modelled when no block has workspace figures.
         workspace = 0.0
         if any(b.workspace_bytes for b in problem.blocks):
             prefix = problem.range_param_bytes[i]
-            workspace = max(
-                (interpolate(b.workspace_bytes, m) if b.workspace_bytes else 0.0) + prefix[j] - prefix[k]
-                for k, b in zip(range(i, j + 1), blocks)
+            acts = [interpolate(b.activation_bytes, m) for b in blocks]
+            # params(k+1..j) - act(k+1..j) = offset(j) - offset(k), offset(k) = params(i..k) - act(i..k)
+            offset = [prefix[k] - sum(acts[: k - i + 1]) for k in range(i, j + 1)]
+            workspace = (
+                max(
+                    (interpolate(b.workspace_bytes, m) if b.workspace_bytes else 0.0) - offset[k - i]
+                    for k, b in zip(range(i, j + 1), blocks)
+                )
+                + offset[-1]
             )
         ins = problem.range_in_bytes_per_sample[i][j] * m
         outs = problem.range_out_bytes_per_sample[i][j] * m

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from rannc.errors import ConfigError, PlanError
-from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, plan_stages
+from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, interpolate, plan_stages
 from rannc.plan.cost import IO, WS, CostModel
 from rannc.plan.search import plan_of_candidate
 from rannc.plan.simulate import analytic_step_time, simulate_plan
@@ -62,17 +62,18 @@ def test_stage_memory_holds_the_largest_block_workspace_once() -> None:
     # receive buffers of the outputs' gradients (current and posted ahead) and the 4 microbatches' sends
     buffers = (2 + 4) * (0.0 + OUT_PER_SAMPLE * 2)
     # Block k's workspace plus the microbatch's (not yet accumulated) parameter gradients of the blocks after
-    # it: max(6e6 + 2e8, 10e6 + 0), not a sum over blocks.
-    assert cost.workspace_bytes == 6e6 + 2e8
-    assert cost.memory == pytest.approx(params + activations + buffers + 6e6 + 2e8, rel=1e-15)
+    # it, less that microbatch's activations of those blocks (freed by their backward):
+    # max(6e6 + 2e8 - 4e6, 10e6 + 0 - 0), not a sum over blocks.
+    assert cost.workspace_bytes == 6e6 + 2e8 - 4e6
+    assert cost.memory == pytest.approx(params + activations + buffers + 6e6 + 2e8 - 4e6, rel=1e-15)
     # Not per microbatch in flight: one more in flight adds activations only.
     assert model.stage(0, 1, 1, 4, 4).memory - cost.memory == pytest.approx(6e6, rel=1e-12)
     # Without workspace tables the workspace is not modelled: the same stage is exactly that much smaller.
     plain = CostModel(three_blocks(workspace=False)).stage(0, 1, 1, 4, 3)
     assert plain.workspace_bytes == 0.0
-    assert cost.memory - plain.memory == pytest.approx(6e6 + 2e8, rel=1e-12)
-    # 8 microbatches of 1 sample: the blocks' workspaces at m = 1.
-    assert model.stage(0, 1, 1, 8, 3).workspace_bytes == 3e6 + 2e8
+    assert cost.memory - plain.memory == pytest.approx(6e6 + 2e8 - 4e6, rel=1e-12)
+    # 8 microbatches of 1 sample: the blocks' workspaces and activations at m = 1.
+    assert model.stage(0, 1, 1, 8, 3).workspace_bytes == 3e6 + 2e8 - 2e6
     # The last block alone: only its own workspace (which it has).
     assert model.stage(1, 1, 1, 4, 1).workspace_bytes == 10e6
     # Two replicas of 4 samples per microbatch: m = 2 again.
@@ -86,8 +87,10 @@ def test_recomputed_stage_holds_the_workspace_once_too() -> None:
     stashed = IN_PER_SAMPLE * 2 * 2  # boundary inputs of 2 microbatches in flight
     rebuilt = 4e6 + 2e6  # one microbatch's activations
     buffers = (2 + 4) * (IN_PER_SAMPLE * 2 + 0.0)  # receives (current, posted ahead) + 4 microbatches sent
-    assert cost.workspace_bytes == 10e6 + 3e8  # block 1's, with block 2's parameter gradients
-    assert cost.memory == pytest.approx(params + stashed + rebuilt + buffers + 10e6 + 3e8, rel=1e-15)
+    assert (
+        cost.workspace_bytes == 10e6 + 3e8 - 2e6
+    )  # block 1's, with block 2's gradients, less its activations
+    assert cost.memory == pytest.approx(params + stashed + rebuilt + buffers + 10e6 + 3e8 - 2e6, rel=1e-15)
     # A stage of the block without a workspace table holds none.
     assert model.stage(2, 2, 1, 4, 1).workspace_bytes == 0.0
 
@@ -102,9 +105,11 @@ def test_rows_and_tables_agree_bit_for_bit() -> None:
             for i in range(3):
                 row = model.row(i, m)
                 for j in range(i, 3):
-                    prefix = problem.range_param_bytes[i]
-                    reach = max(problem.blocks[k].workspace_at(m) - prefix[k] for k in range(i, j + 1))
-                    assert row[j - i][WS] == reach + prefix[j]
+                    # offset_k = params(i..k) - act(i..k), the activations summed left to right
+                    acts = [interpolate(problem.blocks[k].activation_bytes, m) for k in range(3)]
+                    offset = [problem.range_param_bytes[i][k] - sum(acts[i : k + 1]) for k in range(3)]
+                    reach = max(problem.blocks[k].workspace_at(m) - offset[k] for k in range(i, j + 1))
+                    assert row[j - i][WS] == reach + offset[j]
                     assert io[i][j] == row[j - i][IO]
                     ins, outs = row[j - i][3], row[j - i][4]
                     assert row[j - i][IO] == 2 * (ins + outs) + row[j - i][WS]
@@ -121,8 +126,9 @@ def test_workspace_decides_whether_a_stage_fits() -> None:
     problem, plain = three_blocks(**one_rank), three_blocks(workspace=False, **one_rank)
     without = CostModel(plain).stage(0, 2, 1, 1, 1).memory
     with_ws = CostModel(problem).stage(0, 2, 1, 1, 1).memory
-    # m = 2: block 0's 6e6 with the gradients of blocks 1-2 (5e8) beats 10e6 + 3e8 and 0
-    assert with_ws - without == pytest.approx(6e6 + 5e8, rel=1e-12)
+    # m = 2: block 0's 6e6 with the gradients of blocks 1-2 (5e8) less their activations (4e6 + 2e6) beats
+    # 10e6 + 3e8 - 2e6 and 0
+    assert with_ws - without == pytest.approx(6e6 + 5e8 - 6e6, rel=1e-12)
     limit = (without + with_ws) / 2
     fits = plan_stages(dataclasses.replace(plain, memory_limit_bytes=limit))
     assert fits.stages[0].memory_bytes == without
@@ -237,8 +243,8 @@ def test_simulated_memory_has_a_workspace_part() -> None:
     timeline = simulate_plan(problem, plan)
     parts = [t.memory_parts for t in timeline.stages]
     assert parts[0] is not None and parts[1] is not None
-    # m = 1 (8 samples / 4 microbatches / 2 ranks): max(3e6 + block 1's gradients 2e8, 5e6)
-    assert parts[0]["workspace"] == 3e6 + 2e8
+    # m = 1 (8 samples / 4 microbatches / 2 ranks): max(3e6 + block 1 gradients 2e8 - its activations 2e6, 5e6)
+    assert parts[0]["workspace"] == 3e6 + 2e8 - 2e6
     assert "workspace" not in parts[1]  # block 2 has no workspace table
     for timing in timeline.stages:
         assert timing.memory_parts is not None
