@@ -92,15 +92,22 @@ class Transfer:
             results.append(result)
         return results
 
+    def _consumer_pieces(self, route: Route, replica: int, microbatch: int) -> list[tuple[int, int, int]]:
+        """(consumer rank, first row, end row) of every piece of this producer replica's rows of `route`."""
+        return [
+            (self.stage_ranks[consumer][jc], a, b)
+            for consumer in route.consumers
+            for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch)
+            if jp == replica
+        ]
+
     def send_activation(self, route: Route, value: torch.Tensor, replica: int, microbatch: int) -> None:
         lo, _ = self.layout.rows(route.producer, microbatch, replica)
         tag = _tag(route, microbatch, self.num_routes, False)
         ops = []
-        for consumer in route.consumers:
-            for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch):
-                if jp == replica:
-                    piece = route.pack(value.detach().narrow(route.batch_dim, a - lo, b - a))
-                    ops.append(dist.P2POp(dist.isend, piece, self.stage_ranks[consumer][jc], tag=tag))
+        for peer, a, b in self._consumer_pieces(route, replica, microbatch):
+            piece = route.pack(value.detach().narrow(route.batch_dim, a - lo, b - a))
+            ops.append(dist.P2POp(dist.isend, piece, peer, tag=tag))
         self._start(ops)
 
     def send_grad(self, route: Route, grad: torch.Tensor, stage: int, replica: int, microbatch: int) -> None:
@@ -125,12 +132,10 @@ class Transfer:
             lo, _ = self.layout.rows(route.producer, microbatch, replica)
             tag = _tag(route, microbatch, self.num_routes, True)
             received = []
-            for consumer in route.consumers:
-                for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch):
-                    if jp == replica:
-                        buf = self._empty(route, b - a)
-                        ops.append(dist.P2POp(dist.irecv, buf, self.stage_ranks[consumer][jc], tag=tag))
-                        received.append((buf, a - lo))
+            for peer, a, b in self._consumer_pieces(route, replica, microbatch):
+                buf = self._empty(route, b - a)
+                ops.append(dist.P2POp(dist.irecv, buf, peer, tag=tag))
+                received.append((buf, a - lo))
             parts.append((route, received))
 
         def describe() -> str:
