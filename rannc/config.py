@@ -45,6 +45,10 @@ class Config:
     verify_tolerance: float = 1e-4  # largest relative difference verify accepts
     watchdog: bool = True  # exit promptly (non-zero) when another rank reports a failure
     keep_host_memory: bool = True  # on CPU: glibc malloc keeps freed memory (no page faults every step)
+    # A device profile (a shipped name or a `rannc calibrate` JSON file) for what measuring the blocks does not
+    # give: link bandwidth and latency (replacing p2p_*/allreduce_* above), optimizer update rate and temporaries.
+    # Empty: the config's link figures and the shipped profile of this device.
+    device_profile: str = ""
 
     def device_memory_limit(self, device_total_bytes: int | None) -> float | None:
         """Usable bytes per device after the margin, or None when nothing limits memory."""

@@ -137,6 +137,8 @@ def partition(
     unit_cuts = [analysis.cut_bytes_per_sample[analysis.position[unit[-1]]] for unit in units]
     blocks = coarsen(units, unit_costs, unit_cuts, config.max_partition_num)
     graphs = block_graphs(captured, analysis, blocks)
+    # Read before the long profiling: a bad device_profile fails at once.
+    profile = get_device_profile(config.device_profile) if config.device_profile else _shipped_profile(device)
     runners = block_runners(captured, analysis, graphs, values, state, device)
     sizes = _profile_sizes(world_size, global_batch, config)
     key = hashlib.sha256(
@@ -146,10 +148,11 @@ def partition(
         profiles = profile_blocks(runners, sizes, cache_key=key, config=config, device=device)
     tables = range_tables(captured, analysis, blocks, graphs)
     problem = make_problem(tables, profiles, world_size, global_batch, limit, config, schedule)
-    # The end of a step (optimizer update time, temporaries) is priced with the shipped profile of this
-    # device, not measured.
+    # The end of a step (optimizer update time, temporaries) and, with config.device_profile, the links are
+    # priced with a device profile (calibrated, or the shipped one of this device), not measured here.
+    links = profile.planner_links() if config.device_profile else {}
     problem = dataclasses.replace(
-        problem, **step_end_fields(captured, graphs, _shipped_profile(device), config.opt_param_factor)
+        problem, **links, **step_end_fields(captured, graphs, profile, config.opt_param_factor)
     )
     plan = _plan_on_rank0(problem, world_size, config)
     deployment = deployment_of(plan, captured, blocks, world_size, limit)
