@@ -270,14 +270,17 @@ def _stage_arrays(search: SuffixSearch) -> tuple:
     if limit is not None:
         base = np.stack([tables.base(r) for r in replicas]) if replicas else np.zeros(plain.shape)
         ins, act = stack("in"), stack("act")
-        io = stack("io") + search.p * (ins + stack("out"))  # + every send of the step
+        io = stack("io")
         # Generous by far more than rounding, so that the bound never excludes a fit.
         room = limit - base - io + 1e-9 * (abs(limit) + np.abs(base) + np.abs(io))
+        # Sends held: min(p, q + 1) x (in + out) >= q x (in + out) for q <= p microbatches in flight, so counting
+        # them per microbatch in flight keeps the bound generous.
+        boundary = ins + stack("out")
         end = np.stack([tables.step_end(r) for r in replicas]) if replicas else np.zeros(plain.shape)
         room = np.where(end <= limit * (1 + 1e-9), room, -np.inf)  # the optimizer step alone does not fit
-        fits = _most_inflight(room, act)
+        fits = _most_inflight(room, act + boundary)
         if problem.allow_recompute:
-            fits_again = _most_inflight(room - act, ins)
+            fits_again = _most_inflight(room - act, ins + boundary)
     allreduce = np.zeros(plain.shape)
     if replicas:
         allreduce = (

@@ -287,7 +287,7 @@ class CostModel:
             recompute_memory(base, a_sum, in_bytes, inflight, io)
             if recompute
             else stage_memory(base, a_sum, inflight, io)
-        ) + sent_bytes(in_bytes, out_bytes, microbatches)
+        ) + sent_bytes(in_bytes, out_bytes, microbatches, inflight)
         # The optimizer step runs after the activations are freed: the peak is the larger of the two phases.
         memory = max(memory, base + optimizer_transient_bytes(problem, first, last, replicas))
         return StageCost(
@@ -324,10 +324,11 @@ def held_bytes(in_bytes: float, out_bytes: float, workspace: float) -> float:
     return 2 * (in_bytes + out_bytes) + workspace
 
 
-def sent_bytes(in_bytes: float, out_bytes: float, microbatches: int) -> float:
-    """Send buffers: the runtime keeps every send of a step (outputs forward, input gradients backward) until
-    the step's end, when it waits for them all."""
-    return microbatches * (in_bytes + out_bytes)
+def sent_bytes(in_bytes: float, out_bytes: float, microbatches: int, inflight: int) -> float:
+    """Send buffers the runtime still holds: an output's until the consumers send its gradient back (at most the
+    microbatches in flight), an input gradient's until the producer's next forward after that backward (one
+    more; at the step's end it waits for the rest). With fill-drain both are every microbatch."""
+    return min(microbatches, inflight + 1) * (in_bytes + out_bytes)
 
 
 def stage_memory(base: float, activation: float, inflight: int, io: float) -> float:

@@ -28,7 +28,8 @@ def stage_memories(
     for ri, r in enumerate(replicas):
         table = tables.compute(-(-rows // r))
         base = tables.base(r)
-        io, sent = table["io"], microbatches * (table["in"] + table["out"])  # sent: every send of the step
+        # sent: the sends still held (cost.sent_bytes)
+        io, sent = table["io"], min(microbatches, inflight + 1) * (table["in"] + table["out"])
         plain = base + table["act"] * inflight + io + sent  # summed in cost.stage's order
         if problem.allow_recompute:
             plain = np.minimum(plain, base + table["in"] * inflight + table["act"] + io + sent)

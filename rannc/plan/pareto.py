@@ -138,7 +138,8 @@ class SuffixSearch:
                             base = base_col[b]
                             if end_col[b] > limit:  # the optimizer step does not fit
                                 continue
-                            sent = p * (in_b + out_b)  # every send of the step; sums in cost.stage's order
+                            # sends still held (cost.sent_bytes); sums in cost.stage's order
+                            sent = (p if p < inflight + 1 else inflight + 1) * (in_b + out_b)
                             if base + act * inflight + io + sent <= limit:
                                 ct = fb
                             elif recompute and base + in_b * inflight + act + io + sent <= limit:

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 
 from ..runtime.schedule import SCHEDULES as _SCHEDULE_FUNCTIONS
 from ..runtime.schedule import Action, actions_for
-from .cost import CostModel, allreduce_time, inflight_microbatches, p2p_time, stage_links, step_time
+from .cost import (
+    CostModel,
+    allreduce_time,
+    inflight_microbatches,
+    p2p_time,
+    sent_bytes,
+    stage_links,
+    step_time,
+)
 from .types import Plan, PlanProblem
 
 __all__ = [
@@ -308,7 +316,8 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
             "parameters": cost.param_bytes,
             "gradients": cost.param_bytes,
             "optimizer": cost.param_bytes * problem.opt_param_factor / shards,
-            "buffers": (2 + plan.microbatches) * (cost.in_bytes + cost.out_bytes),
+            "buffers": 2 * (cost.in_bytes + cost.out_bytes)
+            + sent_bytes(cost.in_bytes, cost.out_bytes, plan.microbatches, cost.inflight),
         }
         if cost.workspace_bytes:
             parts["workspace"] = cost.workspace_bytes

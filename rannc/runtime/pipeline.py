@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from .failures import guarded, wait_all
 from .gather import GlobalBatch
 from .layout import SampleLayout
 from .routes import concrete_shape, symint_value
-from .schedule import Action, actions_for, forward_only
+from .schedule import Action, actions_for, backwards_before, forward_only
 from .stage import LocalStage
 from .transfer import Transfer
 
@@ -70,6 +70,7 @@ class PipelineCall:
         self.transfer = Transfer(
             self.layout, stage.stage_ranks, len(stage.routes), stage.batch_symbol, stage.device
         )
+        self.transfer.backwards_before = self._backwards_before
         self.inputs = dict(zip(stage.user_inputs, batch.leaves))
         self.wants_grad = dict(zip(stage.user_inputs, batch.requires_grad))
         self.stash: dict[int, tuple[list[tuple[str, str, torch.Tensor]], dict[str, torch.Tensor], int]] = {}
@@ -148,6 +149,12 @@ class PipelineCall:
 
             with current_tracer().span("grad_sync"):
                 self.stage.sync_grads()
+
+    def _backwards_before(self, stage: int, microbatch: int) -> Callable[[int], bool]:
+        """Which microbatches' backwards `stage` runs before its forward of `microbatch` (its schedule's order)."""
+        return backwards_before(
+            self.schedule, stage, self.stage.num_stages, self.microbatches, microbatch
+        ).__contains__
 
     def _post_receives(self, upcoming: list[Action]) -> None:
         """Post the receives of the next action before running this one, so that its inputs (or output

@@ -39,3 +39,14 @@ SCHEDULES = {"1f1b": one_f_one_b, "fill_drain": fill_drain}
 
 def actions_for(schedule: str, stage: int, num_stages: int, microbatches: int) -> list[Action]:
     return SCHEDULES[schedule](stage, num_stages, microbatches)
+
+
+def backwards_before(schedule: str, stage: int, num_stages: int, microbatches: int, forward: int) -> set[int]:
+    """The microbatches whose backward `stage` runs before its forward of microbatch `forward`."""
+    done: set[int] = set()
+    for action in actions_for(schedule, stage, num_stages, microbatches):
+        if action.kind == "F" and action.microbatch == forward:
+            break
+        if action.kind == "B":
+            done.add(action.microbatch)
+    return done

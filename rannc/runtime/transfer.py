@@ -34,9 +34,14 @@ class Transfer:
         self.num_routes = num_routes
         self.symbol = symbol
         self.device = device
-        self.pending: list[Any] = []  # send handles and their buffers, kept alive until wait_sends
-        # Receives posted ahead of need: ("act" | "grad", microbatch) -> (works, buffers, describe)
+        # Sends in flight: (works, ops, "act" | "grad", microbatch, peer ranks); their buffers stay referenced
+        # until `release` learns that the peers have them, or wait_sends at the step's end.
+        self.pending: list[tuple[list[Any], list[dist.P2POp], str, int, frozenset[int]]] = []
+        # Receives posted ahead of need: ("act" | "grad", microbatch) -> (works, buffers, describe, peers)
         self.posted: dict[tuple[str, int], Any] = {}
+        # (producer stage, microbatch j) -> which microbatches' backwards that stage ran before its forward of j
+        # (set by the pipeline from its schedule; None: gradient sends are kept until wait_sends).
+        self.backwards_before: Callable[[int, int], Callable[[int], bool]] | None = None
 
     def _empty(self, route: Route, rows: int) -> torch.Tensor:
         shape = concrete_shape(route.shape, self.symbol, rows)
@@ -69,7 +74,7 @@ class Transfer:
             names = ", ".join(r.value for r in routes)
             return f"receiving {names} for microbatch {microbatch} from rank(s) {sorted(producers)}"
 
-        self.posted[key] = (_post(ops, describe), parts, describe)
+        self.posted[key] = (_post(ops, describe), parts, describe, frozenset(op.peer for op in ops))
 
     def recv_activations(
         self, routes: list[Route], stage: int, replica: int, microbatch: int
@@ -78,8 +83,12 @@ class Transfer:
         if not routes:
             return []
         self.post_activations(routes, stage, replica, microbatch)
-        works, parts, describe = self.posted.pop(("act", microbatch))
+        works, parts, describe, peers = self.posted.pop(("act", microbatch))
         _wait(works, f"recv_act{microbatch}", describe)
+        if self.backwards_before is not None:  # the producers ran those backwards: our gradients reached them
+            for producer in {route.producer for route in routes}:
+                ranks = set(peers) & set(self.stage_ranks[producer])
+                self.release("grad", ranks, self.backwards_before(producer, microbatch))
         lo, hi = self.layout.rows(stage, microbatch, replica)
         results = []
         while parts:  # popped: a received buffer that unpacking copied is freed at once
@@ -108,7 +117,7 @@ class Transfer:
         for peer, a, b in self._consumer_pieces(route, replica, microbatch):
             piece = route.pack(value.detach().narrow(route.batch_dim, a - lo, b - a))
             ops.append(dist.P2POp(dist.isend, piece, peer, tag=tag))
-        self._start(ops)
+        self._start(ops, "act", microbatch)
 
     def send_grad(self, route: Route, grad: torch.Tensor, stage: int, replica: int, microbatch: int) -> None:
         lo, _ = self.layout.rows(stage, microbatch, replica)
@@ -118,7 +127,7 @@ class Transfer:
             if jc == replica:
                 piece = grad.narrow(route.batch_dim, a - lo, b - a).contiguous()
                 ops.append(dist.P2POp(dist.isend, piece, self.stage_ranks[route.producer][jp], tag=tag))
-        self._start(ops)
+        self._start(ops, "grad", microbatch)
 
     def post_grads(self, routes: list[Route], replica: int, microbatch: int) -> None:
         """Post the receives of the gradients every consumer sends back for this replica's rows of each route's
@@ -143,7 +152,7 @@ class Transfer:
             consumers = sorted({c for r in routes for c in r.consumers})
             return f"receiving the gradients of {names} for microbatch {microbatch} from stage(s) {consumers}"
 
-        self.posted[key] = (_post(ops, describe), parts, describe)
+        self.posted[key] = (_post(ops, describe), parts, describe, frozenset(op.peer for op in ops))
 
     def recv_grads(self, routes: list[Route], replica: int, microbatch: int) -> list[torch.Tensor]:
         """For each route: the sum of the gradients every consumer sends back for this replica's rows of the
@@ -151,8 +160,10 @@ class Transfer:
         if not routes:
             return []
         self.post_grads(routes, replica, microbatch)
-        works, parts, describe = self.posted.pop(("grad", microbatch))
+        works, parts, describe, peers = self.posted.pop(("grad", microbatch))
         _wait(works, f"recv_grad{microbatch}", describe)
+        # Those consumers ran this microbatch's forward (and every earlier one): they have our activations.
+        self.release("act", set(peers), lambda sent: sent <= microbatch)
         totals = []
         for route, received in parts:
             lo, hi = self.layout.rows(route.producer, microbatch, replica)
@@ -164,15 +175,27 @@ class Transfer:
             totals.append(total)
         return totals
 
-    def _start(self, ops: list[dist.P2POp]) -> None:
+    def _start(self, ops: list[dist.P2POp], kind: str, microbatch: int) -> None:
         if ops:
-            # Sends complete asynchronously; the buffers stay referenced until wait_sends.
             with guarded(lambda: f"sending to rank(s) {sorted({op.peer for op in ops})}"):
                 works = dist.batch_isend_irecv(ops)
-            self.pending.append((works, ops))
+            self.pending.append((works, ops, kind, microbatch, frozenset(op.peer for op in ops)))
+
+    def release(self, kind: str, peers: set[int], microbatches: Callable[[int], bool]) -> None:
+        """Drop the sends of `kind` whose microbatch satisfies `microbatches` and whose every peer is in `peers`:
+        the caller knows those peers have received them (so waiting returns at once) and their buffers can go.
+        Call it only with that knowledge: a send still waiting for its receiver would block here."""
+        kept = []
+        for entry in self.pending:
+            works, ops, sent_kind, microbatch, to = entry
+            if sent_kind == kind and to <= peers and microbatches(microbatch):
+                wait_all(works, lambda ops=ops: f"sending to rank(s) {sorted({op.peer for op in ops})}")
+            else:
+                kept.append(entry)
+        self.pending = kept
 
     def wait_sends(self) -> None:
-        for works, ops in self.pending:
+        for works, ops, *_ in self.pending:
             wait_all(works, lambda ops=ops: f"sending to rank(s) {sorted({op.peer for op in ops})}")
         self.pending.clear()
 

@@ -226,10 +226,11 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         params = problem.range_param_bytes[i][j]
         inflight = min(p, stages - s) if schedule == "1f1b" else p
         shards = r if problem.zero_optimizer else 1
-        # Receive buffers (the current action's and one posted ahead) and workspace, plus every send of the step.
+        # Receive buffers (the current action's and one posted ahead) and workspace, plus the sends still held:
+        # outputs until their gradients return (in flight), input gradients one microbatch longer.
         base, io = (
             params * (2 + problem.opt_param_factor / shards),
-            2 * (ins + outs) + workspace + p * (ins + outs),
+            2 * (ins + outs) + workspace + min(p, inflight + 1) * (ins + outs),
         )
         plain, again = base + act * inflight + io, base + ins * inflight + act + io
         # The optimizer step's temporaries come after the activations are freed: the larger phase counts.

@@ -59,7 +59,8 @@ def test_stage_memory_holds_the_largest_block_workspace_once() -> None:
     assert cost.microbatch_size == 2
     params = 3e8 * (2 + 2.0)  # parameters, gradients, Adam state
     activations = (2e6 + 4e6) * 3
-    # receive buffers of the outputs' gradients (current and posted ahead) and the 4 microbatches' sends
+    # receive buffers of the outputs' gradients (current and posted ahead) and the sends still held:
+    # min(4 microbatches, 3 in flight + 1)
     buffers = (2 + 4) * (0.0 + OUT_PER_SAMPLE * 2)
     # Block k's workspace plus the microbatch's (not yet accumulated) parameter gradients of the blocks after
     # it, less that microbatch's activations of those blocks (freed by their backward):
@@ -86,7 +87,9 @@ def test_recomputed_stage_holds_the_workspace_once_too() -> None:
     params = 5e8 * 4
     stashed = IN_PER_SAMPLE * 2 * 2  # boundary inputs of 2 microbatches in flight
     rebuilt = 4e6 + 2e6  # one microbatch's activations
-    buffers = (2 + 4) * (IN_PER_SAMPLE * 2 + 0.0)  # receives (current, posted ahead) + 4 microbatches sent
+    buffers = (2 + 3) * (
+        IN_PER_SAMPLE * 2 + 0.0
+    )  # receives (current, posted ahead) + min(4, 2 in flight + 1) sent
     assert (
         cost.workspace_bytes == 10e6 + 3e8 - 2e6
     )  # block 1's, with block 2's gradients, less its activations
