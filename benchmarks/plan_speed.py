@@ -65,6 +65,9 @@ CASES = {
         device="h100-80gb",
         gpus_per_node=8,
         dtype="bf16",
+        # ZeRO-1: without it the state alone (fp32 master weights, gradients and Adam: 16 B per parameter, 2.8 TB)
+        # plus the microbatches a 1F1B pipeline keeps needs >= 103 GiB per device; rannc plan says so.
+        zero=True,
     ),
     "t5-11b": dict(
         factory=t5_11b,
