@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,6 +39,13 @@ def _restored_rng(device: torch.device, state: Any) -> Iterator[None]:
 _LOCAL_INPUTS = ("param", "buffer", "constant", "user", "symint")  # graph inputs not received from a stage
 
 
+def _backwards_before(
+    schedule: str, num_stages: int, microbatches: int, stage: int, microbatch: int
+) -> Callable[[int], bool]:
+    """Which microbatches' backwards `stage` runs before its forward of `microbatch` (its schedule's order)."""
+    return backwards_before(schedule, stage, num_stages, microbatches, microbatch).__contains__
+
+
 class PipelineCall:
     """State of one forward (and its backward): stashed activations, accumulated outputs and gradients.
 
@@ -70,7 +78,11 @@ class PipelineCall:
         self.transfer = Transfer(
             self.layout, stage.stage_ranks, len(stage.routes), stage.batch_symbol, stage.device
         )
-        self.transfer.backwards_before = self._backwards_before
+        # A plain function of the schedule (a bound method would make the transfer and this call a reference
+        # cycle, keeping a finished step's tensors alive until the garbage collector runs).
+        self.transfer.backwards_before = functools.partial(
+            _backwards_before, schedule, stage.num_stages, microbatches
+        )
         self.inputs = dict(zip(stage.user_inputs, batch.leaves))
         self.wants_grad = dict(zip(stage.user_inputs, batch.requires_grad))
         self.stash: dict[int, tuple[list[tuple[str, str, torch.Tensor]], dict[str, torch.Tensor], int]] = {}
@@ -149,12 +161,6 @@ class PipelineCall:
 
             with current_tracer().span("grad_sync"):
                 self.stage.sync_grads()
-
-    def _backwards_before(self, stage: int, microbatch: int) -> Callable[[int], bool]:
-        """Which microbatches' backwards `stage` runs before its forward of `microbatch` (its schedule's order)."""
-        return backwards_before(
-            self.schedule, stage, self.stage.num_stages, self.microbatches, microbatch
-        ).__contains__
 
     def _post_receives(self, upcoming: list[Action]) -> None:
         """Post the receives of the next action before running this one, so that its inputs (or output
