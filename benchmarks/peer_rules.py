@@ -278,9 +278,10 @@ def make_problem(spec: ModelSpec, settings: Settings) -> Built:
 
 
 def scenario_limit(built: Built, settings: Settings, min_stages: int) -> tuple[float, str]:
-    """The device limit, lowered (if needed) to the loosest limit under which no plan with fewer than
-    `min_stages` stages fits: 0.97 x the least memory of any such plan. When deeper pipelines do not need
-    less memory either, the largest stage count that memory can force is used instead."""
+    """The device limit, lowered (if needed) to a limit under which no plan with fewer than `min_stages` stages
+    fits but one with more does: 0.97 x the least memory of any plan with fewer stages, or halfway down to the
+    least memory with more when those are within 3% of each other. When deeper pipelines do not need less
+    memory at all, the largest stage count that memory can force is used instead."""
     device = settings.memory_limit
     if min_stages <= 1:
         return device, "device limit"
@@ -288,8 +289,8 @@ def scenario_limit(built: Built, settings: Settings, min_stages: int) -> tuple[f
     for forced in range(min_stages, 1, -1):
         fewer = [v for k, v in need.items() if k < forced]
         more = [v for k, v in need.items() if k >= forced]
-        if fewer and more and min(more) < 0.97 * min(fewer):
-            limit = 0.97 * min(fewer)
+        if fewer and more and min(more) < min(fewer):
+            limit = max(0.97 * min(fewer), (min(more) + min(fewer)) / 2)
             if limit >= device:
                 return device, f"device limit, which already forces >= {forced} stages"
             note = "" if forced == min_stages else f" ({min_stages} cannot be forced)"
