@@ -34,9 +34,10 @@ torch.distributed.pipelining need W = stages x data-parallel degree); `any S` th
 (its candidates are in the planner's search space); the script warns if one does.
 
 Memory scenarios (`--min-stages`, default 1,2,4): 1 = the device limit (16 GiB V100 less a 10% margin);
-k > 1 = per model, the loosest limit under which no plan with fewer than k stages fits (0.97 x the least
-memory any such plan needs), i.e. the model is made too large for fewer stages; when deeper pipelines
-need no less memory (a single huge block), the deepest stage count that memory can force is used.
+k > 1 = per model, a limit under which no plan with fewer than k stages fits (0.97 x the least memory any such
+plan needs, or halfway down to the least memory of deeper plans when that is within 3%), i.e. the model is made
+too large for fewer stages; when deeper pipelines need no less memory (a single huge block), the deepest stage
+count that memory can force is used.
 
 Run:  python benchmarks/peer_rules.py           (GPT-2 250k vocab, T5-large-like, GPT-2 small; ~1-2 min)
       python benchmarks/peer_rules.py --quick   (smaller models, ~30 s)
