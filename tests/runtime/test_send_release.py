@@ -25,6 +25,18 @@ class Chain(nn.Module):
         return ((x - y) ** 2).mean()
 
 
+def two_stage_chain(schedule: str, microbatches: int, cache: str) -> tuple[Chain, Any, rannc.RaNNCModule]:
+    """The seeded Chain, its SGD optimizer and its RaNNCModule: 2 stages, `microbatches` microbatches."""
+    torch.manual_seed(0)
+    model = Chain()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = dict(partition_num=2, min_pipeline=microbatches, max_pipeline=microbatches, schedule=schedule)
+    wrapped = rannc.RaNNCModule(
+        model, optimizer, profile_iterations=1, show_progress=False, profile_cache_dir=cache, **config
+    )
+    return model, optimizer, wrapped
+
+
 def held_sends(rank: int, world: int, schedule: str, cache: str) -> dict[str, Any]:
     """One step of a 2-stage, 8-microbatch pipeline; after every action, the microbatches whose sends this rank
     still holds, by kind. Also the loss and gradients, to compare with one process."""
@@ -40,20 +52,7 @@ def held_sends(rank: int, world: int, schedule: str, cache: str) -> dict[str, An
             most[name] = max(most[name], len(held))
 
     transfer_module.Transfer._start = counting_start  # type: ignore[method-assign]
-    torch.manual_seed(0)
-    model = Chain()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    wrapped = rannc.RaNNCModule(
-        model,
-        optimizer,
-        partition_num=2,
-        min_pipeline=8,
-        max_pipeline=8,
-        schedule=schedule,
-        profile_iterations=1,
-        show_progress=False,
-        profile_cache_dir=cache,
-    )
+    model, optimizer, wrapped = two_stage_chain(schedule, 8, cache)
     torch.manual_seed(1)
     x, y = torch.randn(16, 16), torch.randn(16, 16)
     lo, hi = rank * 8, rank * 8 + 8
@@ -116,20 +115,7 @@ def calls_alive(rank: int, world: int, schedule: str, cache: str) -> int:
 
     gc.disable()
     try:
-        torch.manual_seed(0)
-        model = Chain()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        wrapped = rannc.RaNNCModule(
-            model,
-            optimizer,
-            partition_num=2,
-            min_pipeline=4,
-            max_pipeline=4,
-            schedule=schedule,
-            profile_iterations=1,
-            show_progress=False,
-            profile_cache_dir=cache,
-        )
+        _, optimizer, wrapped = two_stage_chain(schedule, 4, cache)
         for _ in range(4):
             wrapped(torch.randn(8, 16), torch.randn(8, 16)).backward()
             optimizer.step()
