@@ -45,8 +45,10 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     assert default[0] > pages // 2 and kept[0] > pages // 2  # the first step's memory is new to the process
     # glibc's defaults give it back: every step faults all of it in again
     assert min(default[1:]) > pages // 2 and min(default[1:]) >= large * 0.9
-    # kept: after the heap settles (the second step may still grow it once), steps reuse it
-    assert max(kept[2:]) < pages // 20 and kept[1] <= large * 1.1
+    # kept: the heap may still grow in the next steps (fragmentation: at most the large tensor, once or twice),
+    # then steps reuse it
+    assert max(kept[1:]) <= large * 1.1 and max(kept[-4:]) < pages // 20
+    assert sum(kept[1:]) < sum(default[1:]) / 4
 
 
 def test_config_item_turns_it_off() -> None:
