@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .cost import inflight_microbatches, microbatch_counts, microbatch_rows, replica_counts
+from .cost import inflight_microbatches, microbatch_counts, microbatch_rows, replica_counts, sent_bytes
 from .tables import StageTables
 from .types import PlanProblem
 
@@ -28,8 +28,7 @@ def stage_memories(
     for ri, r in enumerate(replicas):
         table = tables.compute(-(-rows // r))
         base = tables.base(r)
-        # sent: the sends still held (cost.sent_bytes)
-        io, sent = table["io"], min(microbatches, inflight + 1) * (table["in"] + table["out"])
+        io, sent = table["io"], sent_bytes(table["in"], table["out"], microbatches, inflight)
         plain = base + table["act"] * inflight + io + sent  # summed in cost.stage's order
         if problem.allow_recompute:
             plain = np.minimum(plain, base + table["in"] * inflight + table["act"] + io + sent)

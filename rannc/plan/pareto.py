@@ -114,6 +114,7 @@ class SuffixSearch:
         self.states = 0
         for k in range(1, most + 1):
             inflight = inflight_microbatches(self.schedule, p, k)
+            sends_held = min(p, inflight + 1)  # cost.sent_bytes, per byte of boundary tensors
             # Stages before this suffix hold at least this many microbatches.
             pre_sum, pre_u = bounds.level_tables(inflight_microbatches(self.schedule, p, k + 1))
             cand: dict[tuple[int, int, int], list[Entry]] = {}
@@ -138,8 +139,7 @@ class SuffixSearch:
                             base = base_col[b]
                             if end_col[b] > limit:  # the optimizer step does not fit
                                 continue
-                            # sends still held (cost.sent_bytes); sums in cost.stage's order
-                            sent = (p if p < inflight + 1 else inflight + 1) * (in_b + out_b)
+                            sent = sends_held * (in_b + out_b)  # sums in cost.stage's order
                             if base + act * inflight + io + sent <= limit:
                                 ct = fb
                             elif recompute and base + in_b * inflight + act + io + sent <= limit:

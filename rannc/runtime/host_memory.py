@@ -3,8 +3,9 @@
 PyTorch's CPU allocator calls malloc/free directly. With glibc's defaults large tensors (above a threshold that
 adapts up to 32 MiB) are mmap'd and unmapped on free, and a large free heap top is trimmed, so memory goes back to
 the operating system at the end of a step and the next step faults it in again, zero-filled page by page: on a
-2-core machine that made the first forwards of every step about twice as slow as the rest. Serving every allocation from the heap and never
-trimming it makes the process keep its peak (as the CUDA caching allocator does on GPUs).
+2-core machine that made the first forwards of every step about twice as slow as the rest. Serving every
+allocation from the heap and never trimming it makes the process keep its peak (as the CUDA caching allocator
+does on GPUs).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from .layout import SampleLayout
 from .routes import concrete_shape, symint_value
 from .schedule import Action, actions_for, backwards_before, forward_only
 from .stage import LocalStage
+from .trace import current_tracer
 from .transfer import Transfer
 
 
@@ -108,9 +109,7 @@ class PipelineCall:
         return acts
 
     def run_forward(self) -> list[torch.Tensor]:
-        from .trace import current_tracer  # RANNC_TRACE: one trace file per rank per step (no-op when unset)
-
-        tracer = current_tracer()
+        tracer = current_tracer()  # RANNC_TRACE: one trace file per rank per step (no-op when unset)
         actions = self.actions()
         for k, action in enumerate(actions):
             self._post_receives(actions[k + 1 : k + 2])
@@ -131,8 +130,6 @@ class PipelineCall:
 
     def run_backward(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Deferred mode: spread the users' output gradients, run every backward, sync gradients."""
-        from .trace import current_tracer
-
         tracer = current_tracer()
         with tracer.span("spread_output_grads"):
             self._spread_output_grads(grads)
@@ -157,8 +154,6 @@ class PipelineCall:
         """Add this call's parameter gradients (times the output gradient) and sync them unless deferred."""
         self.stage.add_pending(self.param_grads, scale)
         if self.sync_grads:
-            from .trace import current_tracer
-
             with current_tracer().span("grad_sync"):
                 self.stage.sync_grads()
 

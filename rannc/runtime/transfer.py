@@ -177,7 +177,7 @@ class Transfer:
 
     def _start(self, ops: list[dist.P2POp], kind: str, microbatch: int) -> None:
         if ops:
-            with guarded(lambda: f"sending to rank(s) {sorted({op.peer for op in ops})}"):
+            with guarded(lambda: _sending(ops)):
                 works = dist.batch_isend_irecv(ops)
             self.pending.append((works, ops, kind, microbatch, frozenset(op.peer for op in ops)))
 
@@ -189,15 +189,20 @@ class Transfer:
         for entry in self.pending:
             works, ops, sent_kind, microbatch, to = entry
             if sent_kind == kind and to <= peers and microbatches(microbatch):
-                wait_all(works, lambda ops=ops: f"sending to rank(s) {sorted({op.peer for op in ops})}")
+                wait_all(works, lambda ops=ops: _sending(ops))
             else:
                 kept.append(entry)
         self.pending = kept
 
     def wait_sends(self) -> None:
         for works, ops, *_ in self.pending:
-            wait_all(works, lambda ops=ops: f"sending to rank(s) {sorted({op.peer for op in ops})}")
+            wait_all(works, lambda ops=ops: _sending(ops))
         self.pending.clear()
+
+
+def _sending(ops: list[dist.P2POp]) -> str:
+    """What a rank failing on these sends was doing (for RemoteError)."""
+    return f"sending to rank(s) {sorted({op.peer for op in ops})}"
 
 
 def _post(ops: list[dist.P2POp], describe: Callable[[], str]) -> list[Any]:
