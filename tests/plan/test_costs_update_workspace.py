@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_devices import fake_device
 
 from rannc.errors import ConfigError, PlanError
 from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, interpolate, plan_stages
@@ -259,39 +260,22 @@ def test_simulated_memory_has_a_workspace_part() -> None:
 # DeviceProfile.update_seconds_per_byte
 
 
-def device(**kwargs: Any) -> DeviceProfile:
-    settings: dict[str, Any] = dict(
-        name="fake",
-        peak_flops={"float32": 1e12},
-        memory_bandwidth=1e11,
-        memory_bytes=2**34,
-        intra_node_bandwidth=1e10,
-        intra_node_latency=1e-5,
-        inter_node_bandwidth=1e9,
-        inter_node_latency=2e-5,
-        gpus_per_node=4,
-        memory_efficiency=0.8,  # 8e10 bytes/s achievable
-    )
-    settings.update(kwargs)
-    return DeviceProfile(**settings)
-
-
 def test_update_seconds_per_byte_follows_the_optimizer_state() -> None:
-    profile = device()
+    profile = fake_device()
     assert profile.byte_rate() == pytest.approx(8e10)
     for factor, passes in ((2.0, 7), (6.0, 7), (1.0, 5), (1.5, 5), (0.0, 3), (0.5, 3)):
         assert profile.update_seconds_per_byte(factor) == pytest.approx(passes / 8e10, rel=1e-15)
 
 
 def test_measured_update_rates_replace_the_memory_passes() -> None:
-    profile = device(optimizer_update_rate={"adam": 4e9, "sgd": 2e10})
+    profile = fake_device(optimizer_update_rate={"adam": 4e9, "sgd": 2e10})
     assert profile.update_seconds_per_byte(2.0) == pytest.approx(1 / 4e9, rel=1e-15)
     assert profile.update_seconds_per_byte(0.0) == pytest.approx(1 / 2e10, rel=1e-15)
     assert profile.update_seconds_per_byte(1.0) == pytest.approx(5 / 8e10, rel=1e-15)  # not measured
 
 
 def test_update_rates_survive_json(tmp_path: Path) -> None:
-    profile = device(optimizer_update_rate={"adam": 4e9, "momentum": 6e9, "sgd": 2e10})
+    profile = fake_device(optimizer_update_rate={"adam": 4e9, "momentum": 6e9, "sgd": 2e10})
     path = tmp_path / "device.json"
     save_profile(profile, path)
     assert json.loads(path.read_text())["optimizer_update_rate"] == {
@@ -321,8 +305,8 @@ def test_update_rates_survive_json(tmp_path: Path) -> None:
 )
 def test_bad_update_rates_are_config_errors(rates: Any, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="optimizer_update_rate"):
-        device(optimizer_update_rate=rates)
-    data = device().to_json()
+        fake_device(optimizer_update_rate=rates)
+    data = fake_device().to_json()
     data["optimizer_update_rate"] = rates
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))  # NaN and Infinity as Python's json writes them

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.fx as fx
 import transformers
+from fake_devices import fake_device
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from rannc.capture import CapturedGraph, FlatCall, capture
@@ -26,25 +27,12 @@ from rannc.profile.analytic import (
     estimate_block,
     estimate_runner,
 )
-from rannc.profile.devices import DeviceProfile, get_device_profile
+from rannc.profile.devices import get_device_profile
 from rannc.profile.measure import BlockRunner, measure_block
 from rannc.runtime.routes import concrete_shape
 
 ROOT = Path(__file__).resolve().parents[2]
-FAKE = DeviceProfile(
-    name="fake",
-    peak_flops={"float32": 1e12, "bfloat16": 4e12},
-    memory_bandwidth=1e11,
-    memory_bytes=2**34,
-    intra_node_bandwidth=1e10,
-    intra_node_latency=1e-5,
-    inter_node_bandwidth=1e9,
-    inter_node_latency=2e-5,
-    gpus_per_node=4,
-    matmul_efficiency=0.5,
-    memory_efficiency=0.8,
-    op_overhead=1e-6,
-)
+FAKE = fake_device(peak_flops={"float32": 1e12, "bfloat16": 4e12}, matmul_efficiency=0.5, op_overhead=1e-6)
 
 
 def roofline(flops: float, nbytes: float, peak: float = 1e12) -> float:
