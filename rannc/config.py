@@ -45,6 +45,9 @@ class Config:
     verify_tolerance: float = 1e-4  # largest relative difference verify accepts
     watchdog: bool = True  # exit promptly (non-zero) when another rank reports a failure
     keep_host_memory: bool = True  # on CPU: glibc malloc keeps freed memory (no page faults every step)
+    # Start the allreduce of the gradients a stage shares with its replicas during its last backward (DDP-style
+    # buckets); off: reduce everything after the backward.
+    overlap_grad_sync: bool = True
     # A device profile (a shipped name or a `rannc calibrate` JSON file) for what measuring the blocks does not
     # give: link bandwidth and latency (replacing p2p_*/allreduce_* above), optimizer update rate and temporaries.
     # Empty: the config's link figures and the shipped profile of this device.

@@ -122,6 +122,7 @@ class RaNNCModule:
             groups,
         )
         self.stage.recompute = plan.stages[my_stage].recompute or self.config.recompute == "always"
+        self.stage.overlap_grad_sync = self.config.overlap_grad_sync
         self._bind_optimizer(groups)
         failures.configure(self.config.comm_timeout_s)
         failures.set_context(stage=my_stage)

@@ -22,7 +22,7 @@ from error_workers import attempt, run_scenarios
 from torch import nn
 
 import rannc
-from rannc.runtime.grad_sync import GradSync
+from rannc.runtime.grad_sync import GradSync, OverlappedReduce
 
 SEED = 0
 SGD_LR = 0.05
@@ -190,16 +190,45 @@ def count_grad_allreduces(counter: list[int]) -> Iterator[None]:
     """Count this rank's GradSync.allreduce calls (the gradient all-reduce among a parameter's replicas)."""
     original = GradSync.allreduce
 
-    def counting(self: GradSync, grads: dict[str, torch.Tensor]) -> None:
+    original_start = OverlappedReduce.__init__
+
+    def counting(self: GradSync, grads: dict[str, torch.Tensor], **kwargs: Any) -> None:
         if self.mine:  # this rank is in a rank set with more than one rank: a real all-reduce
             counter[0] += 1
-        original(self, grads)
+        original(self, grads, **kwargs)
+
+    def counting_start(self: OverlappedReduce, *args: Any) -> None:
+        counter[0] += 1  # an all-reduce started during a backward
+        original_start(self, *args)
 
     GradSync.allreduce = counting  # type: ignore[method-assign]
+    OverlappedReduce.__init__ = counting_start  # type: ignore[method-assign]
     try:
         yield
     finally:
         GradSync.allreduce = original  # type: ignore[method-assign]
+        OverlappedReduce.__init__ = original_start  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def watch_overlapped_reduces(records: list[dict[str, Any]]) -> Iterator[None]:
+    """Per OverlappedReduce this rank finishes: its buckets, how many were launched before `finish()` (during
+    the backward) and the parameters it reduced."""
+    original = OverlappedReduce.finish
+
+    def finish(self: OverlappedReduce) -> dict[str, torch.Tensor]:
+        launched = len(self.launched)
+        reduced = original(self)
+        records.append(
+            {"buckets": len(self.buckets), "launched_in_backward": launched, "names": sorted(reduced)}
+        )
+        return reduced
+
+    OverlappedReduce.finish = finish  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        OverlappedReduce.finish = original  # type: ignore[method-assign]
 
 
 def wrap(name: str, opt_kind: str, overrides: dict[str, Any]) -> tuple[Any, Any, rannc.RaNNCModule]:
@@ -253,6 +282,34 @@ def grad_accumulation(
         optimizer.zero_grad()
     same_on_all_ranks(losses)
     return {"plan": plan_summary(wrapped), "losses": losses, "counts": counts, "state": full_state(wrapped)}
+
+
+def overlapped_sync(
+    cache: str, name: str, partition_num: int, schedule: str, steps: int, global_batch: int
+) -> dict[str, Any]:
+    """Plain SGD steps with the default overlap_grad_sync: records, per step, the reduces started during the
+    backward (see watch_overlapped_reduces), the losses and the final state."""
+    _, optimizer, wrapped = wrap(name, "sgd", config(cache, partition_num, schedule=schedule))
+    losses: list[float] = []
+    per_step: list[list[dict[str, Any]]] = []
+    for batch in make_batches(name, steps, global_batch):
+        records: list[dict[str, Any]] = []
+        with watch_overlapped_reduces(records):
+            loss = loss_of(name, models.call(wrapped, local(batch)))
+            loss.backward()
+        per_step.append(records)
+        losses.append(float(loss.detach()))
+        optimizer.step()
+        optimizer.zero_grad()
+    same_on_all_ranks(losses)
+    trainable = sorted(wrapped.stage.trainable)
+    return {
+        "plan": plan_summary(wrapped),
+        "losses": losses,
+        "overlapped": per_step,
+        "trainable": trainable,
+        "state": full_state(wrapped),
+    }
 
 
 def clipping(
@@ -471,6 +528,11 @@ FOUR_RANK_SCENARIOS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
         grad_accumulation,
         {"name": "mlp", "style": "delay", "partition_num": 2, "schedule": "1f1b"},
     ),
+    "overlap-skip-p2": (overlapped_sync, {"name": "skip_tied", "partition_num": 2, "schedule": "1f1b"}),
+    "overlap-mlp-p1-filldrain": (
+        overlapped_sync,
+        {"name": "mlp", "partition_num": 1, "schedule": "fill_drain"},
+    ),
     "clip-skip-p2": (clipping, {"name": "skip_tied", "partition_num": 2}),
     "clip-skip-p4": (clipping, {"name": "skip_tied", "partition_num": 4}),
     "clip-skip-p3": (clipping, {"name": "skip_tied", "partition_num": 3}),
@@ -487,6 +549,7 @@ FOUR_RANK_SCENARIOS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
 
 SIZES: dict[Callable[..., Any], dict[str, Any]] = {
     grad_accumulation: {"steps": ACCUM_STEPS, "global_batch": ACCUM_BATCH},
+    overlapped_sync: {"steps": ACCUM_STEPS, "global_batch": ACCUM_BATCH},
     clipping: {"max_norm": CLIP_MAX_NORM, "steps": CLIP_STEPS, "global_batch": CLIP_BATCH},
     zero: {"steps": ZERO_STEPS, "global_batch": ZERO_BATCH},
     dropout_modes: {"global_batch": DROPOUT_BATCH},

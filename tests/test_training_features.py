@@ -42,6 +42,7 @@ ACCUM = [
     "accum-skip-p4-no_sync",
     "accum-mlp-p2-delay",
 ]
+OVERLAP = ["overlap-skip-p2", "overlap-mlp-p1-filldrain"]
 CLIP = ["clip-skip-p2", "clip-skip-p3", "clip-skip-p4", "clip-mlp-p1"]
 ZERO = ["zero-mlp-p1", "zero-mlp-p2", "zero-mlp-p4", "zero-skip-p2"]
 
@@ -285,6 +286,37 @@ def test_accumulating_backward_skips_gradient_allreduce(label: str, spawns: Spaw
         replicated += expected
         assert synced and all(c == expected for c in synced), f"rank {rank}: synced all-reduces {counts}"
     assert replicated > 0, "no rank is in a replicated stage: the test would not see any all-reduce"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient allreduce overlapped with the last backward (overlap_grad_sync, on by default)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", OVERLAP)
+def test_overlapped_gradient_sync_matches_reference(label: str, spawns: Spawns) -> None:
+    """Every step of a stage with replicas starts its gradient allreduce during its last backward (at least one
+    bucket launched before the backward returned), and training still equals the single-process reference
+    (1F1B, where the loss gradient arrives after the allreduce started, and fill-drain)."""
+    args = scenario_args(label)
+    runs = spawns.values(label)
+    check_plan(runs, args["partition_num"], 4)
+    ref = reference(args["name"], "sgd", args["steps"], args["global_batch"])
+    for rank, run in enumerate(runs):
+        assert_numbers_close(run["losses"], ref["losses"], f"{label} rank {rank} losses")
+        assert len(run["overlapped"]) == args["steps"]
+        for step, records in enumerate(run["overlapped"]):
+            if run["plan"]["my_replicas"] == 1:
+                assert records == [], f"rank {rank} step {step}: no replicas, nothing to overlap: {records}"
+                continue
+            assert len(records) == 1, f"rank {rank} step {step}: {records}"
+            record = records[0]
+            assert record["launched_in_backward"] >= 1, (
+                f"rank {rank} step {step}: nothing overlapped {record}"
+            )
+            assert record["names"] and set(record["names"]) <= set(run["trainable"]), record
+    assert_tensors_close(runs[0]["state"], ref["state"], f"{label} state_dict")
 
 
 # ----------------------------------------------------------------------------------------------------------------

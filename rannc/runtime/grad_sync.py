@@ -1,6 +1,13 @@
-"""Allreduce each parameter's gradient among exactly the ranks that hold it (tied weights included)."""
+"""Allreduce each parameter's gradient among exactly the ranks that hold it (tied weights included).
+
+The gradients a stage shares with its own replicas only (every rank of the set runs the same graph) can be
+reduced while the step's last backward still runs (`OverlappedReduce`, like DDP's buckets); the rest (tied
+weights held by several stages) are reduced after the backward (`GradSync.allreduce`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,21 +29,102 @@ class GradSync:
             (cache.get(ranks), names) for ranks, names in sorted(groups) if rank in ranks and len(ranks) > 1
         ]
 
-    def allreduce(self, grads: dict[str, torch.Tensor]) -> None:
+        self.ranks_of = {ranks: names for ranks, names in groups if rank in ranks and len(ranks) > 1}
+        self.cache = cache
+
+    def allreduce(self, grads: dict[str, torch.Tensor], skip: frozenset[str] = frozenset()) -> None:
         """Sum `grads` in place over each parameter's rank set: large contiguous gradients directly, the others
-        in buckets of at most BUCKET_BYTES per rank set and dtype (the same order on every rank)."""
+        in buckets of at most BUCKET_BYTES per rank set and dtype (the same order on every rank). Names in
+        `skip` (reduced already, by an OverlappedReduce) are left out."""
         for group, names in self.mine:
             by_dtype: dict[torch.dtype, list[str]] = {}
             for name in names:
-                by_dtype.setdefault(grads[name].dtype, []).append(name)
+                if name not in skip:
+                    by_dtype.setdefault(grads[name].dtype, []).append(name)
             for dtype in sorted(by_dtype, key=str):
                 for members in _buckets(by_dtype[dtype], grads):
                     _reduce(members, grads, group)
 
+    def overlapped(
+        self, replica_ranks: tuple[int, ...], params: dict[str, torch.Tensor]
+    ) -> tuple[dist.ProcessGroup, list[list[str]]] | None:
+        """The process group of exactly `replica_ranks` (a stage's replicas) and its parameters in buckets,
+        last parameters first (backward produces their gradients first); None when that set holds nothing."""
+        names = set(self.ranks_of.get(tuple(sorted(replica_ranks)), ()))
+        if not names:
+            return None
+        ordered = [name for name in reversed(params) if name in names]
+        return self.cache.get(tuple(sorted(replica_ranks))), _buckets(ordered, params)
+
+
+class OverlappedReduce:
+    """One step's allreduce of a stage's replica-shared gradients, started during its last backward.
+
+    `ready(name, grad)` is called (from a gradient hook) when the last backward has produced `name`'s
+    gradient; added to the earlier microbatches' sum in `accumulated`, the gradient is final. A bucket is
+    launched once all its gradients are final and every bucket before it has been launched, so every replica
+    issues the same collectives in the same order whatever order its hooks fire in. `finish()` launches the
+    rest (parameters the backward did not reach: their accumulated sum, or zeros), waits and returns the
+    summed gradients (views into the bucket buffers). The output gradient's scale is applied after the sum,
+    so it must be the same on every replica (it is when every rank calls backward on the loss).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        buckets: list[list[str]],
+        params: dict[str, torch.Tensor],
+        accumulated: dict[str, torch.Tensor],
+    ) -> None:
+        self.group = group
+        self.buckets = buckets
+        self.params = params
+        self.accumulated = accumulated
+        self.names = frozenset(name for bucket in buckets for name in bucket)
+        self.bucket_of = {name: k for k, bucket in enumerate(buckets) for name in bucket}
+        self.missing = [len(bucket) for bucket in buckets]
+        self.finals: dict[str, torch.Tensor] = {}
+        self.launched: list[tuple[torch.Tensor, Any]] = []  # (flat buffer, work) per bucket, in bucket order
+
+    def ready(self, name: str, grad: torch.Tensor) -> None:
+        if name in self.finals:  # a hook fires once per backward; a second backward pass is not ours
+            return
+        total = self.accumulated.pop(name, None)  # owned by the call: safe to add to in place
+        self.finals[name] = grad.detach().clone() if total is None else total.add_(grad)
+        k = self.bucket_of[name]
+        self.missing[k] -= 1
+        while len(self.launched) < len(self.buckets) and self.missing[len(self.launched)] == 0:
+            self._launch(len(self.launched))
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        for k in range(len(self.launched), len(self.buckets)):
+            for name in self.buckets[k]:
+                if name not in self.finals:
+                    total = self.accumulated.pop(name, None)
+                    self.finals[name] = torch.zeros_like(self.params[name]) if total is None else total
+            self._launch(k)
+        wait_all([work for _, work in self.launched], lambda: "all-reducing gradients during backward")
+        reduced: dict[str, torch.Tensor] = {}
+        for bucket, (flat, _) in zip(self.buckets, self.launched):
+            offset = 0
+            for name in bucket:
+                size = self.params[name].numel()
+                reduced[name] = flat[offset : offset + size].view(self.params[name].shape)
+                offset += size
+        return reduced
+
+    def _launch(self, k: int) -> None:
+        members = self.buckets[k]
+        grads = [self.finals.pop(name) for name in members]
+        flat = grads[0].reshape(-1) if len(grads) == 1 else torch.cat([g.reshape(-1) for g in grads])
+        with guarded(lambda: "all-reducing gradients during backward"):
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self.launched.append((flat, work))
+
 
 def _buckets(names: list[str], grads: dict[str, torch.Tensor]) -> list[list[str]]:
-    """Consecutive runs of names whose gradients together stay within BUCKET_BYTES; a large contiguous
-    gradient is a bucket of its own (reduced in place)."""
+    """Consecutive runs of names of one dtype whose gradients together stay within BUCKET_BYTES; a large
+    contiguous gradient is a bucket of its own (reduced in place)."""
     buckets: list[list[str]] = []
     current: list[str] = []
     size = 0
@@ -48,7 +136,7 @@ def _buckets(names: list[str], grads: dict[str, torch.Tensor]) -> list[list[str]
                 current, size = [], 0
             buckets.append([name])
             continue
-        if current and size + nbytes > BUCKET_BYTES:
+        if current and (size + nbytes > BUCKET_BYTES or grads[current[0]].dtype != grads[name].dtype):
             buckets.append(current)
             current, size = [], 0
         current.append(name)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from ..capture.modes import exact_precision, training_mode
 from .failures import guarded, wait_all
 from .gather import GlobalBatch
+from .grad_sync import OverlappedReduce
 from .layout import SampleLayout
 from .routes import concrete_shape, symint_value
 from .schedule import Action, actions_for, backwards_before, forward_only
@@ -97,6 +98,13 @@ class PipelineCall:
             stage.route_of[i.name] for i in stage.graph.inputs if i.kind not in _LOCAL_INPUTS
         ]
         self.grad_routes = [route for route in stage.produced if route.carries_grad]
+        backwards = [
+            a.microbatch
+            for a in actions_for(schedule, stage.index, stage.num_stages, microbatches)
+            if a.kind == "B"
+        ]
+        self.last_backward = backwards[-1] if backwards else -1
+        self.overlapped: OverlappedReduce | None = None  # the gradient reduce started in the last backward
 
     # ---- schedule ----------------------------------------------------------------------------------
     def actions(self) -> list[Action]:
@@ -152,10 +160,11 @@ class PipelineCall:
 
     def apply_param_grads(self, scale: float | torch.Tensor) -> None:
         """Add this call's parameter gradients (times the output gradient) and sync them unless deferred."""
-        self.stage.add_pending(self.param_grads, scale)
+        overlapped, self.overlapped = self.overlapped, None
+        self.stage.add_pending(self.param_grads, scale)  # without the overlapped ones: they left param_grads
         if self.sync_grads:
             with current_tracer().span("grad_sync"):
-                self.stage.sync_grads()
+                self.stage.sync_grads(overlapped, scale)
 
     def _post_receives(self, upcoming: list[Action]) -> None:
         """Post the receives of the next action before running this one, so that its inputs (or output
@@ -253,12 +262,27 @@ class PipelineCall:
         params = list(s.trainable.items())
         wrt = [p for _, p in params] + [t for _, _, t in grad_inputs]
         targets = [t for t, _ in seeds.values()]
-        if targets and wrt:
-            results = torch.autograd.grad(targets, wrt, [g for _, g in seeds.values()], allow_unused=True)
-        else:
-            results = [None] * len(wrt)
+        hooks = []
+        if i == self.last_backward and self.sync_grads and self.mode != "inference":
+            # the gradients are final as this backward produces them: reduce them while it goes on
+            self.overlapped = s.start_overlapped_reduce(self.param_grads)
+            if self.overlapped is not None:
+                hooks = [
+                    param.register_hook(functools.partial(self.overlapped.ready, name))
+                    for name, param in params
+                    if name in self.overlapped.names
+                ]
+        try:
+            if targets and wrt:
+                results = torch.autograd.grad(targets, wrt, [g for _, g in seeds.values()], allow_unused=True)
+            else:
+                results = [None] * len(wrt)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        reduced = self.overlapped.names if hooks else frozenset()
         for (name, _param), g in zip(params, results[: len(params)]):
-            if g is not None:
+            if g is not None and name not in reduced:
                 if name in self.param_grads:
                     self.param_grads[name].add_(g)
                 else:

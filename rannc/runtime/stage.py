@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..graph.stage import StageGraph
-from .grad_sync import GradSync
+from .grad_sync import GradSync, OverlappedReduce
 from .routes import OutputSpec, Route
 
 
@@ -32,6 +32,7 @@ class LocalStage:
     grad_sync: GradSync
     device: torch.device
     recompute: bool = False  # keep only stage inputs per microbatch; run the forward again in backward
+    overlap_grad_sync: bool = True  # reduce replica-shared gradients during the step's last backward
 
     def __post_init__(self) -> None:
         self.route_of = {r.value: r for r in self.routes}
@@ -44,6 +45,22 @@ class LocalStage:
         self.trainable = unique  # canonical -> Parameter, deduplicated (tied weights appear once)
         self.pending: dict[str, torch.Tensor] = {}  # gradients computed here and not yet all-reduced
         self.after_sync: Any = None  # called once after the next gradient sync (verification mode)
+        self._overlap_plan: Any = False  # (group, buckets) of the replica-shared gradients; False: not built
+
+    def start_overlapped_reduce(self, accumulated: dict[str, torch.Tensor]) -> OverlappedReduce | None:
+        """A reduce of the gradients this stage shares with its replicas only, to be fed by gradient hooks
+        during the last backward; None when nothing is shared that way, overlapping is off, or gradients of
+        earlier unsynced calls are pending (they are reduced together after the backward)."""
+        if not self.overlap_grad_sync or self.pending:
+            return None
+        if self._overlap_plan is False:
+            self._overlap_plan = self.grad_sync.overlapped(
+                tuple(self.stage_ranks[self.index]), self.trainable
+            )
+        if self._overlap_plan is None:
+            return None
+        group, buckets = self._overlap_plan
+        return OverlappedReduce(group, buckets, self.trainable, accumulated)
 
     def add_pending(self, grads: dict[str, torch.Tensor], scale: float | torch.Tensor) -> None:
         for name, grad in grads.items():
@@ -53,15 +70,21 @@ class LocalStage:
             else:
                 self.pending[name] = scaled
 
-    def sync_grads(self) -> None:
-        """All-reduce the pending gradients over each parameter's rank set and add them to `.grad`.
+    def sync_grads(
+        self, overlapped: OverlappedReduce | None = None, scale: float | torch.Tensor = 1.0
+    ) -> None:
+        """All-reduce the pending gradients over each parameter's rank set and add them to `.grad`;
+        `overlapped` holds the (unscaled) gradients whose reduce started during backward.
 
         Every rank that holds a parameter must call this the same number of times.
         """
+        reduced = {} if overlapped is None else overlapped.finish()
         for name, param in self.trainable.items():
-            if name not in self.pending:
+            if name not in self.pending and name not in reduced:
                 self.pending[name] = torch.zeros_like(param)
-        self.grad_sync.allreduce(self.pending)
+        self.grad_sync.allreduce(self.pending, skip=frozenset(reduced))
+        for name, grad in reduced.items():
+            self.pending[name] = grad if isinstance(scale, float) and scale == 1.0 else grad.mul_(scale)
         for name, param in self.trainable.items():
             grad = self.pending[name].to(param.dtype)
             if param.grad is None:
