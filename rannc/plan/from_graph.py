@@ -227,5 +227,6 @@ def make_problem(
         schedules=(schedule,),
         num_stages=config.partition_num or None,
         zero_optimizer=config.enable_zero,
+        overlap_grad_sync=config.overlap_grad_sync,
         allow_recompute=config.recompute == "auto",
     )

@@ -53,11 +53,29 @@ class StageTiming:
         None  # e.g. parameters/gradients/optimizer/buffers; sums to static
     )
     update: float = 0.0  # seconds of the optimizer step on the stage's parameters, after the allreduce
+    # The allreduce overlapped with the last backward (the runtime's overlap_grad_sync): the seconds of it that
+    # cannot start before that backward ends (the gradients of the stage's first block, final only then).
+    # None: the whole allreduce runs after the last backward.
+    allreduce_exposed: float | None = None
 
     @property
     def tail(self) -> float:
-        """Seconds after the stage's last backward: gradient allreduce, then optimizer update."""
+        """Seconds after the stage's last backward in the cost model: gradient allreduce, then optimizer update."""
         return self.allreduce + self.update
+
+    def allreduce_span(self, backward_start: float, backward_end: float) -> tuple[float, float]:
+        """(start, end) of the allreduce after a last backward over [backward_start, backward_end]: overlapped,
+        it starts with that backward but its exposed part runs only once the backward ends."""
+        if self.allreduce_exposed is None:
+            return backward_end, backward_end + self.allreduce
+        exposed = min(self.allreduce_exposed, self.allreduce)
+        end = max(backward_end + exposed, backward_start + self.allreduce)
+        return end - self.allreduce, end
+
+    @property
+    def exposed_tail(self) -> float:
+        """Seconds after the last backward at least (allreduce, overlapped or not, then update)."""
+        return self.allreduce_span(-self.bwd, 0.0)[1] + self.update
 
     @property
     def analytic_time(self) -> float:
@@ -223,10 +241,12 @@ def simulate(
                 progressed = True
         if not progressed:
             raise RuntimeError(f"schedule {schedule!r} deadlocks with {num_stages} stages, {microbatches} mb")
-    ends = [free[s] + timing.allreduce for s, timing in enumerate(stage_times)]
+    ends = list(free)
     for s, timing in enumerate(stage_times):
         if timing.allreduce > 0:
-            events[s].append(Event("allreduce", -1, free[s], ends[s]))
+            last = next((e for e in reversed(events[s]) if e.kind == "B"), None)
+            start, ends[s] = timing.allreduce_span(free[s] if last is None else last.start, free[s])
+            events[s].append(Event("allreduce", -1, start, ends[s]))
     for seconds, holders in shared:
         start = max(ends[s] for s in holders)
         for s in holders:
@@ -270,10 +290,10 @@ def bubble_bound(stage_times: list[StageTiming], microbatches: int, *, rendezvou
         work = p * (t.fwd + t.bwd)
         if rendezvous:
             work += (p - 1) * recv_in + p * recv_grad
-        tail, drain = t.tail, 0.0
+        tail, drain = t.exposed_tail, 0.0
         for k in range(s - 1, -1, -1):
             drain += _receive_time(stage_times, k, "B") + stage_times[k].bwd
-            tail = max(tail, drain + stage_times[k].tail)
+            tail = max(tail, drain + stage_times[k].exposed_tail)
         best = max(best, head + work + tail)
         head += t.fwd
     return best
@@ -331,6 +351,14 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
                 comm_out=p2p_time(problem, cost.out_bytes, links[s][1]),
                 allreduce=cost.allreduce - cost.update,
                 update=cost.update,
+                allreduce_exposed=allreduce_time(
+                    problem,
+                    problem.range_param_bytes[stage.first_block][stage.first_block],
+                    stage.replicas,
+                    links[s][2],
+                )
+                if problem.overlap_grad_sync
+                else None,
                 activation_bytes=cost.in_bytes if recompute else cost.activation_bytes,
                 static_bytes=sum(parts.values()),
                 memory_parts=parts,

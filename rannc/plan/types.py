@@ -99,6 +99,9 @@ class PlanProblem:
     schedules: tuple[str, ...] = ("1f1b",)
     num_stages: int | None = None  # force the stage count
     zero_optimizer: bool = False  # ZeRO-1: optimizer state sharded over each stage's replicas
+    # The runtime starts a stage's gradient allreduce during its last backward (config overlap_grad_sync); the
+    # simulator models that, the analytic cost (an upper bound on it) charges the whole allreduce after.
+    overlap_grad_sync: bool = True
     # Seconds the optimizer step takes per byte of parameters a rank updates (after the allreduce; with
     # ZeRO-1 a rank updates its shard). 0 = not modelled.
     update_seconds_per_param_byte: float = 0.0

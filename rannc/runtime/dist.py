@@ -72,20 +72,23 @@ def barrier() -> None:
 
 
 class GroupCache:
-    """One process group per rank set. Every rank must ask for the same sets in the same order."""
+    """One process group per rank set and purpose. Every rank must ask for the same sets in the same order."""
 
     def __init__(self) -> None:
-        self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+        self._groups: dict[tuple[str, tuple[int, ...]], dist.ProcessGroup | None] = {}
 
-    def create_all(self, rank_sets: list[tuple[int, ...]]) -> None:
+    def create_all(self, rank_sets: list[tuple[int, ...]], purpose: str = "") -> None:
         for ranks in sorted(set(rank_sets)):
-            self.get(ranks)
+            self.get(ranks, purpose)
 
-    def get(self, ranks: tuple[int, ...]) -> dist.ProcessGroup | None:
-        ranks = tuple(sorted(ranks))
-        if ranks not in self._groups:
-            if len(ranks) == get_world_size():
-                self._groups[ranks] = None  # the default group
+    def get(self, ranks: tuple[int, ...], purpose: str = "") -> dist.ProcessGroup | None:
+        """The group of `ranks` (None: the default group, for the whole world). A `purpose` gets groups of its
+        own, the whole world included, so that its collectives never queue behind others' (gradient buckets
+        in flight must not delay the loss's allreduce on the default group)."""
+        key = (purpose, tuple(sorted(ranks)))
+        if key not in self._groups:
+            if not purpose and len(key[1]) == get_world_size():
+                self._groups[key] = None  # the default group
             else:
-                self._groups[ranks] = dist.new_group(list(ranks))
-        return self._groups[ranks]
+                self._groups[key] = dist.new_group(list(key[1]))
+        return self._groups[key]

@@ -18,15 +18,18 @@ from .failures import guarded, wait_all
 # Gradients at least this large are reduced in place; smaller ones are packed into buckets of up to this many
 # bytes (one collective each), so syncing never holds more than one bucket of extra memory.
 BUCKET_BYTES = 4 * 2**20
+GRADIENTS = "gradients"  # gradients have process groups of their own (GroupCache purpose)
 
 
 class GradSync:
     """`groups` lists (rank set, parameter names) for every rank set; this rank reduces the ones it is in."""
 
     def __init__(self, groups: list[tuple[tuple[int, ...], list[str]]], cache: GroupCache, rank: int) -> None:
-        cache.create_all([ranks for ranks, _ in groups if len(ranks) > 1])
+        cache.create_all([ranks for ranks, _ in groups if len(ranks) > 1], GRADIENTS)
         self.mine = [
-            (cache.get(ranks), names) for ranks, names in sorted(groups) if rank in ranks and len(ranks) > 1
+            (cache.get(ranks, GRADIENTS), names)
+            for ranks, names in sorted(groups)
+            if rank in ranks and len(ranks) > 1
         ]
 
         self.ranks_of = {ranks: names for ranks, names in groups if rank in ranks and len(ranks) > 1}
@@ -54,7 +57,7 @@ class GradSync:
         if not names:
             return None
         ordered = [name for name in reversed(params) if name in names]
-        return self.cache.get(tuple(sorted(replica_ranks))), _buckets(ordered, params)
+        return self.cache.get(tuple(sorted(replica_ranks)), GRADIENTS), _buckets(ordered, params)
 
 
 class OverlappedReduce:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from ..errors import RanncError
 from .dist import GroupCache
+from .grad_sync import GRADIENTS
 
 
 class OptimizerBinding:
@@ -94,7 +95,7 @@ class OptimizerBinding:
     def broadcast_owned(self) -> None:
         """ZeRO-1: each parameter's owner sends its updated value to the other ranks of its set."""
         for ranks, names in self.broadcast_sets:
-            group = self.groups.get(ranks)
+            group = self.groups.get(ranks, GRADIENTS)  # created (on every rank) with the gradient groups
             for name in names:
                 dist.broadcast(self.tensors[name].data, src=self.owner[name], group=group)
 

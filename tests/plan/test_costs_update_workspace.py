@@ -16,7 +16,7 @@ from rannc.errors import ConfigError, PlanError
 from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, interpolate, plan_stages
 from rannc.plan.cost import IO, WS, CostModel
 from rannc.plan.search import plan_of_candidate
-from rannc.plan.simulate import analytic_step_time, simulate_plan
+from rannc.plan.simulate import analytic_step_time, bubble_bound, simulate_plan
 from rannc.plan.tables import StageTables
 from rannc.profile.devices import DeviceProfile, load_profile, save_profile
 
@@ -213,7 +213,7 @@ def plan_of(problem: PlanProblem, ranges: list[tuple[int, int]], replicas: list[
 
 def test_simulated_update_follows_the_allreduce() -> None:
     rate = 1e-11
-    problem = three_blocks(world_size=3, update_seconds_per_param_byte=rate)
+    problem = three_blocks(world_size=3, update_seconds_per_param_byte=rate, overlap_grad_sync=False)
     plan = plan_of(problem, [(0, 1), (2, 2)], [2, 1], 4)
     timeline = simulate_plan(problem, plan)
     first, second = timeline.events
@@ -232,13 +232,43 @@ def test_simulated_update_follows_the_allreduce() -> None:
     assert timeline.step_time == max(first[-1].end, second[-1].end)
     assert timeline.step_time == timeline.stage_end(0)  # the ring allreduce makes stage 0 finish last
     # Everything else is as without the update: the step is longer by stage 0's update exactly.
-    before = simulate_plan(three_blocks(world_size=3), plan)
+    before = simulate_plan(three_blocks(world_size=3, overlap_grad_sync=False), plan)
     assert [e.kind for e in before.events[0][-2:]] == ["B", "allreduce"]
     assert all(e.kind != "update" for events in before.events for e in events)
     assert timeline.step_time - before.step_time == pytest.approx(3e8 * rate, rel=1e-9)
     assert analytic_step_time(timeline.stages, plan.microbatches) == pytest.approx(
         plan.predicted_step_time, rel=1e-12
     )
+
+
+def test_overlapped_allreduce_starts_with_the_last_backward() -> None:
+    """overlap_grad_sync: the allreduce starts with the last backward; only its first block's part (gradients
+    final when the backward ends) must follow it, so it ends at max(B end + that part, B start + whole)."""
+    rate = 1e-11
+    plan = plan_of(three_blocks(world_size=3), [(0, 1), (2, 2)], [2, 1], 4)
+    apart = simulate_plan(
+        three_blocks(world_size=3, update_seconds_per_param_byte=rate, overlap_grad_sync=False), plan
+    )
+    overlapped = simulate_plan(three_blocks(world_size=3, update_seconds_per_param_byte=rate), plan)
+    backward, allreduce, update = overlapped.events[0][-3:]
+    assert (backward.kind, allreduce.kind, update.kind) == ("B", "allreduce", "update")
+    whole = apart.events[0][-2].duration
+    assert whole == pytest.approx(5e-5 + 3e8 / 1e10, rel=1e-12)
+    exposed = 5e-5 + PARAMS[0] / 1e10  # block 0's gradients among the 2 replicas
+    assert overlapped.stages[0].allreduce_exposed == pytest.approx(exposed, rel=1e-12)
+    assert allreduce.end == pytest.approx(max(backward.end + exposed, backward.start + whole), rel=1e-12)
+    assert allreduce.duration == pytest.approx(whole, rel=1e-12) and allreduce.start >= backward.start
+    assert update.start == allreduce.end
+    assert overlapped.stages[1].allreduce_exposed is not None and overlapped.stages[1].allreduce == 0
+    # the forwards and backwards are unchanged; the step is shorter by what the overlap hides
+    assert [e for e in overlapped.events[0] if e.kind in "FB"] == [
+        e for e in apart.events[0] if e.kind in "FB"
+    ]
+    hidden = apart.events[0][-2].end - allreduce.end
+    assert hidden > 0
+    assert overlapped.step_time == pytest.approx(apart.step_time - hidden, rel=1e-12)
+    # the bubble bound still bounds it
+    assert bubble_bound(overlapped.stages, plan.microbatches) <= overlapped.step_time * (1 + 1e-12)
 
 
 def test_simulated_memory_has_a_workspace_part() -> None:
