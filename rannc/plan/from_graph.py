@@ -173,6 +173,7 @@ def step_end_fields(
         "range_largest_param_bytes": largest,
         "shared_params": shared,
         "simulate_candidates": SIMULATE_CANDIDATES,
+        "allreduce_overlap": profile.allreduce_overlap,
     }
 
 

@@ -57,6 +57,9 @@ class StageTiming:
     # cannot start before that backward ends (the gradients of the stage's first block, final only then).
     # None: the whole allreduce runs after the last backward.
     allreduce_exposed: float | None = None
+    overlap: float = (
+        1.0  # fraction of the rest that hides behind the backward (the device's allreduce_overlap)
+    )
 
     @property
     def tail(self) -> float:
@@ -68,8 +71,10 @@ class StageTiming:
         it starts with that backward but its exposed part runs only once the backward ends."""
         if self.allreduce_exposed is None:
             return backward_end, backward_end + self.allreduce
-        exposed = min(self.allreduce_exposed, self.allreduce)
-        end = max(backward_end + exposed, backward_start + self.allreduce)
+        hidden = self.overlap * min(
+            self.allreduce - min(self.allreduce_exposed, self.allreduce), backward_end - backward_start
+        )
+        end = backward_end + self.allreduce - hidden
         return end - self.allreduce, end
 
     @property
@@ -359,6 +364,7 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
                 )
                 if problem.overlap_grad_sync
                 else None,
+                overlap=problem.allreduce_overlap,
                 activation_bytes=cost.in_bytes if recompute else cost.activation_bytes,
                 static_bytes=sum(parts.values()),
                 memory_parts=parts,

@@ -102,6 +102,7 @@ class PlanProblem:
     # The runtime starts a stage's gradient allreduce during its last backward (config overlap_grad_sync); the
     # simulator models that, the analytic cost (an upper bound on it) charges the whole allreduce after.
     overlap_grad_sync: bool = True
+    allreduce_overlap: float = 1.0  # fraction of an overlapped allreduce that hides behind compute (device)
     # Seconds the optimizer step takes per byte of parameters a rank updates (after the allreduce; with
     # ZeRO-1 a rank updates its shard). 0 = not modelled.
     update_seconds_per_param_byte: float = 0.0

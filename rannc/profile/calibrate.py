@@ -106,9 +106,10 @@ def calibrate(
         "inter_node_bandwidth": base.inter_node_bandwidth,
         "inter_node_latency": base.inter_node_latency,
         "gpus_per_node": torch.cuda.device_count() if cuda else base.gpus_per_node,
+        "allreduce_overlap": base.allreduce_overlap,
     }
     copied = f"not measured (single process): copied from the shipped {base.name!r} profile"
-    sources["intra_node"] = sources["inter_node"] = copied
+    sources["intra_node"] = sources["inter_node"] = sources["allreduce_overlap"] = copied
     if world_size_probe and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         probed, text = _probe_links(device, quick)
         links.update(probed)
@@ -563,6 +564,7 @@ def _probe_links(device: torch.device, quick: bool) -> tuple[dict[str, Any], dic
     reduce_time = _seconds_per_call(lambda: dist.all_reduce(tensor), comm, 0.0, repeats=reps)
     reduce_latency = _seconds_per_call(lambda: dist.all_reduce(small), comm, 0.0, repeats=reps)
     bus = 2 * (world - 1) / world * reduce_bytes / max(reduce_time - reduce_latency, 1e-9)
+    overlap, overlap_text = _allreduce_overlap(device, comm, 3 if quick else 7, (MIB if quick else 16 * MIB))
     result: list[Any] = [(latency, bandwidth, bus, reduce_latency, idle_latency, busy_latency)]
     dist.broadcast_object_list(result, src=0)
     latency, bandwidth, bus, reduce_latency, idle_latency, busy_latency = result[0]
@@ -575,8 +577,10 @@ def _probe_links(device: torch.device, quick: bool) -> tuple[dict[str, Any], dic
         f"{reduce}_bandwidth": bus,
         f"{reduce}_latency": reduce_latency,
         "gpus_per_node": hosts.count(hosts[0]),
+        "allreduce_overlap": overlap,
     }
     text = {
+        "allreduce_overlap": f"{where}: {overlap_text}",
         scope: f"{where}: ranks 0-1 ping-pong {sizes[0]} B .. {sizes[-1] // KIB} KiB: {idle_latency * 1e6:.3g} us, "
         f"{bandwidth / 1e9:.3g} GB/s one way; {sizes[0]} B from a rank that computes right after sending (all "
         f"others compute too): {busy_latency * 1e6:.3g} us; latency = the larger, {latency * 1e6:.3g} us",
@@ -584,6 +588,47 @@ def _probe_links(device: torch.device, quick: bool) -> tuple[dict[str, Any], dic
         f"{bus / 1e9:.3g} GB/s, 1-element {reduce_latency * 1e6:.3g} us",
     }
     return links, text
+
+
+def _allreduce_overlap(device: torch.device, comm: torch.device, reps: int, nbytes: int) -> tuple[float, str]:
+    """The fraction of an allreduce's time that hides behind compute, as when the runtime reduces gradients
+    during the last backward: every rank runs a fixed amount of matmuls (about 1.5 allreduces long) alone and
+    with an allreduce of `nbytes` started just before; fraction = 1 - (extra time) / (allreduce alone), from
+    medians, averaged over the ranks. Communication threads that share cores with compute (gloo on CPUs) hide
+    little; a separate engine (NCCL on GPUs) hides nearly all."""
+    tensor = torch.zeros(nbytes // 4, device=comm)
+    a = torch.randn(256, 256, device=device)
+
+    def timed(compute: int, reduce: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        work = dist.all_reduce(tensor, async_op=True) if reduce else None
+        for _ in range(compute):
+            torch.mm(a, a)
+        _sync(device)
+        if work is not None:
+            work.wait()
+            _sync(comm)
+        return time.perf_counter() - start
+
+    reduce_alone = statistics.median(timed(0, True) for _ in range(reps + 1))
+    per_matmul = statistics.median(timed(20, False) for _ in range(3)) / 20
+    count = max(1, round(1.5 * reduce_alone / max(per_matmul, 1e-9)))
+    alone, both = [], []
+    for _ in range(reps):
+        alone.append(timed(count, False))
+        both.append(timed(count, True))
+    extra = max(0.0, statistics.median(both) - statistics.median(alone))
+    fraction = min(1.0, max(0.0, 1.0 - extra / max(reduce_alone, 1e-9)))
+    mean = torch.tensor([fraction], dtype=torch.float64, device=comm)
+    dist.all_reduce(mean)
+    fraction = float(mean) / dist.get_world_size()
+    text = (
+        f"{nbytes // KIB} KiB allreduce alone {reduce_alone * 1e3:.3g} ms; {count} matmuls alone "
+        f"{statistics.median(alone) * 1e3:.3g} ms, with the allreduce started first {statistics.median(both) * 1e3:.3g} "
+        f"ms: hidden fraction {fraction:.2f} (mean over ranks)"
+    )
+    return fraction, text
 
 
 def _busy_sender_latency(

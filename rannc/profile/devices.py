@@ -97,6 +97,10 @@ class DeviceProfile:
     # its shape's factor (log-linear between grid points, clamped at the ends): small and skinny matmuls run
     # well below the peak of large square ones. None: every matmul runs at peak x matmul_efficiency.
     matmul_shapes: dict[str, list[float]] | None = None
+    # Fraction of a gradient allreduce's time that can hide behind the backward still running (the runtime
+    # starts it during the last backward). 1: communication runs beside compute (NCCL on GPUs); lower where
+    # communication threads share cores with compute (gloo on CPUs; `rannc calibrate` measures it).
+    allreduce_overlap: float = 1.0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -258,6 +262,9 @@ def _validate(p: DeviceProfile) -> None:
             _number(getattr(p, name), name + " (or null)", 0)
     for name in ("matmul_efficiency", "memory_efficiency"):
         _number(getattr(p, name), name, 0, 1, strict=True)
+    overlap = p.allreduce_overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, int | float) or not 0 <= overlap <= 1:
+        raise ConfigError(f"allreduce_overlap must be a number in [0, 1], got {overlap!r}")
     if isinstance(p.gpus_per_node, bool) or not isinstance(p.gpus_per_node, int) or p.gpus_per_node < 1:
         raise ConfigError(f"gpus_per_node must be an integer >= 1, got {p.gpus_per_node!r}")
     if p.kind not in ("gpu", "cpu"):
@@ -286,6 +293,10 @@ _NCCL_LATENCY = (
     "assumption, not from a spec sheet: typical NCCL small-message end-to-end latency "
     "(intra-node NVLink ~10 us, inter-node InfiniBand ~20 us); calibrate on the cluster for better figures"
 )
+_NCCL_OVERLAP = (
+    "assumption: NCCL runs the gradient allreduce on its own channels beside the backward's kernels, so all of "
+    "it can hide behind compute (1.0); as in DDP, only the gradients final at the backward's end stay exposed"
+)
 _EFFICIENCY = (
     "assumption: 60% of dense peak for matmul-like ops and 70% of peak bandwidth for memory-bound ops "
     "(typical of large transformer kernels); per-op overhead 5 us (eager kernel launch)"
@@ -312,7 +323,13 @@ def _gpu(
         inter_node_bandwidth=nic,
         inter_node_latency=20e-6,
         gpus_per_node=8,
-        sources={**sources, "latency": _NCCL_LATENCY, "efficiency": _EFFICIENCY, "memory_bytes": _CAPACITY},
+        sources={
+            **sources,
+            "latency": _NCCL_LATENCY,
+            "efficiency": _EFFICIENCY,
+            "memory_bytes": _CAPACITY,
+            "allreduce_overlap": _NCCL_OVERLAP,
+        },
     )
 
 
@@ -419,6 +436,7 @@ _SHIPPED: dict[str, DeviceProfile] = {
             gpus_per_node=1,
             op_overhead=10e-6,
             kind="cpu",
+            allreduce_overlap=0.5,
             sources={
                 "all": "generic conservative CPU (assumption, no spec sheet): a few cores with AVX2/AVX-512 FMA "
                 "~100 GFLOP/s FP32, half that for BF16/FP16 (often emulated), 20 GB/s DRAM, 16 GiB; run "
@@ -427,6 +445,9 @@ _SHIPPED: dict[str, DeviceProfile] = {
                 "(shared/notes/torch-facts.md)",
                 "inter_node": "10 GbE (1.25 GB/s), TCP ~100 us (assumption); one process per node",
                 "efficiency": "assumption: 60% / 70% of the figures above; 10 us per op dispatch",
+                "allreduce_overlap": "assumption: gloo's communication threads share the cores with compute, so "
+                "about half of an allreduce hides behind the backward (calibrate measured 0.4-0.6 with 2 ranks "
+                "on a 2-core VM and less with more ranks than cores); calibrate measures it",
             },
         ),
     )
