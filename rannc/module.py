@@ -90,7 +90,9 @@ class RaNNCModule:
         self._verifier = (
             Verifier(self.module, self.rank, self.config.verify_tolerance) if self.config.verify else None
         )
-        result = partition.partition(self.module, args, kwargs, self.config, self.world_size, self.device)
+        result = partition.partition(
+            self.module, args, kwargs, self.config, self.world_size, self.device, self.optimizer
+        )
         self.captured, self.analysis, self.deployment = result.captured, result.analysis, result.deployment
         if self.config.save_deployment:
             _save_on_rank0(self.deployment, self.config.deployment_file, self.world_size)

@@ -89,6 +89,16 @@ def resolve_schedule(config: Config, captured: CapturedGraph, analysis: GraphAna
     return config.schedule
 
 
+def coupled_weight_decay(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether `optimizer` is Adam with L2 (coupled) weight decay, whose step makes one more temporary."""
+    if not isinstance(optimizer, torch.optim.Adam):
+        return False
+    return any(
+        group.get("weight_decay", 0) and not group.get("decoupled_weight_decay", False)
+        for group in optimizer.param_groups
+    )
+
+
 def partition(
     model: torch.nn.Module,
     args: tuple[Any, ...],
@@ -96,6 +106,7 @@ def partition(
     config: Config,
     world_size: int,
     device: torch.device,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Partitioned:
     started = time.perf_counter()
     call = FlatCall.of(args, kwargs)
@@ -152,7 +163,11 @@ def partition(
     # priced with a device profile (calibrated, or the shipped one of this device), not measured here.
     links = profile.planner_links() if config.device_profile else {}
     problem = dataclasses.replace(
-        problem, **links, **step_end_fields(captured, graphs, profile, config.opt_param_factor)
+        problem,
+        **links,
+        **step_end_fields(
+            captured, graphs, profile, config.opt_param_factor, coupled_weight_decay(optimizer)
+        ),
     )
     plan = _plan_on_rank0(problem, world_size, config)
     deployment = deployment_of(plan, captured, blocks, world_size, limit)

@@ -161,7 +161,11 @@ def parameter_facts(
 
 
 def step_end_fields(
-    captured: CapturedGraph, graphs: list[StageGraph], profile: DeviceProfile, opt_param_factor: float
+    captured: CapturedGraph,
+    graphs: list[StageGraph],
+    profile: DeviceProfile,
+    opt_param_factor: float,
+    l2_weight_decay: bool = False,
 ) -> dict[str, Any]:
     """The PlanProblem fields about the end of a step on `profile`'s device: optimizer update time, optimizer
     temporaries, the largest parameter of each block range and the parameters shared between blocks (whose
@@ -169,7 +173,7 @@ def step_end_fields(
     largest, shared = parameter_facts(captured, graphs)
     return {
         "update_seconds_per_param_byte": profile.update_seconds_per_byte(opt_param_factor),
-        "optimizer_transient": optimizer_transient(profile.kind, opt_param_factor),
+        "optimizer_transient": optimizer_transient(profile.kind, opt_param_factor, l2_weight_decay),
         "range_largest_param_bytes": largest,
         "shared_params": shared,
         "simulate_candidates": SIMULATE_CANDIDATES,

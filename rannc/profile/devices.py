@@ -27,11 +27,11 @@ _VERSION = 1
 
 _UPDATE_PASSES = {"adam": 7, "momentum": 5, "sgd": 3}
 # Temporaries of torch's default optimizer implementation, as (x parameter bytes, x largest parameter tensor):
-# on CPUs a loop over tensors (Adam holds up to three tensors' worth of temporaries of the largest parameter,
-# measured with rannc.profile.memtrack), on GPUs the foreach form (one list of temporaries, e.g. Adam's
-# square roots of the second moments).
+# on CPUs a loop over tensors (Adam/AdamW hold two tensors' worth of the largest parameter: the square root of
+# the second moment and its quotient, measured with rannc.profile.memtrack), on GPUs the foreach form (one list
+# of temporaries, e.g. Adam's square roots of the second moments).
 _OPTIMIZER_TRANSIENT = {
-    "cpu": {"adam": (0.0, 3.0), "momentum": (0.0, 0.0), "sgd": (0.0, 0.0)},
+    "cpu": {"adam": (0.0, 2.0), "momentum": (0.0, 0.0), "sgd": (0.0, 0.0)},
     "gpu": {"adam": (1.0, 0.0), "momentum": (1.0, 0.0), "sgd": (0.0, 0.0)},
 }
 
@@ -41,9 +41,18 @@ def optimizer_kind(opt_param_factor: float) -> str:
     return "adam" if opt_param_factor >= 2 else "momentum" if opt_param_factor >= 1 else "sgd"
 
 
-def optimizer_transient(device_kind: str, opt_param_factor: float) -> tuple[float, float]:
-    """(x parameter bytes, x largest parameter) of optimizer step temporaries on a "cpu" or "gpu" device."""
-    return _OPTIMIZER_TRANSIENT["cpu" if device_kind == "cpu" else "gpu"][optimizer_kind(opt_param_factor)]
+def optimizer_transient(
+    device_kind: str, opt_param_factor: float, l2_weight_decay: bool = False
+) -> tuple[float, float]:
+    """(x parameter bytes, x largest parameter) of optimizer step temporaries on a "cpu" or "gpu" device.
+
+    `l2_weight_decay`: Adam with coupled weight decay (torch.optim.Adam(weight_decay > 0), not AdamW) first
+    makes grad + weight_decay x param, one more temporary (per tensor on CPUs, a list of them on GPUs)."""
+    kind = optimizer_kind(opt_param_factor)
+    per_param, per_largest = _OPTIMIZER_TRANSIENT["cpu" if device_kind == "cpu" else "gpu"][kind]
+    if l2_weight_decay and kind == "adam":
+        return (per_param + 1, per_largest) if per_param else (per_param, per_largest + 1)
+    return per_param, per_largest
 
 
 @dataclasses.dataclass(frozen=True)

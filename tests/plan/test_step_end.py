@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import models
 import pytest
+import torch
 
 from rannc.capture import capture
 from rannc.errors import ConfigError
 from rannc.graph.analysis import analyse, atomic_units
 from rannc.graph.blocks import coarsen
+from rannc.partition import coupled_weight_decay
 from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, plan_stages
 from rannc.plan.cost import CostModel, allreduce_time
 from rannc.plan.from_graph import block_graphs, parameter_facts
@@ -22,6 +25,7 @@ from rannc.plan.search import plan_of_candidate
 from rannc.plan.simulate import shared_allreduces, simulate_plan
 from rannc.plan.tables import StageTables
 from rannc.profile.devices import DeviceProfile, get_device_profile, optimizer_transient
+from rannc.profile.memtrack import PeakMemory
 
 PARAMS = [4e6, 1e6, 2e6]
 LARGEST = [3e6, 1e6, 0.5e6]
@@ -136,9 +140,39 @@ def test_parameter_facts_of_a_tied_model() -> None:
 def test_device_kind_and_optimizer_temporaries() -> None:
     assert get_device_profile("cpu").kind == "cpu"
     assert get_device_profile("h100-80gb").kind == "gpu"
-    assert optimizer_transient("cpu", 2.0) == (0.0, 3.0)
+    assert optimizer_transient("cpu", 2.0) == (0.0, 2.0)
     assert optimizer_transient("gpu", 2.0) == (1.0, 0.0)
     assert optimizer_transient("cpu", 0.0) == (0.0, 0.0)
+    # Adam with L2 weight decay makes grad + wd x param first: one more tensor / list of temporaries
+    assert optimizer_transient("cpu", 2.0, l2_weight_decay=True) == (0.0, 3.0)
+    assert optimizer_transient("gpu", 2.0, l2_weight_decay=True) == (2.0, 0.0)
+    assert optimizer_transient("cpu", 1.0, l2_weight_decay=True) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("make", "temporaries"),
+    [
+        (lambda p: torch.optim.AdamW(p, weight_decay=0.01), 2.0),
+        (lambda p: torch.optim.Adam(p), 2.0),
+        (lambda p: torch.optim.Adam(p, weight_decay=0.1), 3.0),
+    ],
+)
+def test_cpu_adam_temporaries_are_what_its_step_allocates(make: Any, temporaries: float) -> None:
+    """The CPU figures are what torch's single-tensor Adam/AdamW step allocates beyond its parameters, gradients
+    and state, in units of the largest parameter (measured like accuracy.py measures a training step)."""
+    large = torch.nn.Parameter(torch.randn(2**16))
+    small = torch.nn.Parameter(torch.randn(100))
+    optimizer = make([large, small])
+    assert optimizer_transient("cpu", 2.0, coupled_weight_decay(optimizer)) == (0.0, temporaries)
+    for _ in range(2):  # the first step creates the state; the second shows the steady temporaries
+        large.grad, small.grad = torch.randn_like(large), torch.randn_like(small)
+        held = [large, small, large.grad, small.grad]
+        held += [
+            t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+        ]
+        with PeakMemory(held) as peak:
+            optimizer.step()
+    assert (peak.peak_bytes - peak.start_bytes) / (large.numel() * 4) == pytest.approx(temporaries, abs=0.01)
     with pytest.raises(ConfigError, match="kind"):
         dataclasses.replace(get_device_profile("cpu"), kind="tpu")
     data = get_device_profile("cpu").to_json()
