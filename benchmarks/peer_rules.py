@@ -37,9 +37,12 @@ Memory scenarios (`--min-stages`, default 1,2,4): 1 = the device limit (16 GiB V
 k > 1 = per model, a limit under which no plan with fewer than k stages fits (0.97 x the least memory any such
 plan needs, or halfway down to the least memory of deeper plans when that is within 3%), i.e. the model is made
 too large for fewer stages; when deeper pipelines need no less memory (a single huge block), the deepest stage
-count that memory can force is used.
+count that memory can force is used. Scenarios whose limit an earlier one already has are not repeated.
 
-Run:  python benchmarks/peer_rules.py           (GPT-2 250k vocab, T5-large-like, GPT-2 small; ~1-2 min)
+T5 11B (the issue's `rannc plan` case: 24 + 24 layers, d_ff 65536, 128 heads of 128) runs on its own cluster,
+32 x A100 40 GiB (bfloat16), where the device limit already forces ~10 stages.
+
+Run:  python benchmarks/peer_rules.py           (GPT-2 250k vocab, T5-large-like, GPT-2 small, T5 11B; ~1.5 min)
       python benchmarks/peer_rules.py --quick   (smaller models, ~30 s)
 """
 
