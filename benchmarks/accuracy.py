@@ -12,7 +12,8 @@ thread each), in ONE run:
    `--steps` timed steps (every rank waits at a barrier before each step; a step's time is the slowest
    rank's; forward + backward + optimizer step + zero_grad); then one step under
    `rannc.profile.memtrack.PeakMemory` (the most bytes of tensor storage live at once on the rank:
-   parameters, gradients, optimizer state and every tensor the step allocates; it agrees exactly with
+   parameters, gradients, optimizer state and every tensor the step allocates, but not the rank's input
+   batch, made before the step as a data loader would; it agrees exactly with
    torch's MemTracker, which cannot follow a pipeline stage) and one step with RANNC_TRACE set;
 4. print predicted vs measured step time (goal: within 10%) and per-rank peak memory (goal: within 15% and
    never below the measurement), and write, per case, one Chrome trace with the measured step of every
@@ -168,9 +169,13 @@ def run_worker(
 
     phases: list[tuple[float, float]] = []  # per step: (forward + backward, optimizer step + zero_grad)
 
-    def step() -> float:
+    def next_batch() -> dict[str, Any]:
+        """This rank's rows of the next global batch: what a data loader hands the training loop."""
         batch = make_batch(case, case.global_batch, next(counter))
-        local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}
+        return {k: v[rank * rows : (rank + 1) * rows].clone() for k, v in batch.items()}
+
+    def step(local: dict[str, Any] | None = None) -> float:
+        local = next_batch() if local is None else local
         start = time.perf_counter()
         loss = wrapped(**local)
         loss.backward()
@@ -185,12 +190,15 @@ def run_worker(
     times = []
     del phases[:]
     for _ in range(steps):
+        local = next_batch()
         dist.barrier()
         start = time.perf_counter()
-        step()
+        step(local)
         times.append(time.perf_counter() - start)
     dist.barrier()
-    peak = _peak_bytes(wrapped.module, optimizer, step)
+    # the input batch is made before measuring: it is the data loader's, not part of the planned memory
+    local = next_batch()
+    peak = _peak_bytes(wrapped.module, optimizer, lambda: step(local))
     dist.barrier()
     os.environ["RANNC_TRACE"] = os.path.join(trace_dir, "rank{rank}.json")
     step()
@@ -396,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         for rank, predicted, measured in r["memory"]:
             over = predicted / measured - 1
             ok &= 0 <= over <= 0.15
-            mem.append(f"r{rank} {predicted / mib:.1f}/{measured / mib:.1f} ({over:+.0%})")
+            close = "" if abs(predicted - measured) >= mib else f", {predicted - measured:+,.0f} B"
+            mem.append(f"r{rank} {predicted / mib:.1f}/{measured / mib:.1f} ({over:+.0%}{close})")
         print(
             f"{r['name']:<14} {r['predicted_step'] * 1e3:9.1f} {r['measured_step'] * 1e3:9.1f} {ratio:9.3f}   "
             + ", ".join(mem)

@@ -24,7 +24,7 @@ from .graph.blocks import coarsen, estimate_op_costs
 from .graph.stage import StageGraph
 from .plan import PlanProblem, minimum_memory_needed, plan_stages, required_microbatch_sizes
 from .plan import types as plan_types
-from .plan.from_graph import block_graphs, deployment_of, range_tables, step_end_fields
+from .plan.from_graph import block_graphs, deployment_of, input_bytes, range_tables, step_end_fields
 from .plan.simulate import Timeline, simulate_plan
 from .plan.types import BlockProfile
 from .profile.analytic import analytic_block_profiles
@@ -210,6 +210,7 @@ def memory_split(timeline: Timeline) -> list[dict[str, float]]:
             + parts.pop("recompute workspace", 0.0)
             + parts.pop("workspace", 0.0)  # transient forward/backward memory of one block
         )
+        parts["buffers"] = parts.get("buffers", 0.0) + parts.pop("inputs", 0.0)  # the step's user inputs
         out.append({k: float(parts.get(k, 0.0)) for k in MEMORY_PARTS})
     return out
 
@@ -340,6 +341,7 @@ def plan_offline(
         newer = _problem_kwargs(
             allow_recompute=recompute,
             **step_end_fields(captured, graphs, profile, opt_param_factor),
+            input_bytes=input_bytes(captured, global_batch, world_size),
             **links,
             **_choices(world_size, global_batch, max_microbatches, gpus),
         )

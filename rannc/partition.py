@@ -26,6 +26,7 @@ from .plan.from_graph import (
     block_graphs,
     block_runners,
     deployment_of,
+    input_bytes,
     make_problem,
     range_tables,
     step_end_fields,
@@ -168,6 +169,7 @@ def partition(
         **step_end_fields(
             captured, graphs, profile, config.opt_param_factor, coupled_weight_decay(optimizer)
         ),
+        input_bytes=input_bytes(captured, global_batch, world_size),
     )
     plan = _plan_on_rank0(problem, world_size, config)
     deployment = deployment_of(plan, captured, blocks, world_size, limit)

@@ -231,7 +231,7 @@ class CostModel:
                     a_sum,
                     in_bytes,
                     out_bytes,
-                    param_table[j] * state_factor,
+                    param_table[j] * state_factor + problem.input_bytes,
                     2 * p2p_time(problem, in_bytes),
                     2 * p2p_time(problem, in_bytes, True),
                     2 * p2p_time(problem, out_bytes),

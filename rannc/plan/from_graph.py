@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -179,6 +180,15 @@ def step_end_fields(
         "simulate_candidates": SIMULATE_CANDIDATES,
         "allreduce_overlap": profile.allreduce_overlap,
     }
+
+
+def input_bytes(captured: CapturedGraph, global_batch: int, world_size: int) -> float:
+    """Bytes of user inputs on every rank during a step: the gathered global batch and the rank's own rows."""
+    per_sample = sum(
+        math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        for shape, dtype in (s for s in captured.input_shapes if s is not None)
+    )
+    return float(per_sample * (global_batch + -(-global_batch // world_size)))
 
 
 def deployment_of(

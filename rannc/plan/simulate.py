@@ -344,6 +344,8 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
             "buffers": 2 * (cost.in_bytes + cost.out_bytes)
             + sent_bytes(cost.in_bytes, cost.out_bytes, plan.microbatches, cost.inflight),
         }
+        if problem.input_bytes:
+            parts["inputs"] = problem.input_bytes
         if cost.workspace_bytes:
             parts["workspace"] = cost.workspace_bytes
         if recompute:

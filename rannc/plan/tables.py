@@ -87,12 +87,13 @@ class StageTables:
         return nested
 
     def base(self, replicas: int) -> np.ndarray:
-        """Parameter, gradient and optimizer bytes per rank of every range on `replicas` ranks."""
+        """Parameter, gradient and optimizer bytes (and the step's user inputs) per rank of every range on
+        `replicas` ranks."""
         problem = self.model.problem
         shards = replicas if problem.zero_optimizer else 1
         table = self._base.get(shards)
         if table is None:
-            table = self._params * (2 + problem.opt_param_factor / shards)
+            table = self._params * (2 + problem.opt_param_factor / shards) + problem.input_bytes
             self._base[shards] = table
         return table
 

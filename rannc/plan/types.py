@@ -103,6 +103,9 @@ class PlanProblem:
     # simulator models that, the analytic cost (an upper bound on it) charges the whole allreduce after.
     overlap_grad_sync: bool = True
     allreduce_overlap: float = 1.0  # fraction of an overlapped allreduce that hides behind compute (device)
+    # Bytes of user inputs every rank holds during a step, whatever its stage: the global batch the runtime
+    # gathers on every rank plus the rank's own rows (the caller's batch). Part of every stage's memory.
+    input_bytes: float = 0.0
     # Seconds the optimizer step takes per byte of parameters a rank updates (after the allreduce; with
     # ZeRO-1 a rank updates its shard). 0 = not modelled.
     update_seconds_per_param_byte: float = 0.0

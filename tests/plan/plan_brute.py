@@ -229,7 +229,7 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         # Receive buffers (the current action's and one posted ahead) and workspace, plus the sends still held:
         # outputs until their gradients return (in flight), input gradients one microbatch longer.
         base, io = (
-            params * (2 + problem.opt_param_factor / shards),
+            params * (2 + problem.opt_param_factor / shards) + problem.input_bytes,
             2 * (ins + outs) + workspace + min(p, inflight + 1) * (ins + outs),
         )
         plain, again = base + act * inflight + io, base + ins * inflight + act + io
