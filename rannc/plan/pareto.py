@@ -69,6 +69,12 @@ class SuffixSearch:
             self._bounds = PrefixBounds(self)
         return self._bounds
 
+    def release(self) -> None:
+        """Drop the bounds' tables (rebuilt if needed): a search that will not run again keeps no memory
+        (on a 1024-rank problem each run's tables take a few MiB, and there is one search per microbatch
+        count and schedule)."""
+        self._bounds = None
+
     def lower_bound(self, stage_counts: list[int], cutoff: float = math.inf) -> float:
         """A lower bound on the step time of every candidate with these microbatches (it may stop
         refining once above the cutoff)."""

@@ -252,14 +252,14 @@ def _search(problem: PlanProblem, model: CostModel) -> tuple[list[_Found], float
             break
         bound, sched_rank, search = item
         cutoff = relaxed(best)
-        if bound > cutoff:
-            continue
-        for count, entries in search.run(stage_counts, cutoff).items():
-            for entry in entries:
-                total = entry[0] + search.weight * entry[1] + entry[2]
-                lasts, reps = suffix_key(entry)
-                found.append((total, count, search.p, sched_rank, lasts, reps, search.schedule))
-                best = min(best, total)
+        if bound <= cutoff:
+            for count, entries in search.run(stage_counts, cutoff).items():
+                for entry in entries:
+                    total = entry[0] + search.weight * entry[1] + entry[2]
+                    lasts, reps = suffix_key(entry)
+                    found.append((total, count, search.p, sched_rank, lasts, reps, search.schedule))
+                    best = min(best, total)
+        search.release()  # each search runs once here
     return found, best
 
 
