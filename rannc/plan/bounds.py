@@ -207,7 +207,10 @@ class PrefixBounds:
                 pre_u[b] = np.where(above > 0, grid[np.maximum(above - 1, 0)], 0.0)
                 # No plan of the prefix at all on o ranks (with every stage that fits allowed).
                 pre_u[b][fewest[-1, b] > offsets] = np.inf
-        found = self._level_tables[inflight] = (_rows(sums), _rows(pre_u))
+        found = (_rows(sums), _rows(pre_u))
+        # Only the latest level is kept: a run asks for them in order (level k + 1 for its k-stage
+        # suffixes), and each takes (blocks x world) doubles twice, 1.2 MB on 1024 ranks.
+        self._level_tables = {inflight: found}
         return found
 
     # ------------------------------------------------------------------ stage counts and rank sums

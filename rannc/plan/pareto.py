@@ -70,10 +70,11 @@ class SuffixSearch:
         return self._bounds
 
     def release(self) -> None:
-        """Drop the bounds' tables (rebuilt if needed): a search that will not run again keeps no memory
-        (on a 1024-rank problem each run's tables take a few MiB, and there is one search per microbatch
-        count and schedule)."""
+        """Drop the bounds and their tables (rebuilt when needed again), so that searches waiting their turn
+        hold no memory: on a 1024-rank problem one search's tables take several MiB, and there is one search
+        per microbatch count and schedule."""
         self._bounds = None
+        self.tables.shared.pop((tuple(self.replicas), tuple(self.sizes)), None)
 
     def lower_bound(self, stage_counts: list[int], cutoff: float = math.inf) -> float:
         """A lower bound on the step time of every candidate with these microbatches (it may stop

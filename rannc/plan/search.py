@@ -213,6 +213,8 @@ def _search(problem: PlanProblem, model: CostModel) -> tuple[list[_Found], float
         for index, (sched_rank, search) in enumerate(searches)
     ]
     heapq.heapify(heap)
+    for _, search in searches:  # their bounds are rebuilt when (if) they run
+        search.release()
     if first:
         first = [(first[0][2].lower_bound(stage_counts), first[0][1], first[0][2])]
 
