@@ -554,7 +554,9 @@ def _probe_links(device: torch.device, quick: bool) -> tuple[dict[str, Any], dic
             one_way[size] = statistics.median(samples[1:])
     idle_latency = one_way.get(sizes[0], 0.0)
     bandwidth = sizes[-1] / max(one_way.get(sizes[-1], 1.0) - idle_latency, 1e-9)
-    busy_latency = _busy_sender_latency(device, comm, rank, 3 if quick else 20, 0.002 if quick else 0.02)
+    # 60 samples: the delay is bimodal (prompt, or a scheduler tick late), and with 20 the mean still varied by
+    # ~1.5 ms between calibrations, enough to move a 4-rank CPU prediction by 10%.
+    busy_latency = _busy_sender_latency(device, comm, rank, 3 if quick else 60, 0.002 if quick else 0.02)
     # In a pipeline the sender is computing its next microbatch while its message goes out; when that slows
     # delivery (CPU ranks sharing cores with their communication threads), the busy figure is the latency.
     latency = max(idle_latency, busy_latency)
