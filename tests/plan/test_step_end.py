@@ -19,7 +19,7 @@ from rannc.graph.blocks import coarsen
 from rannc.partition import coupled_weight_decay
 from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, plan_stages
 from rannc.plan.cost import CostModel, allreduce_time
-from rannc.plan.from_graph import block_graphs, parameter_facts
+from rannc.plan.from_graph import block_graphs, input_bytes, parameter_facts
 from rannc.plan.memory import stage_memories
 from rannc.plan.search import plan_of_candidate
 from rannc.plan.simulate import shared_allreduces, simulate_plan
@@ -179,3 +179,23 @@ def test_cpu_adam_temporaries_are_what_its_step_allocates(make: Any, temporaries
     assert DeviceProfile.from_json(data).kind == "cpu"
     del data["kind"]
     assert DeviceProfile.from_json(data).kind == "gpu"  # older files: GPU defaults
+
+
+def test_every_rank_holds_the_steps_user_inputs() -> None:
+    """input_bytes: per sample, every batched input (int64 ids and labels, float32 features) times the global
+    batch the runtime gathers on every rank plus the rank's own rows; it adds to every stage's memory, in both
+    phases (backward and optimizer step)."""
+    model = models.build("skip_tied", 0)
+    batch = models.make_batches("skip_tied", 0, 1, 2)[0]
+    ids, x, labels = batch["args"]
+    captured = capture(model, tuple(batch["args"]), {})
+    per_sample = ids[0].numel() * 8 + x[0].numel() * 4 + labels[0].numel() * 8
+    assert input_bytes(captured, 10, 4) == per_sample * (10 + 3)  # the largest local share: ceil(10 / 4)
+    assert input_bytes(captured, 8, 1) == per_sample * 16
+    plain = CostModel(problem()).stage(0, 1, 1, 4, 4)
+    held = CostModel(problem(input_bytes=1234.0)).stage(0, 1, 1, 4, 4)
+    assert held.memory == pytest.approx(plain.memory + 1234.0, rel=1e-12)
+    stepping = dict(optimizer_transient=(0.0, 3.0))  # the optimizer step sets the peak
+    plain = CostModel(problem(**stepping)).stage(0, 1, 1, 4, 4)
+    held = CostModel(problem(input_bytes=1234.0, **stepping)).stage(0, 1, 1, 4, 4)
+    assert held.memory == pytest.approx(plain.memory + 1234.0, rel=1e-12)
