@@ -16,7 +16,8 @@ from .dist import GroupCache
 from .failures import guarded, wait_all
 
 # Gradients at least this large are reduced in place; smaller ones are packed into buckets of up to this many
-# bytes (one collective each), so syncing never holds more than one bucket of extra memory.
+# bytes (one collective each), so syncing never holds more than one bucket of extra memory (an overlapped
+# bucket's gradients are freed once copied into it, and the results are views of it).
 BUCKET_BYTES = 4 * 2**20
 GRADIENTS = "gradients"  # gradients have process groups of their own (GroupCache purpose)
 
@@ -31,7 +32,6 @@ class GradSync:
             for ranks, names in sorted(groups)
             if rank in ranks and len(ranks) > 1
         ]
-
         self.ranks_of = {ranks: names for ranks, names in groups if rank in ranks and len(ranks) > 1}
         self.cache = cache
 
