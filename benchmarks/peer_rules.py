@@ -593,11 +593,19 @@ def print_model(built: Built, settings: Settings, comparisons: list[Comparison])
 def cluster_settings(settings: Settings, device: str, memory_gib: float, world: int) -> Settings:
     """`settings` on another cluster: device profile, memory per device (same margin) and world size."""
     profile = dataclasses.replace(get_device_profile(device), memory_bytes=memory_gib * GIB)
-    margin = settings.memory_limit / settings.device.memory_bytes
-    dtype = "float16" if profile.name.startswith("v100") else "bfloat16"
+    usable = settings.memory_limit / settings.device.memory_bytes
     return dataclasses.replace(
-        settings, device=profile, dtype=dtype, world=world, memory_limit=memory_gib * GIB * margin
+        settings,
+        device=profile,
+        dtype=default_dtype(profile),
+        world=world,
+        memory_limit=memory_gib * GIB * usable,
     )
+
+
+def default_dtype(profile: DeviceProfile) -> str:
+    """float16 on V100s (no bfloat16 tensor cores), else bfloat16."""
+    return "float16" if profile.name.startswith("v100") else "bfloat16"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -623,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=None, help="comma-separated subset of the model names")
     args = parser.parse_args(argv)
     device = dataclasses.replace(get_device_profile(args.device), memory_bytes=args.memory_gib * GIB)
-    dtype = args.dtype or ("float16" if device.name.startswith("v100") else "bfloat16")
+    dtype = args.dtype or default_dtype(device)
     scenarios = tuple(int(x) for x in args.min_stages.split(","))
     settings = Settings(
         device,
@@ -650,13 +658,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{spec.name} runs on its own cluster: " + own.describe())
         built = make_problem(spec, own)
         # scenarios whose limit an earlier one already has (e.g. the device limit forces enough stages) are dropped
-        kept = {}
+        kept: dict[float, int] = {}
         for k in scenarios:
             kept.setdefault(scenario_limit(built, own, k)[0], k)
         comparisons = [compare(built, own, k) for k in kept.values()]
-        scenarios_run = list(kept.values())
         print_model(built, own, comparisons)
-        rows.extend((spec, k, c) for k, c in zip(scenarios_run, comparisons))
+        rows.extend((spec, k, c) for k, c in zip(kept.values(), comparisons))
     print("\n== summary: rannc vs the best peer rule (ratio = rannc / peer; < 1: rannc faster)")
     print(
         f"   {'model':<12} {'kind':<5} {'limit':>8} {'rannc':>9} {'rannc plan':<24} "

@@ -185,7 +185,7 @@ def step_end_fields(
 def input_bytes(captured: CapturedGraph, global_batch: int, world_size: int) -> float:
     """Bytes of user inputs on every rank during a step: the gathered global batch and the rank's own rows."""
     per_sample = sum(
-        math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        math.prod(shape) * dtype.itemsize
         for shape, dtype in (s for s in captured.input_shapes if s is not None)
     )
     return float(per_sample * (global_batch + -(-global_batch // world_size)))

@@ -57,9 +57,8 @@ class StageTiming:
     # cannot start before that backward ends (the gradients of the stage's first block, final only then).
     # None: the whole allreduce runs after the last backward.
     allreduce_exposed: float | None = None
-    overlap: float = (
-        1.0  # fraction of the rest that hides behind the backward (the device's allreduce_overlap)
-    )
+    # Fraction of the rest that hides behind the backward (the device's allreduce_overlap).
+    overlap: float = 1.0
 
     @property
     def tail(self) -> float:

@@ -455,8 +455,8 @@ _SHIPPED: dict[str, DeviceProfile] = {
                 "inter_node": "10 GbE (1.25 GB/s), TCP ~100 us (assumption); one process per node",
                 "efficiency": "assumption: 60% / 70% of the figures above; 10 us per op dispatch",
                 "allreduce_overlap": "assumption: gloo's communication threads share the cores with compute, so "
-                "about half of an allreduce hides behind the backward (calibrate measured 0.4-0.6 with 2 ranks "
-                "on a 2-core VM and less with more ranks than cores); calibrate measures it",
+                "at most about half of an allreduce hides behind the backward (calibrate measured 0.2-0.4 with 2 "
+                "ranks on a 2-core VM and 0-0.15 with 4, more ranks than cores); calibrate measures it",
             },
         ),
     )

@@ -27,12 +27,8 @@ class GradSync:
 
     def __init__(self, groups: list[tuple[tuple[int, ...], list[str]]], cache: GroupCache, rank: int) -> None:
         cache.create_all([ranks for ranks, _ in groups if len(ranks) > 1], GRADIENTS)
-        self.mine = [
-            (cache.get(ranks, GRADIENTS), names)
-            for ranks, names in sorted(groups)
-            if rank in ranks and len(ranks) > 1
-        ]
-        self.ranks_of = {ranks: names for ranks, names in groups if rank in ranks and len(ranks) > 1}
+        self.ranks_of = {ranks: names for ranks, names in sorted(groups) if rank in ranks and len(ranks) > 1}
+        self.mine = [(cache.get(ranks, GRADIENTS), names) for ranks, names in self.ranks_of.items()]
         self.cache = cache
 
     def allreduce(self, grads: dict[str, torch.Tensor], skip: frozenset[str] = frozenset()) -> None:
@@ -53,11 +49,12 @@ class GradSync:
     ) -> tuple[dist.ProcessGroup, list[list[str]]] | None:
         """The process group of exactly `replica_ranks` (a stage's replicas) and its parameters in buckets,
         last parameters first (backward produces their gradients first); None when that set holds nothing."""
-        names = set(self.ranks_of.get(tuple(sorted(replica_ranks)), ()))
+        ranks = tuple(sorted(replica_ranks))
+        names = set(self.ranks_of.get(ranks, ()))
         if not names:
             return None
         ordered = [name for name in reversed(params) if name in names]
-        return self.cache.get(tuple(sorted(replica_ranks)), GRADIENTS), _buckets(ordered, params)
+        return self.cache.get(ranks, GRADIENTS), _buckets(ordered, params)
 
 
 class OverlappedReduce:

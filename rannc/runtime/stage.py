@@ -45,19 +45,14 @@ class LocalStage:
         self.trainable = unique  # canonical -> Parameter, deduplicated (tied weights appear once)
         self.pending: dict[str, torch.Tensor] = {}  # gradients computed here and not yet all-reduced
         self.after_sync: Any = None  # called once after the next gradient sync (verification mode)
-        self._overlap_plan: Any = False  # (group, buckets) of the replica-shared gradients; False: not built
+        # (group, buckets) of the gradients shared with exactly this stage's replicas; None: there are none
+        self._overlap_plan = self.grad_sync.overlapped(tuple(self.stage_ranks[self.index]), self.trainable)
 
     def start_overlapped_reduce(self, accumulated: dict[str, torch.Tensor]) -> OverlappedReduce | None:
         """A reduce of the gradients this stage shares with its replicas only, to be fed by gradient hooks
         during the last backward; None when nothing is shared that way, overlapping is off, or gradients of
         earlier unsynced calls are pending (they are reduced together after the backward)."""
-        if not self.overlap_grad_sync or self.pending:
-            return None
-        if self._overlap_plan is False:
-            self._overlap_plan = self.grad_sync.overlapped(
-                tuple(self.stage_ranks[self.index]), self.trainable
-            )
-        if self._overlap_plan is None:
+        if not self.overlap_grad_sync or self.pending or self._overlap_plan is None:
             return None
         group, buckets = self._overlap_plan
         return OverlappedReduce(group, buckets, self.trainable, accumulated)
