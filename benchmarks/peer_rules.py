@@ -42,7 +42,10 @@ count that memory can force is used. Scenarios whose limit an earlier one alread
 T5 11B (the issue's `rannc plan` case: 24 + 24 layers, d_ff 65536, 128 heads of 128) runs on its own cluster,
 32 x A100 40 GiB (bfloat16), where the device limit already forces ~10 stages.
 
-Run:  python benchmarks/peer_rules.py           (GPT-2 250k vocab, T5-large-like, GPT-2 small, T5 11B; ~1.5 min)
+mT5-large is T5 with the multilingual 250k vocabulary (untied LM head, gated-GELU feed-forward): T5's encoder /
+decoder asymmetry plus a head that takes about a tenth of the step's compute.
+
+Run:  python benchmarks/peer_rules.py           (GPT-2 250k vocab, T5-large, mT5-large, GPT-2 small, T5 11B; ~2 min)
       python benchmarks/peer_rules.py --quick   (smaller models, ~30 s)
 """
 
@@ -125,6 +128,8 @@ def t5_spec(
     batch: int,
     d_kv: int = 0,
     cluster: tuple[str, float, int] | None = None,
+    vocab: int = 32128,
+    **extra: Any,
 ):
     config = {
         "d_model": d_model,
@@ -133,7 +138,8 @@ def t5_spec(
         "num_heads": heads,
         "num_layers": layers,
         "num_decoder_layers": layers,
-        "vocab_size": 32128,
+        "vocab_size": vocab,
+        **extra,
     }
     return ModelSpec(name, "t5", config, seq, dec_seq, global_batch=batch, cluster=cluster)
 
@@ -142,6 +148,20 @@ def full_models() -> list[ModelSpec]:
     return [
         gpt2_spec("gpt2-250k", 12, 768, 12, 250_000, 1024, 64, True),
         t5_spec("t5-large", 1024, 4096, 16, 24, 512, 128, 64),
+        # mT5-large: the multilingual T5, 250k vocabulary with an untied head, gated-GELU feed-forward
+        t5_spec(
+            "mt5-large",
+            1024,
+            2816,
+            16,
+            24,
+            512,
+            128,
+            64,
+            vocab=250_112,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+        ),
         gpt2_spec("gpt2-small", 12, 768, 12, 50_257, 1024, 64, False),
         # the issue's T5 case: 11B parameters on 32 x A100 40 GiB
         t5_spec("t5-11b", 1024, 65536, 128, 24, 512, 128, 128, d_kv=128, cluster=("a100-40gb", 40.0, 32)),
