@@ -90,7 +90,27 @@ def _report_lines(deployment: Deployment) -> list[str]:
     return lines
 
 
-def _renderable(deployment: Deployment) -> Group:
+def _fit_figures(table: Table) -> None:
+    """Give every no-wrap column the width of its widest header or cell, so that it cannot be cut."""
+    for column in table.columns:
+        if column.no_wrap:
+            cells = [
+                str(column.header),
+                *(cell.plain if isinstance(cell, Text) else str(cell) for cell in column.cells),
+            ]
+            column.min_width = max(len(line) for cell in cells for line in cell.splitlines() or [""])
+
+
+def _render_width(console: Console, table: Table) -> int:
+    """Output width: a terminal's own width, widened when even the folded table needs more (figures are never
+    cut); a file or pipe gets the table at its natural width, one line per row."""
+    measured = console.measure(table, options=console.options.update(width=10_000))
+    if console.is_terminal:
+        return max(console.width, measured.minimum)
+    return max(console.width, measured.maximum)
+
+
+def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
     plan = deployment.plan
     limit = deployment.device_memory_bytes
     split = _report_stages(deployment)
@@ -101,17 +121,18 @@ def _renderable(deployment: Deployment) -> Group:
         ),
         title_justify="left",
     )
-    table.add_column("Stage", justify="right")
-    table.add_column("Blocks")
-    table.add_column("Modules", overflow="fold")
-    table.add_column("Replicas", justify="right")
-    table.add_column("Ranks", overflow="fold")
-    table.add_column("Fwd ms", justify="right")
-    table.add_column("Bwd ms", justify="right")
+    # Figures never wrap or shrink to an ellipsis; only module names and rank lists fold when space is short.
+    table.add_column("Stage", justify="right", no_wrap=True)
+    table.add_column("Blocks", no_wrap=True)
+    table.add_column("Modules", overflow="fold", min_width=12)
+    table.add_column("Replicas", justify="right", no_wrap=True)
+    table.add_column("Ranks", overflow="fold", min_width=7)
+    table.add_column("Fwd ms", justify="right", no_wrap=True)
+    table.add_column("Bwd ms", justify="right", no_wrap=True)
     if split is not None:
         for _, title in _PART_COLUMNS:
-            table.add_column(title, justify="right")
-    table.add_column("Memory / rank (limit)", justify="right")
+            table.add_column(title, justify="right", no_wrap=True)
+    table.add_column("Memory / rank (limit)", justify="right", no_wrap=True)
     for index, stage in enumerate(plan.stages):
         memory = Text(format_bytes(stage.memory_bytes))
         if limit is not None and stage.memory_bytes > limit:
@@ -136,6 +157,7 @@ def _renderable(deployment: Deployment) -> Group:
             *parts,
             memory,
         )
+    _fit_figures(table)
     step = plan.predicted_step_time
     rate = f"{plan.global_batch / step:.1f} samples/s" if step > 0 else "n/a samples/s"
     lines = [
@@ -150,7 +172,7 @@ def _renderable(deployment: Deployment) -> Group:
     if any(getattr(stage, "recompute", False) for stage in plan.stages):
         lines.append("* activations recomputed in backward (Bwd ms includes the extra forward)")
     lines.extend(_report_lines(deployment))
-    return Group(table, Text("\n".join(lines)))
+    return table, Text("\n".join(lines))
 
 
 def show_deployment(path_or_deployment: str | Path | Deployment, console: Console | None = None) -> str:
@@ -161,8 +183,16 @@ def show_deployment(path_or_deployment: str | Path | Deployment, console: Consol
         else load_deployment(path_or_deployment)
     )
     console = console if console is not None else Console()
-    renderable = _renderable(deployment)
+    table, summary = _table_and_summary(deployment)
+    renderable = Group(table, summary)
+    width = _render_width(console, table)
     buffer = io.StringIO()
-    Console(file=buffer, width=console.width, color_system=None, force_terminal=False).print(renderable)
-    console.print(renderable)
+    Console(file=buffer, width=width, color_system=None, force_terminal=False).print(renderable)
+    # Console.print caps its width at the console's, so widen the console itself for this table.
+    previous = console.width
+    console.width = width
+    try:
+        console.print(renderable)
+    finally:
+        console.width = previous
     return buffer.getvalue()

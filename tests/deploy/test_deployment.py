@@ -340,3 +340,26 @@ def test_show_deployment_falls_back_to_block_names() -> None:
     deployment = make_deployment(stage_module_ranges=[])
     text = show_deployment(deployment, console=Console(file=io.StringIO(), width=200))
     assert "transformer.wte .. transformer.h.0" in text and "transformer.h.1 .. lm_head" in text
+
+
+def _with_memory_split() -> Deployment:
+    """A deployment whose report splits each stage's memory (the 13-column table of `rannc plan`)."""
+    split = {"parameters": 100 * MiB, "gradients": 100 * MiB, "optimizer": 200 * MiB}
+    split |= {"activations": 75.25 * MiB, "buffers": 12 * 2**10}
+    return make_deployment(report={"stages": [{"memory": split}, {"memory": split}]})
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_show_deployment_never_cuts_a_figure(terminal: bool) -> None:
+    """Piped to a file at 80 columns, or on a 60-column terminal, every figure is printed whole; a file gets
+    one line per stage, and the caller's console keeps its width."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=60 if terminal else 80, color_system=None, force_terminal=terminal)
+    text = show_deployment(_with_memory_split(), console=console)
+    assert console.width == (60 if terminal else 80)
+    assert "…" not in text
+    for figure in ("12.50", "25.00", "100.0 MiB", "200.0 MiB", "75.2 MiB", "12.0 KiB", "1.50 GiB / 2.00 GiB"):
+        assert figure in text, figure
+    if not terminal:
+        row0 = next(line for line in text.splitlines() if "transformer.wte .. transformer.h.0" in line)
+        assert "300.0 MiB / 2.00 GiB" in row0 and "0-1" in row0
