@@ -98,7 +98,7 @@ def test_plan_prints_the_table(planned: dict[str, Any]) -> None:
     assert f"on {WORLD} rank(s)" in text
     for column in ("Modules", "Replicas", "Ranks", "Fwd ms", "Bwd ms", "Params", "Grads", "Optimizer"):
         assert column in text
-    for column in ("Activations", "Buffers", "Memory / rank (limit)", "/ 36.00 GiB"):
+    for column in ("Activations", "I/O buffers", "Memory / rank (limit)", "/ 36.00 GiB"):
         assert column in text
     assert re.search(r"microbatches \d+, schedule (1f1b|fill_drain), global batch 64", text)
     assert re.search(r"predicted step time [\d.]+ ms, [\d.]+ samples/s", text)

@@ -42,7 +42,7 @@ _PART_COLUMNS = (
     ("gradients", "Grads"),
     ("optimizer", "Optimizer"),
     ("activations", "Activations"),
-    ("buffers", "Buffers"),
+    ("buffers", "I/O buffers"),  # boundary send/receive buffers and the step's user inputs
 )
 
 
