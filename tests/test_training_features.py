@@ -419,8 +419,10 @@ def test_train_mode_keeps_dropout_active(spawns: Spawns) -> None:
     expected = initial_eval_loss("dropout", fw.DROPOUT_BATCH)
     run = runs[0]
     assert run["module_training_after_train"] is True
+    # Without dropout the losses would agree to fp32 rounding (~1e-7 relative, microbatched sums); with p=0.2 a
+    # random mask lands within 1e-4 of the eval loss 0.9% of the time and within 1e-6 in none of 20000 seeds.
     for value in [run["train_first"], *run["train_no_grad"]]:
-        assert abs(value - expected) > 1e-4 * expected, (
+        assert abs(value - expected) > 1e-6 * expected, (
             f"train-mode loss {value} equals the eval loss {expected}"
         )
     assert abs(run["train_no_grad"][0] - run["train_no_grad"][1]) > 1e-6, run["train_no_grad"]
