@@ -227,6 +227,9 @@ def _memory_hint(
         needed = minimum_memory_needed(problem)
     except PlanError:
         return exc
+    limit = problem.memory_limit_bytes
+    if limit is None or needed <= limit:  # not a memory failure
+        return exc
 
     def device_gib(usable: float) -> float:
         return math.ceil(usable / (1.0 - mem_margin) / 2**30 * 100) / 100
@@ -242,14 +245,18 @@ def _memory_hint(
         if again <= usable:
             break
         needed = again
-    device = device_gib(needed)
-    text = f"{exc}; minimum memory: {format_bytes(needed)} usable per device, that is a device memory of at least "
-    text += f"{device:.2f} GiB with mem_margin={mem_margin}"
+    # one message with one figure (the search's own names its figure for the blocks of the smaller limit)
+    text = (
+        f"no plan fits in {format_bytes(limit)} usable per device (the device memory less mem_margin={mem_margin}) "
+        f"for {problem.world_size} rank(s) and global batch {problem.global_batch}; minimum memory: a device "
+        f"memory of at least {device_gib(needed):.2f} GiB ({format_bytes(needed)} usable). Give each device "
+        "more memory (--device-memory; plan_offline's device_memory_bytes), use more ranks or a smaller batch"
+    )
     factor, ranges = 2 + problem.opt_param_factor, problem.range_param_bytes
     block = max(ranges[i][i] for i in range(len(ranges))) * factor
     if block > 0.5 * needed:
-        text += f"; the largest block holds {format_bytes(block)} of parameter state (a larger max_blocks "
-        text += "cuts layers finer; zero shards optimizer state)"
+        text += f"; the largest block holds {format_bytes(block)} of parameter state (more blocks, "
+        text += "--max-blocks, cut layers finer; --zero shards optimizer state)"
     return PlanError(text)
 
 

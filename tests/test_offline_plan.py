@@ -158,8 +158,11 @@ def test_show_prints_the_same_table(planned: dict[str, Any]) -> None:
 def test_too_little_memory_names_the_minimum() -> None:
     with pytest.raises(PlanError, match=r"minimum memory: .*at least ([\d.]+) GiB") as info:
         plan_offline(factory, world_size=4, device_memory_bytes=2**20, global_batch=8, device="a100-40gb")
-    needed = float(re.search(r"at least ([\d.]+) GiB", str(info.value)).group(1))  # type: ignore[union-attr]
+    message = str(info.value)
+    needed = float(re.search(r"at least ([\d.]+) GiB", message).group(1))  # type: ignore[union-attr]
     assert 0 < needed < 4
+    # one figure, in the words of rannc plan (not RaNNCModule's config items)
+    assert message.count("at least") == 1 and "--device-memory" in message and "mem_limit_gb" not in message
     result = plan_offline(
         factory, world_size=4, device_memory_bytes=needed * GIB, global_batch=8, device="a100-40gb"
     )

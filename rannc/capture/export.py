@@ -7,6 +7,7 @@ import hashlib
 import logging
 import re
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -91,7 +92,11 @@ def capture(
     try:
         # The math attention backend gives the same graph on every device (fused kernels return other
         # strides, which exported views then depend on); training still runs the fastest kernel.
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
+            # torch's own export code trips its pytree deprecation (nothing a user can act on)
+            warnings.filterwarnings(
+                "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
+            )
             program = export(
                 model,
                 tuple(small_args),

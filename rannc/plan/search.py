@@ -336,8 +336,8 @@ def memory_error_message(problem: PlanProblem, need: float) -> str:
     return (
         f"no plan fits in {limit / _GIB:.3f} GiB per device for {problem.world_size} rank(s) and "
         f"global batch {problem.global_batch}; the smallest per-device memory that would fit is "
-        f"{need_gib:.3f} GiB (after the margin). Set mem_limit_gb higher (it is reduced by "
-        "mem_margin), use more ranks, or use a smaller batch"
+        f"{need_gib:.3f} GiB (after the margin). Give each device more memory (RaNNCModule: mem_limit_gb; "
+        "rannc plan: --device-memory; both are reduced by the margin), use more ranks, or use a smaller batch"
     )
 
 
