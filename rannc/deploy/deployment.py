@@ -259,7 +259,7 @@ def deployment_from_json(data: Any, path: str = "<memory>") -> Deployment:
     if data.get("format") != FORMAT:
         raise DeploymentError(
             f"{path} is not a rannc deployment file (format is {data.get('format')!r}, expected {FORMAT!r}); "
-            "point deployment_file at a file written by save_deployment"
+            "give a file written by `rannc plan --out` or save_deployment (RaNNCModule: deployment_file)"
         )
     version = data.get("format_version")
     if version != FORMAT_VERSION:
@@ -349,8 +349,8 @@ def load_deployment(
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DeploymentError(
-            f"deployment file {path} does not exist; save one first (save_deployment / RANNC_SAVE_DEPLOYMENT=1) "
-            "or turn off load_deployment"
+            f"deployment file {path} does not exist; save one first (`rannc plan --out`, save_deployment or "
+            "RANNC_SAVE_DEPLOYMENT=1) or turn off load_deployment"
         ) from None
     except IsADirectoryError:
         raise DeploymentError(
