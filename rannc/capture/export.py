@@ -209,7 +209,24 @@ def _drop_assertions(gm: fx.GraphModule) -> None:
         if node.op == "call_function" and node.target in _ASSERTION_OPS and not node.users:
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
+    _forget_erased_nodes(gm.graph)
     gm.recompile()
+
+
+def _forget_erased_nodes(graph: fx.Graph) -> None:
+    """Drop erased nodes from the graph's name table, which fx never prunes.
+
+    run_decompositions traces every symbolic shape computation and erases most of them again (six of every
+    seven nodes it made, for GPT-2), and dropping the assertions erases more; the table would keep every one
+    alive with its fake tensor and metadata for as long as the captured graph lives (all of training). Their
+    names stay reserved, so no later node can take one.
+    """
+    table = getattr(getattr(graph, "_graph_namespace", None), "_obj_to_name", None)
+    if not isinstance(table, dict):
+        return
+    live = set(graph.nodes)
+    for obj in [obj for obj in table if isinstance(obj, fx.Node) and obj not in live]:
+        del table[obj]
 
 
 def _batch_symbol(gm: fx.GraphModule, user_inputs: list[str]) -> Any:

@@ -157,7 +157,9 @@ def test_truncated(saved: Path) -> None:
 
 def test_wrong_format(saved: Path) -> None:
     edit(saved, lambda d: d.update(format="something-else"))
-    with pytest.raises(DeploymentError, match="not a rannc deployment file.*written by `rannc plan --out` or save_deployment"):
+    with pytest.raises(
+        DeploymentError, match="not a rannc deployment file.*written by `rannc plan --out` or save_deployment"
+    ):
         load_deployment(saved)
 
 
