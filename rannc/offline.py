@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .capture import CapturedGraph, FlatCall, capture, tile_rows
-from .capture.samples import record_values
+from .capture.samples import record_flops
 from .deploy.deployment import Deployment, format_bytes
 from .errors import ConfigError, PlanError
 from .graph.analysis import GraphAnalysis, analyse, atomic_units, has_single_loss
@@ -107,7 +107,7 @@ def _op_flops(model: torch.nn.Module, captured: CapturedGraph, call: FlatCall) -
     named.update(model.named_buffers(remove_duplicate=False))
     state = {ph: named[fqn] for ph, fqn in (captured.params | captured.buffers).items()}
     try:
-        return record_values(captured, state, leaves)[1]
+        return record_flops(captured, state, leaves)
     except Exception as exc:  # an op without a meta kernel: balance blocks by bytes moved only
         logger.warning("no FLOPs per op (%s: %s); balancing blocks by bytes", type(exc).__name__, exc)
         return {}

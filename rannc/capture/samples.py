@@ -13,11 +13,14 @@ from .modes import exact_precision
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, count_flops: bool) -> None:
-        super().__init__(gm, garbage_collect_values=False)
+    def __init__(self, gm: fx.GraphModule, count_flops: bool, keep_values: bool = True) -> None:
+        # Without keep_values each value is freed after its last use (a 96-layer graph's values, even as meta
+        # tensors, take tens of MiB).
+        super().__init__(gm, garbage_collect_values=not keep_values)
         self.values: dict[str, Any] = {}
         self.flops: dict[str, float] = {}
         self.count_flops = count_flops
+        self.keep_values = keep_values
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op == "call_function" and self.count_flops:
@@ -27,7 +30,7 @@ class _Recorder(fx.Interpreter):
             self.flops[node.name] = float(counter.get_total_flops())
         else:
             result = super().run_node(node)
-        if node.op != "output":
+        if node.op != "output" and self.keep_values:
             self.values[node.name] = result
         return result
 
@@ -36,6 +39,23 @@ def record_values(
     captured: CapturedGraph, state: dict[str, torch.Tensor], user_leaves: list[Any], count_flops: bool = True
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Values of every node at the capture batch, and forward FLOPs per op (deterministic cost hints)."""
+    recorder = _Recorder(captured.gm, count_flops)
+    _run(recorder, captured, state, user_leaves)
+    return recorder.values, recorder.flops
+
+
+def record_flops(
+    captured: CapturedGraph, state: dict[str, torch.Tensor], user_leaves: list[Any]
+) -> dict[str, float]:
+    """Forward FLOPs per op at the capture batch, holding each value only until its last use."""
+    recorder = _Recorder(captured.gm, count_flops=True, keep_values=False)
+    _run(recorder, captured, state, user_leaves)
+    return recorder.flops
+
+
+def _run(
+    recorder: _Recorder, captured: CapturedGraph, state: dict[str, torch.Tensor], user_leaves: list[Any]
+) -> None:
     inputs: list[Any] = []
     leaf_of = dict(zip(captured.user_inputs, user_leaves))
     for node in captured.gm.graph.nodes:
@@ -47,7 +67,5 @@ def record_values(
             inputs.append(captured.constants[node.name])
         else:
             inputs.append(leaf_of[node.name])
-    recorder = _Recorder(captured.gm, count_flops)
     with torch.no_grad(), exact_precision():
         recorder.run(*inputs)
-    return recorder.values, recorder.flops

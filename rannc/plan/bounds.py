@@ -39,9 +39,9 @@ class PrefixBounds:
         self.weight = search.weight
         tables = search.tables
         self.ranks = np.array(search.replicas, dtype=np.int64)
-        shared = tables.shared.get((tuple(search.replicas), tuple(search.sizes)))
+        shared = tables.shared.get(search.shared_key)
         if shared is None:
-            shared = tables.shared[(tuple(search.replicas), tuple(search.sizes))] = _stage_arrays(search)
+            shared = tables.shared[search.shared_key] = _stage_arrays(search)
         plain, again, fits, fits_again, allreduce, block, monotone = shared
         self.monotone = monotone
         self.block = block

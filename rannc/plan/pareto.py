@@ -69,12 +69,18 @@ class SuffixSearch:
             self._bounds = PrefixBounds(self)
         return self._bounds
 
-    def release(self) -> None:
-        """Drop the bounds and their tables (rebuilt when needed again), so that searches waiting their turn
-        hold no memory: on a 1024-rank problem one search's tables take several MiB, and there is one search
-        per microbatch count and schedule."""
+    @property
+    def shared_key(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Key of the bound tables this search shares with others (same replica counts and microbatch sizes)."""
+        return tuple(self.replicas), tuple(self.sizes)
+
+    def release(self, keep_shared: bool = False) -> None:
+        """Drop the bounds and (unless `keep_shared`) their shared tables, rebuilt when needed again, so that
+        searches waiting their turn hold no memory: on a 1024-rank problem one search's tables take several
+        MiB, and there is one search per microbatch count and schedule."""
         self._bounds = None
-        self.tables.shared.pop((tuple(self.replicas), tuple(self.sizes)), None)
+        if not keep_shared:
+            self.tables.shared.pop(self.shared_key, None)
 
     def lower_bound(self, stage_counts: list[int], cutoff: float = math.inf) -> float:
         """A lower bound on the step time of every candidate with these microbatches (it may stop

@@ -201,20 +201,28 @@ def _search(problem: PlanProblem, model: CostModel) -> tuple[list[_Found], float
         for search in [SuffixSearch(problem, model, p, schedule, tables)]
         if search.replicas
     ]
+
+    # Bounds are dropped once used and rebuilt when needed again, so that one set of bound tables is alive at a
+    # time (a 1024-rank problem has dozens of searches); consecutive searches often share tables (same replica
+    # counts and microbatch sizes: the schedules of one microbatch count), which are then kept for the next.
+    def release(index: int) -> None:
+        search = searches[index][1]
+        following = searches[index + 1][1] if index + 1 < len(searches) else None
+        search.release(keep_shared=following is not None and following.shared_key == search.shared_key)
+
     # First cutoff: the best uniform plan (K stages of world / K replicas) of every search.
     first: list[tuple[float, int, SuffixSearch]] = []
-    for sched_rank, search in searches:
+    for index, (sched_rank, search) in enumerate(searches):
         for total, _, _ in uniform_candidates(search, stage_counts, best):
             if total < best:
                 best, first = total, [(0.0, sched_rank, search)]
+        release(index)
     # Searches by lower bound; equal bounds: more microbatches first (less bubble).
-    heap = [
-        (search.lower_bound(stage_counts, relaxed(best)), -search.p, sched_rank, index)
-        for index, (sched_rank, search) in enumerate(searches)
-    ]
+    heap = []
+    for index, (sched_rank, search) in enumerate(searches):
+        heap.append((search.lower_bound(stage_counts, relaxed(best)), -search.p, sched_rank, index))
+        release(index)
     heapq.heapify(heap)
-    for _, search in searches:  # their bounds are rebuilt when (if) they run
-        search.release()
     if first:
         first = [(first[0][2].lower_bound(stage_counts), first[0][1], first[0][2])]
 

@@ -77,12 +77,13 @@ class StageTables:
         return table
 
     def lists(self, m: int) -> list[list[list[float]]]:
-        """compute(m) as nested lists [last][first][field] (columns, for the search's inner loops)."""
+        """compute(m) as nested lists [last][first][field], first <= last (columns, for the search's inner
+        loops)."""
         nested = self._lists.get(m)
         if nested is None:
             table = self.compute(m)
             stacked = np.stack([table[name].T for name in FIELDS], axis=-1)
-            nested = stacked.tolist()
+            nested = _triangle(stacked)
             self._lists[m] = nested
         return nested
 
@@ -117,12 +118,12 @@ class StageTables:
         return table
 
     def step_end_columns(self, replicas: int) -> list[list[float]]:
-        """step_end(replicas) as nested lists [last][first]."""
+        """step_end(replicas) as nested lists [last][first], first <= last."""
         shards = replicas if self.model.problem.zero_optimizer else 1
         key = -(10**6) - shards
         nested = self._columns.get(key)
         if nested is None:
-            nested = self._columns[key] = self.step_end(replicas).T.tolist()
+            nested = self._columns[key] = _triangle(self.step_end(replicas).T)
         return nested
 
     def allreduce(self, replicas: int, inter: bool) -> np.ndarray:
@@ -142,19 +143,25 @@ class StageTables:
         return table
 
     def base_columns(self, replicas: int) -> list[list[float]]:
-        """base(replicas) as nested lists [last][first]."""
+        """base(replicas) as nested lists [last][first], first <= last."""
         key = -(replicas if self.model.problem.zero_optimizer else 1)
         nested = self._columns.get(key)
         if nested is None:
-            nested = self.base(replicas).T.tolist()
+            nested = _triangle(self.base(replicas).T)
             self._columns[key] = nested
         return nested
 
     def allreduce_columns(self, replicas: int, inter: bool) -> list[list[float]]:
-        """allreduce(replicas, inter) as nested lists [last][first]."""
+        """allreduce(replicas, inter) as nested lists [last][first], first <= last."""
         key = 2 * replicas + int(inter)
         nested = self._columns.get(key)
         if nested is None:
-            nested = self.allreduce(replicas, inter).T.tolist()
+            nested = _triangle(self.allreduce(replicas, inter).T)
             self._columns[key] = nested
         return nested
+
+
+def _triangle(by_last: np.ndarray) -> list:
+    """Rows [last][first] of a table as nested lists holding only first <= last, the ranges that exist: half the
+    Python floats of the whole square (tens of MiB on a 1024-rank problem)."""
+    return [by_last[last, : last + 1].tolist() for last in range(by_last.shape[0])]
