@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import importlib
 import inspect
@@ -29,6 +30,7 @@ from .plan.simulate import Timeline, simulate_plan
 from .plan.types import BlockProfile
 from .profile.analytic import analytic_block_profiles
 from .profile.devices import DeviceProfile, get_device_profile
+from .runtime.host_memory import return_freed_host_memory
 
 __all__ = ["DTYPE_ALIASES", "OfflinePlan", "load_factory", "normalise_dtype", "plan_offline"]
 
@@ -315,6 +317,8 @@ def plan_offline(
     model, args, kwargs = _call_factory(factory)
     lap("build")
     captured = capture(model, args, kwargs, batch_size=CAPTURE_BATCH)
+    gc.collect()
+    return_freed_host_memory()  # export's tracing freed tens of MiB: later phases should not add to them
     lap("capture")
     analysis = analyse(captured)
     units = atomic_units(analysis)

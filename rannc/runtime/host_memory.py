@@ -50,3 +50,21 @@ def keep_freed_host_memory() -> bool:
     if not _applied:
         logger.debug("mallopt refused some settings: %s", done)
     return _applied
+
+
+def return_freed_host_memory() -> bool:
+    """Hand the free pages of glibc's heaps back to the operating system (malloc_trim). For processes that
+    do not train, such as offline planning, after a phase that freed much (the tracing inside torch.export):
+    what later phases allocate then counts once, not on top of free memory the process still holds. Returns
+    whether it ran (False on other C libraries, or after keep_freed_host_memory, which keeps memory on
+    purpose)."""
+    if _applied or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

@@ -54,3 +54,43 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
 def test_config_item_turns_it_off() -> None:
     assert rannc.Config().keep_host_memory is True
     assert rannc.Config().replace(keep_host_memory=False).keep_host_memory is False
+
+
+# Many heap-sized (64 KiB) arrays freed while one allocated after them still lives: glibc keeps the freed pages
+# (they are not at the heap's top) until malloc_trim.
+TRIM_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from rannc.runtime.host_memory import keep_freed_host_memory, return_freed_host_memory
+
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+
+    if sys.argv[1] == "keep":
+        keep_freed_host_memory()
+    chunks = [np.ones(8192) for _ in range(3000)]
+    pin = np.ones(8192)
+    del chunks
+    freed = rss()
+    ran = return_freed_host_memory()
+    print(int(ran), freed - rss())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
+def test_return_freed_host_memory_gives_pages_back_unless_kept() -> None:
+    def run(mode: str) -> tuple[int, int]:
+        result = subprocess.run(
+            [sys.executable, "-c", TRIM_SCRIPT, mode], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        ran, returned = result.stdout.split()
+        return int(ran), int(returned)
+
+    ran, returned = run("plain")
+    assert ran == 1 and returned > 100 * 2**20, returned  # ~188 MiB of the freed arrays
+    ran, returned = run("keep")
+    assert ran == 0 and returned < 16 * 2**20  # a process that keeps memory on purpose is left alone
