@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -144,9 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    for name in args.cases or list(CASES):
-        run(name, args.max_blocks)
-    return 0
+    names = args.cases or list(CASES)
+    if len(names) == 1:
+        run(names[0], args.max_blocks)
+        return 0
+    # one process per case, so that each peak RSS (the process's maximum) is that case's own
+    extra = [] if args.max_blocks is None else ["--max-blocks", str(args.max_blocks)]
+    failed = 0
+    for name in names:
+        failed |= subprocess.run([sys.executable, __file__, name, *extra]).returncode
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
