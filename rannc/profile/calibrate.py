@@ -57,6 +57,10 @@ def calibrate(
         sizes = [32, 64] if quick else [256, 512, 1024]
     min_time = 0.002 if quick else (0.05 if cuda else 0.15)
 
+    copy_bytes = (4 if quick else (1024 if cuda else 64)) * MIB
+    # The copy bandwidth is sampled at several moments of the calibration and the median kept: on shared
+    # machines it can change by 2x from one second to the next (a 2-vCPU VM: ~24 or ~43 GB/s per rank).
+    bandwidths = [_together(lambda: _copy_bandwidth(device, copy_bytes, min_time))]
     peak: dict[str, float] = {}
     notes: list[str] = []
     for key, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
@@ -81,17 +85,16 @@ def calibrate(
     else:
         peak["tf32"] = peak["float32"]
         notes.append("tf32 = float32 (no TF32 on CPUs)")
-    copy_bytes = (4 if quick else (1024 if cuda else 64)) * MIB
-    bandwidth = _together(lambda: _copy_bandwidth(device, copy_bytes, min_time))
+    bandwidths.append(_together(lambda: _copy_bandwidth(device, copy_bytes, min_time)))
     overhead = _together(lambda: _op_overhead(device, 20 if quick else 200))
     update_bytes = MIB if quick else (256 if cuda else 16) * MIB
     update_rate = {
         kind: _together(lambda kind=kind: _update_rate(device, kind, update_bytes, min_time))
         for kind in ("adam", "momentum", "sgd")
     }
+    bandwidths.append(_together(lambda: _copy_bandwidth(device, copy_bytes, min_time)))
     sources = {
         "peak_flops": f"{where}: best square matmul (n in {sizes}), TFLOP/s: {', '.join(notes)}",
-        "memory_bandwidth": f"{where}: copy of {copy_bytes // MIB} MiB (read + write), {bandwidth / 1e9:.3g} GB/s",
         "memory_bytes": f"{where}: " + ("CUDA total_memory" if cuda else "physical RAM (sysconf)"),
         "op_overhead": f"{where}: time per tiny add, {overhead * 1e6:.3g} us",
         "optimizer_update_rate": f"{where}: optimizer.step() on {update_bytes // MIB} MiB of fp32 parameters in 8 "
@@ -114,6 +117,14 @@ def calibrate(
         probed, text = _probe_links(device, quick)
         links.update(probed)
         sources.update(text)
+    bandwidths += [_together(lambda: _copy_bandwidth(device, copy_bytes, min_time)) for _ in range(2)]
+    bandwidth = statistics.median(bandwidths)
+    sources["memory_bandwidth"] = (
+        f"{where}: copy of {copy_bytes // MIB} MiB (read + write), median of {len(bandwidths)} samples taken "
+        f"through the calibration: {bandwidth / 1e9:.3g} GB/s (samples "
+        + ", ".join(f"{b / 1e9:.3g}" for b in bandwidths)
+        + ")"
+    )
     elementwise_shape = (16, 256) if quick else (256, 4096)
     elementwise = {} if cuda else _elementwise_rates(device, elementwise_shape, quick, bandwidth)
     if elementwise:
