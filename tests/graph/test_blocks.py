@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -115,3 +116,50 @@ def test_costly_units_stay_apart() -> None:
     costs = [10.0, 1.0, 1.0, 1.0, 1.0, 10.0]
     blocks = coarsen(units, costs, [8.0] * 6, 4)
     assert block_unit_counts(units, blocks) == [1, 2, 2, 1]
+
+
+def _objective(counts: list[int], costs: list[float], cuts: list[float], blocks: int) -> float:
+    """coarsen's objective: sum of (block cost / ideal)^2, plus each boundary's cut over the largest cut."""
+    ideal = max(sum(costs) / blocks, 1e-30)
+    top = max(max(cuts[: len(costs) - 1], default=0.0), 1e-30)
+    total, first = 0.0, 0
+    for index, count in enumerate(counts):
+        total += (sum(costs[first : first + count]) / ideal) ** 2
+        first += count
+        if index < len(counts) - 1:
+            total += cuts[first - 1] / top
+    return total
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_partition_is_optimal_against_brute_force(seed: int) -> None:
+    rng = random.Random(seed)
+    count, blocks = rng.randint(3, 9), rng.randint(2, 4)
+    blocks = min(blocks, count - 1)
+    costs = [rng.choice([0.0, rng.random(), 5 * rng.random()]) for _ in range(count)]
+    cuts = [rng.choice([0.0, 100 * rng.random()]) for _ in range(count)]
+    units = make_units(count)
+    found = block_unit_counts(units, coarsen(units, costs, cuts, blocks))
+    best = math.inf
+    for ends in itertools.combinations(range(1, count), blocks - 1):
+        bounds = [0, *ends, count]
+        counts = [b - a for a, b in zip(bounds, bounds[1:])]
+        best = min(best, _objective(counts, costs, cuts, blocks))
+    assert _objective(found, costs, cuts, blocks) <= best * (1 + 1e-12) + 1e-12
+
+
+def test_the_dynamic_programme_does_not_depend_on_how_many_ends_it_takes_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import rannc.graph.blocks as blocks_module
+
+    rng = random.Random(7)
+    count = 300
+    costs = [rng.choice([0.0, rng.random(), 10 * rng.random()]) for _ in range(count)]
+    cuts = [rng.choice([0.0, 100 * rng.random()]) for _ in range(count)]
+    units = make_units(count)
+    results = []
+    for columns in (1, 7, 128, 1000):
+        monkeypatch.setattr(blocks_module, "_DP_COLUMNS", columns)
+        results.append(coarsen(units, costs, cuts, 23))
+    assert all(result == results[0] for result in results)
