@@ -169,27 +169,41 @@ def test_calibrate_measures_links_between_ranks() -> None:
     assert first.matmul_shapes == second.matmul_shapes and len(first.matmul_shapes["factor"]) == 8
 
 
-def test_efficiency_fit_recovers_known_efficiencies() -> None:
-    from rannc.profile.calibrate import _solve_efficiencies
+def test_efficiency_fit_recovers_known_efficiencies(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rannc.profile.calibrate as calibrate_module
+    from rannc.profile.calibrate import _efficiency_and_scale, _solve_efficiencies
 
     base = get_device_profile("cpu")  # 0.6 / 0.7
     # Workloads whose compute / memory parts (seconds at 100%) and overhead are known, timed as if the device
     # ran matmuls at 85% and memory-bound ops at 40% of the peaks.
     parts = [(0.10, 0.01, 0.002), (0.20, 0.03, 0.004), (0.02, 0.05, 0.001)]
     rows = [(c / 0.85 + m / 0.40 + o, c, m, o) for c, m, o in parts]
-    matmul, memory, how = _solve_efficiencies(rows, base)
-    assert matmul == pytest.approx(0.85, rel=1e-9) and memory == pytest.approx(0.40, rel=1e-9)
+    compute, memory, how = _solve_efficiencies(rows, base)
     assert "least squares" in how
-    # Work that cannot tell the two apart (proportional parts): one factor on both, capped at 1.
+    # The weak pull towards the assumed 0.6 / 0.7 moves a well-constrained fit by a few percent at most.
+    assert 1 / compute == pytest.approx(0.85, rel=0.03) and 1 / memory == pytest.approx(0.40, rel=0.05)
+    assert 0.6 <= 1 / compute <= 0.85 and 0.40 <= 1 / memory <= 0.7
+    # Without it the least squares are exact.
+    monkeypatch.setattr(calibrate_module, "_PRIOR_WEIGHT", 0.0)
+    compute, memory, how = _solve_efficiencies(rows, base)
+    assert compute == pytest.approx(1 / 0.85, rel=1e-9) and memory == pytest.approx(1 / 0.40, rel=1e-9)
+    assert _efficiency_and_scale(compute) == (pytest.approx(0.85), 1.0)
+    # Work that cannot tell the two apart (proportional parts): one factor on the assumed efficiencies.
     same = [
         (2 * (c / base.matmul_efficiency + m / base.memory_efficiency) + o, c, m, o) for c, m, o in [parts[0]]
     ]
-    matmul, memory, how = _solve_efficiencies(same, base)
-    assert "one factor" in how and matmul < base.matmul_efficiency and memory < base.memory_efficiency
-    # A fit that would need an efficiency above 100% falls back too.
+    compute, memory, how = _solve_efficiencies(same, base)
+    assert "one factor" in how
+    c, m, o = parts[0]
+    factor = same[0][0] / (c / base.matmul_efficiency + m / base.memory_efficiency + o)  # ~2
+    assert compute == pytest.approx(factor / base.matmul_efficiency)
+    assert memory == pytest.approx(factor / base.memory_efficiency)
+    # Work that ran twice as fast as the measured peaks allow: efficiency 1 and the peaks raised x2.
     faster = [(0.5 * (c + m) + o, c, m, o) for c, m, o in parts]
-    matmul, memory, how = _solve_efficiencies(faster, base)
-    assert "one factor" in how and matmul == 1.0 and memory == 1.0
+    compute, memory, how = _solve_efficiencies(faster, base)
+    assert "least squares" in how
+    assert _efficiency_and_scale(compute) == (1.0, pytest.approx(2.0))
+    assert _efficiency_and_scale(memory) == (1.0, pytest.approx(2.0))
 
 
 def test_calibrate_fits_efficiencies_to_reference_work() -> None:
