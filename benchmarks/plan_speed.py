@@ -1,4 +1,8 @@
-"""Time `rannc plan` (plan_offline) end to end for GPT-3 175B and T5 11B shapes built on the meta device."""
+"""Time `rannc plan` (plan_offline) end to end for GPT-3 175B and T5 11B shapes built on the meta device.
+
+Cases: `gpt3-175b` and `t5-11b` are Hugging Face models; `gpt3-175b-torch` is the same GPT-3 shape written in
+plain torch, which separates rannc's own memory from what importing transformers' model code adds. Each case
+runs in its own process, so each peak RSS is its own."""
 
 from __future__ import annotations
 
@@ -17,17 +21,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.export  # noqa: E402
-import transformers  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from rannc.deploy import show_deployment  # noqa: E402
 from rannc.offline import plan_offline  # noqa: E402
 
-transformers.logging.set_verbosity_error()
 GIB = 2**30
+
+
+def _transformers() -> Any:
+    """transformers, imported only by the cases that use it (it adds ~0.1 GiB to the process)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
 
 
 def gpt3_175b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
     """GPT-3 175B shape: 96 layers x 12288, 96 heads, 2048 tokens, vocab 50257 (on meta)."""
+    transformers = _transformers()
     config = transformers.GPT2Config(
         n_layer=96, n_embd=12288, n_head=96, n_positions=2048, vocab_size=50257, use_cache=False
     )
@@ -39,6 +52,7 @@ def gpt3_175b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
 
 def t5_11b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
     """T5 11B shape: d_model 1024, d_ff 65536, 24 + 24 layers, 128 heads of 128, vocab 32128 (on meta)."""
+    transformers = _transformers()
     config = transformers.T5Config(
         d_model=1024,
         d_ff=65536,
@@ -55,6 +69,50 @@ def t5_11b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
     ids = torch.zeros(1, 512, dtype=torch.long, device="meta")
     labels = torch.zeros(1, 128, dtype=torch.long, device="meta")
     return model, (), {"input_ids": ids, "labels": labels}
+
+
+class _Block(nn.Module):
+    """A pre-norm GPT block: causal self-attention and a 4x GELU MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (
+            z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            for z in self.qkv(self.ln1(x)).split(d, dim=-1)
+        )
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(attended)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class _GPT(nn.Module):
+    def __init__(self, layers: int, width: int, heads: int, vocab: int, seq: int) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(seq, width)
+        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return F.cross_entropy(self.head(self.ln(x)).flatten(0, 1), labels.flatten())
+
+
+def gpt3_175b_torch() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """The GPT-3 175B shape in plain torch (no transformers import), on meta."""
+    with torch.device("meta"):
+        model = _GPT(layers=96, width=12288, heads=96, vocab=50257, seq=2048)
+    ids = torch.zeros(1, 2048, dtype=torch.long, device="meta")
+    return model, (ids, ids), {}
 
 
 CASES = {
@@ -77,6 +135,16 @@ CASES = {
         global_batch=128,
         device="a100-40gb",
         dtype="bf16",
+    ),
+    "gpt3-175b-torch": dict(
+        factory=gpt3_175b_torch,
+        world_size=1024,
+        device_memory_bytes=80 * GIB,
+        global_batch=1536,
+        device="h100-80gb",
+        gpus_per_node=8,
+        dtype="bf16",
+        zero=True,
     ),
 }
 
