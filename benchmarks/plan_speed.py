@@ -115,19 +115,21 @@ def gpt3_175b_torch() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]
     return model, (ids, ids), {}
 
 
+# The GPT-3 run: 1024 H100s. ZeRO-1: without it the state alone (fp32 master weights, gradients and Adam:
+# 16 B per parameter, 2.8 TB) plus the microbatches a 1F1B pipeline keeps needs >= 103 GiB per device; rannc plan
+# says so.
+GPT3_CLUSTER = dict(
+    world_size=1024,
+    device_memory_bytes=80 * GIB,
+    global_batch=1536,
+    device="h100-80gb",
+    gpus_per_node=8,
+    dtype="bf16",
+    zero=True,
+)
+
 CASES = {
-    "gpt3-175b": dict(
-        factory=gpt3_175b,
-        world_size=1024,
-        device_memory_bytes=80 * GIB,
-        global_batch=1536,
-        device="h100-80gb",
-        gpus_per_node=8,
-        dtype="bf16",
-        # ZeRO-1: without it the state alone (fp32 master weights, gradients and Adam: 16 B per parameter, 2.8 TB)
-        # plus the microbatches a 1F1B pipeline keeps needs >= 103 GiB per device; rannc plan says so.
-        zero=True,
-    ),
+    "gpt3-175b": dict(factory=gpt3_175b, **GPT3_CLUSTER),
     "t5-11b": dict(
         factory=t5_11b,
         world_size=32,
@@ -136,16 +138,7 @@ CASES = {
         device="a100-40gb",
         dtype="bf16",
     ),
-    "gpt3-175b-torch": dict(
-        factory=gpt3_175b_torch,
-        world_size=1024,
-        device_memory_bytes=80 * GIB,
-        global_batch=1536,
-        device="h100-80gb",
-        gpus_per_node=8,
-        dtype="bf16",
-        zero=True,
-    ),
+    "gpt3-175b-torch": dict(factory=gpt3_175b_torch, **GPT3_CLUSTER),
 }
 
 
