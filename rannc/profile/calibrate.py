@@ -58,9 +58,13 @@ def calibrate(
     min_time = 0.002 if quick else (0.05 if cuda else 0.15)
 
     copy_bytes = (4 if quick else (1024 if cuda else 64)) * MIB
+
     # The copy bandwidth is sampled at several moments of the calibration and the median kept: on shared
     # machines it can change by 2x from one second to the next (a 2-vCPU VM: ~24 or ~43 GB/s per rank).
-    bandwidths = [_together(lambda: _copy_bandwidth(device, copy_bytes, min_time))]
+    def copy_rate() -> float:
+        return _together(lambda: _copy_bandwidth(device, copy_bytes, min_time))
+
+    bandwidths = [copy_rate()]
     peak: dict[str, float] = {}
     notes: list[str] = []
     for key, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
@@ -85,14 +89,14 @@ def calibrate(
     else:
         peak["tf32"] = peak["float32"]
         notes.append("tf32 = float32 (no TF32 on CPUs)")
-    bandwidths.append(_together(lambda: _copy_bandwidth(device, copy_bytes, min_time)))
+    bandwidths.append(copy_rate())
     overhead = _together(lambda: _op_overhead(device, 20 if quick else 200))
     update_bytes = MIB if quick else (256 if cuda else 16) * MIB
     update_rate = {
         kind: _together(lambda kind=kind: _update_rate(device, kind, update_bytes, min_time))
         for kind in ("adam", "momentum", "sgd")
     }
-    bandwidths.append(_together(lambda: _copy_bandwidth(device, copy_bytes, min_time)))
+    bandwidths.append(copy_rate())
     sources = {
         "peak_flops": f"{where}: best square matmul (n in {sizes}), TFLOP/s: {', '.join(notes)}",
         "memory_bytes": f"{where}: " + ("CUDA total_memory" if cuda else "physical RAM (sysconf)"),
@@ -117,7 +121,7 @@ def calibrate(
         probed, text = _probe_links(device, quick)
         links.update(probed)
         sources.update(text)
-    bandwidths += [_together(lambda: _copy_bandwidth(device, copy_bytes, min_time)) for _ in range(2)]
+    bandwidths += [copy_rate(), copy_rate()]
     bandwidth = statistics.median(bandwidths)
     sources["memory_bandwidth"] = (
         f"{where}: copy of {copy_bytes // MIB} MiB (read + write), median of {len(bandwidths)} samples taken "

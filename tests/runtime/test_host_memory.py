@@ -32,10 +32,15 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def step_faults(mode: str) -> list[int]:
-    result = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120)
+def script_numbers(script: str, mode: str) -> list[int]:
+    """The integers a script prints, run in a fresh interpreter (malloc settings are per process)."""
+    result = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return [int(x) for x in result.stdout.split()]
+
+
+def step_faults(mode: str) -> list[int]:
+    return script_numbers(SCRIPT, mode)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
@@ -82,15 +87,7 @@ TRIM_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
 def test_return_freed_host_memory_gives_pages_back_unless_kept() -> None:
-    def run(mode: str) -> tuple[int, int]:
-        result = subprocess.run(
-            [sys.executable, "-c", TRIM_SCRIPT, mode], capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode == 0, result.stderr
-        ran, returned = result.stdout.split()
-        return int(ran), int(returned)
-
-    ran, returned = run("plain")
+    ran, returned = script_numbers(TRIM_SCRIPT, "plain")
     assert ran == 1 and returned > 100 * 2**20, returned  # ~188 MiB of the freed arrays
-    ran, returned = run("keep")
+    ran, returned = script_numbers(TRIM_SCRIPT, "keep")
     assert ran == 0 and returned < 16 * 2**20  # a process that keeps memory on purpose is left alone
