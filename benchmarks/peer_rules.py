@@ -87,6 +87,7 @@ from rannc.profile.devices import DeviceProfile, get_device_profile  # noqa: E40
 
 GIB = 2**30
 RULES = ("layers", "uniform", "params", "time")
+GOAL = 0.8  # the issue's target: rannc's predicted step <= 0.8 x the best peer rule's on heterogeneous models
 Ranges = list[tuple[int, int]]
 
 
@@ -485,10 +486,26 @@ class Comparison:
     recomputed: int
     # per rule: at rannc's S, at rannc's S with rannc's replicas, best S | world, best S (any)
     rules: dict[str, tuple[Candidate | None, ...]]
+    unlimited: float  # step time of the best plan with no memory limit: no plan under this limit is faster
+    work: float  # every rank busy all step (no bubble, no communication): no schedule at all is faster
+
+    def floor_ratio(self, index: int) -> float | None:
+        """The least ratio any plan in the search space could reach against the best peer (`index` as in
+        best_peer): the memory-free optimum over that peer's time."""
+        peer = self.best_peer(index)
+        return None if peer is None else self.unlimited / peer[1].time
 
     def best_peer(self, index: int) -> tuple[str, Candidate] | None:
         found = [(r, v[index]) for r, v in self.rules.items() if v[index] is not None]
         return min(found, key=lambda x: x[1].time) if found else None
+
+
+def work_bound(problem: PlanProblem) -> float:
+    """Least step time of any plan with any schedule: each sample's forward and backward through every block
+    done once, at that block's cheapest per-sample cost over the profiled microbatch sizes, spread evenly over
+    all ranks with no bubble, no communication and no optimizer update."""
+    per_sample = sum(min((b.fwd_time[m] + b.bwd_time[m]) / m for m in b.fwd_time) for b in problem.blocks)
+    return per_sample * problem.global_batch / problem.world_size
 
 
 def compare(built: Built, settings: Settings, min_stages: int) -> Comparison:
@@ -534,7 +551,9 @@ def compare(built: Built, settings: Settings, min_stages: int) -> Comparison:
             if best_any is None or found.time < best_any.time:
                 best_any = found
         rules[rule] = (at_s, with_reps, best, best_any)
-    return Comparison(limit, note, ranc, plan_s, recomputed, rules)
+    # a tighter limit only removes plans, so the memory-free optimum bounds every plan under this one
+    unlimited = plan_stages(dataclasses.replace(problem, memory_limit_bytes=None)).predicted_step_time
+    return Comparison(limit, note, ranc, plan_s, recomputed, rules, unlimited, work_bound(problem))
 
 
 def fmt_ms(c: Candidate | None) -> str:
@@ -597,6 +616,26 @@ def print_model(built: Built, settings: Settings, comparisons: list[Comparison])
                     f"      rannc / best peer {label}: {fmt_ratio(comp.rannc, peer[1])} "
                     f"({peer[0]}, {fmt_ms(peer[1])})"
                 )
+        print(
+            f"      floors: best plan with no memory limit {1e3 * comp.unlimited:.1f} ms (any split, replicas, "
+            f"microbatches, schedule); all ranks busy all step {1e3 * comp.work:.1f} ms (any schedule)"
+        )
+        for label, index in (("at rannc's S", 0), ("at each rule's best S | W", 2)):
+            peer = comp.best_peer(index)
+            if peer is None:
+                continue
+            target = GOAL * peer[1].time
+            reach = (
+                "within reach"
+                if comp.unlimited <= target
+                else "out of reach for every plan in the search space"
+                if comp.work <= target
+                else "out of reach for every plan and schedule"
+            )
+            print(
+                f"      {GOAL} x best peer {label} = {1e3 * target:.1f} ms: {reach} "
+                f"(least possible ratio {comp.floor_ratio(index):.3f})"
+            )
         if comp.rannc is not None:
             beaten = [
                 r
@@ -688,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"   {'model':<12} {'kind':<5} {'limit':>8} {'rannc':>9} {'rannc plan':<24} "
         f"{'peer @S':>10} {'rule':<7} {'ratio':>6} {'best S|W':>10} {'rule':<7} {'S':>2} {'ratio':>6} "
-        f"{'any S':>10} {'rule':<7} {'S':>2} {'ratio':>6}"
+        f"{'any S':>10} {'rule':<7} {'S':>2} {'ratio':>6} {'floor':>6}"
     )
     for spec, _, comp in rows:
         ranc = comp.rannc
@@ -706,7 +745,13 @@ def main(argv: list[str] | None = None) -> int:
             rule, c = peer if peer is not None else ("-", None)
             stages = "" if index == 0 else f" {'-' if c is None else c.stages:>2}"
             line += f" {fmt_ms(c):>10} {rule:<7}{stages} {fmt_ratio(ranc, c):>6}"
-        print(line)
+        floor = comp.floor_ratio(2)
+        print(line + f" {'-' if floor is None else f'{floor:.3f}':>6}")
+    print(
+        "   floor: the least ratio any plan could reach against the best peer at its best S | W (the best plan with"
+        " no memory limit, over that peer's time): above "
+        f"{GOAL}, the goal is out of reach on this cost model whatever the planner does"
+    )
     print(f"total {time.perf_counter() - started:.0f}s")
     return 0
 
