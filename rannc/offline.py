@@ -342,9 +342,9 @@ def plan_offline(
     fixed.update(max_microbatches=min(max_microbatches, global_batch), schedules=tuple(allowed))
     fixed.update(opt_param_factor=opt_param_factor, num_stages=num_stages, zero_optimizer=zero)
 
-    def blocked(usable_bytes: float) -> tuple[list[list[str]], list[StageGraph], PlanProblem, int]:
-        """Blocks as many as `usable_bytes` per device calls for, their graphs, the priced problem and how many
-        distinct blocks were estimated."""
+    def blocked(usable_bytes: float) -> tuple[list[list[str]], PlanProblem, int]:
+        """Blocks as many as `usable_bytes` per device calls for, the priced problem and how many distinct
+        blocks were estimated. The blocks' graphs (one GraphModule each) are dropped here, before the search."""
         count = block_count(captured, usable_bytes, opt_param_factor, max_blocks)
         blocks = coarsen(units, unit_costs, unit_cuts, count)
         graphs = block_graphs(captured, analysis, blocks)
@@ -370,16 +370,16 @@ def plan_offline(
                 f"no microbatch count fits a global batch of {global_batch} on {world_size} rank(s)"
             )
         profiles, distinct = _estimate_blocks(captured, analysis, graphs, sizes, profile, compute)
-        return blocks, graphs, make(profiles), distinct
+        return blocks, make(profiles), distinct
 
     lap("analyse")
-    blocks, graphs, problem, distinct = blocked(usable)
+    blocks, problem, distinct = blocked(usable)
     sizes = sorted(problem.blocks[0].fwd_time) if problem.blocks else []
     lap("profile")
     try:
         plan = plan_stages(problem)
     except PlanError as exc:
-        raise _memory_hint(exc, problem, mem_margin, lambda needed: blocked(needed)[2]) from exc
+        raise _memory_hint(exc, problem, mem_margin, lambda needed: blocked(needed)[1]) from exc
     lap("search")
     timeline = simulate_plan(problem, plan)
     lap("simulate")
