@@ -10,7 +10,7 @@ from ..plan.simulate import Timeline
 from ..plan.types import Plan
 from .deployment import Deployment
 
-__all__ = ["memory_parts", "plot_plan"]
+__all__ = ["memory_parts", "plan_figure", "plot_plan"]
 
 _EVENT_COLORS = {
     "F": "#4c72b0",
@@ -21,6 +21,18 @@ _EVENT_COLORS = {
     "recv_act": "#bbbbbb",
     "recv_grad": "#999999",
 }
+# What each timeline event kind is, in the legend.
+_EVENT_LABELS = {
+    "F": "forward",
+    "B": "backward",
+    "allreduce": "gradient allreduce",
+    "allreduce_shared": "shared-weight allreduce",
+    "update": "optimizer update",
+    "recv_act": "receive activations",
+    "recv_grad": "receive gradients",
+}
+# Legends sit right of their plot: inside, they hid the last stage's bars and the step's last events.
+_LEGEND = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
 _MEMORY_COLORS = {
     "parameters": "#4c72b0",
     "gradients": "#8172b3",
@@ -80,10 +92,21 @@ def plot_plan(
     path: str | os.PathLike[str],
     memory_limit: float | None = None,
 ) -> Path:
-    """Write a PNG of the plan: (top) fwd/bwd/comm time per microbatch of each stage, (middle) peak memory per
-    rank of each stage split by kind with a line at `memory_limit` (default: the deployment's device memory),
-    (bottom) the simulated step as a Gantt chart, one row per stage. Uses matplotlib's Agg canvas (no pyplot,
-    no global backend change). Returns the path written."""
+    """Write a PNG of the plan (see `plan_figure`). Returns the path written."""
+    figure = plan_figure(deployment_or_plan, timeline, memory_limit)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, format="png", dpi=100)
+    return target
+
+
+def plan_figure(
+    deployment_or_plan: Deployment | Plan | None, timeline: Timeline, memory_limit: float | None = None
+) -> Any:
+    """A matplotlib Figure of the plan: (top) fwd/bwd/comm time per microbatch of each stage, (middle) peak
+    memory per rank of each stage split by kind with a line at `memory_limit` (default: the deployment's device
+    memory), (bottom) the simulated step as a Gantt chart, one row per stage. Uses matplotlib's Agg canvas (no
+    pyplot, no global backend change)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -102,7 +125,7 @@ def plot_plan(
     if plan is not None and len(plan.stages) != num_stages:
         raise ValueError(f"the plan has {len(plan.stages)} stages but the timeline {num_stages}")
 
-    figure = Figure(figsize=(11, 9.5), layout="constrained")
+    figure = Figure(figsize=(12.5, 9.5), layout="constrained")
     FigureCanvasAgg(figure)
     time_ax, memory_ax, gantt_ax = figure.subplots(3, 1, height_ratios=[1, 1, 1.3])
     stages = list(range(num_stages))
@@ -134,7 +157,7 @@ def plot_plan(
     _stacked_bars(memory_ax, stages, series, {k: _MEMORY_COLORS.get(k, "#cccccc") for k in kinds})
     if memory_limit is not None:
         memory_ax.axhline(memory_limit / scale, color="red", linestyle="--", label="memory limit")
-        memory_ax.legend(loc="upper right", fontsize="small")
+        memory_ax.legend(**_LEGEND)
     memory_ax.set_ylabel(f"peak {unit} / rank")
 
     for ax in (time_ax, memory_ax):
@@ -168,14 +191,9 @@ def plot_plan(
     gantt_ax.set_xlabel("ms")
     kinds_seen = [k for k in _EVENT_COLORS if any(e.kind == k for ev in timeline.events for e in ev)]
     gantt_ax.legend(
-        handles=[Patch(color=_EVENT_COLORS[k], label=k) for k in kinds_seen],
-        loc="lower right",
-        fontsize="small",
+        handles=[Patch(color=_EVENT_COLORS[k], label=_EVENT_LABELS[k]) for k in kinds_seen], **_LEGEND
     )
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, format="png", dpi=100)
-    return target
+    return figure
 
 
 def _stacked_bars(ax: Any, stages: list[int], series: dict[str, list[float]], colors: dict[str, str]) -> None:
@@ -183,4 +201,4 @@ def _stacked_bars(ax: Any, stages: list[int], series: dict[str, list[float]], co
     for name, values in series.items():
         ax.bar(stages, values, bottom=bottom, label=name, color=colors.get(name, "#cccccc"), width=0.6)
         bottom = [b + v for b, v in zip(bottom, values)]
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(**_LEGEND)

@@ -8,7 +8,7 @@ import random
 import pytest
 from plan_brute import cluster_problem, medium_problem, random_problem
 
-from rannc.deploy.plot import memory_parts, plot_plan
+from rannc.deploy.plot import memory_parts, plan_figure, plot_plan
 from rannc.errors import PlanError
 from rannc.plan import evaluate, plan_stages
 from rannc.plan.simulate import (
@@ -267,3 +267,23 @@ def test_plot_plan_writes_a_png(tmp_path) -> None:
     plain = simulate([StageTiming(1e-3, 2e-3, static_bytes=5.0)] * 2, 3, "fill_drain")
     assert memory_parts(None, plain) == [{"total": 5.0}, {"total": 5.0}]
     assert plot_plan(None, plain, tmp_path / "plain.png").stat().st_size > 0
+
+
+def test_plot_legends_leave_the_bars_and_timeline_visible() -> None:
+    """Every legend is drawn beside its plot, never over it (inside, the timeline's legend hid the last
+    stage's final events), and the timeline names its event kinds in words."""
+    problem = medium_problem(3)
+    plan = plan_stages(problem)
+    timeline = simulate_plan(problem, plan)
+    figure = plan_figure(plan, timeline, memory_limit=max(timeline.peak_memory) * 1.1)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    axes = figure.get_axes()
+    assert len(axes) == 3
+    for ax in axes:
+        legend = ax.get_legend()
+        assert legend is not None
+        box, area = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert box.x0 >= area.x1, f"legend of {ax.get_ylabel() or ax.get_xlabel()!r} overlaps its plot"
+    names = [t.get_text() for t in axes[2].get_legend().get_texts()]
+    assert names == ["forward", "backward", "receive activations", "receive gradients"]
