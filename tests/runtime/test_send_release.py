@@ -88,7 +88,7 @@ def test_sends_are_released_when_the_receivers_have_them(schedule: str, tmp_path
     x, y = torch.randn(16, 16), torch.randn(16, 16)
     loss = reference(x, y)
     loss.backward()
-    assert by_stage[0]["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert by_stage[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
     expected = {i: p.grad for i, p in enumerate(reference.parameters())}
     held = [g for r in results for g in r["grads"]]
     assert len(held) >= len(expected)  # each rank holds its stage's parameters
