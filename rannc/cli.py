@@ -46,6 +46,17 @@ def _memory_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _count_arg(text: str) -> int:
+    """A whole number >= 1 (ranks, samples, steps, microbatches, blocks)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rannc", description="Automatic hybrid pipeline + data parallel training for PyTorch models."
@@ -62,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--quick", action="store_true", help="tiny sizes: seconds, less accurate")
     calibrate.add_argument(
         "--ranks",
-        type=int,
+        type=_count_arg,
         default=1,
         help="measure with this many local CPU processes at once (gloo, one thread each), as a job of that many "
         "ranks on this machine will run; also measures their links (default 1). For GPUs run "
@@ -70,10 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     demo = commands.add_parser("demo", help="train a small GPT-2 on local CPU processes with rannc")
-    demo.add_argument("--world-size", type=int, default=4, help="number of local processes (default 4)")
-    demo.add_argument("--steps", type=int, default=10, help="training steps (default 10)")
-    demo.add_argument("--batch-size", type=int, default=4, help="local batch per process (default 4)")
-    demo.add_argument("--seq-len", type=int, default=64, help="tokens per sample (default 64)")
+    demo.add_argument(
+        "--world-size", type=_count_arg, default=4, help="number of local processes (default 4)"
+    )
+    demo.add_argument("--steps", type=_count_arg, default=10, help="training steps (default 10)")
+    demo.add_argument("--batch-size", type=_count_arg, default=4, help="local batch per process (default 4)")
+    demo.add_argument("--seq-len", type=_count_arg, default=64, help="tokens per sample (default 64)")
     demo.add_argument(
         "--mem-limit-gb",
         type=float,
@@ -92,26 +105,30 @@ def _add_plan(commands: Any) -> None:
         "its blocks with a device profile and search the pipeline + data parallel plan for WORLD_SIZE devices.",
     )
     plan.add_argument("factory", metavar="MODULE:FACTORY", help="function returning (model, args[, kwargs])")
-    plan.add_argument("--world-size", type=int, required=True, help="number of devices")
+    plan.add_argument("--world-size", type=_count_arg, required=True, help="number of devices")
     plan.add_argument(
         "--device-memory",
         type=_memory_arg,
         default=None,
         help="memory per device, e.g. 80GiB (default: the profile's)",
     )
-    plan.add_argument("--batch-size", type=int, required=True, help="global batch (samples per step)")
+    plan.add_argument("--batch-size", type=_count_arg, required=True, help="global batch (samples per step)")
     plan.add_argument(
         "--device", required=True, help="device profile: a shipped name (h100-80gb, ...) or a JSON file"
     )
-    plan.add_argument("--gpus-per-node", type=int, default=None, help="default: the profile's")
-    plan.add_argument("--max-microbatches", type=int, default=64, help="most microbatches tried (default 64)")
+    plan.add_argument("--gpus-per-node", type=_count_arg, default=None, help="default: the profile's")
+    plan.add_argument(
+        "--max-microbatches", type=_count_arg, default=64, help="most microbatches tried (default 64)"
+    )
     plan.add_argument(
         "--dtype", default=None, help="compute dtype: fp32, tf32, bf16, fp16 (default: the model's)"
     )
     plan.add_argument(
         "--mem-margin", type=float, default=0.1, help="fraction of memory held back (default 0.1)"
     )
-    plan.add_argument("--max-blocks", type=int, default=32, help="blocks the stages are made of (default 32)")
+    plan.add_argument(
+        "--max-blocks", type=_count_arg, default=32, help="blocks the stages are made of (default 32)"
+    )
     plan.add_argument("--out", default=None, help="write the deployment JSON here")
     plan.add_argument("--plot", default=None, help="draw the plan as a PNG here (needs matplotlib)")
     plan.add_argument("--trace", default=None, help="write the simulated step as a Chrome trace here")

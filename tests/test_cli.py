@@ -70,6 +70,24 @@ def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--world-size >= 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [("--world-size", "0", "must be at least 1, got 0"), ("--batch-size", "8.5", "'8.5' is not a whole number")],
+)
+def test_plan_rejects_bad_counts_by_flag(
+    flag: str, value: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad count is refused before any model is built, naming the command-line flag (not a Python name)."""
+    counts = {"--world-size": "4", "--batch-size": "8"} | {flag: value}
+    argv = ["plan", "no_such_module:factory", "--device", "v100-32gb"]
+    argv += [item for pair in counts.items() for item in pair]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {said}" in err and "no_such_module" not in err
+
+
 # ------------------------------------------------------------------------------------ local launcher
 
 
