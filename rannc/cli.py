@@ -57,6 +57,17 @@ def _count_arg(text: str) -> int:
     return value
 
 
+def _margin_arg(text: str) -> float:
+    """A fraction in [0, 1): the share of device memory held back."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (a fraction of the memory), got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rannc", description="Automatic hybrid pipeline + data parallel training for PyTorch models."
@@ -124,7 +135,7 @@ def _add_plan(commands: Any) -> None:
         "--dtype", default=None, help="compute dtype: fp32, tf32, bf16, fp16 (default: the model's)"
     )
     plan.add_argument(
-        "--mem-margin", type=float, default=0.1, help="fraction of memory held back (default 0.1)"
+        "--mem-margin", type=_margin_arg, default=0.1, help="fraction of memory held back (default 0.1)"
     )
     plan.add_argument(
         "--max-blocks", type=_count_arg, default=32, help="blocks the stages are made of (default 32)"

@@ -72,7 +72,11 @@ def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize(
     ("flag", "value", "said"),
-    [("--world-size", "0", "must be at least 1, got 0"), ("--batch-size", "8.5", "'8.5' is not a whole number")],
+    [
+        ("--world-size", "0", "must be at least 1, got 0"),
+        ("--batch-size", "8.5", "'8.5' is not a whole number"),
+        ("--mem-margin", "10", "must be in [0, 1) (a fraction of the memory), got 10.0"),
+    ],
 )
 def test_plan_rejects_bad_counts_by_flag(
     flag: str, value: str, said: str, capsys: pytest.CaptureFixture[str]
