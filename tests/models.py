@@ -24,7 +24,7 @@ transformers.logging.set_verbosity_error()
 
 Batch = dict[str, Any]  # {"args": list[Any], "kwargs": dict[str, Any]}
 
-MODEL_NAMES = ("mlp", "skip_tied", "bert", "gpt2")
+MODEL_NAMES = ("mlp", "skip_tied", "bert", "gpt2", "llama")
 
 # Sizes of the inputs (kept tiny: the equivalence tests run 4 ranks on 2 CPU cores).
 MLP_IN, MLP_WIDTH, MLP_OUT, MLP_LINEARS = 16, 32, 4, 6
@@ -137,11 +137,30 @@ def gpt2(seed: int) -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+def llama(seed: int) -> nn.Module:
+    """A Llama-architecture model: rotary positions, grouped-query attention (4 heads sharing 2 key/value heads),
+    RMSNorm and a gated SiLU feed-forward, with an untied head."""
+    config = transformers.LlamaConfig(
+        vocab_size=HF_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=HF_SEQ,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
 FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     "mlp": mlp,
     "skip_tied": skip_tied,
     "bert": bert,
     "gpt2": gpt2,
+    "llama": llama,
 }
 
 
@@ -233,7 +252,7 @@ def _one_batch(name: str, generator: torch.Generator, rows: int) -> Batch:
                 "next_sentence_label": randint(2, rows),
             },
         }
-    if name == "gpt2":
+    if name in ("gpt2", "llama"):
         ids = randint(HF_VOCAB, rows, HF_SEQ)
         # labels are the ids (the model shifts them), passed as a separate tensor
         return {"args": [], "kwargs": {"input_ids": ids, "labels": ids.clone()}}
