@@ -24,7 +24,7 @@ transformers.logging.set_verbosity_error()
 
 Batch = dict[str, Any]  # {"args": list[Any], "kwargs": dict[str, Any]}
 
-MODEL_NAMES = ("mlp", "skip_tied", "bert", "gpt2", "llama")
+MODEL_NAMES = ("mlp", "skip_tied", "bert", "gpt2", "llama", "t5")
 
 # Sizes of the inputs (kept tiny: the equivalence tests run 4 ranks on 2 CPU cores).
 MLP_IN, MLP_WIDTH, MLP_OUT, MLP_LINEARS = 16, 32, 4, 6
@@ -155,12 +155,33 @@ def llama(seed: int) -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def t5(seed: int) -> nn.Module:
+    """An encoder-decoder: the encoder's output feeds the cross-attention of every decoder layer, so it crosses
+    every later stage boundary; embeddings are shared by encoder, decoder and head."""
+    config = transformers.T5Config(
+        vocab_size=HF_VOCAB,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        use_cache=False,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return transformers.T5ForConditionalGeneration(config)
+
+
 FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     "mlp": mlp,
     "skip_tied": skip_tied,
     "bert": bert,
     "gpt2": gpt2,
     "llama": llama,
+    "t5": t5,
 }
 
 
@@ -205,6 +226,8 @@ def batch_outputs(name: str, out: Any) -> dict[str, torch.Tensor]:
             "prediction_logits": out.prediction_logits,
             "seq_relationship_logits": out.seq_relationship_logits,
         }
+    if name == "t5":
+        return {"logits": out.logits, "encoder_last_hidden_state": out.encoder_last_hidden_state}
     return {"logits": out.logits}
 
 
@@ -256,6 +279,10 @@ def _one_batch(name: str, generator: torch.Generator, rows: int) -> Batch:
         ids = randint(HF_VOCAB, rows, HF_SEQ)
         # labels are the ids (the model shifts them), passed as a separate tensor
         return {"args": [], "kwargs": {"input_ids": ids, "labels": ids.clone()}}
+    if name == "t5":
+        # labels from 1: no -100 / padding, every target position counts
+        ids, labels = randint(HF_VOCAB, rows, HF_SEQ), 1 + randint(HF_VOCAB - 1, rows, HF_SEQ // 2)
+        return {"args": [], "kwargs": {"input_ids": ids, "labels": labels}}
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
 
 

@@ -100,6 +100,8 @@ GROUPS: dict[str, tuple[int, list[Case]]] = {
             Case("bert-w4-p2-adamw-mb2", "bert", "adamw", ADAMW_HF_LR, 2, 8, 2, 2),
             Case("gpt2-w4-p2-adamw-mb2-filldrain", "gpt2", "adamw", ADAMW_HF_LR, 2, 8, 2, 2, "fill_drain"),
             Case("gpt2-w4-p4-adamw-mb2", "gpt2", "adamw", ADAMW_HF_LR, 2, 8, 4, 2),
+            # the encoder's output crosses stage boundaries to reach every decoder layer's cross-attention
+            Case("t5-w4-p4-adamw-mb2", "t5", "adamw", ADAMW_HF_LR, 2, 8, 4, 2),
         ],
     ),
     "mlp2": (
@@ -107,6 +109,7 @@ GROUPS: dict[str, tuple[int, list[Case]]] = {
         [
             Case("mlp-w2-p2-adamw-mb2", "mlp", "adamw", ADAMW_LR, 3, 8, 2, 2),
             Case("llama-w2-p2-adamw-mb2", "llama", "adamw", ADAMW_HF_LR, 2, 8, 2, 2),
+            Case("t5-w2-p2-adamw-mb2", "t5", "adamw", ADAMW_HF_LR, 2, 8, 2, 2),
         ],
     ),
     "mlp1": (1, [Case("mlp-w1-p1-sgd-mb2", "mlp", "sgd", SGD_LR, 3, 8, 1, 2)]),
@@ -548,7 +551,9 @@ def test_skip_tied_model_shape() -> None:
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_reference_training_runs(name: str) -> None:
     batches = models.make_batches(name, 0, 2, 4)
-    result = train_reference(name, 0, batches, "adamw" if name in ("bert", "gpt2", "llama") else "sgd", 1e-3, 2)
+    result = train_reference(
+        name, 0, batches, "adamw" if name in ("bert", "gpt2", "llama", "t5") else "sgd", 1e-3, 2
+    )
     assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
     initial = models.build(name, 0).state_dict()
     assert set(result["state_dict"]) == set(initial)
