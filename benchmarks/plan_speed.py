@@ -1,8 +1,9 @@
 """Time `rannc plan` (plan_offline) end to end for GPT-3 175B and T5 11B shapes built on the meta device.
 
 Cases: `gpt3-175b` and `t5-11b` are Hugging Face models; `gpt3-175b-torch` is the same GPT-3 shape written in
-plain torch, which separates rannc's own memory from what importing transformers' model code adds. Each case
-runs in its own process, so each peak RSS is its own."""
+plain torch, which separates rannc's own memory from what importing transformers' model code adds;
+`llama2-70b` is a model of another family (grouped-query attention, rotary positions, SwiGLU). Each case runs in
+its own process, so each peak RSS is its own."""
 
 from __future__ import annotations
 
@@ -128,6 +129,27 @@ GPT3_CLUSTER = dict(
     zero=True,
 )
 
+
+def llama2_70b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """Llama 2 70B shape: 80 layers x 8192, 64 query heads sharing 8 key/value heads, SwiGLU 28672, 4096 tokens,
+    vocab 32000, untied head (on meta)."""
+    transformers = _transformers()
+    config = transformers.LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        use_cache=False,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    ids = torch.zeros(1, 4096, dtype=torch.long, device="meta")
+    return model, (), {"input_ids": ids, "labels": ids}
+
+
 CASES = {
     "gpt3-175b": dict(factory=gpt3_175b, **GPT3_CLUSTER),
     "t5-11b": dict(
@@ -139,6 +161,17 @@ CASES = {
         dtype="bf16",
     ),
     "gpt3-175b-torch": dict(factory=gpt3_175b_torch, **GPT3_CLUSTER),
+    # a model of another family: grouped-query attention, rotary positions, SwiGLU; 2M tokens a step on 256 H100s
+    "llama2-70b": dict(
+        factory=llama2_70b,
+        world_size=256,
+        device_memory_bytes=80 * GIB,
+        global_batch=512,
+        device="h100-80gb",
+        gpus_per_node=8,
+        dtype="bf16",
+        zero=False,
+    ),
 }
 
 
