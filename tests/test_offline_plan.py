@@ -66,6 +66,14 @@ def gpt2_factory() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
     return _meta_factory("gpt2")
 
 
+def llama_factory() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    return _meta_factory("llama")
+
+
+def t5_factory() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    return _meta_factory("t5")
+
+
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """`rannc plan` once for the meta GPT-2 on 16 x 40GiB, with --out, --plot and --trace."""
@@ -262,7 +270,8 @@ def offline_deployment(factory_name: str, path: Path) -> str:
 def train_with_plans(rank: int, world: int, plans: dict[str, str]) -> dict[str, Any]:
     """Worker: each real tests/models.py model under RaNNCModule with its offline plan loaded.
 
-    GPT-2's first call (the capture) runs under the math SDPA backend (see SDPA_MISMATCH); later steps do not.
+    The first call (the capture) of GPT-2 and Llama runs under the math SDPA backend (see SDPA_MISMATCH); later
+    steps do not.
     """
     runs = {}
     for name, path in plans.items():
@@ -272,14 +281,15 @@ def train_with_plans(rank: int, world: int, plans: dict[str, str]) -> dict[str, 
         wrapped = rannc.RaNNCModule(model, optimizer, load_deployment=True, deployment_file=path)
         losses = []
         for step in range(STEPS):
-            math = sdpa_kernel(SDPBackend.MATH) if step == 0 and name == "gpt2" else contextlib.nullcontext()
+            sdpa = step == 0 and name in ("gpt2", "llama")  # the models that call SDPA
+            math = sdpa_kernel(SDPBackend.MATH) if sdpa else contextlib.nullcontext()
             with math:
                 out = models.call(wrapped, models.local_slice(batches[step], rank, world))
             loss = models.get_loss(name, out)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            losses.append(float(loss))
+            losses.append(loss.item())
         stages = [list(stage.ranks) for stage in wrapped.deployment.plan.stages]
         runs[name] = {"losses": losses, "captured_hash": wrapped.captured.graph_hash, "stages": stages}
     return runs
@@ -287,7 +297,7 @@ def train_with_plans(rank: int, world: int, plans: dict[str, str]) -> dict[str, 
 
 @pytest.mark.slow
 def test_offline_plan_loads_and_trains(tmp_path: Path) -> None:
-    names = {"skip_tied": "skip_tied_factory", "gpt2": "gpt2_factory"}
+    names = {name: f"{name}_factory" for name in ("skip_tied", "gpt2", "llama", "t5")}
     paths = {name: tmp_path / f"{name}.json" for name in names}
     hashes = {name: offline_deployment(factory_name, paths[name]) for name, factory_name in names.items()}
     runs = run_workers(train_with_plans, 2, {k: str(v) for k, v in paths.items()}, timeout=300)

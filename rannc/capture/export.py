@@ -92,7 +92,7 @@ def capture(
     try:
         # The math attention backend gives the same graph on every device (fused kernels return other
         # strides, which exported views then depend on); training still runs the fastest kernel.
-        with sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
+        with sdpa_kernel([SDPBackend.MATH]), _ScalarAssignmentAsOnDevices(), warnings.catch_warnings():
             # torch's own export code trips its pytree deprecation (nothing a user can act on)
             warnings.filterwarnings(
                 "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
@@ -108,6 +108,25 @@ def capture(
         raise CaptureError(_explain_export_failure(exc)) from exc
     logger.info("captured %s with torch.export in %.2fs", type(model).__name__, time.perf_counter() - started)
     return _from_program(model, program, call)
+
+
+class _ScalarAssignmentAsOnDevices(torch.overrides.TorchFunctionMode):
+    """`t[index] = 3` on a meta tensor records what it records on CPU and CUDA.
+
+    There torch makes the number a 0-dim CPU tensor outside the dispatcher (a lifted constant in the graph); on
+    meta it calls aten.scalar_tensor, a traced op. Without this, a model that assigns numbers into tensors
+    (T5's decoder-input shift) captured on meta (`rannc plan`) has another graph than the real job, which then
+    refuses the plan.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__setitem__ and len(args) == 3:
+            target, index, value = args
+            if isinstance(value, bool | int | float) and target.device.type == "meta":
+                value = torch.tensor(value, dtype=target.dtype, device="cpu")
+                args = (target, index, value)
+        return func(*args, **kwargs)
 
 
 def _explain_export_failure(exc: Exception) -> str:
