@@ -92,7 +92,7 @@ def capture(
     try:
         # The math attention backend gives the same graph on every device (fused kernels return other
         # strides, which exported views then depend on); training still runs the fastest kernel.
-        with sdpa_kernel([SDPBackend.MATH]), _ScalarAssignmentAsOnDevices(), warnings.catch_warnings():
+        with sdpa_kernel([SDPBackend.MATH]), _IndexingAsOnDevices(), warnings.catch_warnings():
             # torch's own export code trips its pytree deprecation (nothing a user can act on)
             warnings.filterwarnings(
                 "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
@@ -110,23 +110,35 @@ def capture(
     return _from_program(model, program, call)
 
 
-class _ScalarAssignmentAsOnDevices(torch.overrides.TorchFunctionMode):
-    """`t[index] = 3` on a meta tensor records what it records on CPU and CUDA.
+class _IndexingAsOnDevices(torch.overrides.TorchFunctionMode):
+    """Indexing a meta tensor records what it records on CPU and CUDA.
 
-    There torch makes the number a 0-dim CPU tensor outside the dispatcher (a lifted constant in the graph); on
-    meta it calls aten.scalar_tensor, a traced op. Without this, a model that assigns numbers into tensors
-    (T5's decoder-input shift) captured on meta (`rannc plan`) has another graph than the real job, which then
-    refuses the plan.
+    There torch turns a number assigned into a tensor (`t[i] = 3`) or a list used as an index (`t[..., [-2]]`)
+    into a tensor outside the dispatcher: a real constant, lifted into the graph and cloned there. On meta the
+    number becomes a traced aten.scalar_tensor and the list a meta constant (not cloned). Without this, models
+    that do either (T5's decoder-input shift, Falcon's fused query/key/value split) captured on meta
+    (`rannc plan`) get another graph than the real job, which then refuses the plan. Making those constants CPU
+    tensors here, as the real devices do, gives the same graph.
     """
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func is torch.Tensor.__setitem__ and len(args) == 3:
-            target, index, value = args
-            if isinstance(value, bool | int | float) and target.device.type == "meta":
-                value = torch.tensor(value, dtype=target.dtype, device="cpu")
-                args = (target, index, value)
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and args[0].device.type == "meta":
+            target, index, *rest = args
+            index = _cpu_list_indices(index)
+            if rest and isinstance(rest[0], bool | int | float):
+                rest[0] = torch.tensor(rest[0], dtype=target.dtype, device="cpu")
+            args = (target, index, *rest)
         return func(*args, **kwargs)
+
+
+def _cpu_list_indices(index: Any) -> Any:
+    """`index` with every list of whole numbers (an advanced index) as a CPU int64 tensor."""
+    if isinstance(index, tuple):
+        return tuple(_cpu_list_indices(part) for part in index)
+    if isinstance(index, list) and index and all(type(i) is int for i in index):
+        return torch.tensor(index, dtype=torch.long, device="cpu")
+    return index
 
 
 def _explain_export_failure(exc: Exception) -> str:
