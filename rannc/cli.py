@@ -203,8 +203,6 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from .profile.calibrate import calibrate
     from .profile.devices import save_profile
 
-    if args.ranks < 1:
-        raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
     if args.ranks > 1:
         from .launch import launch_local
         from .profile.devices import DeviceProfile

@@ -206,9 +206,9 @@ def test_calibrate_with_local_ranks_measures_them_together(tmp_path: Path) -> No
     assert "gloo, 2 ranks" in profile.sources["intra_node"] and profile.gpus_per_node == 2
     assert profile.kind == "cpu" and profile.intra_node_latency > 0
     errors = io.StringIO()
-    with contextlib.redirect_stderr(errors):
-        assert main(["calibrate", "--quick", "--ranks", "0"]) == 1
-    assert "--ranks must be >= 1" in errors.getvalue()
+    with contextlib.redirect_stderr(errors), pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "--quick", "--ranks", "0"])
+    assert exit_info.value.code == 2 and "argument --ranks: must be at least 1, got 0" in errors.getvalue()
 
 
 def _vm_kib(field: str) -> int:
