@@ -24,7 +24,7 @@ transformers.logging.set_verbosity_error()
 
 Batch = dict[str, Any]  # {"args": list[Any], "kwargs": dict[str, Any]}
 
-MODEL_NAMES = ("mlp", "skip_tied", "bert", "gpt2", "llama", "t5")
+MODEL_NAMES = ("mlp", "skip_tied", "bert", "gpt2", "llama", "t5", "falcon", "bloom", "bart")
 
 # Sizes of the inputs (kept tiny: the equivalence tests run 4 ranks on 2 CPU cores).
 MLP_IN, MLP_WIDTH, MLP_OUT, MLP_LINEARS = 16, 32, 4, 6
@@ -175,6 +175,58 @@ def t5(seed: int) -> nn.Module:
     return transformers.T5ForConditionalGeneration(config)
 
 
+def falcon(seed: int) -> nn.Module:
+    """Falcon: one fused query/key/value projection split by list indices, multi-query attention, parallel
+    attention and MLP."""
+    config = transformers.FalconConfig(
+        vocab_size=HF_VOCAB,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return transformers.FalconForCausalLM(config)
+
+
+def bloom(seed: int) -> nn.Module:
+    """BLOOM: ALiBi position biases built from the attention mask, embedding layer norm, tied head."""
+    config = transformers.BloomConfig(
+        vocab_size=HF_VOCAB,
+        hidden_size=64,
+        n_layer=4,
+        n_head=4,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return transformers.BloomForCausalLM(config)
+
+
+def bart(seed: int) -> nn.Module:
+    """BART: an encoder-decoder with learned positions and a final logits bias buffer."""
+    config = transformers.BartConfig(
+        vocab_size=HF_VOCAB,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=HF_SEQ,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return transformers.BartForConditionalGeneration(config)
+
+
 FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     "mlp": mlp,
     "skip_tied": skip_tied,
@@ -182,6 +234,9 @@ FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     "gpt2": gpt2,
     "llama": llama,
     "t5": t5,
+    "falcon": falcon,
+    "bloom": bloom,
+    "bart": bart,
 }
 
 
@@ -226,7 +281,7 @@ def batch_outputs(name: str, out: Any) -> dict[str, torch.Tensor]:
             "prediction_logits": out.prediction_logits,
             "seq_relationship_logits": out.seq_relationship_logits,
         }
-    if name == "t5":
+    if name in ("t5", "bart"):
         return {"logits": out.logits, "encoder_last_hidden_state": out.encoder_last_hidden_state}
     return {"logits": out.logits}
 
@@ -275,11 +330,11 @@ def _one_batch(name: str, generator: torch.Generator, rows: int) -> Batch:
                 "next_sentence_label": randint(2, rows),
             },
         }
-    if name in ("gpt2", "llama"):
+    if name in ("gpt2", "llama", "falcon", "bloom"):
         ids = randint(HF_VOCAB, rows, HF_SEQ)
         # labels are the ids (the model shifts them), passed as a separate tensor
         return {"args": [], "kwargs": {"input_ids": ids, "labels": ids.clone()}}
-    if name == "t5":
+    if name in ("t5", "bart"):
         # labels from 1: no -100 / padding, every target position counts
         ids, labels = randint(HF_VOCAB, rows, HF_SEQ), 1 + randint(HF_VOCAB - 1, rows, HF_SEQ // 2)
         return {"args": [], "kwargs": {"input_ids": ids, "labels": labels}}
