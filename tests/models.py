@@ -24,7 +24,7 @@ transformers.logging.set_verbosity_error()
 
 Batch = dict[str, Any]  # {"args": list[Any], "kwargs": dict[str, Any]}
 
-MODEL_NAMES = ("mlp", "skip_tied", "bert", "gpt2", "llama", "t5", "falcon", "bloom", "bart")
+MODEL_NAMES = ("mlp", "skip_tied", "bert", "gpt2", "llama", "t5", "falcon", "bloom", "bart", "vit")
 
 # Sizes of the inputs (kept tiny: the equivalence tests run 4 ranks on 2 CPU cores).
 MLP_IN, MLP_WIDTH, MLP_OUT, MLP_LINEARS = 16, 32, 4, 6
@@ -227,6 +227,26 @@ def bart(seed: int) -> nn.Module:
     return transformers.BartForConditionalGeneration(config)
 
 
+VIT_IMAGE, VIT_CLASSES = 16, 10
+
+
+def vit(seed: int) -> nn.Module:
+    """A vision transformer: float pixel input, convolutional patch embedding, class token, classifier."""
+    config = transformers.ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=VIT_IMAGE,
+        patch_size=4,
+        num_labels=VIT_CLASSES,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    return transformers.ViTForImageClassification(config)
+
+
 FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     "mlp": mlp,
     "skip_tied": skip_tied,
@@ -237,6 +257,7 @@ FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     "falcon": falcon,
     "bloom": bloom,
     "bart": bart,
+    "vit": vit,
 }
 
 
@@ -334,6 +355,9 @@ def _one_batch(name: str, generator: torch.Generator, rows: int) -> Batch:
         ids = randint(HF_VOCAB, rows, HF_SEQ)
         # labels are the ids (the model shifts them), passed as a separate tensor
         return {"args": [], "kwargs": {"input_ids": ids, "labels": ids.clone()}}
+    if name == "vit":
+        pixels = randn(rows, 3, VIT_IMAGE, VIT_IMAGE)
+        return {"args": [], "kwargs": {"pixel_values": pixels, "labels": randint(VIT_CLASSES, rows)}}
     if name in ("t5", "bart"):
         # labels from 1: no -100 / padding, every target position counts
         ids, labels = randint(HF_VOCAB, rows, HF_SEQ), 1 + randint(HF_VOCAB - 1, rows, HF_SEQ // 2)
@@ -394,7 +418,11 @@ def call(model: Callable[..., Any], batch: Batch) -> Any:
 
 
 # Where the float input that can require grad sits in each model's batch (for the input-gradient tests).
-INPUT_GRAD_LOCATION: dict[str, tuple[str, int | str]] = {"mlp": ("args", 0), "skip_tied": ("args", 1)}
+INPUT_GRAD_LOCATION: dict[str, tuple[str, int | str]] = {
+    "mlp": ("args", 0),
+    "skip_tied": ("args", 1),
+    "vit": ("kwargs", "pixel_values"),
+}
 
 
 def batch_input(batch: Batch, location: tuple[str, int | str]) -> torch.Tensor:
