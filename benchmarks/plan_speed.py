@@ -39,16 +39,21 @@ def _transformers() -> Any:
     return transformers
 
 
+def _causal_lm(model_class: str, config_class: str, seq: int, **config: Any) -> tuple[Any, ...]:
+    """A Hugging Face causal language model built on meta from `config`, called on `seq` tokens."""
+    transformers = _transformers()
+    with torch.device("meta"):
+        model = getattr(transformers, model_class)(
+            getattr(transformers, config_class)(**config, use_cache=False)
+        )
+    ids = torch.zeros(1, seq, dtype=torch.long, device="meta")
+    return model, (), {"input_ids": ids, "labels": ids}
+
+
 def gpt3_175b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
     """GPT-3 175B shape: 96 layers x 12288, 96 heads, 2048 tokens, vocab 50257 (on meta)."""
-    transformers = _transformers()
-    config = transformers.GPT2Config(
-        n_layer=96, n_embd=12288, n_head=96, n_positions=2048, vocab_size=50257, use_cache=False
-    )
-    with torch.device("meta"):
-        model = transformers.GPT2LMHeadModel(config)
-    ids = torch.zeros(1, 2048, dtype=torch.long, device="meta")
-    return model, (), {"input_ids": ids, "labels": ids}
+    shape = dict(n_layer=96, n_embd=12288, n_head=96, n_positions=2048, vocab_size=50257)
+    return _causal_lm("GPT2LMHeadModel", "GPT2Config", 2048, **shape)
 
 
 def t5_11b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
@@ -133,21 +138,9 @@ GPT3_CLUSTER = dict(
 def llama2_70b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
     """Llama 2 70B shape: 80 layers x 8192, 64 query heads sharing 8 key/value heads, SwiGLU 28672, 4096 tokens,
     vocab 32000, untied head (on meta)."""
-    transformers = _transformers()
-    config = transformers.LlamaConfig(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        use_cache=False,
-    )
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
-    ids = torch.zeros(1, 4096, dtype=torch.long, device="meta")
-    return model, (), {"input_ids": ids, "labels": ids}
+    shape = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+    shape.update(num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
+    return _causal_lm("LlamaForCausalLM", "LlamaConfig", 4096, **shape)
 
 
 CASES = {

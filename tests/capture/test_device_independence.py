@@ -6,14 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import models
 import pytest
 import torch
-import transformers
 from torch import nn
 
 from rannc.capture import capture
-
-transformers.logging.set_verbosity_error()
 
 
 class Indexing(nn.Module):
@@ -35,19 +33,18 @@ class Indexing(nn.Module):
         return self.proj(hidden).sum() + picked.sum()
 
 
-def _captures(
-    make: Callable[[], nn.Module], inputs: Callable[[str], dict[str, torch.Tensor]]
-) -> tuple[Any, Any]:
+def _captures(make: Callable[[], nn.Module], kwargs: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+    """(CPU capture, meta capture) of the module `make` builds, called with `kwargs`."""
     torch.manual_seed(0)
-    cpu = capture(make(), (), inputs("cpu"))
+    cpu = capture(make(), (), kwargs)
     with torch.device("meta"):
         model = make()
-    return cpu, capture(model, (), inputs("meta"))
+    return cpu, capture(model, (), {key: value.to("meta") for key, value in kwargs.items()})
 
 
 def test_numbers_and_lists_in_indexing_capture_the_same_graph_on_meta_and_cpu() -> None:
     ids = torch.randint(0, 32, (4, 6), generator=torch.Generator().manual_seed(0))
-    cpu, meta = _captures(Indexing, lambda device: {"ids": ids.to(device)})
+    cpu, meta = _captures(Indexing, {"ids": ids})
     assert meta.graph_hash == cpu.graph_hash
     # the numbers and the list indices are real constants in both graphs, not meta tensors
     assert sorted(meta.constants) == sorted(cpu.constants) and len(cpu.constants) == 4
@@ -55,64 +52,9 @@ def test_numbers_and_lists_in_indexing_capture_the_same_graph_on_meta_and_cpu() 
         assert value.device.type == "cpu" and torch.equal(value, cpu.constants[name])
 
 
-VOCAB, SEQ = 128, 16
-_HF_MODELS: dict[str, Callable[[], nn.Module]] = {
-    "t5": lambda: transformers.T5ForConditionalGeneration(
-        transformers.T5Config(
-            vocab_size=VOCAB,
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            use_cache=False,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-        )
-    ),
-    "falcon": lambda: transformers.FalconForCausalLM(
-        transformers.FalconConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, use_cache=False
-        )
-    ),
-    "bloom": lambda: transformers.BloomForCausalLM(
-        transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2, use_cache=False)
-    ),
-    "mistral": lambda: transformers.MistralForCausalLM(
-        transformers.MistralConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=SEQ,
-            use_cache=False,
-        )
-    ),
-    "bart": lambda: transformers.BartForConditionalGeneration(
-        transformers.BartConfig(
-            vocab_size=VOCAB,
-            d_model=32,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            max_position_embeddings=SEQ,
-            use_cache=False,
-        )
-    ),
-}
-
-
-@pytest.mark.parametrize("name", sorted(_HF_MODELS))
+@pytest.mark.parametrize("name", ["t5", "bart", "falcon", "bloom", "llama"])
 def test_hugging_face_models_capture_the_same_graph_on_meta_and_cpu(name: str) -> None:
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, VOCAB, (2, SEQ), generator=generator)
-    labels = ids if name not in ("t5", "bart") else ids[:, : SEQ // 2].clone()
-    cpu, meta = _captures(
-        _HF_MODELS[name], lambda device: {"input_ids": ids.to(device), "labels": labels.to(device)}
-    )
+    """T5 and BART assign numbers, Falcon indexes with lists; BLOOM and Llama build masks and positions."""
+    batch = models.make_batches(name, 0, 1, 2)[0]
+    cpu, meta = _captures(lambda: models.build(name, 0), batch["kwargs"])
     assert meta.graph_hash == cpu.graph_hash
