@@ -121,18 +121,19 @@ def gpt3_175b_torch() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]
     return model, (ids, ids), {}
 
 
+def cluster(world: int, gib: int, batch: int, device: str, **more: Any) -> dict[str, Any]:
+    """plan_offline's cluster arguments: `world` devices of `gib` GiB, a global batch of `batch`, bf16 compute,
+    and `more` of them."""
+    wanted = dict(
+        world_size=world, device_memory_bytes=gib * GIB, global_batch=batch, device=device, dtype="bf16"
+    )
+    return wanted | more
+
+
 # The issue's GPT-3 run: 1024 H100s. ZeRO-1: without it the state alone (fp32 master weights, gradients and Adam:
 # 16 B per parameter, 2.8 TB) plus the microbatches a 1F1B pipeline keeps needs >= 103 GiB per device; rannc plan
 # says so.
-GPT3_CLUSTER = dict(
-    world_size=1024,
-    device_memory_bytes=80 * GIB,
-    global_batch=1536,
-    device="h100-80gb",
-    gpus_per_node=8,
-    dtype="bf16",
-    zero=True,
-)
+GPT3_CLUSTER = cluster(1024, 80, 1536, "h100-80gb", gpus_per_node=8, zero=True)
 
 
 def llama2_70b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
@@ -145,26 +146,11 @@ def llama2_70b() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
 
 CASES = {
     "gpt3-175b": dict(factory=gpt3_175b, **GPT3_CLUSTER),
-    "t5-11b": dict(
-        factory=t5_11b,
-        world_size=32,
-        device_memory_bytes=40 * GIB,
-        global_batch=128,
-        device="a100-40gb",
-        dtype="bf16",
-    ),
+    "t5-11b": dict(factory=t5_11b, **cluster(32, 40, 128, "a100-40gb")),
     "gpt3-175b-torch": dict(factory=gpt3_175b_torch, **GPT3_CLUSTER),
     # a model of another family: grouped-query attention, rotary positions, SwiGLU; 2M tokens a step on 256 H100s
-    "llama2-70b": dict(
-        factory=llama2_70b,
-        world_size=256,
-        device_memory_bytes=80 * GIB,
-        global_batch=512,
-        device="h100-80gb",
-        gpus_per_node=8,
-        dtype="bf16",
-        zero=False,
-    ),
+    # (fits 80 GiB without ZeRO)
+    "llama2-70b": dict(factory=llama2_70b, **cluster(256, 80, 512, "h100-80gb", gpus_per_node=8)),
 }
 
 
