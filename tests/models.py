@@ -106,145 +106,85 @@ def skip_tied(seed: int) -> SkipTiedModel:
     return SkipTiedModel()
 
 
-def bert(seed: int) -> nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=HF_VOCAB,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+# Small sizes in the names most Hugging Face configs use; no dropout anywhere (the comparisons are exact).
+_SIZES = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4)
+_SEQ2SEQ_SIZES = dict(
+    encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4
+)
+VIT_IMAGE, VIT_CLASSES = 16, 10
+
+
+def _hugging_face(model_class: str, config_class: str, seed: int, **config: Any) -> nn.Module:
+    """transformers' `model_class` of `config_class(**config)`, weights from `seed`."""
+    built = getattr(transformers, config_class)(**config)
     torch.manual_seed(seed)
-    return transformers.BertForPreTraining(config)
+    return getattr(transformers, model_class)(built)
+
+
+def bert(seed: int) -> nn.Module:
+    size = dict(vocab_size=HF_VOCAB, **_SIZES, intermediate_size=128, max_position_embeddings=64)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _hugging_face("BertForPreTraining", "BertConfig", seed, **size, **no_dropout)
 
 
 def gpt2(seed: int) -> nn.Module:
-    config = transformers.GPT2Config(
-        vocab_size=HF_VOCAB,
-        n_positions=64,
-        n_embd=64,
-        n_layer=4,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    return transformers.GPT2LMHeadModel(config)
+    size = dict(vocab_size=HF_VOCAB, n_positions=64, n_embd=64, n_layer=4, n_head=4)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return _hugging_face("GPT2LMHeadModel", "GPT2Config", seed, **size, **no_dropout, use_cache=False)
 
 
 def llama(seed: int) -> nn.Module:
     """A Llama-architecture model: rotary positions, grouped-query attention (4 heads sharing 2 key/value heads),
     RMSNorm and a gated SiLU feed-forward, with an untied head."""
-    config = transformers.LlamaConfig(
-        vocab_size=HF_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=HF_SEQ,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config)
+    size = dict(vocab_size=HF_VOCAB, **_SIZES, intermediate_size=128, max_position_embeddings=HF_SEQ)
+    shape = dict(num_key_value_heads=2, tie_word_embeddings=False)
+    return _hugging_face("LlamaForCausalLM", "LlamaConfig", seed, **size, **shape, use_cache=False)
 
 
 def t5(seed: int) -> nn.Module:
     """An encoder-decoder: the encoder's output feeds the cross-attention of every decoder layer, so it crosses
     every later stage boundary; embeddings are shared by encoder, decoder and head."""
-    config = transformers.T5Config(
-        vocab_size=HF_VOCAB,
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        use_cache=False,
-        decoder_start_token_id=0,
-        pad_token_id=0,
+    size = dict(
+        vocab_size=HF_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4
     )
-    torch.manual_seed(seed)
-    return transformers.T5ForConditionalGeneration(config)
+    tokens = dict(decoder_start_token_id=0, pad_token_id=0)
+    return _hugging_face(
+        "T5ForConditionalGeneration", "T5Config", seed, **size, **tokens, dropout_rate=0.0, use_cache=False
+    )
 
 
 def falcon(seed: int) -> nn.Module:
     """Falcon: one fused query/key/value projection split by list indices, multi-query attention, parallel
     attention and MLP."""
-    config = transformers.FalconConfig(
-        vocab_size=HF_VOCAB,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    return transformers.FalconForCausalLM(config)
+    config = dict(vocab_size=HF_VOCAB, **_SIZES, hidden_dropout=0.0, attention_dropout=0.0, use_cache=False)
+    return _hugging_face("FalconForCausalLM", "FalconConfig", seed, **config)
 
 
 def bloom(seed: int) -> nn.Module:
     """BLOOM: ALiBi position biases built from the attention mask, embedding layer norm, tied head."""
-    config = transformers.BloomConfig(
-        vocab_size=HF_VOCAB,
-        hidden_size=64,
-        n_layer=4,
-        n_head=4,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    return transformers.BloomForCausalLM(config)
+    config = dict(vocab_size=HF_VOCAB, **_SIZES, hidden_dropout=0.0, attention_dropout=0.0, use_cache=False)
+    return _hugging_face("BloomForCausalLM", "BloomConfig", seed, **config)
 
 
 def bart(seed: int) -> nn.Module:
     """BART: an encoder-decoder with learned positions and a final logits bias buffer."""
-    config = transformers.BartConfig(
+    size = dict(
         vocab_size=HF_VOCAB,
         d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
         encoder_ffn_dim=128,
         decoder_ffn_dim=128,
         max_position_embeddings=HF_SEQ,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        use_cache=False,
     )
-    torch.manual_seed(seed)
-    return transformers.BartForConditionalGeneration(config)
-
-
-VIT_IMAGE, VIT_CLASSES = 16, 10
+    no_dropout = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    config = dict(**_SEQ2SEQ_SIZES, **size, **no_dropout, use_cache=False)
+    return _hugging_face("BartForConditionalGeneration", "BartConfig", seed, **config)
 
 
 def vit(seed: int) -> nn.Module:
     """A vision transformer: float pixel input, convolutional patch embedding, class token, classifier."""
-    config = transformers.ViTConfig(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=128,
-        image_size=VIT_IMAGE,
-        patch_size=4,
-        num_labels=VIT_CLASSES,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(seed)
-    return transformers.ViTForImageClassification(config)
+    image = dict(image_size=VIT_IMAGE, patch_size=4, num_labels=VIT_CLASSES, intermediate_size=128)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _hugging_face("ViTForImageClassification", "ViTConfig", seed, **_SIZES, **image, **no_dropout)
 
 
 FACTORIES: dict[str, Callable[[int], nn.Module]] = {
