@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,19 @@ def test_show(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: p
     out = capsys.readouterr().out
     assert "embed .. layers.0" in out and "layers.1 .. head" in out
     assert "schedule fill_drain" in out and "80.0 samples/s" in out
+
+
+def test_show_names_a_stage_of_top_level_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage whose ops all come from the wrapped model's own forward (no submodule) is named as such."""
+    monkeypatch.setenv("COLUMNS", "200")
+    path = tmp_path / "d.json"
+    save_deployment(
+        dataclasses.replace(_deployment(), stage_module_ranges=[("", ""), ("layers.1", "head")]), path
+    )
+    assert main(["show", str(path)]) == 0
+    assert "(top-level code)" in capsys.readouterr().out
 
 
 def test_show_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

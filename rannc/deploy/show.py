@@ -29,6 +29,9 @@ def _modules(deployment: Deployment, index: int) -> str:
     first = last = ""
     if deployment.stage_module_ranges:
         first, last = deployment.stage_module_ranges[index]
+        if not first and not last:
+            # ops of the wrapped model's own forward, outside every submodule (T5's decoder-input shift)
+            return "(top-level code)"
     elif deployment.block_names:
         stage = deployment.plan.stages[index]
         first, last = deployment.block_names[stage.first_block], deployment.block_names[stage.last_block]
