@@ -24,7 +24,7 @@ transformers.logging.set_verbosity_error()
 
 Batch = dict[str, Any]  # {"args": list[Any], "kwargs": dict[str, Any]}
 
-MODEL_NAMES = ("mlp", "skip_tied", "bert", "gpt2", "llama", "t5", "falcon", "bloom", "bart", "vit")
+MODEL_NAMES = ("mlp", "skip_tied", "bert", "gpt2", "llama", "t5", "falcon", "bloom", "bart", "vit", "mixtral")
 
 # Sizes of the inputs (kept tiny: the equivalence tests run 4 ranks on 2 CPU cores).
 MLP_IN, MLP_WIDTH, MLP_OUT, MLP_LINEARS = 16, 32, 4, 6
@@ -187,6 +187,13 @@ def vit(seed: int) -> nn.Module:
     return _hugging_face("ViTForImageClassification", "ViTConfig", seed, **_SIZES, **image, **no_dropout)
 
 
+def mixtral(seed: int) -> nn.Module:
+    """A mixture of experts: each token routed to 2 of 4 expert MLPs by a learned router (data-dependent)."""
+    size = dict(vocab_size=HF_VOCAB, **_SIZES, intermediate_size=128, max_position_embeddings=HF_SEQ)
+    experts = dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)
+    return _hugging_face("MixtralForCausalLM", "MixtralConfig", seed, **size, **experts, use_cache=False)
+
+
 FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     "mlp": mlp,
     "skip_tied": skip_tied,
@@ -198,6 +205,7 @@ FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     "bloom": bloom,
     "bart": bart,
     "vit": vit,
+    "mixtral": mixtral,
 }
 
 
@@ -291,7 +299,7 @@ def _one_batch(name: str, generator: torch.Generator, rows: int) -> Batch:
                 "next_sentence_label": randint(2, rows),
             },
         }
-    if name in ("gpt2", "llama", "falcon", "bloom"):
+    if name in ("gpt2", "llama", "falcon", "bloom", "mixtral"):
         ids = randint(HF_VOCAB, rows, HF_SEQ)
         # labels are the ids (the model shifts them), passed as a separate tensor
         return {"args": [], "kwargs": {"input_ids": ids, "labels": ids.clone()}}
