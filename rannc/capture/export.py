@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -88,11 +89,14 @@ def capture(
     ]
     small_args, small_kwargs = call.unflatten(leaves)
     dynamic_shapes = dynamic_shapes_for(small_args, small_kwargs, Dim("batch", min=1), model.forward)
+    on_meta = home.type == "meta" or any(isinstance(v, torch.Tensor) and v.is_meta for v in leaves)
+    # only meta needs it, and a mode costs every torch call
+    indexing = _IndexingAsOnDevices() if on_meta else contextlib.nullcontext()
     started = time.perf_counter()
     try:
         # The math attention backend gives the same graph on every device (fused kernels return other
         # strides, which exported views then depend on); training still runs the fastest kernel.
-        with sdpa_kernel([SDPBackend.MATH]), _IndexingAsOnDevices(), warnings.catch_warnings():
+        with sdpa_kernel([SDPBackend.MATH]), indexing, warnings.catch_warnings():
             # torch's own export code trips its pytree deprecation (nothing a user can act on)
             warnings.filterwarnings(
                 "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
