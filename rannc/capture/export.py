@@ -137,12 +137,24 @@ class _IndexingAsOnDevices(torch.overrides.TorchFunctionMode):
 
 
 def _cpu_list_indices(index: Any) -> Any:
-    """`index` with every list of whole numbers (an advanced index) as a CPU int64 tensor."""
+    """`index` with every (nested) list of whole numbers or of booleans (an advanced index) as the CPU int64 or
+    bool tensor torch makes of it; lists holding anything else (slices, tensors: torch reads those as a tuple)
+    are left alone."""
     if isinstance(index, tuple):
         return tuple(_cpu_list_indices(part) for part in index)
-    if isinstance(index, list) and index and all(type(i) is int for i in index):
-        return torch.tensor(index, dtype=torch.long, device="cpu")
+    if isinstance(index, list) and index:
+        kinds = _leaf_types(index)
+        if kinds in ({int}, {bool}):
+            return torch.tensor(index, dtype=torch.long if kinds == {int} else torch.bool, device="cpu")
     return index
+
+
+def _leaf_types(items: list[Any]) -> set[type]:
+    """The exact types of the non-list values in a nested list."""
+    found: set[type] = set()
+    for item in items:
+        found |= _leaf_types(item) if isinstance(item, list) else {type(item)}
+    return found
 
 
 def _explain_export_failure(exc: Exception) -> str:

@@ -15,8 +15,8 @@ from rannc.capture import capture
 
 
 class Indexing(nn.Module):
-    """Assigns Python numbers into tensors (like T5's decoder-input shift) and indexes with Python lists (like
-    Falcon's fused query/key/value split)."""
+    """Assigns Python numbers into tensors (like T5's decoder-input shift) and indexes with Python lists of
+    numbers, nested lists and lists of booleans (like Falcon's fused query/key/value split)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -29,8 +29,9 @@ class Indexing(nn.Module):
         shifted[:, 0] = 5
         hidden = self.embed(shifted)
         hidden[:, -1] = 0.5
-        picked = hidden[:, :, [0, -2]] + hidden[[0, 0]].sum()
-        return self.proj(hidden).sum() + picked.sum()
+        picked = hidden[:, :, [0, -2]] + hidden[[0, 0]].sum() + hidden[:, [[0, 1], [2, 3]]].sum()
+        masked = hidden[:, :, [True, False] * 4]
+        return self.proj(hidden).sum() + picked.sum() + masked.sum()
 
 
 def _captures(make: Callable[[], nn.Module], kwargs: dict[str, torch.Tensor]) -> tuple[Any, Any]:
@@ -47,7 +48,7 @@ def test_numbers_and_lists_in_indexing_capture_the_same_graph_on_meta_and_cpu() 
     cpu, meta = _captures(Indexing, {"ids": ids})
     assert meta.graph_hash == cpu.graph_hash
     # the numbers and the list indices are real constants in both graphs, not meta tensors
-    assert sorted(meta.constants) == sorted(cpu.constants) and len(cpu.constants) == 4
+    assert sorted(meta.constants) == sorted(cpu.constants) and len(cpu.constants) == 6
     for name, value in meta.constants.items():
         assert value.device.type == "cpu" and torch.equal(value, cpu.constants[name])
 
