@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +34,8 @@ def keep_freed_host_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     done = [
@@ -58,13 +55,19 @@ def return_freed_host_memory() -> bool:
     what later phases allocate then counts once, not on top of free memory the process still holds. Returns
     whether it ran (False on other C libraries, or after keep_freed_host_memory, which keeps memory on
     purpose)."""
-    if _applied or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = None if _applied else _glibc_function("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
+
+
+def _glibc_function(name: str) -> Any:
+    """glibc's function `name` (through ctypes), or None off Linux or in C libraries without it (musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
