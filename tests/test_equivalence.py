@@ -104,7 +104,7 @@ GROUPS: dict[str, tuple[int, list[Case]]] = {
             Case("t5-w4-p4-adamw-mb2", "t5", "adamw", ADAMW_HF_LR, 2, 8, 4, 2),
         ],
     ),
-    "mlp2": (
+    "models2": (  # the small MLP and the Hugging Face models, 2 ranks
         2,
         [
             Case("mlp-w2-p2-adamw-mb2", "mlp", "adamw", ADAMW_LR, 3, 8, 2, 2),
