@@ -45,7 +45,11 @@ T5 11B (the issue's `rannc plan` case: 24 + 24 layers, d_ff 65536, 128 heads of 
 mT5-large is T5 with the multilingual 250k vocabulary (untied LM head, gated-GELU feed-forward): T5's encoder /
 decoder asymmetry plus a head that takes about a tenth of the step's compute.
 
-Run:  python benchmarks/peer_rules.py           (GPT-2 250k vocab, T5-large, mT5-large, GPT-2 small, T5 11B; ~2 min)
+T5-3B (24 + 24 layers, d_ff 16384, 32 heads of 128) runs on the default cluster, whose device limit alone forces
+about 5 stages: a heterogeneous model at its real size, with no synthetic memory limit.
+
+Run:  python benchmarks/peer_rules.py           (GPT-2 250k vocab, T5-large, mT5-large, T5-3B, GPT-2 small, T5 11B;
+                                                 ~2.5 min)
       python benchmarks/peer_rules.py --quick   (smaller models, ~30 s)
 """
 
@@ -163,6 +167,9 @@ def full_models() -> list[ModelSpec]:
             feed_forward_proj="gated-gelu",
             tie_word_embeddings=False,
         ),
+        # T5-3B (24 + 24 layers, d_ff 16384, 32 heads of 128) on the default cluster: its device limit alone
+        # forces a pipeline, no synthetic limit needed
+        t5_spec("t5-3b", 1024, 16384, 32, 24, 512, 128, 128, d_kv=128),
         gpt2_spec("gpt2-small", 12, 768, 12, 50_257, 1024, 64, False),
         # the issue's T5 case: 11B parameters on 32 x A100 40 GiB
         t5_spec("t5-11b", 1024, 65536, 128, 24, 512, 128, 128, d_kv=128, cluster=("a100-40gb", 40.0, 32)),
