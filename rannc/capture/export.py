@@ -16,8 +16,10 @@ import torch.fx as fx
 from torch.export import Dim, export
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import CaptureError
+from .functional import dropout_as_native, is_functional
 from .inputs import FlatCall, dynamic_shapes_for, tile_rows
 from .modes import autocast_state, make_mode_switchable
 
@@ -107,7 +109,10 @@ def capture(
                 dict(small_kwargs),
                 dynamic_shapes=dynamic_shapes,
                 strict=False,
-            ).run_decompositions({})
+            )
+            # autocast acts below the training IR: only the retrace records its casts
+            if _autocast_on() or not is_functional(program):
+                program = program.run_decompositions({})
     except Exception as exc:  # torch raises many types; all mean "cannot capture"
         raise CaptureError(_explain_export_failure(exc)) from exc
     logger.info("captured %s with torch.export in %.2fs", type(model).__name__, time.perf_counter() - started)
@@ -131,7 +136,7 @@ class _IndexingAsOnDevices(torch.overrides.TorchFunctionMode):
             target, index, *rest = args
             index = _cpu_list_indices(index)
             if rest and isinstance(rest[0], bool | int | float):
-                rest[0] = torch.tensor(rest[0], dtype=target.dtype, device="cpu")
+                rest[0] = _cpu_constant(rest[0], target.dtype)
             args = (target, index, *rest)
         return func(*args, **kwargs)
 
@@ -145,8 +150,16 @@ def _cpu_list_indices(index: Any) -> Any:
     if isinstance(index, list) and index:
         kinds = _leaf_types(index)
         if kinds in ({int}, {bool}):
-            return torch.tensor(index, dtype=torch.long if kinds == {int} else torch.bool, device="cpu")
+            return _cpu_constant(index, torch.long if kinds == {int} else torch.bool)
     return index
+
+
+def _cpu_constant(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of `value` made as CPU and CUDA indexing make it: outside the trace, then lifted into it
+    (torch.tensor inside the trace would record a detach_ as well)."""
+    with _disable_current_modes():
+        tensor = torch.tensor(value, dtype=dtype, device="cpu")
+    return torch.ops.aten.lift_fresh.default(tensor)
 
 
 def _leaf_types(items: list[Any]) -> set[type]:
@@ -223,7 +236,9 @@ def _from_program(model: torch.nn.Module, program: Any, call: FlatCall) -> Captu
                 "avoid in-place updates of inputs or parameters inside forward()"
             )
 
-    _drop_assertions(gm)
+    _copy_constants_where_used(gm)
+    dropout_as_native(gm)
+    _drop_assertions(gm)  # recompiles the graph for all three
     if model.training:
         make_mode_switchable(gm)
     batch_symbol = _batch_symbol(gm, user_inputs)
@@ -258,6 +273,23 @@ def _drop_assertions(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code()
     _forget_erased_nodes(gm.graph)
     gm.recompile()
+
+
+def _autocast_on() -> bool:
+    return any(enabled for _, enabled, _ in autocast_state())
+
+
+def _copy_constants_where_used(gm: fx.GraphModule) -> None:
+    """Move each copy of a lifted constant to just before its first use.
+
+    Where a constant made by indexing is copied depends on the device: on CPU and CUDA inside the indexing op
+    (after its slices), on meta (made as CPU does, see `_IndexingAsOnDevices`) before it. One place for both
+    keeps the graphs, and their hashes, the same.
+    """
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten.lift_fresh_copy.default and node.users:
+            min(node.users, key=order.__getitem__).prepend(node)
 
 
 def _forget_erased_nodes(graph: fx.Graph) -> None:

@@ -75,10 +75,27 @@ def batch_norm(
     return out, save_mean, save_rstd, running_mean.clone(), running_var.clone()
 
 
+def _switchable_dropout(op: Any) -> Any:
+    """`op` (a dropout variant taking (x, p, train)) that is the identity in eval mode."""
+
+    def dropout(x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+        return op(x, p, True) if train and is_training() else x.clone()
+
+    dropout.__name__ = op.overloadpacket.__name__
+    return dropout
+
+
 _SWITCHABLE: dict[Any, Any] = {
     torch.ops.aten.native_dropout.default: native_dropout,
     torch.ops.aten._native_batch_norm_legit_functional.default: batch_norm,
 }
+# kept whole in an unretraced graph (see capture.functional); aten.dropout itself becomes native_dropout there
+for _op in (
+    torch.ops.aten.feature_dropout,
+    torch.ops.aten.alpha_dropout,
+    torch.ops.aten.feature_alpha_dropout,
+):
+    _SWITCHABLE[_op.default] = _switchable_dropout(_op.default)
 
 
 def make_mode_switchable(gm: fx.GraphModule) -> int:

@@ -234,7 +234,12 @@ class _MetaRunner(fx.Interpreter):
 
     def _attention(self, q: Any, k: Any, v: Any, attn_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
         val = self.node.meta.get("val") if self.node is not None else None
-        like = _from_val(val, self.bindings)  # the captured output layout (later views rely on it)
+        like = _from_val(val, self.bindings)
+        if _is_tensor(like) and like.dim() == 4:
+            # flash and memory-efficient kernels (CPU and CUDA) lay the output out as (batch, seq, heads, dim):
+            # then `transpose(1, 2).contiguous()` copies nothing, and the estimate must not count a copy either
+            batch, heads, seq, dim = like.shape
+            like = like.new_empty((batch, seq, heads, dim)).transpose(1, 2)
         return _FusedAttention.apply(self.costs, like, q, k, v, attn_mask)
 
 
