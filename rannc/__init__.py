@@ -7,7 +7,7 @@ from .errors import CaptureError, ConfigError, DeploymentError, InputError, Plan
 from .module import RaNNCModule
 from .runtime.dist import barrier, get_rank, get_world_size
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CaptureError",

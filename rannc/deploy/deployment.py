@@ -366,10 +366,16 @@ def load_deployment(
         raise _corrupted(path, exc) from exc
     deployment = deployment_from_json(data, str(path))
     if expected_graph_hash is not None and deployment.graph_hash != expected_graph_hash:
+        ours = _default_created_by()
+        other_version = (
+            f" It was made by {deployment.created_by} and this is {ours}, whose captured graphs may differ."
+            if deployment.created_by != ours
+            else ""
+        )
         raise DeploymentError(
             f"deployment file {path} was made for another model or other input shapes "
             f"(graph hash {deployment.graph_hash}, this model has {expected_graph_hash}); "
-            "delete it or point deployment_file elsewhere to re-plan"
+            f"delete it or point deployment_file elsewhere to re-plan.{other_version}"
         )
     if expected_world_size is not None and deployment.world_size != expected_world_size:
         raise DeploymentError(

@@ -202,7 +202,17 @@ def test_bool_is_not_a_number(saved: Path) -> None:
 
 
 def test_graph_hash_mismatch(saved: Path) -> None:
-    with pytest.raises(DeploymentError, match="made for another model or other input shapes.*re-plan"):
+    with pytest.raises(
+        DeploymentError, match="made for another model or other input shapes.*re-plan"
+    ) as raised:
+        load_deployment(saved, expected_graph_hash="ffff")
+    assert "made by" not in str(raised.value)  # same rannc: nothing about versions
+
+
+def test_graph_hash_mismatch_names_another_rannc_version(saved: Path) -> None:
+    """A file from another rannc version may hold the graph hash of another capture: the error says so."""
+    edit(saved, lambda d: d.update(created_by="rannc 0.0.1"))
+    with pytest.raises(DeploymentError, match=r"re-plan\. It was made by rannc 0\.0\.1 and this is rannc "):
         load_deployment(saved, expected_graph_hash="ffff")
 
 
