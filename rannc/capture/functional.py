@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.export import ExportedProgram
 from torch.export.graph_signature import OutputKind
 
 aten = torch.ops.aten
@@ -32,7 +33,7 @@ _HIDDEN_MUTATIONS = {
 _PYTHON_MODULES = {"_operator", "operator", "math", "builtins"}
 
 
-def is_functional(program: Any) -> bool:
+def is_functional(program: ExportedProgram) -> bool:
     """Whether the exported program's graph is functional aten: no mutation, hidden or declared, and no
     higher-order op, with only user outputs."""
     if any(spec.kind != OutputKind.USER_OUTPUT for spec in program.graph_signature.output_specs):
