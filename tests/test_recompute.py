@@ -10,8 +10,8 @@ from distributed_helpers import run_workers
 import rannc
 
 
-def recompute_worker(rank: int, world: int, cache: str, schedule: str) -> dict | None:
-    model = models.build("skip_tied", 0)
+def two_stages(model: torch.nn.Module, cache: str, recompute: str, schedule: str = "auto") -> tuple:
+    """`model` wrapped on 2 stages x 2 microbatches with SGD; returns (wrapped, optimizer)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     wrapped = rannc.RaNNCModule(
         model,
@@ -20,11 +20,16 @@ def recompute_worker(rank: int, world: int, cache: str, schedule: str) -> dict |
         min_pipeline=2,
         max_pipeline=2,
         schedule=schedule,
-        recompute="always",
+        recompute=recompute,
         profile_iterations=1,
         show_progress=False,
         profile_cache_dir=cache,
     )
+    return wrapped, opt
+
+
+def recompute_worker(rank: int, world: int, cache: str, schedule: str) -> dict | None:
+    wrapped, opt = two_stages(models.build("skip_tied", 0), cache, "always", schedule)
     for batch in models.make_batches("skip_tied", 0, 2, 8):
         models.get_loss("skip_tied", models.call(wrapped, models.local_slice(batch, rank, world))).backward()
         opt.step()
@@ -57,19 +62,7 @@ def dropout_recompute_worker(rank: int, world: int, cache: str) -> list[dict[str
 
     runs: list[dict[str, object]] = []
     for recompute in ("never", "always", "never"):
-        model = fw.build("dropout")
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        wrapped = rannc.RaNNCModule(
-            model,
-            opt,
-            partition_num=2,
-            min_pipeline=2,
-            max_pipeline=2,
-            recompute=recompute,
-            profile_iterations=1,
-            show_progress=False,
-            profile_cache_dir=cache,
-        )
+        wrapped, opt = two_stages(fw.build("dropout"), cache, recompute)
         torch.manual_seed(1234 + rank)
         losses = []
         for batch in fw.make_batches("dropout", 3, 8):
