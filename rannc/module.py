@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import random
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
@@ -176,7 +178,8 @@ class RaNNCModule:
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         call = FlatCall.of(args, kwargs)
         if not self._ready:
-            self._setup(args, kwargs)
+            with untouched_random_state(self.device):  # capture and profiling draw random numbers
+                self._setup(args, kwargs)
             self._first_call = call
         self._check_call(call)
         self._steps += 1
@@ -393,6 +396,21 @@ class RaNNCModule:
                     dist.recv(buf, src=owner)
                     gathered[name] = buf.cpu()
         return gathered
+
+
+@contextlib.contextmanager
+def untouched_random_state(device: torch.device) -> Iterator[None]:
+    """Leave every random generator of the process as it was: torch's CPU and CUDA generators, Python's
+    `random` and NumPy's global one, so that a seeded script draws the same numbers wrapped or not."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _save_on_rank0(deployment: Deployment, path: str, world_size: int) -> None:

@@ -15,6 +15,8 @@ from .grad_sync import GradSync
 from .routes import OutputSpec, Route
 from .stage import LocalStage
 
+BUFFERS = "buffers"  # process groups of replicated stages that average written buffers (GroupCache purpose)
+
 
 @dataclasses.dataclass
 class Layout:
@@ -149,6 +151,16 @@ def build_local_stage(
             rank_sets.setdefault(ranks, []).append(name)
     grad_groups = [(ranks, sorted(names)) for ranks, names in rank_sets.items()]
     symints = {item.name: _meta(captured, item.name) for item in graph.inputs if item.kind == "symint"}
+    # Replicas write buffers from their own rows; a group per replicated stage averages them (created by every
+    # rank in the same order, as new_group requires).
+    replicated = [tuple(ranks) for ranks in stage_ranks if len(ranks) > 1]
+    if captured.buffer_mutations:
+        groups.create_all(replicated, BUFFERS)
+    buffer_group = (
+        groups.get(tuple(stage_ranks[index]), BUFFERS)
+        if mutations and tuple(stage_ranks[index]) in replicated
+        else None
+    )
     return LocalStage(
         index=index,
         replica=stage_ranks[index].index(rank),
@@ -165,6 +177,7 @@ def build_local_stage(
         batch_symbol=captured.batch_symbol,
         grad_sync=GradSync(grad_groups, groups, rank),
         device=device,
+        buffer_group=buffer_group,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,6 +39,42 @@ def _restored_rng(device: torch.device, state: Any) -> Iterator[None]:
         yield
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputGrads:
+    """The output gradients of an eager call as all ranks agreed on them."""
+
+    loss_scale: torch.Tensor | None  # the loss's gradient, averaged over the ranks; None: no rank sent one
+    others: bool  # some rank backpropagated through an output other than the loss
+
+
+@dataclasses.dataclass
+class CallStart:
+    """What a call's forwards started from: the random state and the buffers they write."""
+
+    rng: tuple[torch.Tensor, torch.Tensor | None]
+    buffers: dict[str, torch.Tensor]
+
+    @classmethod
+    def take(cls, stage: LocalStage) -> CallStart:
+        buffers = {node: buffer.detach().clone() for node, buffer in stage.mutations.items()}
+        return cls(_rng_state(stage.device), buffers)
+
+    @contextlib.contextmanager
+    def restored(self, stage: LocalStage) -> Iterator[None]:
+        """Run with this start's random state and buffers; afterwards both are as they were on entry."""
+        now = {node: buffer.detach().clone() for node, buffer in stage.mutations.items()}
+        with torch.no_grad():
+            for node, buffer in stage.mutations.items():
+                buffer.copy_(self.buffers[node])
+        try:
+            with _restored_rng(stage.device, self.rng):
+                yield
+        finally:
+            with torch.no_grad():
+                for node, buffer in stage.mutations.items():
+                    buffer.copy_(now[node])
+
+
 _LOCAL_INPUTS = ("param", "buffer", "constant", "user", "symint")  # graph inputs not received from a stage
 
 
@@ -66,6 +103,7 @@ class PipelineCall:
         *,
         training: bool = True,
         sync_grads: bool = True,
+        replay: bool = False,
     ) -> None:
         self.stage = stage
         self.training = training  # the module's train/eval mode for this call
@@ -105,6 +143,9 @@ class PipelineCall:
         ]
         self.last_backward = backwards[-1] if backwards else -1
         self.overlapped: OverlappedReduce | None = None  # the gradient reduce started in the last backward
+        self.replay = replay  # a second pass over an eager call's microbatches (see `replay_backward`)
+        # An eager call keeps what its forwards started from, to replay them if other outputs get gradients.
+        self.start = CallStart.take(stage) if mode == "eager" else None
 
     # ---- schedule ----------------------------------------------------------------------------------
     def actions(self) -> list[Action]:
@@ -125,6 +166,11 @@ class PipelineCall:
                 self._forward(action.microbatch) if action.kind == "F" else self._backward(action.microbatch)
         with tracer.span("wait_sends"):
             self.transfer.wait_sends()
+        if self.training and not self.replay:
+            with tracer.span("average_buffers"):
+                self.stage.average_written_buffers()
+        if self.replay:
+            return []
         if self.mode == "eager":
             with tracer.span("finish_backward"):
                 self._finish_backward()
@@ -158,6 +204,62 @@ class PipelineCall:
         tracer.dump(rank=self.stage.rank)
         return self.local_input_grads(1.0)
 
+    def agree_output_grads(self, grads: list[torch.Tensor | None]) -> OutputGrads:
+        """Eager mode: what the ranks' backwards brought, agreed by all ranks (one small all-reduce).
+
+        The loss's gradient becomes its mean over the ranks (DDP's average of the ranks' gradients), and every
+        rank learns whether any rank backpropagated through another output."""
+        flat = [spec for spec in self.stage.outputs if spec.node is not None]
+        loss: torch.Tensor | None = None
+        others = False
+        for spec, grad in zip(flat, grads):
+            if grad is None or spec.dtype is None or not spec.dtype.is_floating_point:
+                continue
+            if spec.kind == "mean" and loss is None:
+                loss = grad.detach().to(torch.float64).reshape(())
+            else:
+                others = True
+        local = torch.tensor(
+            [0.0 if loss is None else 1.0, 0.0, float(others)], dtype=torch.float64, device=self.stage.device
+        )
+        if loss is not None:
+            local[1] = loss
+        total = self._allreduce(local)
+        scale = total[1] / self.world if total[0] > 0 else None
+        return OutputGrads(scale, bool(total[2] > 0))
+
+    def replay_backward(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Eager mode, when outputs other than the loss received gradients: run the call's forwards again
+        (same random numbers, same buffer values, no outputs) and backpropagate those gradients fill-drain.
+
+        The first pass's graphs are gone by the time the user's backward arrives; replaying costs a second
+        forward and backward, only for calls that need it. Returns the input gradients of the second pass."""
+        assert self.start is not None
+        flat = [spec for spec in self.stage.outputs if spec.node is not None]
+        rest = [None if spec.kind == "mean" else grad for spec, grad in zip(flat, grads)]
+        replay = PipelineCall(
+            self.stage,
+            self.batch,
+            self.microbatches,
+            self.schedule,
+            "deferred",
+            training=self.training,
+            sync_grads=self.sync_grads,
+            replay=True,
+        )
+        replay.grad_leaf_names = self.grad_leaf_names
+        with self.start.restored(self.stage):
+            replay.run_forward()
+        return replay.run_backward(rest)
+
+    def discard_param_grads(self) -> None:
+        """Drop this call's parameter gradients; a reduce started during backward is still completed (every
+        replica started it)."""
+        overlapped, self.overlapped = self.overlapped, None
+        if overlapped is not None:
+            overlapped.finish()
+        self.param_grads = {}
+
     def apply_param_grads(self, scale: float | torch.Tensor) -> None:
         """Add this call's parameter gradients (times the output gradient) and sync them unless deferred."""
         overlapped, self.overlapped = self.overlapped, None
@@ -186,7 +288,12 @@ class PipelineCall:
         received = iter(self.transfer.recv_activations(self.received_routes, s.index, s.replica, i))
         for item in s.graph.inputs:
             if item.kind in ("param", "buffer", "constant"):
-                args.append(s.state[item.name])
+                value = s.state[item.name]
+                if grad and item.name in s.mutated_state:
+                    # autograd (and a recompute) keeps what this forward read; the write-back below must not
+                    # change it
+                    value = value.clone()
+                args.append(value)
             elif item.kind == "user":
                 value = self.inputs[item.name]
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -365,7 +472,9 @@ class PipelineCall:
                 total = torch.zeros(shape, dtype=spec.dtype, device=s.device)
                 if grad is not None:
                     total.narrow(spec.batch_dim, lo, hi - lo).copy_(grad)
-                self.out_grads[k] = self._allreduce(total)
+                # Each rank's rows carry the gradient of that rank's own loss; the mean over ranks is DDP's
+                # contract (and, for equal local batches, one process on the global batch).
+                self.out_grads[k] = self._allreduce(total).div_(self.world)
 
     # ---- gradients -----------------------------------------------------------------------------------
     def _finish_backward(self) -> None:

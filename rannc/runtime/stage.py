@@ -6,8 +6,10 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..graph.stage import StageGraph
+from .failures import guarded, wait_all
 from .grad_sync import GradSync, OverlappedReduce
 from .routes import OutputSpec, Route
 
@@ -31,6 +33,7 @@ class LocalStage:
     batch_symbol: Any
     grad_sync: GradSync
     device: torch.device
+    buffer_group: Any = None  # process group of this stage's replicas, to average written buffers (or None)
     recompute: bool = False  # keep only stage inputs per microbatch; run the forward again in backward
     overlap_grad_sync: bool = True  # reduce replica-shared gradients during the step's last backward
 
@@ -43,6 +46,9 @@ class LocalStage:
             if tensor.requires_grad:
                 unique.setdefault(canonical, tensor)
         self.trainable = unique  # canonical -> Parameter, deduplicated (tied weights appear once)
+        written = [id(buffer) for buffer in self.mutations.values()]
+        # buffer placeholders the forward writes back into (BatchNorm's running statistics, counters)
+        self.mutated_state = frozenset(name for name, tensor in self.state.items() if id(tensor) in written)
         self.pending: dict[str, torch.Tensor] = {}  # gradients computed here and not yet all-reduced
         self.after_sync: Any = None  # called once after the next gradient sync (verification mode)
         # (group, buckets) of the gradients shared with exactly this stage's replicas; None: there are none
@@ -90,6 +96,27 @@ class LocalStage:
         if self.after_sync is not None:
             callback, self.after_sync = self.after_sync, None
             callback()
+
+    def average_written_buffers(self) -> None:
+        """Make the replicas' written buffers equal again: floating ones (running statistics) become their mean
+        over the replicas, which for BatchNorm's momentum updates is the update by the mean of the replicas'
+        batch statistics; integer ones (counters) advance alike on every replica and are left as they are."""
+        if self.buffer_group is None:
+            return
+        floating = [b for b in self.mutations.values() if b.is_floating_point()]
+        if not floating:
+            return
+        flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in floating])
+        what = f"averaging the written buffers of stage {self.index} over its replicas"
+        with guarded(lambda: what):
+            work = dist.all_reduce(flat, group=self.buffer_group, async_op=True)
+        wait_all([work], lambda: what)
+        flat /= len(self.stage_ranks[self.index])
+        offset = 0
+        with torch.no_grad():
+            for buffer in floating:
+                buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+                offset += buffer.numel()
 
     @property
     def rank(self) -> int:

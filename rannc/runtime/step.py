@@ -37,32 +37,33 @@ class _PipelineFunction(torch.autograd.Function):
             )
         ctx.call = None
         if call.mode == "eager":
-            flat = [spec for spec in call.stage.outputs if spec.node is not None]
-            scale: torch.Tensor | None = None
-            for spec, grad in zip(flat, grads):
-                if grad is None:
-                    continue
-                if (
-                    spec.kind == "mean"
-                    and scale is None
-                    and spec.dtype is not None
-                    and spec.dtype.is_floating_point
-                ):
-                    scale = grad
-                    continue
-                raise RanncError(
-                    f"an output of the rannc-wrapped model ({spec.node}) received a gradient, but the 1F1B "
-                    "schedule computes gradients during forward for the loss only. Set the config item "
-                    "schedule='fill_drain' (RANNC_SCHEDULE=fill_drain) to backpropagate through other outputs."
-                )
-            if scale is None:
-                return (None, None, *[None] * len(call.grad_leaf_names))
-            call.apply_param_grads(scale.to(torch.float64))
-            input_grads = call.local_input_grads(scale)
-            current_tracer().flush()  # the step's trace ends with its gradient sync
+            input_grads = _eager_backward(call, list(grads))
         else:
             input_grads = call.run_backward(list(grads))
         return (None, None, *input_grads)
+
+
+def _eager_backward(call: PipelineCall, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The loss's gradient scales what the forward pass computed; gradients that other outputs received
+    (a loss built from the logits too) are backpropagated by a replay of the call."""
+    agreed = call.agree_output_grads(grads)
+    input_grads: list[torch.Tensor | None] = [None] * len(call.grad_leaf_names)
+    if agreed.loss_scale is not None:
+        call.apply_param_grads(agreed.loss_scale)
+        input_grads = call.local_input_grads(agreed.loss_scale)
+    else:
+        call.discard_param_grads()  # no rank backpropagated the loss
+    if agreed.others:
+        replayed = call.replay_backward(grads)
+        input_grads = [_add(a, b) for a, b in zip(input_grads, replayed)]
+    current_tracer().flush()  # the step's trace ends with its gradient sync
+    return input_grads
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 def run_call(call: PipelineCall, grad_leaves: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
