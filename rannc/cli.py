@@ -145,6 +145,12 @@ def _add_plan(commands: Any) -> None:
     plan.add_argument("--trace", default=None, help="write the simulated step as a Chrome trace here")
     plan.add_argument("--no-recompute", action="store_true", help="never recompute activations")
     plan.add_argument("--zero", action="store_true", help="ZeRO-1: shard optimizer state over replicas")
+    plan.add_argument(
+        "--max-seq-len",
+        type=_count_arg,
+        default=None,
+        help="sequence length (dim 1 of the inputs) varies up to this; the job sets max_seq_len the same",
+    )
 
 
 _TRACE_PER_RANK = 64  # larger worlds get one trace process per stage instead of one per rank
@@ -170,6 +176,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         mem_margin=args.mem_margin,
         max_blocks=args.max_blocks,
         zero=args.zero,
+        max_seq_len=args.max_seq_len or 0,
     )
     show_deployment(result.deployment)
     if args.out:

@@ -34,6 +34,9 @@ class Config:
     profile_iterations: int = 3  # timed repetitions per measurement (after one warm-up)
     profile_cache_dir: str = str(Path.home() / ".cache" / "rannc" / "profiles")
     capture_batch_size: int = 2  # samples used to export the graph and record example values
+    # > 0: dim 1 of the tensor inputs (the sequence) may change from call to call, up to this length; one graph
+    # and one plan serve every length, planned for this maximum. 0: non-batch sizes are fixed by the first call.
+    max_seq_len: int = 0
     p2p_bandwidth_gbps: float = 20.0  # GiB/s assumed between stages
     p2p_latency_us: float = 20.0
     allreduce_bandwidth_gbps: float = 10.0  # GiB/s bus bandwidth assumed for gradient allreduce
@@ -139,5 +142,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"schedule must be 'auto', '1f1b' or 'fill_drain', got {config.schedule!r}")
     if config.recompute not in ("never", "auto", "always"):
         raise ConfigError(f"recompute must be 'never', 'auto' or 'always', got {config.recompute!r}")
+    if config.max_seq_len < 0:
+        raise ConfigError(f"max_seq_len must be >= 0 (0: fixed shapes), got {config.max_seq_len}")
     if config.partition_num < 0:
         raise ConfigError(f"partition_num must be >= 0, got {config.partition_num}")

@@ -233,19 +233,24 @@ class RaNNCModule:
                 f"(added: {', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}); the graph was "
                 "captured for the first call's arguments. Pass the same arguments every call, or wrap a new model"
             )
+        dynamic = {(d.leaf, d.dim) for d in self.captured.dynamic_dims}
         reshaped = [
             f"{path} has per-sample shape {tuple(new.shape[1:])} and dtype {new.dtype}, captured with "
             f"{captured[0]} and {captured[1]}"
-            for path, captured, new in zip(call.paths, self.captured.input_shapes, call.leaves)
+            + (" (dims marked dynamic accept any size up to the captured one)" if dynamic else "")
+            for leaf, (path, captured, new) in enumerate(
+                zip(call.paths, self.captured.input_shapes, call.leaves)
+            )
             if captured is not None
             and isinstance(new, torch.Tensor)
-            and (tuple(new.shape[1:]) != captured[0] or new.dtype != captured[1])
+            and (not _fits(tuple(new.shape[1:]), captured[0], leaf, dynamic) or new.dtype != captured[1])
         ]
         if reshaped:
             raise InputError(
                 f"input shapes other than the batch dimension changed since the plan was made: {'; '.join(reshaped)}. "
-                "The captured graph and plan are specific to those sizes: pad inputs to the captured size, or "
-                "wrap a new RaNNCModule for the new shape (one per sequence length, for example)"
+                "The captured graph and plan are specific to those sizes: set the config item max_seq_len to the "
+                "longest sequence (dim 1) the job will see, so that one graph and plan serve every length up to it, "
+                "or pad inputs to the captured size"
             )
         changed = [
             f"{path} from {old!r} to {new!r}"
@@ -426,6 +431,18 @@ def _save_on_rank0(deployment: Deployment, path: str, world_size: int) -> None:
     if outcome[0] is not None:
         kind, message = outcome[0]
         raise DeploymentError(f"saving the deployment failed on rank 0 ({kind}): {message}")
+
+
+def _fits(
+    shape: tuple[int, ...], captured: tuple[int, ...], leaf: int, dynamic: set[tuple[int, int]]
+) -> bool:
+    """A per-sample shape the captured graph serves: equal sizes, or at most the maximum on dynamic dims."""
+    if len(shape) != len(captured):
+        return False
+    return all(
+        size <= limit if (leaf, dim) in dynamic else size == limit
+        for dim, (size, limit) in enumerate(zip(shape, captured), start=1)
+    )
 
 
 def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -105,6 +105,8 @@ def _op_flops(model: torch.nn.Module, captured: CapturedGraph, call: FlatCall) -
         else x
         for x in call.leaves
     ]
+    for d in captured.dynamic_dims:  # the longest sequence, as planned
+        leaves[d.leaf] = tile_rows(leaves[d.leaf], d.max_size, d.dim)
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
     state = {ph: named[fqn] for ph, fqn in (captured.params | captured.buffers).items()}
@@ -279,6 +281,7 @@ def plan_offline(
     max_blocks: int = 32,
     zero: bool = False,
     num_stages: int | None = None,
+    max_seq_len: int = 0,
 ) -> OfflinePlan:
     """Plan `world_size` devices described by `device` (a profile name or DeviceProfile) without them.
 
@@ -288,7 +291,8 @@ def plan_offline(
     activations in that precision; None: each op's own), links come from the profile with `gpus_per_node`
     (default: the profile's) GPUs per node. `device_memory_bytes` (default: the profile's) is reduced by
     `mem_margin`; the plan's deployment records that usable figure and the graph hash of the model, so a
-    real job of the same model and shapes loads it with load_deployment=True.
+    real job of the same model and shapes loads it with load_deployment=True. `max_seq_len` > 0 plans a job
+    whose sequence length (dim 1 of the inputs) varies up to it (the job sets the same config item).
 
     Example::
 
@@ -316,7 +320,7 @@ def plan_offline(
 
     model, args, kwargs = _call_factory(factory)
     lap("build")
-    captured = capture(model, args, kwargs, batch_size=CAPTURE_BATCH)
+    captured = capture(model, args, kwargs, batch_size=CAPTURE_BATCH, max_seq_len=max_seq_len)
     gc.collect()
     return_freed_host_memory()  # export's tracing freed tens of MiB: later phases should not add to them
     lap("capture")

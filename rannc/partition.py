@@ -112,7 +112,9 @@ def partition(
     started = time.perf_counter()
     call = FlatCall.of(args, kwargs)
     local_batch = call.batch_size()
-    captured = capture(model, args, kwargs, batch_size=config.capture_batch_size)
+    captured = capture(
+        model, args, kwargs, batch_size=config.capture_batch_size, max_seq_len=config.max_seq_len
+    )
     _check_same_graph(captured.graph_hash, world_size)
     analysis = analyse(captured)
     global_batch = _global_batch(local_batch, world_size, device)
@@ -142,6 +144,8 @@ def partition(
         else leaf
         for leaf in sample_leaves
     ]
+    for d in captured.dynamic_dims:  # profile and plan the longest sequence (values cycled along it)
+        sample_leaves[d.leaf] = tile_rows(sample_leaves[d.leaf], d.max_size, d.dim)
     values, flops = record_values(captured, state, sample_leaves)
     retarget_device(captured.gm, device)
     op_costs = estimate_op_costs(analysis, flops, global_batch)

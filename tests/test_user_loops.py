@@ -122,8 +122,11 @@ def test_matches_ddp_and_one_process(group: str, index: int) -> None:
         assert_close(rannc_run["momentum1"], ref["momentum1"], f"{what}, gradients of step 1")
         assert_close(rannc_run["state"], ref["state"], f"{what}, parameters and buffers after training")
         assert_close(rannc_run["momentum"], ref["momentum"], f"{what}, final momentum")
+        if label == "one process":
+            # a float input's gradient: one process's, this rank's rows
+            _assert_rows(runs, "input_grad", [ref["input_grad"]], case, world, f"{what}, input gradient")
         if label == "one process" and case.loss != "returned_plus_logits":  # (its loss is a global mean)
-            _assert_eval_rows(runs, ref["eval"], case, world, what)
+            _assert_rows(runs, "eval", ref["eval"], case, world, f"{what}, eval outputs")
         if case.clip:
             assert rannc_run["norms"] == pytest.approx(ref["norms"], rel=RTOL), what
     if "ddp" in case.references and case.loss != "returned_plus_logits":
@@ -132,13 +135,14 @@ def test_matches_ddp_and_one_process(group: str, index: int) -> None:
             assert runs[rank]["rannc"]["losses"] == pytest.approx(runs[rank]["ddp"]["losses"], rel=RTOL)
 
 
-def _assert_eval_rows(
-    runs: list[dict[str, Any]], expected: list[torch.Tensor], case: LoopCase, world: int, what: str
+def _assert_rows(
+    runs: list[dict[str, Any]], key: str, expected: list[torch.Tensor], case: LoopCase, world: int, what: str
 ) -> None:
-    """In eval mode every rank's outputs are its rows of one process's outputs (running statistics included)."""
+    """Every rank's `key` tensors are its rows of one process's (eval outputs: running statistics included)."""
     sizes = local_sizes(case, world)
     for rank in range(world):
         lo = sum(sizes[:rank])
-        got = runs[rank]["rannc"]["eval"]
+        got = runs[rank]["rannc"][key]
+        got = got if isinstance(got, list) else [got]
         want = [t[lo : lo + sizes[rank]] for t in expected]
-        assert_close(dict(enumerate(got)), dict(enumerate(want)), f"{what}, eval outputs of rank {rank}")
+        assert_close(dict(enumerate(got)), dict(enumerate(want)), f"{what} of rank {rank}")

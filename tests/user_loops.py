@@ -231,20 +231,25 @@ def train_loop(case: LoopCase, model: Any, optimizer: Any, rank: int, world: int
     lo = sum(sizes[:rank])
     losses, norms = [], []
     momentum1: Any = None
+    input_grad = None
     for step in range(case.steps):
         for k in range(case.accumulate):
             call = step * case.accumulate + k
             batch = slice_batch(make_batch(case, call, sum(sizes)), lo, lo + sizes[rank])
+            if call == 0:
+                batch["x"].requires_grad_(True)
             last = k == case.accumulate - 1
             with contextlib.nullcontext() if last else model.no_sync():
                 losses.append(backward_through(case, model, batch))
+            if call == 0:
+                input_grad = batch["x"].grad.clone()
         if case.clip:
             norms.append(float(model.clip_grad_norm(CLIP)))
         optimizer.step()
         optimizer.zero_grad()
         if step == 0:
             momentum1 = optimizer.state_dict(from_global=True)  # every rank calls it
-    return {"losses": losses, "norms": norms, "momentum1": momentum1}
+    return {"losses": losses, "norms": norms, "momentum1": momentum1, "input_grad": input_grad}
 
 
 def run_rannc(case: LoopCase, rank: int, world: int) -> dict[str, Any]:
@@ -273,6 +278,7 @@ def run_rannc(case: LoopCase, rank: int, world: int) -> dict[str, Any]:
         "momentum1": _momentum(result["momentum1"], names) if rank == 0 else None,
         "momentum": _momentum(final_momentum, names) if rank == 0 else None,
         "eval": eval_out,
+        "input_grad": result["input_grad"],  # of the first call, this rank's rows
     }
     del wrapped, optimizer, model
     gc.collect()
@@ -338,6 +344,9 @@ def train_one_process(case: LoopCase, world: int) -> dict[str, Any]:
     for step in range(case.steps):
         for k in range(case.accumulate):
             batch = make_batch(case, step * case.accumulate + k, rows)
+            if step == 0 and k == 0:
+                leaf = batch["x"].requires_grad_(True)
+                batch = {**batch, "x": leaf * 1.0}  # chunks are views of one leaf: its grad has every row
             # accumulated calls add up (as under DDP's no_sync); row chunks are weighted by their share of rows
             start, total = 0, 0.0
             for size in case.chunks or (rows,):
@@ -359,6 +368,7 @@ def train_one_process(case: LoopCase, world: int) -> dict[str, Any]:
         "losses": losses,
         "norms": norms,
         "eval": eval_out,
+        "input_grad": leaf.grad.clone(),
         "state": _snapshot(model.state_dict()),
         "momentum1": momentum1,
         "momentum": _momentum(optimizer.state_dict(), names),

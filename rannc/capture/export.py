@@ -18,9 +18,9 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..errors import CaptureError
+from ..errors import CaptureError, InputError
 from .functional import dropout_as_native, is_functional
-from .inputs import FlatCall, dynamic_shapes_for, tile_rows
+from .inputs import DynamicDim, FlatCall, dynamic_shapes_for, tile_rows
 from .modes import autocast_state, make_mode_switchable
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,13 @@ class CapturedGraph:
     training: bool
     autocast: tuple[tuple[str, bool, str], ...] = ()
     input_shapes: list[tuple[tuple[int, ...], torch.dtype] | None] = dataclasses.field(default_factory=list)
+    dynamic_dims: list[DynamicDim] = dataclasses.field(
+        default_factory=list
+    )  # with max_seq_len: sequence dims
+
+    def planning_sizes(self) -> dict[Any, int]:
+        """The size every non-batch symbol is planned (profiled, priced) at: the largest it may take."""
+        return {d.symbol: d.max_size for d in self.dynamic_dims}
 
     def placeholder_nodes(self) -> dict[str, fx.Node]:
         return {n.name: n for n in self.gm.graph.nodes if n.op == "placeholder"}
@@ -77,9 +84,14 @@ def _canonical_names(model: torch.nn.Module) -> tuple[dict[int, str], dict[str, 
 
 
 def capture(
-    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int = 2
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch_size: int = 2,
+    max_seq_len: int = 0,
 ) -> CapturedGraph:
-    """Export `model` on the first `batch_size` samples of a call, with a dynamic batch dimension."""
+    """Export `model` on the first `batch_size` samples of a call, with a dynamic batch dimension, and with
+    `max_seq_len` > 0 a dynamic dim 1 (sequence) of the tensor inputs wherever the model does not fix it."""
     call = FlatCall.of(args, kwargs)
     local = call.batch_size()
     home = next((t.device for t in model.parameters()), torch.device("cpu"))  # capture where the model lives
@@ -90,7 +102,10 @@ def capture(
         for leaf in call.leaves
     ]
     small_args, small_kwargs = call.unflatten(leaves)
-    dynamic_shapes = dynamic_shapes_for(small_args, small_kwargs, Dim("batch", min=1), model.forward)
+    sequence = Dim.AUTO if max_seq_len > 0 else None  # the model's code decides which dims stay dynamic
+    dynamic_shapes = dynamic_shapes_for(
+        small_args, small_kwargs, Dim("batch", min=1), model.forward, sequence
+    )
     on_meta = home.type == "meta" or any(isinstance(v, torch.Tensor) and v.is_meta for v in leaves)
     # only meta needs it, and a mode costs every torch call
     indexing = _IndexingAsOnDevices() if on_meta else contextlib.nullcontext()
@@ -116,7 +131,35 @@ def capture(
     except Exception as exc:  # torch raises many types; all mean "cannot capture"
         raise CaptureError(_explain_export_failure(exc)) from exc
     logger.info("captured %s with torch.export in %.2fs", type(model).__name__, time.perf_counter() - started)
-    return _from_program(model, program, call)
+    captured = _from_program(model, program, call)
+    if max_seq_len > 0:
+        captured.dynamic_dims = _sequence_dims(captured, call, max_seq_len)
+        for d in captured.dynamic_dims:  # per-sample shapes as planned: the longest sequence
+            shape, dtype = captured.input_shapes[d.leaf]
+            captured.input_shapes[d.leaf] = (shape[: d.dim - 1] + (d.max_size,) + shape[d.dim :], dtype)
+    return captured
+
+
+def _sequence_dims(captured: CapturedGraph, call: FlatCall, max_seq_len: int) -> list[DynamicDim]:
+    """The inputs' dims 1 that stayed symbolic (the model did not fix them), each accepting up to max_seq_len."""
+    placeholders = captured.placeholder_nodes()
+    dims = []
+    for leaf, name in enumerate(captured.user_inputs):
+        val = placeholders[name].meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() < 2 or not isinstance(val.shape[1], torch.SymInt):
+            continue
+        expr = val.shape[1].node.expr
+        if expr.is_Symbol and expr != captured.batch_symbol:
+            size = call.leaves[leaf].shape[1]
+            if size > max_seq_len:
+                raise InputError(
+                    f"{call.paths[leaf]} has length {size} along dim 1, more than max_seq_len={max_seq_len}; "
+                    "raise max_seq_len to the longest sequence the job will see"
+                )
+            dims.append(DynamicDim(leaf, 1, expr, max_seq_len))
+    if not dims:
+        logger.warning("max_seq_len is set but the model fixes dim 1 of every input: shapes stay fixed")
+    return dims
 
 
 class _IndexingAsOnDevices(torch.overrides.TorchFunctionMode):
@@ -324,14 +367,36 @@ def _batch_symbol(gm: fx.GraphModule, user_inputs: list[str]) -> Any:
 
 def _graph_hash(gm: fx.GraphModule, call: FlatCall) -> str:
     digest = hashlib.sha256()
+    canonical = _canonical_symbols(gm)
     # Device literals differ between a meta-device plan and the real run; the graph is the same.
-    digest.update(re.sub(r"device\(type='[a-z]+'(, index=\d+)?\)", "device(*)", gm.code).encode())
+    code = re.sub(r"device\(type='[a-z]+'(, index=\d+)?\)", "device(*)", gm.code)
+    digest.update(canonical(code).encode())
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            digest.update(f"{node.name}:{tuple(str(s) for s in val.shape)}:{val.dtype};".encode())
+            shape = tuple(canonical(str(s)) for s in val.shape)
+            digest.update(f"{node.name}:{shape}:{val.dtype};".encode())
     digest.update(repr([type(c).__name__ + repr(c) for c in call.constants()]).encode())
     return digest.hexdigest()[:32]
+
+
+def _canonical_symbols(gm: fx.GraphModule) -> Any:
+    """Rename shape symbols in order of first appearance among the inputs: torch names an automatically
+    dynamic dimension by a hash that differs between processes (Python's string hashing is salted per process),
+    and the ranks, or a plan and its job, must agree on the hash of one graph."""
+    names: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        sizes = val.shape if isinstance(val, torch.Tensor) else [val] if isinstance(val, torch.SymInt) else []
+        for size in sizes:
+            if isinstance(size, torch.SymInt):
+                for symbol in sorted(size.node.expr.free_symbols, key=str):
+                    names.setdefault(str(symbol), f"S{len(names)}")
+
+    def rename(text: str) -> str:
+        return re.sub(r"\b[su]\d+\b", lambda m: names.get(m.group(0), m.group(0)), text)
+
+    return rename
 
 
 def retarget_device(gm: fx.GraphModule, device: torch.device) -> None:

@@ -66,6 +66,21 @@ def batch_rows(tensor: torch.Tensor, lo: int, hi: int, dim: int = 0) -> torch.Te
     return tensor.narrow(dim, lo, hi - lo)
 
 
+def sequence_sizes(leaves: list[Any], dims: list[DynamicDim]) -> dict[Any, int]:
+    """The value of each dynamic dimension's symbol in a call with these leaves."""
+    return {d.symbol: int(leaves[d.leaf].shape[d.dim]) for d in dims}
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicDim:
+    """A non-batch dimension of a call leaf that may change from call to call (a sequence length)."""
+
+    leaf: int  # position in the flat call leaves
+    dim: int
+    symbol: Any  # its sympy symbol in the captured graph
+    max_size: int  # the largest size accepted; plans are made for it
+
+
 def tile_rows(tensor: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
     """`rows` samples made by cycling the samples of `tensor` along `dim` (real values, any batch size)."""
     have = tensor.shape[dim]
@@ -84,9 +99,14 @@ def with_memory_order(tensor: torch.Tensor, order: tuple[int, ...]) -> torch.Ten
 
 
 def dynamic_shapes_for(
-    args: tuple[Any, ...], kwargs: dict[str, Any], batch: Any, forward: Callable[..., Any] | None = None
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch: Any,
+    forward: Callable[..., Any] | None = None,
+    sequence: Any = None,
 ) -> tuple[Any, ...] | dict[str, Any]:
-    """torch.export dynamic_shapes marking dim 0 of every tensor input (of rank >= 1) as the batch.
+    """torch.export dynamic_shapes marking dim 0 of every tensor input (of rank >= 1) as the batch, and with
+    `sequence` (e.g. Dim.AUTO) dim 1 of every tensor input of rank >= 2.
 
     With `forward` (the model's bound forward), the specs are keyed by its parameter names, which is what
     torch.export needs when forward takes ``*args`` or ``**kwargs`` (their specs nest under that name).
@@ -94,6 +114,8 @@ def dynamic_shapes_for(
 
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
+            if value.dim() > 1 and sequence is not None:
+                return {0: batch, 1: sequence}
             return {0: batch} if value.dim() > 0 else None
         if isinstance(value, (list, tuple)):
             return type(value)(spec(v) for v in value) if not hasattr(value, "_fields") else None

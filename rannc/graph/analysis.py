@@ -46,7 +46,8 @@ class GraphAnalysis:
     cut_bytes_per_sample: list[float]  # bytes per sample crossing the boundary after order[k]
 
 
-def _value_info(node: fx.Node, symbol: Any, is_batch: bool) -> ValueInfo:
+def _value_info(node: fx.Node, symbol: Any, is_batch: bool, sizes: dict[Any, int]) -> ValueInfo:
+    """`sizes`: what symbols other than the batch (sequence lengths) are planned at."""
     val = node.meta.get("val")
     if isinstance(val, torch.SymInt):
         return ValueInfo(node.name, "symint", None, None, (), 0.0, 0.0)
@@ -61,14 +62,14 @@ def _value_info(node: fx.Node, symbol: Any, is_batch: bool) -> ValueInfo:
             if batch_dim is None and expr == symbol:
                 batch_dim = dim
                 continue
-            fixed = expr.subs(symbol, 1)
+            fixed = expr.subs({**sizes, symbol: 1})
             if not fixed.is_number:  # a size that depends on the data (e.g. boolean masking): cannot be split
                 return ValueInfo(node.name, "tensor", None, val.dtype, tuple(val.shape), 0.0, 0.0)
             per_sample = per_sample * int(fixed)
         else:
             per_sample *= int(size)
     item = val.element_size()
-    order = memory_order(val, symbol)
+    order = memory_order(val, symbol, sizes=sizes)
     if batch_dim is not None:
         return ValueInfo(
             node.name, "tensor", batch_dim, val.dtype, shape, float(per_sample * item), 0.0, order
@@ -77,11 +78,14 @@ def _value_info(node: fx.Node, symbol: Any, is_batch: bool) -> ValueInfo:
     return ValueInfo(node.name, "tensor", None, val.dtype, shape, 0.0, fixed, order)
 
 
-def memory_order(val: torch.Tensor, symbol: Any, probe: int = 97) -> tuple[int, ...]:
+def memory_order(
+    val: torch.Tensor, symbol: Any, probe: int = 97, sizes: dict[Any, int] | None = None
+) -> tuple[int, ...]:
     """Dims sorted from largest to smallest stride (ties keep dim order), evaluated at a probe batch size."""
+    bindings = {**(sizes or {}), symbol: probe}
 
     def concrete(x: Any) -> int:
-        return int(x.node.expr.subs(symbol, probe)) if isinstance(x, torch.SymInt) else int(x)
+        return int(x.node.expr.subs(bindings)) if isinstance(x, torch.SymInt) else int(x)
 
     try:
         strides = [concrete(st) for st in val.stride()]
@@ -94,6 +98,7 @@ def analyse(captured: CapturedGraph) -> GraphAnalysis:
     """Label batch dependence by data flow from the user's tensor inputs and find the legal cut points."""
     graph = captured.gm.graph
     symbol = captured.batch_symbol
+    sizes = captured.planning_sizes()
     is_batch: dict[str, bool] = {}
     values: dict[str, ValueInfo] = {}
     order: list[str] = []
@@ -109,7 +114,7 @@ def analyse(captured: CapturedGraph) -> GraphAnalysis:
                 order.append(node.name)
         else:
             continue
-        values[node.name] = _value_info(node, symbol, is_batch[node.name])
+        values[node.name] = _value_info(node, symbol, is_batch[node.name], sizes)
 
     position = {name: k for k, name in enumerate(order)}
     nodes = {n.name: n for n in graph.nodes}

@@ -38,6 +38,7 @@ def block_runners(
     """Runners that feed each block real example values, tiled to the microbatch size asked for."""
     runners = []
     metas = {n.name: n.meta.get("val") for n in captured.gm.graph.nodes}
+    planned = captured.planning_sizes()  # sequence lengths: the values were recorded at their maximum
     for graph in graphs:
         params = frozenset(
             i for i, item in enumerate(graph.inputs) if item.kind in ("param", "buffer", "constant")
@@ -52,7 +53,7 @@ def block_runners(
                 elif item.kind == "constant":
                     args.append(captured.constants[item.name].to(device))
                 elif item.kind == "symint":
-                    args.append(symint_value(metas[item.name], captured.batch_symbol, m))
+                    args.append(symint_value(metas[item.name], captured.batch_symbol, m, planned))
                 else:
                     value = values[item.name]
                     if isinstance(value, torch.Tensor):

@@ -367,7 +367,7 @@ def block_meta_inputs(
     leaves = iter(captured.call_constants)  # non-tensor call leaves, in user-input order
     metas = {n.name: n.meta.get("val") for n in captured.gm.graph.nodes}
     constants = {n: next(leaves, None) for n in captured.user_inputs if not _is_tensor(metas[n])}
-    bindings = {captured.batch_symbol: m}
+    bindings = {**captured.planning_sizes(), captured.batch_symbol: m}
     inputs: list[Any] = []
     for item in graph.inputs:
         val = metas[item.name]

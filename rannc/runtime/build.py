@@ -178,6 +178,7 @@ def build_local_stage(
         grad_sync=GradSync(grad_groups, groups, rank),
         device=device,
         buffer_group=buffer_group,
+        dynamic_dims=captured.dynamic_dims,
     )
 
 

@@ -43,7 +43,9 @@ def gather_global_batch(leaves: list[Any], device: torch.device, world_size: int
     if world_size == 1:
         moved = [x.to(device) if isinstance(x, torch.Tensor) else x for x in leaves]
         return GlobalBatch(moved, [local], flags)
-    meta = torch.tensor([local, *[int(f) for f in flags]], dtype=torch.int64, device=device)
+    # the per-sample sizes too: ranks must agree on them (a sequence length may change between calls)
+    per_sample = [size for pos in batch_positions for size in leaves[pos].shape[1:]]
+    meta = torch.tensor([local, *[int(f) for f in flags], *per_sample], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(meta) for _ in range(world_size)]
     with guarded(lambda: "exchanging local batch sizes"):
         work = dist.all_gather(gathered, meta, async_op=True)
@@ -52,7 +54,16 @@ def gather_global_batch(leaves: list[Any], device: torch.device, world_size: int
     sizes = [int(v) for v in table[:, 0]]
     if min(sizes) < 1:
         raise InputError(f"every rank must pass at least one sample; local batch sizes are {sizes}")
-    any_grad = [bool(v) for v in table[:, 1:].any(dim=0)]
+    shapes = table[:, 1 + len(flags) :]
+    differing = [r for r in range(world_size) if not torch.equal(shapes[r], shapes[0])]
+    if differing:
+        raise InputError(
+            f"ranks {differing} passed inputs whose per-sample shapes differ from rank 0's in this call (sizes "
+            f"{shapes[0].tolist()} on rank 0, {shapes[differing[0]].tolist()} on rank {differing[0]}); the ranks' "
+            "rows form one global batch: pad every rank's batch to the same length (e.g. the longest in the "
+            "global batch)"
+        )
+    any_grad = [bool(v) for v in table[:, 1 : 1 + len(flags)].any(dim=0)]
     widest = max(sizes)
     out = list(leaves)
     # Every batch tensor (padded to the widest local batch) goes into one byte buffer: one collective.

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..capture.inputs import sequence_sizes
 from ..capture.modes import exact_precision, training_mode
 from .failures import guarded, wait_all
 from .gather import GlobalBatch
@@ -115,8 +116,9 @@ class PipelineCall:
         replicas = tuple(len(r) for r in stage.stage_ranks)
         self.layout = SampleLayout(batch.size, microbatches, replicas)
         self.microbatches = microbatches
+        self.sizes = sequence_sizes(batch.leaves, stage.dynamic_dims)  # this call's sequence lengths
         self.transfer = Transfer(
-            self.layout, stage.stage_ranks, len(stage.routes), stage.batch_symbol, stage.device
+            self.layout, stage.stage_ranks, len(stage.routes), stage.batch_symbol, stage.device, self.sizes
         )
         # A plain function of the schedule (a bound method would make the transfer and this call a reference
         # cycle, keeping a finished step's tensors alive until the garbage collector runs).
@@ -303,7 +305,7 @@ class PipelineCall:
                         grad_inputs.append(("user", item.name, value))
                 args.append(value)
             elif item.kind == "symint":
-                args.append(symint_value(s.symints[item.name], s.batch_symbol, hi - lo))
+                args.append(symint_value(s.symints[item.name], s.batch_symbol, hi - lo, self.sizes))
             else:
                 route = s.route_of[item.name]
                 value = next(received)
@@ -411,7 +413,7 @@ class PipelineCall:
             value = outs[spec.node].detach()
             if spec.kind == "rows":
                 if k not in self.out_acc:
-                    shape = concrete_shape(spec.shape, s.batch_symbol, self.batch.size)
+                    shape = concrete_shape(spec.shape, s.batch_symbol, self.batch.size, self.sizes)
                     self.out_acc[k] = torch.zeros(shape, dtype=value.dtype, device=s.device)
                 self.out_acc[k].narrow(spec.batch_dim, lo, hi - lo).copy_(value)
             elif spec.kind == "mean":
@@ -435,7 +437,7 @@ class PipelineCall:
                 results.append(total)
                 continue
             rows = self.batch.size if spec.kind == "rows" else 1
-            shape = concrete_shape(spec.shape, s.batch_symbol, rows)
+            shape = concrete_shape(spec.shape, s.batch_symbol, rows, self.sizes)
             total = self.out_acc.get(k)
             if total is None:
                 total = torch.zeros(shape, dtype=spec.dtype, device=s.device)
@@ -468,7 +470,7 @@ class PipelineCall:
                 )
                 self.out_grads[k] = self._allreduce(value.clone()) / self.world
             elif spec.kind == "rows":
-                shape = concrete_shape(spec.shape, s.batch_symbol, self.batch.size)
+                shape = concrete_shape(spec.shape, s.batch_symbol, self.batch.size, self.sizes)
                 total = torch.zeros(shape, dtype=spec.dtype, device=s.device)
                 if grad is not None:
                     total.narrow(spec.batch_dim, lo, hi - lo).copy_(grad)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..capture.inputs import DynamicDim
 from ..graph.stage import StageGraph
 from .failures import guarded, wait_all
 from .grad_sync import GradSync, OverlappedReduce
@@ -33,6 +34,7 @@ class LocalStage:
     batch_symbol: Any
     grad_sync: GradSync
     device: torch.device
+    dynamic_dims: list[DynamicDim] = dataclasses.field(default_factory=list)  # sequence dims of the inputs
     buffer_group: Any = None  # process group of this stage's replicas, to average written buffers (or None)
     recompute: bool = False  # keep only stage inputs per microbatch; run the forward again in backward
     overlap_grad_sync: bool = True  # reduce replica-shared gradients during the step's last backward

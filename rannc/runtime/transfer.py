@@ -28,11 +28,13 @@ class Transfer:
         num_routes: int,
         symbol: Any,
         device: torch.device,
+        sizes: dict[Any, int] | None = None,
     ) -> None:
         self.layout = layout
         self.stage_ranks = stage_ranks
         self.num_routes = num_routes
         self.symbol = symbol
+        self.sizes = sizes or {}  # this call's sequence lengths (symbols other than the batch)
         self.device = device
         # Sends in flight: (works, ops, "act" | "grad", microbatch, peer ranks); their buffers stay referenced
         # until `release` learns that the peers have them, or wait_sends at the step's end.
@@ -44,7 +46,7 @@ class Transfer:
         self.backwards_before: Callable[[int, int], Callable[[int], bool]] | None = None
 
     def _empty(self, route: Route, rows: int) -> torch.Tensor:
-        shape = concrete_shape(route.shape, self.symbol, rows)
+        shape = concrete_shape(route.shape, self.symbol, rows, self.sizes)
         return torch.empty(shape, dtype=route.dtype, device=self.device)
 
     def post_activations(self, routes: list[Route], stage: int, replica: int, microbatch: int) -> None:
@@ -62,7 +64,7 @@ class Transfer:
             tag = _tag(route, microbatch, self.num_routes, False)
             buffers = []
             for jp, _, (a, b) in pieces:
-                shape = route.packed_shape(concrete_shape(route.shape, self.symbol, b - a))
+                shape = route.packed_shape(concrete_shape(route.shape, self.symbol, b - a, self.sizes))
                 buf = torch.empty(shape, dtype=route.dtype, device=self.device)
                 peer = self.stage_ranks[route.producer][jp]
                 ops.append(dist.P2POp(dist.irecv, buf, peer, tag=tag))
@@ -168,7 +170,9 @@ class Transfer:
         for route, received in parts:
             lo, hi = self.layout.rows(route.producer, microbatch, replica)
             total = torch.zeros(
-                concrete_shape(route.shape, self.symbol, hi - lo), dtype=route.dtype, device=self.device
+                concrete_shape(route.shape, self.symbol, hi - lo, self.sizes),
+                dtype=route.dtype,
+                device=self.device,
             )
             for buf, offset in received:
                 total.narrow(route.batch_dim, offset, buf.shape[route.batch_dim]).add_(buf)

@@ -1,0 +1,114 @@
+"""Sequence lengths that change from batch to batch (dynamic padding): with `max_seq_len`, one capture and one
+plan serve every length up to it, and training equals one process on the same batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from distributed_helpers import run_workers
+
+import rannc
+import rannc.partition
+from rannc.errors import InputError
+
+MAX_LEN = 32
+LENGTHS = [9, 32, 17, 5, 24]  # each global batch padded to its own longest sample
+GLOBAL_BATCH = 4
+
+
+def build_gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # the default GPT-2 config at a small size (dropout off: one process must draw the same masks otherwise)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=64, use_cache=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).train()
+
+
+def batch_of(step: int, length: int) -> torch.Tensor:
+    return torch.randint(0, 128, (GLOBAL_BATCH, length), generator=torch.Generator().manual_seed(step))
+
+
+def dynamic_worker(rank: int, world: int) -> dict[str, Any]:
+    captures = []
+    real_capture = rannc.partition.capture
+
+    def counting_capture(*args: Any, **kwargs: Any) -> Any:
+        captures.append(kwargs.get("max_seq_len"))
+        return real_capture(*args, **kwargs)
+
+    rannc.partition.capture = counting_capture
+    model = build_gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model = rannc.RaNNCModule(
+        model,
+        optimizer,
+        max_seq_len=MAX_LEN,
+        partition_num=2,
+        min_pipeline=2,
+        max_pipeline=2,
+        profile_iterations=1,
+        show_progress=False,
+    )
+    losses = []
+    lo, hi = rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world
+    for step, length in enumerate(LENGTHS):
+        ids = batch_of(step, length)[lo:hi]
+        mask = torch.ones_like(ids)
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    errors = {}
+    try:  # longer than declared
+        ids = batch_of(99, MAX_LEN + 8)[lo:hi]
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    except InputError as exc:
+        errors["too_long"] = str(exc)
+    try:  # the ranks disagree on the length of this call
+        ids = batch_of(98, 8 + 4 * rank)[lo:hi]
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    except InputError as exc:
+        errors["ranks_disagree"] = str(exc)
+    state = model.state_dict()
+    return {
+        "losses": losses,
+        "captures": captures,
+        "errors": errors,
+        "state": {k: v.clone() for k, v in state.items()} if rank == 0 else None,
+        "plan": model.deployment.plan.to_json(),
+    }
+
+
+def one_process() -> dict[str, Any]:
+    model = build_gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for step, length in enumerate(LENGTHS):
+        ids = batch_of(step, length)
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    return {"losses": losses, "state": model.state_dict()}
+
+
+@pytest.mark.slow
+def test_dynamic_padding_trains_as_one_process_with_one_capture() -> None:
+    runs = run_workers(dynamic_worker, 2, timeout=400)
+    reference = one_process()
+    for rank, run in enumerate(runs):
+        assert run["captures"] == [MAX_LEN], f"rank {rank} captured {len(run['captures'])} times"
+        assert run["losses"] == pytest.approx(reference["losses"], rel=1e-5), rank
+        assert "max_seq_len" in run["errors"]["too_long"], run["errors"]
+        assert "pad every rank's batch to the same length" in run["errors"]["ranks_disagree"], run["errors"]
+    assert len(runs[0]["plan"]["stages"]) == 2
+    state = runs[0]["state"]
+    for name, expected in reference["state"].items():
+        assert torch.allclose(state[name], expected, rtol=1e-5, atol=1e-6), name
