@@ -112,3 +112,36 @@ def test_dynamic_padding_trains_as_one_process_with_one_capture() -> None:
     state = runs[0]["state"]
     for name, expected in reference["state"].items():
         assert torch.allclose(state[name], expected, rtol=1e-5, atol=1e-6), name
+
+
+def meta_gpt2_at_max() -> tuple[torch.nn.Module, tuple[()], dict[str, torch.Tensor]]:
+    with torch.device("meta"):
+        model = build_gpt2()
+    ids = torch.zeros(1, MAX_LEN, dtype=torch.long, device="meta")
+    return model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+@pytest.mark.slow
+def test_offline_plan_with_max_seq_len_matches_the_job() -> None:
+    """`rannc plan --max-seq-len` (plan_offline) makes the graph a job with max_seq_len captures, whatever
+    length the job's first call has, so the job loads the plan."""
+    from rannc.capture import capture
+    from rannc.offline import plan_offline
+
+    offline = plan_offline(
+        meta_gpt2_at_max,
+        world_size=2,
+        device_memory_bytes=None,
+        global_batch=4,
+        device="cpu",
+        max_seq_len=MAX_LEN,
+    )
+    ids = batch_of(0, 9)
+    job = capture(build_gpt2(), (), {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids},
+                  max_seq_len=MAX_LEN)  # fmt: skip
+    assert [d.max_size for d in job.dynamic_dims] == [MAX_LEN] * 3
+    assert offline.deployment.graph_hash == job.graph_hash
+    fixed = capture(
+        build_gpt2(), (), {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    )
+    assert fixed.graph_hash != job.graph_hash  # a fixed-length job refuses the plan
