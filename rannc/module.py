@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import random
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from .capture import FlatCall
 from .capture.modes import autocast_state
 from .config import Config, load_config
 from .deploy import Deployment, save_deployment
-from .errors import DeploymentError, InputError, RanncError
+from .errors import ConfigError, DeploymentError, InputError, RanncError
 from .runtime import dist as rdist
 from .runtime import failures
 from .runtime.build import build_local_stage, stage_layout
@@ -32,6 +33,14 @@ from .runtime.optimizer import OptimizerBinding, accept_from_global
 from .runtime.pipeline import PipelineCall
 from .runtime.step import run_call
 from .runtime.trace import current_tracer
+from .runtime.weights import (
+    InitWeights,
+    init_weights,
+    is_meta_model,
+    is_sharded_checkpoint,
+    load_weights,
+    materialise,
+)
 from .verify import Verifier
 
 logger = logging.getLogger(__name__)
@@ -56,6 +65,8 @@ class RaNNCModule:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         config: Config | None = None,
+        load_weights: str | os.PathLike[str] | None = None,
+        init_weights: InitWeights | None = None,
         **config_overrides: Any,
     ) -> None:
         if isinstance(model, RaNNCModule) or isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -66,6 +77,16 @@ class RaNNCModule:
             raise TypeError(f"RaNNCModule wraps a torch.nn.Module, got {type(model).__name__}")
         self.module = model
         self.optimizer = optimizer
+        self._meta = is_meta_model(model)
+        if self._meta and load_weights is None and init_weights is None:
+            raise ConfigError(
+                "the model is on the meta device (no weights): pass load_weights=PATH (a state dict file, "
+                ".safetensors, a Hugging Face checkpoint directory or a save_sharded directory) or "
+                "init_weights=FN (called on each submodule this rank holds), and each rank materialises only "
+                "its own stage"
+            )
+        self._load_weights = load_weights
+        self._init_weights = init_weights
         if optimizer is not None:
             accept_from_global(optimizer)
             amp.install()
@@ -89,6 +110,10 @@ class RaNNCModule:
     # ---- set-up on the first call ------------------------------------------------------------------
     def _setup(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         _check_same_model(self.module, self.world_size)
+        if self._meta and self.config.verify:
+            raise ConfigError(
+                "verify needs the whole model on rank 0; a meta model has no weights to compare with"
+            )
         self._verifier = (
             Verifier(self.module, self.rank, self.config.verify_tolerance) if self.config.verify else None
         )
@@ -109,6 +134,8 @@ class RaNNCModule:
         my_stage = plan.stage_of_rank(self.rank)
         local = {name for name, stages in self.layout.holders.items() if my_stage in stages}
         self._local = local
+        if self._meta:  # this rank's tensors get storage (filled below from the weights given), the rest none
+            materialise(self.module, self.optimizer, self._tensors, local, self.device)
         for name, tensor in self._tensors.items():
             if name in local:
                 tensor.data = tensor.data.to(self.device)
@@ -133,6 +160,7 @@ class RaNNCModule:
         if self.world_size > 1 and self.config.watchdog:
             failures.start_watchdog(self.rank)
         rdist.barrier()  # set-up takes different times per rank; training waits are short (comm_timeout_s)
+        self._fill_weights()
         if self._pending_load is not None:
             load_sharded(self._pending_load, self._tensors, self._local, self.optimizer)
             self._pending_load = None
@@ -147,6 +175,32 @@ class RaNNCModule:
             plan.microbatches,
             plan.schedule,
         )
+
+    def _fill_weights(self) -> None:
+        """This rank's tensors from `load_weights` (only the entries it holds are read) and/or `init_weights`."""
+        pending = set(self._local) if self._init_weights is not None and self._load_weights is None else set()
+        if self._load_weights is not None:
+            if is_sharded_checkpoint(self._load_weights):
+                load_sharded(self._load_weights, self._tensors, self._local, self.optimizer)
+            else:
+                aliases = {name: names for name, names in self.captured.aliases.items()}
+                missing = load_weights(self._load_weights, self._tensors, self._local, aliases)
+                if missing and self._init_weights is None:
+                    raise RanncError(
+                        f"{self._load_weights} lacks {missing[:5]} ({len(missing)} tensors this rank holds); "
+                        "pass init_weights=FN too to compute them (non-persistent buffers, for example), or load "
+                        "weights saved from this model"
+                    )
+                pending = set(missing)
+        if self._init_weights is not None:
+            seed: list[Any] = [torch.initial_seed()]
+            if (
+                self.world_size > 1
+            ):  # (every rank: a collective) rank 0's seed, so that every rank initialises alike
+                dist.broadcast_object_list(seed, src=0)
+        if pending:
+            canonical = {id(t): name for name, t in self._tensors.items()}
+            init_weights(self.module, self._init_weights, pending, canonical, self._shapes, int(seed[0]))
 
     def _bind_optimizer(self, groups: rdist.GroupCache) -> None:
         """The user's optimizer steps only parameters this rank holds (or owns, with ZeRO-1)."""
@@ -459,6 +513,9 @@ def _check_same_model(model: torch.nn.Module, world_size: int) -> None:
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
+        if tensor.is_meta:  # no values yet: they come from load_weights / init_weights, alike on every rank
+            digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+            continue
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     hashes: list[str | None] = [None] * world_size
     dist.all_gather_object(hashes, digest.hexdigest())

@@ -33,6 +33,7 @@ from .plan.from_graph import (
 )
 from .profile import profile_blocks
 from .profile.devices import DeviceProfile, get_device_profile, profile_for_device_name
+from .runtime.weights import is_meta_model
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,18 @@ def partition(
     ]
     for d in captured.dynamic_dims:  # profile and plan the longest sequence (values cycled along it)
         sample_leaves[d.leaf] = tile_rows(sample_leaves[d.leaf], d.max_size, d.dim)
-    values, flops = record_values(captured, state, sample_leaves)
+    if is_meta_model(
+        model
+    ):  # record on meta; blocks are then timed on stand-ins made for each (one at a time)
+        meta_leaves = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in sample_leaves]
+        values, flops = record_values(captured, state, meta_leaves)
+        values.update(
+            (name, leaf)
+            for name, leaf in zip(captured.user_inputs, sample_leaves)
+            if isinstance(leaf, torch.Tensor)
+        )
+    else:
+        values, flops = record_values(captured, state, sample_leaves)
     retarget_device(captured.gm, device)
     op_costs = estimate_op_costs(analysis, flops, global_batch)
     unit_costs = [sum(op_costs[n] for n in unit) for unit in units]

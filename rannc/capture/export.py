@@ -400,11 +400,13 @@ def _canonical_symbols(gm: fx.GraphModule) -> Any:
 
 
 def retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
-    """Make ops that create tensors (arange, zeros, ...) create them on `device`: the capture ran on the CPU."""
-    if device.type == "cpu":
-        return
+    """Make ops that create tensors (arange, zeros, ...) create them on `device`: the capture ran on the CPU
+    (or on meta, for a model built there)."""
+    changed = False
     for node in gm.graph.nodes:
         target = node.kwargs.get("device")
-        if isinstance(target, torch.device) and target.type == "cpu":
+        if isinstance(target, torch.device) and target.type in ("cpu", "meta") and target != device:
             node.update_kwarg("device", device)
-    gm.recompile()
+            changed = True
+    if changed:
+        gm.recompile()

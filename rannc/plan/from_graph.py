@@ -15,6 +15,7 @@ from ..graph.stage import StageGraph, build_stage
 from ..profile import BlockRunner
 from ..profile.devices import DeviceProfile, optimizer_transient
 from ..runtime.routes import symint_value
+from ..runtime.weights import stand_in
 from .types import BlockProfile, Plan, PlanProblem
 
 # How many near-optimal candidates the search simulates to make its final choice (PlanProblem.simulate_candidates).
@@ -49,7 +50,7 @@ def block_runners(
             for item in graph.inputs:
                 if item.kind in ("param", "buffer"):
                     tensor = state[item.name]
-                    args.append(tensor.detach().to(device).requires_grad_(tensor.requires_grad))
+                    args.append(stand_in(tensor, device).requires_grad_(tensor.requires_grad))
                 elif item.kind == "constant":
                     args.append(captured.constants[item.name].to(device))
                 elif item.kind == "symint":
@@ -57,6 +58,7 @@ def block_runners(
                 else:
                     value = values[item.name]
                     if isinstance(value, torch.Tensor):
+                        value = stand_in(value, device)  # a meta model's values were recorded on meta
                         dim = analysis.values[item.name].batch_dim if item.kind == "boundary" else 0
                         if dim is not None and value.dim() > 0:
                             value = tile_rows(value, m, dim)

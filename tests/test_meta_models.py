@@ -1,0 +1,176 @@
+"""Models built on the meta device: each rank materialises only its stage, from a weights file (read in part) or
+an init function, and trains exactly as one process that loaded the same weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from distributed_helpers import run_workers
+from safetensors.torch import save_file
+from torch import nn
+
+import rannc
+from rannc.errors import ConfigError
+from rannc.runtime.weights import init_weights
+
+SEQ = 8
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.fc(self.norm(h)))
+
+
+class TiedLM(nn.Module):
+    """Tied input/output embeddings, a persistent buffer and a non-persistent one (not in any weights file)."""
+
+    def __init__(self, vocab: int = 64, width: int = 32, layers: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.Sequential(*[Block(width) for _ in range(layers)])
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("scale", torch.full((width,), 0.5))
+        self.register_buffer("positions", torch.linspace(0, 1, SEQ), persistent=False)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) * self.scale + self.positions[: ids.shape[1], None]
+        logits = self.head(self.blocks(h))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def init_fn(module: nn.Module) -> None:
+    """What a user passes as init_weights: reset_parameters where there is one, and the root's buffers."""
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+    if isinstance(module, TiedLM):
+        module.scale.fill_(0.5)
+        module.positions.copy_(torch.linspace(0, 1, SEQ))
+
+
+def batches(steps: int = 3, rows: int = 8) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 64, (rows, SEQ + 1), generator=g) for _ in range(steps)]
+
+
+def train(model: Any, optimizer: torch.optim.Optimizer, rank: int, world: int) -> list[float]:
+    losses = []
+    for tokens in batches():
+        lo, hi = rank * len(tokens) // world, (rank + 1) * len(tokens) // world
+        loss = model(tokens[lo:hi, :-1], tokens[lo:hi, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    return losses
+
+
+def meta_worker(rank: int, world: int, source: dict[str, Any]) -> dict[str, Any]:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = TiedLM()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    wrapped = rannc.RaNNCModule(
+        model,
+        optimizer,
+        **source,
+        partition_num=world,
+        min_pipeline=2,
+        max_pipeline=2,
+        profile_iterations=1,
+        show_progress=False,
+    )
+    initial = None
+    if "init_weights" in source:  # the weights as initialised, before any step
+        with torch.no_grad():
+            wrapped(batches()[0][:2, :-1], batches()[0][:2, 1:])
+        initial = wrapped.state_dict()
+    losses = train(wrapped, optimizer, rank, world)
+    state = wrapped.state_dict()
+    return {"losses": losses, "state": state if rank == 0 else None, "initial": initial}
+
+
+def one_process(load: dict[str, torch.Tensor]) -> dict[str, Any]:
+    torch.manual_seed(123)
+    model = TiedLM()
+    model.load_state_dict(load)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return {"losses": train(model, optimizer, 0, 1), "state": model.state_dict()}
+
+
+def assert_same(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert set(state) == set(expected), what
+    for name, value in expected.items():
+        assert torch.allclose(state[name], value, rtol=1e-5, atol=1e-6), f"{what}: {name}"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One model's weights saved the ways users have them; HF-style files store tied weights once."""
+    torch.manual_seed(0)
+    model = TiedLM()
+    with torch.no_grad():
+        model.scale.uniform_()  # a buffer whose value must come from the file
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = tmp_path_factory.mktemp("weights")
+    torch.save(state, base / "model.pt")
+    once = {k: v.contiguous() for k, v in state.items() if k != "head.weight"}
+    save_file(once, str(base / "model.safetensors"))
+    shards = base / "hf"
+    shards.mkdir()
+    keys = sorted(once)
+    parts = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for file, names in parts.items():
+        save_file({k: once[k] for k in names}, str(shards / file))
+    index = {"metadata": {}, "weight_map": {k: f for f, names in parts.items() for k in names}}
+    (shards / "model.safetensors.index.json").write_text(json.dumps(index))
+    return {"state": state, "base": base}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["model.pt", "model.safetensors", "hf"])
+def test_meta_model_loads_its_stage_and_trains_as_one_process(kind: str, weights: dict[str, Any]) -> None:
+    # the file lacks the non-persistent buffer: init_weights computes it
+    source = {"load_weights": str(weights["base"] / kind), "init_weights": init_fn}
+    runs = run_workers(meta_worker, 2, source, timeout=300)
+    reference = one_process(weights["state"])
+    for run in runs:
+        assert run["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert_same(runs[0]["state"], reference["state"], kind)
+
+
+@pytest.mark.slow
+def test_init_weights_gives_the_same_model_on_any_plan(tmp_path: Path) -> None:
+    """Each submodule is initialised under a generator seeded by its name: 2 ranks / 2 stages and 1 rank get the
+    same weights, which equal the per-submodule initialisation of the whole model in one process."""
+    two = run_workers(meta_worker, 2, {"init_weights": init_fn}, timeout=300)
+    one = run_workers(meta_worker, 1, {"init_weights": init_fn}, timeout=300)
+    assert_same(two[0]["initial"], one[0]["initial"], "2 ranks vs 1 rank")
+    with torch.device("meta"):
+        model = TiedLM()
+    model.to_empty(device="cpu")
+    model.head.weight = model.embed.weight  # to_empty unties them (rannc keeps them tied)
+    torch.manual_seed(0)
+    names = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    shapes = {n: (t.shape, t.dtype) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    init_weights(model, init_fn, set(names.values()), names, shapes, seed=torch.initial_seed())
+    expected = model.state_dict()
+    assert_same(one[0]["initial"], expected, "1 rank vs the whole model initialised in one process")
+    reference = one_process(expected)
+    assert two[0]["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+
+
+def test_meta_model_without_weights_is_refused() -> None:
+    with torch.device("meta"):
+        model = TiedLM()
+    with pytest.raises(ConfigError, match="load_weights=PATH.*init_weights=FN"):
+        rannc.RaNNCModule(model, torch.optim.SGD(model.parameters(), lr=0.1))
