@@ -64,7 +64,9 @@ def test_hugging_face_submodule_captures_without_cache() -> None:
 def test_call_asking_for_a_cache_is_refused_with_the_fix() -> None:
     model = models.as_users_build("gpt2", 0)
     args, kwargs = _call("gpt2")
-    with pytest.raises(CaptureError, match=r"returns a transformers DynamicCache.*passes use_cache=True: drop it"):
+    with pytest.raises(
+        CaptureError, match=r"returns a transformers DynamicCache.*passes use_cache=True: drop it"
+    ):
         capture(model, args, {**kwargs, "use_cache": True})
     assert model.config.use_cache  # restored after the failure too
 
