@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
+from .capture.hugging_face import without_generation_cache
 from .errors import RanncError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class Verifier:
         if self.model is None:
             return
         args, kwargs = pytree.tree_unflatten([_cpu(x) for x in leaves], spec)
-        with torch.enable_grad():
+        # as captured: a Hugging Face model returns no generation cache
+        with torch.enable_grad(), without_generation_cache(self.model):
             out = self.model(*args, **kwargs)
             flat = pytree.tree_leaves(out)
             losses = [t for t in flat if isinstance(t, torch.Tensor) and t.dim() == 0 and t.requires_grad]

@@ -379,3 +379,54 @@ def batch_input(batch: Batch, location: tuple[str, int | str]) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"batch input at {location} is a {type(value).__name__}, not a tensor")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face models as users build them
+# ----------------------------------------------------------------------------------------------------------------
+
+# name -> (model class, config class, the config fields set): sizes, no dropout (the comparisons are exact) and
+# T5's decoder start token (needed for a loss); everything else, use_cache=True and return_dict=True included, is
+# the config's default, as in every `from_pretrained` model.
+AS_USERS_BUILD: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "bert": (
+        "BertForPreTraining",
+        "BertConfig",
+        dict(vocab_size=HF_VOCAB, **_SIZES, intermediate_size=128, max_position_embeddings=64)
+        | dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    ),
+    "gpt2": (
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        dict(vocab_size=HF_VOCAB, n_positions=64, n_embd=64, n_layer=4, n_head=4)
+        | dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    ),
+    "llama": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(vocab_size=HF_VOCAB, **_SIZES, intermediate_size=128, max_position_embeddings=HF_SEQ),
+    ),
+    "t5": (
+        "T5ForConditionalGeneration",
+        "T5Config",
+        dict(
+            vocab_size=HF_VOCAB,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+        )
+        | dict(dropout_rate=0.0, decoder_start_token_id=0),
+    ),
+}
+
+
+def as_users_build(name: str, seed: int) -> nn.Module:
+    """Hugging Face model `name` (a key of AS_USERS_BUILD) from its config's defaults, in train mode; it takes
+    `make_batches(name, ...)`."""
+    model_class, config_class, fields = AS_USERS_BUILD[name]
+    model = _hugging_face(model_class, config_class, seed, **fields)
+    model.train()
+    return model

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import CaptureError, InputError
 from .functional import dropout_as_native, is_functional
+from .hugging_face import without_generation_cache
 from .inputs import DynamicDim, FlatCall, dynamic_shapes_for, tile_rows
 from .modes import autocast_state, make_mode_switchable
 
@@ -113,7 +114,12 @@ def capture(
     try:
         # The math attention backend gives the same graph on every device (fused kernels return other
         # strides, which exported views then depend on); training still runs the fastest kernel.
-        with sdpa_kernel([SDPBackend.MATH]), indexing, warnings.catch_warnings():
+        with (
+            sdpa_kernel([SDPBackend.MATH]),
+            indexing,
+            without_generation_cache(model),
+            warnings.catch_warnings(),
+        ):
             # torch's own export code trips its pytree deprecation (nothing a user can act on)
             warnings.filterwarnings(
                 "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
@@ -215,11 +221,17 @@ def _leaf_types(items: list[Any]) -> set[type]:
 
 def _explain_export_failure(exc: Exception) -> str:
     text = str(exc)
+    cache = re.search(r"<class 'transformers\.cache_utils\.(\w+)'> in output", text)
+    if cache:  # rannc captures transformers models without their cache unless the call asks for one
+        return (
+            f"torch.export could not capture the model: it returns a transformers {cache.group(1)} (a key/value "
+            "cache for generation), which a training graph cannot return. The call (or the model's code) passes "
+            "use_cache=True: drop it (rannc trains Hugging Face models without a cache, as with use_cache=False)."
+        )
     hint = (
         "rannc captures the model with torch.export (strict=False). Fix the model so that it exports: "
         "make data-dependent Python control flow a torch.cond or move it out of forward(), return tensors "
-        "(or tuples/dicts/ModelOutputs of tensors; for Hugging Face models set use_cache=False), and keep "
-        "dim 0 of every tensor input the batch dimension."
+        "(or tuples/dicts/ModelOutputs of tensors), and keep dim 0 of every tensor input the batch dimension."
     )
     if "Constraints violated" in text or "specialized" in text:
         hint += (
