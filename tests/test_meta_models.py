@@ -174,3 +174,75 @@ def test_meta_model_without_weights_is_refused() -> None:
         model = TiedLM()
     with pytest.raises(ConfigError, match="load_weights=PATH.*init_weights=FN"):
         rannc.RaNNCModule(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+WIDE, LAYERS = 4096, 16  # 16 x 64 MiB of fp32 weights: 1 GiB
+
+
+def wide_mlp() -> nn.Module:
+    return nn.Sequential(*[nn.Sequential(nn.Linear(WIDE, WIDE), nn.Tanh()) for _ in range(LAYERS)])
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def rss_worker(rank: int, world: int, weights_path: str, on_meta: bool) -> dict[str, float]:
+    """Wrap the 1 GiB model (built on meta with load_weights, or whole on every rank) and make the first call
+    (capture, profile, plan, materialise and load this rank's stage); report the peak resident memory."""
+    import time
+
+    baseline = _status_kib("VmRSS")  # torch, rannc and the process group, no model yet
+    torch.manual_seed(0)
+    if on_meta:
+        with torch.device("meta"):
+            model = wide_mlp()
+        source: dict[str, Any] = {"load_weights": weights_path}
+    else:
+        model = wide_mlp()
+        source = {}
+    # a memory limit that fits 4 of the 16 layers' weights and gradients per rank: 4 stages of 4 layers
+    wrapped = rannc.RaNNCModule(
+        model, None, **source, partition_num=world, min_pipeline=1, max_pipeline=1, profile_iterations=1,
+        mem_limit_gb=0.85, opt_param_factor=0.0, show_progress=False,
+    )  # fmt: skip
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = wrapped(torch.randn(2, WIDE))
+    first_call = time.perf_counter() - started
+    return {
+        "baseline_gib": baseline / 2**20,
+        "peak_gib": _status_kib("VmHWM") / 2**20,
+        "first_call_s": first_call,
+        "out_norm": float(out.norm()),
+        "stages": len(wrapped.deployment.plan.stages),
+        "held_gib": sum(p.numel() * p.element_size() for p in wrapped.parameters()) / 2**30,
+    }
+
+
+@pytest.mark.slow
+def test_host_memory_is_the_stage_share(tmp_path: Path) -> None:
+    """4 ranks / 4 stages of a 1 GiB model: built on meta, no rank's peak resident memory exceeds what it had
+    before the model plus half the model's bytes; built whole on every rank (for comparison) each holds it all."""
+    torch.manual_seed(0)
+    model = wide_mlp()
+    model_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    assert model_gib >= 1.0
+    path = tmp_path / "wide.safetensors"
+    save_file(model.state_dict(), str(path))
+    x = torch.randn(2, WIDE)  # the first call's input on rank 0 and 1 (seeded alike in the workers)
+    del model, x
+    meta = run_workers(rss_worker, 4, str(path), True, timeout=500)
+    whole = run_workers(rss_worker, 4, str(path), False, timeout=500)
+    for rank, (m, w) in enumerate(zip(meta, whole)):
+        print(
+            f"rank {rank}: meta-built peak {m['peak_gib']:.2f} GiB (baseline {m['baseline_gib']:.2f}, first call "
+            f"{m['first_call_s']:.1f} s); built whole {w['peak_gib']:.2f} GiB (baseline {w['baseline_gib']:.2f})"
+        )
+        assert m["stages"] == 4 and m["held_gib"] <= 0.26, m
+        assert m["peak_gib"] - m["baseline_gib"] <= 0.5 * model_gib, (rank, m)
+        assert w["peak_gib"] - w["baseline_gib"] >= model_gib, (rank, w)
+        assert m["out_norm"] == pytest.approx(w["out_norm"], rel=1e-5)  # the same weights, loaded in parts
