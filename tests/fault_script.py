@@ -52,6 +52,7 @@ def wrap(
         comm_timeout_s=10.0,
     )
     settings.update(config)
+    print(f"rank {os.environ['RANK']} wrapping at {time.time():.3f}", flush=True)
     return rannc.RaNNCModule(model, optimizer, **settings), optimizer
 
 
@@ -131,10 +132,8 @@ def main() -> None:
         if rank == 0:
             torch.save(state, workdir / "loaded.pt")
     elif mode == "launch":
-        print(f"rank {rank} wrapping at {time.time():.3f}", flush=True)
         wrap(0, profile_cache_dir=cache)
     elif mode == "foreign_optimizer":
-        print(f"rank {rank} wrapping at {time.time():.3f}", flush=True)
         wrap(0, optimizer_params="copy", profile_cache_dir=cache)
     elif mode == "wrong_shape":
         deployment = str(workdir / "deployment.json")
