@@ -231,10 +231,11 @@ def check_complete(path: str | Path) -> None:
     leftovers = _leftovers(target)
     finished = [p for p in leftovers if (p / COMPLETE_MARKER).is_file()]
     if finished:
+        copies = ", ".join(str(p) for p in finished)
+        verb = "is a complete checkpoint" if len(finished) == 1 else "are complete checkpoints"
         raise RanncError(
-            f"no checkpoint at {target}: a save_sharded stopped while moving its checkpoint into place; "
-            f"{', '.join(str(p) for p in finished)} {'is a complete checkpoint' if len(finished) == 1 else 'are complete checkpoints'} "
-            f"(the marker files say when each was saved): rename the one you want to {target}"
+            f"no checkpoint at {target}: a save_sharded stopped while moving its checkpoint into place; {copies} "
+            f"{verb} (the marker files say when each was saved): rename the one you want to {target}"
         )
     if leftovers:
         raise RanncError(
