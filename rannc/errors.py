@@ -19,6 +19,10 @@ class PlanError(RanncError):
     """No plan satisfies the constraints (memory, batch size, world size)."""
 
 
+class LaunchError(RanncError):
+    """The processes could not form one job: the rendezvous address cannot be bound or reached, or ranks are missing."""
+
+
 class DeploymentError(RanncError):
     """A deployment file is unreadable or was made for another model, world size or device memory."""
 

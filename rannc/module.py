@@ -25,11 +25,11 @@ from .errors import ConfigError, DeploymentError, InputError, RanncError
 from .runtime import dist as rdist
 from .runtime import failures
 from .runtime.build import build_local_stage, stage_layout
-from .runtime.checkpoint import load_sharded, local_state, save_sharded
+from .runtime.checkpoint import check_complete, load_sharded, local_state, save_sharded
 from .runtime.clip import clip_global_grad_norm
 from .runtime.gather import gather_global_batch
 from .runtime.host_memory import keep_freed_host_memory
-from .runtime.optimizer import OptimizerBinding, accept_from_global
+from .runtime.optimizer import OptimizerBinding, accept_from_global, check_model_parameters
 from .runtime.pipeline import PipelineCall
 from .runtime.step import run_call
 from .runtime.trace import current_tracer
@@ -88,6 +88,7 @@ class RaNNCModule:
         self._load_weights = load_weights
         self._init_weights = init_weights
         if optimizer is not None:
+            check_model_parameters(optimizer, {id(p) for p in model.parameters()})
             accept_from_global(optimizer)
             amp.install()
         self.config = (
@@ -389,6 +390,18 @@ class RaNNCModule:
                 f"state dict keys do not match the model: missing {sorted(missing)[:5]}, unexpected "
                 f"{sorted(unexpected)[:5]}; load a state dict saved from the same model (or pass strict=False)"
             )
+        mismatched = [
+            f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} from the state dict, the "
+            f"shape in the model is {tuple(self._shapes[name][0])}"
+            for key, value in state_dict.items()
+            if (name := self._alias_of.get(key, key)) in self._shapes
+            and tuple(value.shape) != tuple(self._shapes[name][0])
+        ]
+        if mismatched:  # checked against the full shapes: most tensors here are empty placeholders
+            raise RanncError(
+                f"error(s) in loading the state dict: {'; '.join(mismatched)}. Load a state dict saved from the same "
+                "model (the same sizes)"
+            )
         with torch.no_grad():
             for key, value in state_dict.items():
                 name = self._alias_of.get(key, key)
@@ -400,11 +413,13 @@ class RaNNCModule:
         """Collective: write a sharded checkpoint (model and optimizer) with torch.distributed.checkpoint.
 
         Each rank writes what it holds, so nothing is gathered on one rank; replicated tensors are written
-        once. Load it with `load_sharded` on any world size or plan.
+        once. Load it with `load_sharded` on any world size or plan. The save is atomic: the checkpoint at `path`
+        is replaced only once the new one is complete, so an interrupted save leaves the previous one loadable.
         """
         if not self._ready:
             raise RanncError("save_sharded needs a partitioned model: call the model once before saving")
-        save_sharded(path, local_state(self._tensors, self._local, self.optimizer))
+        with failures.reported():
+            save_sharded(path, local_state(self._tensors, self._local, self.optimizer))
 
     def load_sharded(self, path: str) -> None:
         """Collective: load a checkpoint written by `save_sharded` (possibly on another world size or plan).
@@ -412,9 +427,11 @@ class RaNNCModule:
         Before the first call the load is deferred until the model has been partitioned.
         """
         if not self._ready:
+            check_complete(path)  # at once, not after capture and profiling
             self._pending_load = path
             return
-        load_sharded(path, self._tensors, self._local, self.optimizer)
+        with failures.reported():
+            load_sharded(path, self._tensors, self._local, self.optimizer)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Call on every rank: rank 0 returns the full state under the original names, others an empty dict."""

@@ -391,6 +391,19 @@ def load_deployment(
             f"this job has {format_bytes(current)}, less than that; set mem_limit_gb / mem_margin to match or "
             "re-plan (delete the file or turn off load_deployment)"
         )
+    # The plan's own prediction, checked too: a file made without a limit (or edited) says nothing above.
+    over = [
+        (index, stage.memory_bytes)
+        for index, stage in enumerate(deployment.plan.stages)
+        if current is not None and stage.memory_bytes * 0.99 > current
+    ]
+    if over:
+        stages = ", ".join(f"stage {index} {format_bytes(need)}" for index, need in over)
+        raise DeploymentError(
+            f"deployment file {path} needs more memory per rank than this job has ({format_bytes(current)} usable; "
+            f"{stages} predicted); raise mem_limit_gb / lower mem_margin if the device has the memory, or re-plan "
+            "for this limit (delete the file or turn off load_deployment)"
+        )
     return deployment
 
 

@@ -40,6 +40,7 @@ class OptimizerBinding:
         self.tensors = tensors
         self.groups = groups
         self.rank_sets = rank_sets
+        check_model_parameters(optimizer, set(canonical_of))  # e.g. a param group added after wrapping
         self.group_names = [[canonical_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         flat = [name for names in self.group_names for name in names]
         self.index_of = {name: k for k, name in enumerate(flat)}
@@ -101,6 +102,25 @@ class OptimizerBinding:
 
     def local_names(self) -> list[list[str]]:
         return [[n for n in names if n in self.keep] for names in self.group_names]
+
+
+def check_model_parameters(optimizer: torch.optim.Optimizer, model_parameter_ids: set[int]) -> None:
+    """Refuse an optimizer that steps tensors other than the model's (e.g. built over a copy of the model)."""
+    held = [
+        (g, k, p) for g, group in enumerate(optimizer.param_groups) for k, p in enumerate(group["params"])
+    ]
+    foreign = [(g, k, p) for g, k, p in held if id(p) not in model_parameter_ids]
+    if not foreign:
+        return
+    group, index, first = foreign[0]
+    raise RanncError(
+        f"the optimizer's parameters are not the wrapped model's: {len(foreign)} of its {len(held)} parameters "
+        f"(the first: param group {group}, index {index}, shape {tuple(first.shape)}) are not parameters of the "
+        "model passed to RaNNCModule, so rannc could neither place nor step them. This happens when the "
+        "optimizer was built over a copy of the model (copy.deepcopy, a model loaded again) or over another "
+        "model: build it from the wrapped model's own parameters, e.g. "
+        f"torch.optim.{type(optimizer).__name__}(model.parameters(), ...), and pass that model to RaNNCModule"
+    )
 
 
 def accept_from_global(optimizer: torch.optim.Optimizer) -> None:

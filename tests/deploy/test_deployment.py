@@ -94,7 +94,7 @@ def test_round_trip_without_optional_names_and_unlimited_memory(tmp_path: Path) 
     original = make_deployment(block_names=[], stage_module_ranges=[], device_memory_bytes=None)
     path = tmp_path / "d.json"
     save_deployment(original, path)
-    loaded = load_deployment(path, expected_device_memory_bytes=123.0)
+    loaded = load_deployment(path, expected_device_memory_bytes=1.5 * 2**30)  # the largest stage fits
     assert loaded == original
     assert loaded.stage_module_ranges == [] and loaded.device_memory_bytes is None
 
@@ -228,6 +228,25 @@ def test_device_memory_mismatch(saved: Path) -> None:
         DeploymentError, match="2.00 GiB of usable memory.*this job has 1.00 GiB.*mem_limit_gb"
     ):
         load_deployment(saved, expected_device_memory_bytes=1.0 * 2**30)
+
+
+def test_stage_memory_above_the_job_limit_is_refused(tmp_path: Path) -> None:
+    """A file made without a memory limit says nothing about the device: its stages' memory is checked."""
+    path = tmp_path / "unlimited.json"
+    save_deployment(make_deployment(device_memory_bytes=None), path)
+    with pytest.raises(
+        DeploymentError,
+        match=r"needs more memory per rank than this job has \(1.00 GiB usable; stage 1 1.50 GiB predicted\)"
+        r".*mem_limit_gb.*re-plan",
+    ):
+        load_deployment(path, expected_device_memory_bytes=1.0 * 2**30)
+
+
+def test_stage_memory_above_the_file_limit_is_refused(saved: Path) -> None:
+    """A hand-edited stage that no longer fits the memory the file (and the job) has."""
+    edit(saved, lambda d: d["stages"][0].update(memory_bytes=3 * 2**30))
+    with pytest.raises(DeploymentError, match=r"stage 0 3.00 GiB predicted"):
+        load_deployment(saved, expected_device_memory_bytes=2.0 * 2**30)
 
 
 def test_device_memory_unknown_on_either_side_is_not_checked(saved: Path) -> None:
