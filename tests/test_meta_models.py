@@ -197,12 +197,16 @@ def rss_worker(rank: int, world: int, weights_path: str, on_meta: bool) -> dict[
 
     baseline = _status_kib("VmRSS")  # torch, rannc and the process group, no model yet
     torch.manual_seed(0)
+    x = torch.randn(2, WIDE)  # before the model: building on meta draws no random numbers
     if on_meta:
         with torch.device("meta"):
             model = wide_mlp()
         source: dict[str, Any] = {"load_weights": weights_path}
     else:
+        from safetensors.torch import load_file
+
         model = wide_mlp()
+        model.load_state_dict(load_file(weights_path))
         source = {}
     # a memory limit that fits 4 of the 16 layers' weights and gradients per rank: 4 stages of 4 layers
     wrapped = rannc.RaNNCModule(
@@ -211,7 +215,7 @@ def rss_worker(rank: int, world: int, weights_path: str, on_meta: bool) -> dict[
     )  # fmt: skip
     started = time.perf_counter()
     with torch.no_grad():
-        out = wrapped(torch.randn(2, WIDE))
+        out = wrapped(x)
     first_call = time.perf_counter() - started
     return {
         "baseline_gib": baseline / 2**20,
@@ -233,8 +237,7 @@ def test_host_memory_is_the_stage_share(tmp_path: Path) -> None:
     assert model_gib >= 1.0
     path = tmp_path / "wide.safetensors"
     save_file(model.state_dict(), str(path))
-    x = torch.randn(2, WIDE)  # the first call's input on rank 0 and 1 (seeded alike in the workers)
-    del model, x
+    del model
     meta = run_workers(rss_worker, 4, str(path), True, timeout=500)
     whole = run_workers(rss_worker, 4, str(path), False, timeout=500)
     for rank, (m, w) in enumerate(zip(meta, whole)):
