@@ -263,7 +263,11 @@ def run_captured(captured: Any, model: nn.Module, *inputs: torch.Tensor) -> torc
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     feed = iter(inputs)
     args = [
-        state[captured.params[name]] if name in captured.params else next(feed)
+        state[captured.params[name]]
+        if name in captured.params
+        else captured.constants[name]
+        if name in captured.constants
+        else next(feed)
         for name in captured.placeholder_nodes()
     ]
     (loss,) = captured.gm(*args)
@@ -290,3 +294,58 @@ def test_config_item_opaque_modules(tmp_path: Path) -> None:
     assert load_config(path, env={}).opaque_modules == ("router",)
     with pytest.raises(ConfigError, match=r"opaque_modules.*not a list of strings"):
         load_config(env={}, opaque_modules=[1, 2])
+
+
+class UsesAnotherParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.helper = rannc.opaque(self.multiply_when_nonzero)
+
+    def multiply_when_nonzero(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.b.weight if bool(h.any()) else h  # zeros take the other branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.helper(self.a(x)).sum()
+
+
+def test_a_parameter_that_is_not_an_argument_is_refused() -> None:
+    other = nn.Linear(4, 4)
+    with pytest.raises(CaptureError, match=r"1 tensor\(s\) that require grad but are not its arguments"):
+        capture_calls(rannc.opaque(lambda h: h @ other.weight))
+    model = UsesAnotherParameter()  # zeros do not reach the parameter: its first backward tells
+    with pytest.raises(CaptureError, match=r"would get no gradient. Pass them as arguments"):
+        model(torch.randn(2, 4)).backward()
+
+
+@rannc.opaque
+def project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return h @ weight if bool((h.sum(dim=1) > -1e9).all()) else h
+
+
+def test_autocast_at_the_call_is_kept_in_the_graph() -> None:
+    weight = torch.randn(4, 4)
+    model = Calls(lambda h: project(h, weight))
+    x = torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        captured = capture(model, (x,), {})
+        expected = model(x)
+    (node,) = [n for n in captured.gm.graph.nodes if "rannc_opaque" in str(n.target)]
+    (getitem,) = node.users
+    assert getitem.meta["val"].dtype == torch.bfloat16  # learnt under the call's autocast
+    got = run_captured(captured, model, x)  # graphs run with autocast off: the op enters it again
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_an_opaque_module_with_a_fake() -> None:
+    model = om.build("router", marked=True)
+    calls = []
+
+    def fake(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        calls.append(type(module).__name__)
+        return torch.empty_like(h)
+
+    rannc.opaque(model.router, fake=fake)
+    captured = capture(model, om.batches()[0], {})
+    assert calls and set(calls) == {"Router"}
+    assert any("module_Router_router" in str(n.target) for n in captured.gm.graph.nodes)

@@ -43,7 +43,7 @@ import torch.utils._pytree as pytree
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ..errors import CaptureError
-from .opaque_shapes import ShapeLearner
+from .opaque_shapes import ShapeLearner, no_gradient_message, other_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ class _OpaqueOp:
     fake: Callable[..., Any] | None
     label: str  # how messages name it
     shapes: ShapeLearner
-    out_specs: dict[str, pytree.TreeSpec] = dataclasses.field(
-        default_factory=dict
-    )  # call -> output structure
+    # the output structure of each call (unflattened by the caller)
+    out_specs: dict[str, pytree.TreeSpec] = dataclasses.field(default_factory=dict)
+    gradients_checked: bool = False  # its first backward looked for parameters it cannot give gradients to
 
     @property
     def overload(self) -> Any:
@@ -86,6 +86,7 @@ def _register(name: str, run: Callable[..., Any], fake: Callable[..., Any] | Non
     entry = _OPS.get(name)
     if entry is not None:
         entry.run, entry.fake, entry.label, entry.shapes = run, fake, label, ShapeLearner(label)
+        entry.gradients_checked = False
         return entry
     entry = _OpaqueOp(name, run, fake, label, ShapeLearner(label))
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=(), schema=_SCHEMA)(
@@ -204,7 +205,7 @@ def _invoke(
                 "returns a tensor or a tuple, list or dict of tensors"
             )
     _check_changes(entry, copies, versions, flat, state)
-    entry.out_specs[call] = spec
+    _remember(entry, call, spec)
     outputs: list[torch.Tensor] = []
     for leaf in flat:
         fresh = leaf.contiguous()  # the fake outputs are contiguous: later views rely on the strides
@@ -238,6 +239,16 @@ def _check_changes(
             )
 
 
+_MAX_SPECS = 1024  # output structures remembered per op (a call with ever-new constants must not grow them)
+
+
+def _remember(entry: _OpaqueOp, call: str, spec: pytree.TreeSpec) -> None:
+    entry.out_specs.pop(call, None)
+    entry.out_specs[call] = spec
+    while len(entry.out_specs) > _MAX_SPECS:
+        entry.out_specs.pop(next(iter(entry.out_specs)))
+
+
 def _run_real(name: str, tensors: list[torch.Tensor], sizes: list[int], call: str) -> list[torch.Tensor]:
     return _invoke(_OPS[name], tensors, sizes, call)
 
@@ -250,7 +261,7 @@ def _run_fake(name: str, tensors: list[torch.Tensor], sizes: list[Any], call: st
     flat, spec = pytree.tree_flatten(entry.fake(*args, **kwargs))
     if not all(isinstance(leaf, torch.Tensor) for leaf in flat):
         raise CaptureError(f"the fake of opaque {entry.label} must return tensors, as the function does")
-    entry.out_specs[call] = spec
+    _remember(entry, call, spec)
     return [leaf.new_empty(leaf.shape) if any(leaf is t for t in tensors) else leaf for leaf in flat]
 
 
@@ -271,8 +282,14 @@ def _backward(name: str, ctx: Any, grads: list[torch.Tensor | None]) -> tuple[An
             None,
         )
     leaves = [t.detach().requires_grad_(wants) for t, wants in zip(ctx.saved_tensors, ctx.wants)]
+    entry = _OPS[name]
     with torch.enable_grad():
-        outputs = _invoke(_OPS[name], leaves, ctx.sizes, ctx.call)
+        outputs = _invoke(entry, leaves, ctx.sizes, ctx.call)
+    if not entry.gradients_checked:  # once per op: capture checked on zeros, this is the real data
+        entry.gradients_checked = True
+        foreign = other_leaves(outputs, leaves)
+        if foreign:
+            raise CaptureError(no_gradient_message(entry.label, foreign))
     pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None and out.requires_grad]
     wanted = [leaf for leaf in leaves if leaf.requires_grad]
     found: Sequence[torch.Tensor | None] = [None] * len(wanted)

@@ -116,7 +116,7 @@ class ShapeLearner:
                     torch.empty([a * batch + c for a, c in dims], dtype=dtype, device=device)
                     for dims, dtype in rule.outputs
                 ]
-        outputs = probe(self.label, run, tensors, shapes, [int(e) for e in size_exprs])
+        outputs = probe(self.label, run, tensors, shapes, [int(e) for e in size_exprs], check_gradients=True)
         return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in outputs]
 
     def _learn(
@@ -131,7 +131,8 @@ class ShapeLearner:
         for batch in PROBE_BATCHES:
             values = {symbol: batch for symbol in symbols}
             concrete = [[int(e.subs(values)) for e in shape] for shape in shapes]
-            runs.append(probe(self.label, run, tensors, concrete, [int(e.subs(values)) for e in size_exprs]))
+            concrete_sizes = [int(e.subs(values)) for e in size_exprs]
+            runs.append(probe(self.label, run, tensors, concrete, concrete_sizes, check_gradients=not runs))
         layout = [[(len(shape), dtype) for shape, dtype in outputs] for outputs in runs]
         if layout[1] != layout[0] or layout[2] != layout[0]:
             raise CaptureError(
@@ -203,12 +204,22 @@ def _batch_symint(tensors: Sequence[torch.Tensor], sizes: Sequence[Any]) -> torc
 
 
 def probe(
-    label: str, run: Runner, like: Sequence[torch.Tensor], shapes: list[list[int]], sizes: list[int]
+    label: str,
+    run: Runner,
+    like: Sequence[torch.Tensor],
+    shapes: list[list[int]],
+    sizes: list[int],
+    check_gradients: bool = False,
 ) -> list[tuple[list[int], torch.dtype]]:
     """Shapes and dtypes of the outputs of `run` on CPU zeros of the given input shapes, run outside every trace
-    (fake tensors, export's modes), without autograd and with the random generators restored."""
-    with untraced(), torch.no_grad(), torch.random.fork_rng(devices=[]):
-        zeros = [torch.zeros(shape, dtype=t.dtype) for shape, t in zip(shapes, like)]
+    (fake tensors, export's modes) with the random generators restored. With `check_gradients` it runs under
+    autograd, its floating inputs requiring grad, and refuses outputs that depend on other tensors requiring
+    grad (the op could not give them gradients)."""
+    with untraced(), torch.set_grad_enabled(check_gradients), torch.random.fork_rng(devices=[]):
+        zeros = [
+            torch.zeros(shape, dtype=t.dtype, requires_grad=check_gradients and t.dtype.is_floating_point)
+            for shape, t in zip(shapes, like)
+        ]
         before = torch.get_rng_state()
         try:
             outputs = run(zeros, sizes)
@@ -225,7 +236,42 @@ def probe(
                 f"opaque {label} draws random numbers (dropout?); its backward recomputes it and would draw "
                 "other ones: keep randomness outside opaque functions"
             )
+        foreign = other_leaves(outputs, zeros) if check_gradients else []
+        if foreign:
+            raise CaptureError(no_gradient_message(label, foreign))
     return [(list(out.shape), out.dtype) for out in outputs]
+
+
+def no_gradient_message(label: str, foreign: Sequence[torch.Tensor]) -> str:
+    return (
+        f"opaque {label} computes with {len(foreign)} tensor(s) that require grad but are not its arguments "
+        f"(shapes {[tuple(t.shape) for t in foreign][:4]}: parameters reached through self, a closure or a "
+        "global?); they would get no gradient. Pass them as arguments, or make the module that owns them opaque "
+        "(rannc.opaque(module) or the config item opaque_modules)"
+    )
+
+
+def other_leaves(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaf tensors requiring grad that the outputs depend on, other than `inputs`."""
+    found: list[torch.Tensor] = []
+    mine = {id(t) for t in inputs}
+    pending = []
+    for out in outputs:
+        if out.grad_fn is not None:
+            pending.append(out.grad_fn)
+        elif out.requires_grad and id(out) not in mine:
+            found.append(out)
+    seen: set[Any] = set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf's gradient
+        if isinstance(variable, torch.Tensor) and id(variable) not in mine:
+            found.append(variable)
+        pending.extend(parent for parent, _ in node.next_functions if parent is not None)
+    return found
 
 
 # The dispatcher's thread-local key sets of eager code (this module is imported outside any trace).
