@@ -349,3 +349,22 @@ def test_an_opaque_module_with_a_fake() -> None:
     captured = capture(model, om.batches()[0], {})
     assert calls and set(calls) == {"Router"}
     assert any("module_Router_router" in str(n.target) for n in captured.gm.graph.nodes)
+
+
+class BranchesInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.a(x).sum()
+        return self.a(-x).sum()
+
+
+def test_a_branch_in_the_models_own_forward_is_named() -> None:
+    with pytest.raises(
+        CaptureError,
+        match=r"Capture failed in BranchesInForward.forward \(.*test_opaque.py:\d+: `if x.sum\(\) > 0:`\).*move it into a function and decorate that with @rannc.opaque",
+    ):
+        capture(BranchesInForward(), (torch.randn(2, 4),), {})
