@@ -123,6 +123,35 @@ def test_capture_makes_each_call_one_op_with_a_batch_shaped_output() -> None:
     assert meta.graph_hash == captured.graph_hash  # the op's name and call are the same on every device
 
 
+@rannc.opaque
+def weigh_odd_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor([1.0 if label % 2 else 0.5 for label in labels.tolist()])
+    return F.cross_entropy(logits, labels, reduction="none") * weights
+
+
+class LossOfTwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(om.VOCAB, om.DIM), nn.Linear(om.DIM, om.CLASSES)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return weigh_odd_labels(self.head(self.embed(ids).mean(dim=1)), labels).mean()
+
+
+def test_shapes_in_the_batch_and_the_sequence() -> None:
+    ids, labels = om.batches()[0]
+    # the inputs' batch dims are traced as one symbol each (equal only at the end): they vary together
+    captured = capture(LossOfTwoInputs(), (ids, labels), {})
+    (getitem,) = [n for n in captured.gm.graph.nodes if n.name == "getitem"]
+    assert [s.node.expr for s in getitem.meta["val"].shape] == [captured.batch_symbol]
+    # with max_seq_len the sequence is a symbol too: outputs follow both
+    captured = capture(om.build("token", marked=True), (ids, labels), {}, max_seq_len=16)
+    (sequence,) = {d.symbol for d in captured.dynamic_dims}
+    for node in [n for n in captured.gm.graph.nodes if n.name.startswith("getitem")]:
+        batch, length, width = node.meta["val"].shape
+        assert (batch.node.expr, length.node.expr, width) == (captured.batch_symbol, sequence, om.DIM)
+
+
 def test_meta_plan_of_an_opaque_model() -> None:
     result = plan_offline(
         _meta_router_model,
@@ -250,7 +279,7 @@ def test_random_numbers_are_refused() -> None:
 def test_shapes_that_cannot_be_learnt_ask_for_a_fake() -> None:
     with pytest.raises(CaptureError, match=r"which failed: ValueError: all zero. Pass fake= to rannc.opaque"):
         capture_calls(fails_on_zeros)
-    with pytest.raises(CaptureError, match=r"do not follow the batch size as a \* batch \+ c; pass fake="):
+    with pytest.raises(CaptureError, match=r"do not follow the input sizes as c \+ a \* size; pass fake="):
         capture_calls(squares_the_batch)
     model = Calls(fails_on_zeros_with_fake)
     captured = capture(model, (torch.randn(3, 4),), {})

@@ -64,7 +64,7 @@ def failure_site(exc: BaseException, model: torch.nn.Module) -> FailureSite | No
         owner = frame.f_locals.get("self")
         module_name = modules.get(id(owner)) if isinstance(owner, torch.nn.Module) else None
         return FailureSite(
-            function=re.sub(r"\.<locals>\.<(listcomp|genexpr|dictcomp|setcomp)>$", "", code.co_qualname),
+            function=re.sub(r"(\.<locals>\.<(listcomp|genexpr|dictcomp|setcomp)>)+$", "", code.co_qualname),
             filename=code.co_filename,
             lineno=lineno,
             line=linecache.getline(code.co_filename, lineno).strip(),

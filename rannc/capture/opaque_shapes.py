@@ -1,10 +1,11 @@
 """Output shapes of an opaque operation, learnt by running it on zero tensors instead of tracing it.
 
-torch.export asks an opaque op (see `opaque.py`) for its outputs' shapes and dtypes with fake inputs whose dim 0
-is the symbolic batch size. The op's function is run on CPU zero tensors of the input shapes at three batch
-sizes; each output dimension is fitted as `a * batch + c` from the first two and checked against the third, and
-fake outputs of those sizes (in terms of the input's batch SymInt) are returned. Concrete input shapes (a meta
-device run of the captured graph) reuse what capture learnt, or run the function once at those shapes.
+torch.export asks an opaque op (see `opaque.py`) for the shapes and dtypes of its outputs, given fake inputs whose
+sizes may be symbols: the batch (dim 0 of every input) and, with `max_seq_len`, the sequence. The op's function
+is run on CPU zero tensors of the input shapes with every symbol at 2, then with each symbol in turn at 3, then
+with all at other values to check: each output dimension is fitted as `c + a_1 * s_1 + ...` (exactly, on
+integers), and fake outputs of those sizes in terms of the inputs' SymInts are returned. Concrete input shapes (a
+meta-device run of the captured graph) reuse what capture learnt, or run the function once at those shapes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,37 +26,57 @@ from ..errors import CaptureError
 
 logger = logging.getLogger(__name__)
 
-# Batch sizes the function runs at: the first two fit `a * batch + c` per output dimension, the third checks the
-# fit. Not 1, at which broadcasting and squeezing change shapes.
-PROBE_BATCHES = (2, 3, 5)
+# Every symbol is first set to BASE, then each in turn to BASE + 1 (the differences are the coefficients), then
+# all to CHECKS (distinct primes) to check the fit. Not 1, at which broadcasting and squeezing change shapes.
+BASE = 2
+CHECKS = (5, 7, 11, 13, 17)
 
 Runner = Callable[[list[torch.Tensor], list[int]], list[torch.Tensor]]  # (tensors, sizes) -> flat outputs
-Affine = tuple[int, int]  # (a, c): a size of a * batch + c
+Affine = tuple[int, tuple[int, ...]]  # (c, (a_1, ...)): a size of c + sum a_i * symbol_i
+
+
+def _evaluate(affine: Affine, values: Sequence[Any]) -> Any:
+    constant, coefficients = affine
+    total: Any = constant
+    for a, value in zip(coefficients, values):
+        if a:
+            total = total + a * value
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
 class ShapeRule:
-    """One call site's input and output sizes as affine functions of the batch size, and the output dtypes."""
+    """One call site's input and output sizes as affine functions of its symbols, and the output dtypes."""
 
-    inputs: list[list[Affine]]
+    inputs: list[list[Affine | None]]  # None: an input size that is not affine in the symbols
     outputs: list[tuple[list[Affine], torch.dtype]]
 
-    def batch_of(self, shapes: list[list[int]]) -> int | None:
-        """The batch size at which these concrete input shapes are this rule's, or None."""
+    def values_for(self, shapes: list[list[int]]) -> list[int] | None:
+        """The symbols' values at which these concrete input shapes are this rule's, or None."""
         if [len(s) for s in shapes] != [len(s) for s in self.inputs]:
             return None
-        batch: int | None = None
-        for dims, sizes in zip(self.inputs, shapes):
-            for (a, c), size in zip(dims, sizes):
-                if a == 0:
-                    if c != size:
-                        return None
-                    continue
-                found, remainder = divmod(size - c, a)
-                if remainder or found < 1 or batch not in (None, found):
+        count = len(self.outputs[0][0][0][1]) if self.outputs and self.outputs[0][0] else 0
+        values: list[int | None] = [None] * count
+        pairs = [
+            (affine, size) for dims, sizes in zip(self.inputs, shapes) for affine, size in zip(dims, sizes)
+        ]
+        for affine, size in pairs:
+            if affine is None:
+                return None
+            constant, coefficients = affine
+            used = [i for i, a in enumerate(coefficients) if a]
+            if len(used) == 1:
+                (i,) = used
+                value, remainder = divmod(size - constant, coefficients[i])
+                if remainder or value < 1 or values[i] not in (None, value):
                     return None
-                batch = found
-        return batch
+                values[i] = value
+        if any(value is None for value in values):
+            return None
+        known = [int(value) for value in values if value is not None]
+        if any(_evaluate(affine, known) != size for affine, size in pairs if affine is not None):
+            return None
+        return known
 
 
 def _expr(size: Any) -> Any:
@@ -74,9 +96,9 @@ class ShapeLearner:
         shapes = [[_expr(s) for s in t.shape] for t in tensors]
         size_exprs = [_expr(s) for s in sizes]
         exprs = [e for shape in shapes for e in shape] + size_exprs
-        symbols = set().union(*(e.free_symbols for e in exprs))
         device = tensors[0].device if tensors else torch.device("cpu")
-        if not symbols:
+        found = sorted(set().union(*(e.free_symbols for e in exprs)), key=str)
+        if not found:
             return self._concrete(
                 run, call, tensors, [[int(e) for e in s] for s in shapes], size_exprs, device
             )
@@ -87,16 +109,26 @@ class ShapeLearner:
                 f"data ({sorted(map(str, unbacked))}); pass fake= to rannc.opaque (a function of the same "
                 "arguments returning empty tensors of the output shapes)"
             )
-        # Every symbol is the batch: rannc makes dim 0 of each input dynamic with one Dim, which export may
-        # still trace as several symbols (equal at the end).
-        batch = _batch_symint(tensors, sizes)
+        # One symbol per size: export traces inputs sharing rannc's batch Dim with a symbol each (equal only at
+        # the end), so symbols of the same input dim and example value vary together.
+        symbols = _representatives(found, tensors, sizes)
+        shapes = [[e.subs(symbols) for e in shape] for shape in shapes]
+        size_exprs = [e.subs(symbols) for e in size_exprs]
+        unique = sorted(set(symbols.values()), key=str)
         key = (call, tuple(tuple(map(str, s)) for s in shapes), tuple(map(str, size_exprs)), _dtypes(tensors))
         rule = self.rules.get(key)
         if rule is None:
-            rule = self._learn(run, tensors, shapes, size_exprs, symbols)
+            rule = self._learn(run, tensors, shapes, size_exprs, unique)
             self.rules[key] = rule
+        symints = _symints(unique, symbols, tensors, sizes)
+        missing = [str(sym) for sym, size in zip(unique, symints) if size is None]
+        if missing and any(dims for dims, _ in rule.outputs):
+            raise CaptureError(
+                f"the outputs of opaque {self.label} depend on {missing}, which is no input size itself (only "
+                "part of expressions); pass fake= to rannc.opaque"
+            )
         return [
-            torch.empty([a * batch + c if a else c for a, c in dims], dtype=dtype, device=device)
+            torch.empty([_evaluate(d, symints) for d in dims], dtype=dtype, device=device)
             for dims, dtype in rule.outputs
         ]
 
@@ -110,10 +142,10 @@ class ShapeLearner:
         device: torch.device,
     ) -> list[torch.Tensor]:
         for (rule_call, *_), rule in self.rules.items():
-            batch = rule.batch_of(shapes) if rule_call == call else None
-            if batch is not None:  # learnt at capture: no run at these (possibly large) shapes
+            values = rule.values_for(shapes) if rule_call == call else None
+            if values is not None:  # learnt at capture: no run at these (possibly large) shapes
                 return [
-                    torch.empty([a * batch + c for a, c in dims], dtype=dtype, device=device)
+                    torch.empty([_evaluate(d, values) for d in dims], dtype=dtype, device=device)
                     for dims, dtype in rule.outputs
                 ]
         outputs = probe(self.label, run, tensors, shapes, [int(e) for e in size_exprs], check_gradients=True)
@@ -125,82 +157,110 @@ class ShapeLearner:
         tensors: list[torch.Tensor],
         shapes: list[list[Any]],
         size_exprs: list[Any],
-        symbols: set[Any],
+        symbols: list[Any],
     ) -> ShapeRule:
+        if len(symbols) > len(CHECKS):
+            raise CaptureError(
+                f"the input sizes of opaque {self.label} depend on {len(symbols)} symbols; pass fake= to rannc.opaque"
+            )
+        settings = [[BASE] * len(symbols)]
+        settings += [[BASE + (i == j) for j in range(len(symbols))] for i in range(len(symbols))]
+        settings.append(list(CHECKS[: len(symbols)]))
         runs = []
-        for batch in PROBE_BATCHES:
-            values = {symbol: batch for symbol in symbols}
+        for setting in settings:
+            values = dict(zip(symbols, setting))
             concrete = [[int(e.subs(values)) for e in shape] for shape in shapes]
             concrete_sizes = [int(e.subs(values)) for e in size_exprs]
             runs.append(probe(self.label, run, tensors, concrete, concrete_sizes, check_gradients=not runs))
         layout = [[(len(shape), dtype) for shape, dtype in outputs] for outputs in runs]
-        if layout[1] != layout[0] or layout[2] != layout[0]:
+        if any(other != layout[0] for other in layout):
             raise CaptureError(
-                f"opaque {self.label} returns a different number, rank or dtype of outputs at batch sizes "
-                f"{PROBE_BATCHES}: {layout}; pass fake= to rannc.opaque"
+                f"opaque {self.label} returns a different number, rank or dtype of outputs when its input sizes "
+                f"change ({layout}); pass fake= to rannc.opaque"
             )
         outputs = []
-        for index, per_batch in enumerate(zip(*runs)):
-            (first, dtype), (second, _), (third, _) = per_batch
-            dims = [_fit(sizes) for sizes in zip(first, second, third)]
+        for index, per_run in enumerate(zip(*runs)):
+            measured = [shape for shape, _ in per_run]
+            dims = [_fit([shape[d] for shape in measured], settings) for d in range(len(measured[0]))]
             if any(dim is None for dim in dims):
                 raise CaptureError(
-                    f"output {index} of opaque {self.label} has shapes {first}, {second}, {third} at batch sizes "
-                    f"{PROBE_BATCHES}: they do not follow the batch size as a * batch + c; pass fake= to "
-                    "rannc.opaque"
+                    f"output {index} of opaque {self.label} has shapes {measured} for sizes "
+                    f"{dict(zip(map(str, symbols), zip(*settings)))}: they do not follow the input sizes as "
+                    "c + a * size; pass fake= to rannc.opaque"
                 )
-            outputs.append(([dim for dim in dims if dim is not None], dtype))
-        symbol = next(iter(symbols))
-        inputs = [
-            [_affine(e.subs(dict.fromkeys(symbols, symbol)), symbol) for e in shape] for shape in shapes
-        ]
-        logger.info("opaque %s: output shapes %s", self.label, [describe(dims) for dims, _ in outputs])
+            outputs.append(([dim for dim in dims if dim is not None], per_run[0][1]))
+        inputs = [[_affine(e, symbols) for e in shape] for shape in shapes]
+        logger.info(
+            "opaque %s: output shapes %s", self.label, [describe(dims, symbols) for dims, _ in outputs]
+        )
         return ShapeRule(inputs, outputs)
 
 
-def _fit(sizes: tuple[int, int, int]) -> Affine | None:
-    """(a, c) with size == a * batch + c at every probe batch, or None."""
-    step = PROBE_BATCHES[1] - PROBE_BATCHES[0]
-    a, remainder = divmod(sizes[1] - sizes[0], step)
-    c = sizes[0] - a * PROBE_BATCHES[0]
-    if remainder or a * PROBE_BATCHES[2] + c != sizes[2]:
+def _fit(sizes: list[int], settings: list[list[int]]) -> Affine | None:
+    """(c, a) with size == c + sum a_i * value_i in every setting (base, one per symbol raised by 1, check)."""
+    count = len(settings[0])
+    coefficients = tuple(sizes[1 + i] - sizes[0] for i in range(count))
+    constant = sizes[0] - BASE * sum(coefficients)
+    affine = (constant, coefficients)
+    if _evaluate(affine, settings[-1]) != sizes[-1]:
         return None
-    return a, c
+    return affine
 
 
-def _affine(expr: Any, symbol: Any) -> Affine:
-    """(a, c) with expr == a * symbol + c; (0, -1) for a size that is not affine (matches no concrete size)."""
-    if not expr.free_symbols:
-        return 0, int(expr)
-    poly = sympy.Poly(expr, symbol)
-    if poly.degree() != 1:
-        return 0, -1
-    a, c = (int(x) for x in poly.all_coeffs())
-    return a, c
+def _affine(expr: Any, symbols: list[Any]) -> Affine | None:
+    """expr as (c, (a_1, ...)) over `symbols`, or None when it is not affine in them."""
+    poly = sympy.Poly(expr, *symbols)
+    if poly.total_degree() > 1:
+        return None
+    coefficients = tuple(int(poly.coeff_monomial(symbol)) for symbol in symbols)
+    return int(poly.coeff_monomial(1)), coefficients
 
 
-def describe(dims: Sequence[Affine]) -> str:
-    """A shape in terms of the batch size B, e.g. (B, 16, 2B+1)."""
-    parts = [
-        str(c) if not a else ("B" if a == 1 else f"{a}B") + (f"+{c}" if c > 0 else f"{c}" if c else "")
-        for a, c in dims
-    ]
-    return "(" + ", ".join(parts) + ")"
+def describe(dims: Sequence[Affine], symbols: Sequence[Any]) -> str:
+    """A shape in terms of the input symbols, e.g. (s0, 16, 2*s1 + 1)."""
+    return str(
+        tuple(
+            sympy.Integer(c) + sum(a * s for a, s in zip(coefficients, symbols)) for c, coefficients in dims
+        )
+    )
 
 
 def _dtypes(tensors: Sequence[torch.Tensor]) -> tuple[str, ...]:
     return tuple(str(t.dtype) for t in tensors)
 
 
-def _batch_symint(tensors: Sequence[torch.Tensor], sizes: Sequence[Any]) -> torch.SymInt:
-    """The first input size that is a batch symbol itself (outputs are expressed in it)."""
-    for size in [s for t in tensors for s in t.shape] + list(sizes):
-        if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
-            return size
-    raise CaptureError(
-        "no input size of an opaque call is the batch size itself (only expressions of it); pass fake= to "
-        "rannc.opaque"
+def _representatives(
+    symbols: list[Any], tensors: Sequence[torch.Tensor], sizes: Sequence[Any]
+) -> dict[Any, Any]:
+    """Each symbol's representative: the first (by name) of those with the same example value and the same
+    input dims as sources (`L['ids'].size()[0]` and `L['labels'].size()[0]`: both the batch)."""
+    env = next(
+        size.node.shape_env
+        for size in [s for t in tensors for s in t.shape] + list(sizes)
+        if isinstance(size, torch.SymInt)
     )
+
+    def kind(symbol: Any) -> tuple[Any, ...]:
+        dims = {
+            re.search(r"\.size\(\)\[(\d+)\]$", source.name) for source in env.var_to_sources.get(symbol, [])
+        }
+        if not dims or None in dims:
+            return (symbol,)  # no input dim to go by: a symbol of its own
+        return (frozenset(match.group(1) for match in dims if match), env.backed_var_to_val.get(symbol))
+
+    first: dict[tuple[Any, ...], Any] = {}
+    return {symbol: first.setdefault(kind(symbol), symbol) for symbol in symbols}
+
+
+def _symints(
+    unique: list[Any], representative: dict[Any, Any], tensors: Sequence[torch.Tensor], sizes: Sequence[Any]
+) -> list[Any]:
+    """Per representative symbol, an input size that is one of its symbols (outputs are expressed in them)."""
+    found: dict[Any, torch.SymInt] = {}
+    for size in [s for t in tensors for s in t.shape] + list(sizes):
+        if isinstance(size, torch.SymInt) and size.node.expr in representative:
+            found.setdefault(representative[size.node.expr], size)
+    return [found.get(symbol) for symbol in unique]
 
 
 def probe(
