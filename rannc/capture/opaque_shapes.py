@@ -48,6 +48,7 @@ def _evaluate(affine: Affine, values: Sequence[Any]) -> Any:
 class ShapeRule:
     """One call site's input and output sizes as affine functions of its symbols, and the output dtypes."""
 
+    symbols: int  # how many (the coefficients of each Affine)
     inputs: list[list[Affine | None]]  # None: an input size that is not affine in the symbols
     outputs: list[tuple[list[Affine], torch.dtype]]
 
@@ -55,8 +56,7 @@ class ShapeRule:
         """The symbols' values at which these concrete input shapes are this rule's, or None."""
         if [len(s) for s in shapes] != [len(s) for s in self.inputs]:
             return None
-        count = len(self.outputs[0][0][0][1]) if self.outputs and self.outputs[0][0] else 0
-        values: list[int | None] = [None] * count
+        values: list[int | None] = [None] * self.symbols
         pairs = [
             (affine, size) for dims, sizes in zip(self.inputs, shapes) for affine, size in zip(dims, sizes)
         ]
@@ -121,8 +121,11 @@ class ShapeLearner:
             rule = self._learn(run, tensors, shapes, size_exprs, unique)
             self.rules[key] = rule
         symints = _symints(unique, symbols, tensors, sizes)
-        missing = [str(sym) for sym, size in zip(unique, symints) if size is None]
-        if missing and any(dims for dims, _ in rule.outputs):
+        used = {
+            i for dims, _ in rule.outputs for _, coefficients in dims for i, a in enumerate(coefficients) if a
+        }
+        missing = [str(unique[i]) for i in sorted(used) if symints[i] is None]
+        if missing:
             raise CaptureError(
                 f"the outputs of opaque {self.label} depend on {missing}, which is no input size itself (only "
                 "part of expressions); pass fake= to rannc.opaque"
@@ -193,7 +196,7 @@ class ShapeLearner:
         logger.info(
             "opaque %s: output shapes %s", self.label, [describe(dims, symbols) for dims, _ in outputs]
         )
-        return ShapeRule(inputs, outputs)
+        return ShapeRule(len(symbols), inputs, outputs)
 
 
 def _fit(sizes: list[int], settings: list[list[int]]) -> Affine | None:
