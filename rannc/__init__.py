@@ -1,6 +1,7 @@
 """rannc: automatic hybrid pipeline + data parallel training for unmodified PyTorch models."""
 
 from .amp import GradScaler
+from .capture.opaque import opaque
 from .config import Config, load_config
 from .deploy import Deployment, load_deployment, save_deployment, show_deployment
 from .errors import CaptureError, ConfigError, DeploymentError, InputError, PlanError, RanncError
@@ -25,6 +26,7 @@ __all__ = [
     "get_world_size",
     "load_config",
     "load_deployment",
+    "opaque",
     "save_deployment",
     "show_deployment",
 ]

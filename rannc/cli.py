@@ -151,6 +151,13 @@ def _add_plan(commands: Any) -> None:
         default=None,
         help="sequence length (dim 1 of the inputs) varies up to this; the job sets max_seq_len the same",
     )
+    plan.add_argument(
+        "--opaque-module",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="capture this submodule as one operation (as the config item opaque_modules); repeatable",
+    )
 
 
 _TRACE_PER_RANK = 64  # larger worlds get one trace process per stage instead of one per rank
@@ -177,6 +184,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         max_blocks=args.max_blocks,
         zero=args.zero,
         max_seq_len=args.max_seq_len or 0,
+        opaque_modules=tuple(args.opaque_module),
     )
     show_deployment(result.deployment)
     if args.out:

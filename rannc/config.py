@@ -55,6 +55,10 @@ class Config:
     # give: link bandwidth and latency (replacing p2p_*/allreduce_* above), optimizer update rate and temporaries.
     # Empty: the config's link figures and the shipped profile of this device.
     device_profile: str = ""
+    # Qualified names of submodules (as model.named_modules() gives them) captured as one operation each
+    # without tracing into them, for code torch.export cannot capture (see rannc.opaque). In TOML a list of
+    # strings; in RANNC_OPAQUE_MODULES a comma-separated list.
+    opaque_modules: tuple[str, ...] = ()
 
     def device_memory_limit(self, device_total_bytes: int | None) -> float | None:
         """Usable bytes per device after the margin, or None when nothing limits memory."""
@@ -76,6 +80,8 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
     default = _FIELDS[name].default
     kind = type(default)
     try:
+        if kind is tuple:
+            return _string_tuple(raw)
         if kind is bool:
             if isinstance(raw, bool):
                 return raw
@@ -88,9 +94,19 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
         return kind(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(
-            f"config item {name!r} from {source} is {raw!r}, which is not a {kind.__name__}; "
+            f"config item {name!r} from {source} is {raw!r}, which is not a "
+            f"{'list of strings' if kind is tuple else kind.__name__}; "
             f"fix the value (default is {default!r})"
         ) from exc
+
+
+def _string_tuple(raw: Any) -> tuple[str, ...]:
+    """A list of names: a list/tuple of strings, or one string of comma-separated names (environment)."""
+    if isinstance(raw, str):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if isinstance(raw, list | tuple) and all(isinstance(item, str) for item in raw):
+        return tuple(raw)
+    raise ValueError(raw)
 
 
 def config_file_path() -> Path:

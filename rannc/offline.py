@@ -282,6 +282,7 @@ def plan_offline(
     zero: bool = False,
     num_stages: int | None = None,
     max_seq_len: int = 0,
+    opaque_modules: Sequence[str] = (),
 ) -> OfflinePlan:
     """Plan `world_size` devices described by `device` (a profile name or DeviceProfile) without them.
 
@@ -293,6 +294,7 @@ def plan_offline(
     `mem_margin`; the plan's deployment records that usable figure and the graph hash of the model, so a
     real job of the same model and shapes loads it with load_deployment=True. `max_seq_len` > 0 plans a job
     whose sequence length (dim 1 of the inputs) varies up to it (the job sets the same config item).
+    `opaque_modules`: submodules captured as one operation each (the config item of that name).
 
     Example::
 
@@ -320,7 +322,9 @@ def plan_offline(
 
     model, args, kwargs = _call_factory(factory)
     lap("build")
-    captured = capture(model, args, kwargs, batch_size=CAPTURE_BATCH, max_seq_len=max_seq_len)
+    captured = capture(
+        model, args, kwargs, batch_size=CAPTURE_BATCH, max_seq_len=max_seq_len, opaque_modules=opaque_modules
+    )
     gc.collect()
     return_freed_host_memory()  # export's tracing freed tens of MiB: later phases should not add to them
     lap("capture")

@@ -114,7 +114,12 @@ def partition(
     call = FlatCall.of(args, kwargs)
     local_batch = call.batch_size()
     captured = capture(
-        model, args, kwargs, batch_size=config.capture_batch_size, max_seq_len=config.max_seq_len
+        model,
+        args,
+        kwargs,
+        batch_size=config.capture_batch_size,
+        max_seq_len=config.max_seq_len,
+        opaque_modules=config.opaque_modules,
     )
     _check_same_graph(captured.graph_hash, world_size)
     analysis = analyse(captured)

@@ -9,6 +9,7 @@ import logging
 import re
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,10 +20,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import CaptureError, InputError
+from .failure_site import explain as explain_failure_site
 from .functional import dropout_as_native, is_functional
 from .hugging_face import without_generation_cache
 from .inputs import DynamicDim, FlatCall, dynamic_shapes_for, tile_rows
 from .modes import autocast_state, make_mode_switchable
+from .opaque import opaque_submodules
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +93,11 @@ def capture(
     kwargs: dict[str, Any],
     batch_size: int = 2,
     max_seq_len: int = 0,
+    opaque_modules: Sequence[str] = (),
 ) -> CapturedGraph:
     """Export `model` on the first `batch_size` samples of a call, with a dynamic batch dimension, and with
-    `max_seq_len` > 0 a dynamic dim 1 (sequence) of the tensor inputs wherever the model does not fix it."""
+    `max_seq_len` > 0 a dynamic dim 1 (sequence) of the tensor inputs wherever the model does not fix it;
+    submodules marked opaque or named in `opaque_modules` are captured as one operation each (`opaque.py`)."""
     call = FlatCall.of(args, kwargs)
     local = call.batch_size()
     home = next((t.device for t in model.parameters()), torch.device("cpu"))  # capture where the model lives
@@ -119,6 +124,7 @@ def capture(
             indexing,
             without_generation_cache(model),
             warnings.catch_warnings(),
+            opaque_submodules(model, opaque_modules),
         ):
             # torch's own export code trips its pytree deprecation (nothing a user can act on)
             warnings.filterwarnings(
@@ -134,8 +140,10 @@ def capture(
             # autocast acts below the training IR: only the retrace records its casts
             if _autocast_on() or not is_functional(program):
                 program = program.run_decompositions({})
+    except CaptureError:  # rannc's own (e.g. an opaque function's contract): already says what to do
+        raise
     except Exception as exc:  # torch raises many types; all mean "cannot capture"
-        raise CaptureError(_explain_export_failure(exc)) from exc
+        raise CaptureError(_explain_export_failure(exc, model)) from exc
     logger.info("captured %s with torch.export in %.2fs", type(model).__name__, time.perf_counter() - started)
     captured = _from_program(model, program, call)
     if max_seq_len > 0:
@@ -219,7 +227,7 @@ def _leaf_types(items: list[Any]) -> set[type]:
     return found
 
 
-def _explain_export_failure(exc: Exception) -> str:
+def _explain_export_failure(exc: Exception, model: torch.nn.Module) -> str:
     text = str(exc)
     cache = re.search(r"<class 'transformers\.cache_utils\.(\w+)'> in output", text)
     if cache:  # rannc captures transformers models without their cache unless the call asks for one
@@ -237,7 +245,9 @@ def _explain_export_failure(exc: Exception) -> str:
         hint += (
             " The batch dimension was specialised to a constant: some code depends on the exact batch size."
         )
-    return f"torch.export could not capture the model: {type(exc).__name__}: {text}\n{hint}"
+    site = explain_failure_site(exc, model)  # where, and how to mark that code opaque
+    headline = f"torch.export could not capture the model: {type(exc).__name__}: {text}"
+    return "\n".join(part for part in (headline, site, hint) if part)
 
 
 def _from_program(model: torch.nn.Module, program: Any, call: FlatCall) -> CapturedGraph:
