@@ -56,6 +56,15 @@ GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
             ),
             LoopCase("mlp-mse-4stages-mb4", "mlp", "mse", stages=4, microbatches=4),
             LoopCase("mlp-no-sync-accumulation", "mlp", "mse", stages=2, microbatches=2, accumulate=2),
+            LoopCase(
+                "mlp-delay-grad-allreduce",
+                "mlp",
+                "mse",
+                stages=2,
+                microbatches=2,
+                accumulate=3,
+                delay_allreduce=True,
+            ),
             LoopCase("mlp-clip-grad-norm", "mlp", "cross_entropy", stages=2, microbatches=2, clip=True),
             LoopCase("mlp-zero1", "mlp", "mse", stages=2, microbatches=2, zero=True),
             LoopCase(

@@ -120,6 +120,7 @@ class LoopCase:
     steps: int = 3
     local_batches: tuple[int, ...] = ()  # per rank; () = GLOBAL_BATCH split equally
     accumulate: int = 1  # calls per optimizer step (all but the last under no_sync)
+    delay_allreduce: bool = False  # accumulate pyrannc's way: delay_grad_allreduce(True) + allreduce_grads()
     clip: bool = False
     zero: bool = False
     references: tuple[str, ...] = ("ddp", "one_process")  # what the run must equal
@@ -239,10 +240,12 @@ def train_loop(case: LoopCase, model: Any, optimizer: Any, rank: int, world: int
             if call == 0:
                 batch["x"].requires_grad_(True)
             last = k == case.accumulate - 1
-            with contextlib.nullcontext() if last else model.no_sync():
+            with contextlib.nullcontext() if last or case.delay_allreduce else model.no_sync():
                 losses.append(backward_through(case, model, batch))
             if call == 0:
                 input_grad = batch["x"].grad.clone()
+        if case.delay_allreduce:
+            model.allreduce_grads()
         if case.clip:
             norms.append(float(model.clip_grad_norm(CLIP)))
         optimizer.step()
@@ -257,6 +260,8 @@ def run_rannc(case: LoopCase, rank: int, world: int) -> dict[str, Any]:
     names = [name for name, _ in model.named_parameters()]
     optimizer = make_sgd(model.parameters())
     wrapped = rannc.RaNNCModule(model, optimizer, **case.overrides())
+    if case.delay_allreduce:
+        wrapped.delay_grad_allreduce(True)
     result = train_loop(case, wrapped, optimizer, rank, world)
     wrapped.eval()  # eval reads the trained buffers (running statistics)
     with torch.no_grad():
