@@ -214,11 +214,17 @@ class RaNNCModule:
         if verifying:
             self._verifier.run_reference(batch.leaves, call.spec)
             self.stage.after_sync = self._verify_gradients
-        results = run_call(pipeline, grad_leaves)
+        results = iter(run_call(pipeline, grad_leaves))
+        flat = [
+            next(results)
+            if spec.node is not None
+            else call.leaves[spec.leaf]  # an argument returned unchanged: this rank's own, as unwrapped
+            if spec.kind == "input"
+            else spec.constant
+            for spec in self.stage.outputs
+        ]
         if verifying:
-            self._verifier.compare_outputs(results, batch.local_rows(self.rank))
-        outputs = iter(results)
-        flat = [next(outputs) if spec.node is not None else spec.constant for spec in self.stage.outputs]
+            self._verifier.compare_outputs(flat, batch.local_rows(self.rank))
         return pytree.tree_unflatten(flat, self.captured.out_spec)
 
     def _verify_gradients(self) -> None:
