@@ -63,7 +63,12 @@ def main() -> None:
     opt = optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     # pyrannc's defaults spelled out, as some scripts do
     model = pyrannc.RaNNCModule(
-        net, opt, gather_inputs=True, enable_apex_amp=False, allreduce_amp_master_params=False, offload_params=False
+        net,
+        opt,
+        gather_inputs=True,
+        enable_apex_amp=False,
+        allreduce_amp_master_params=False,
+        offload_params=False,
     )
     model.to(torch.device("cpu"))  # ignored, as in pyrannc
 
@@ -74,7 +79,9 @@ def main() -> None:
         pyrannc.delay_grad_allreduce(not run_update)  # RaNNC's tests flip it between forward and backward
         loss.backward()
         if run_update:
-            update_grads.append({n: model.get_param_grad(n) for n, _ in model.named_parameters(from_global=True)})
+            update_grads.append(
+                {n: model.get_param_grad(n) for n, _ in model.named_parameters(from_global=True)}
+            )
             norms.append(float(model.clip_grad_norm(MAX_NORM)))
             opt.step()
             opt.zero_grad()

@@ -115,7 +115,9 @@ def test_pyrannc_script_trains_like_one_process(ranks) -> None:
         for update, (grads, expected) in enumerate(zip(result["update_grads"], reference["update_grads"])):
             assert_all_close(grads, expected, f"rank {rank} get_param_grad at update {update}")
         assert_all_close(result["params"], reference["params"], f"rank {rank} get_param")
-        assert_all_close(result["global_params"], reference["params"], f"rank {rank} named_parameters(from_global)")
+        assert_all_close(
+            result["global_params"], reference["params"], f"rank {rank} named_parameters(from_global)"
+        )
         assert_all_close(result["state"], reference["state"], f"rank {rank} state_dict(rank0_only=False)")
         assert_all_close(result["final"], reference["final"], f"rank {rank} one step after clear()")
 
@@ -125,12 +127,15 @@ def test_optimizer_state_from_global_and_after_clear(ranks) -> None:
     results, _ = ranks
     reference = one_process()["opt_state"]
     for what, state in [("rank 0 state_dict(from_global=True)", results[0]["opt_state"])] + [
-        (f"rank {rank} optimizer after clear()", result["opt_after_clear"]) for rank, result in enumerate(results)
+        (f"rank {rank} optimizer after clear()", result["opt_after_clear"])
+        for rank, result in enumerate(results)
     ]:
         assert state["param_groups"] == reference["param_groups"], what
         assert sorted(state["state"]) == sorted(reference["state"]), what
         for index, entry in reference["state"].items():
-            assert_close(state["state"][index]["momentum_buffer"], entry["momentum_buffer"], f"{what} [{index}]")
+            assert_close(
+                state["state"][index]["momentum_buffer"], entry["momentum_buffer"], f"{what} [{index}]"
+            )
     assert results[1]["opt_state"] == {}
 
 
