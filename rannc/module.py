@@ -224,7 +224,7 @@ class RaNNCModule:
         flat = [
             next(results)
             if spec.node is not None
-            else call.leaves[spec.leaf]  # an argument returned unchanged: this rank's own, as unwrapped
+            else _returned_input(call.leaves[spec.leaf], self.world_size)
             if spec.kind == "input"
             else spec.constant
             for spec in self.stage.outputs
@@ -616,6 +616,28 @@ def _fits(
         size <= limit if (leaf, dim) in dynamic else size == limit
         for dim, (size, limit) in enumerate(zip(shape, captured), start=1)
     )
+
+
+class _AveragedGradient(torch.autograd.Function):
+    """The identity whose backward divides by the world size: the gradient of the average over ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+        ctx.world_size = world_size
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad / ctx.world_size, None
+
+
+def _returned_input(leaf: Any, world_size: int) -> Any:
+    """An argument the model returns unchanged: this rank's own value. Its gradient is, like every input's, that of
+    the average over ranks of each rank's loss (DDP's contract for parameters); a leaf that needs no gradient is
+    returned as it is."""
+    if isinstance(leaf, torch.Tensor) and leaf.requires_grad and torch.is_grad_enabled() and world_size > 1:
+        return _AveragedGradient.apply(leaf, world_size)
+    return leaf
 
 
 def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
 """Models with nothing to cut (identity, no parameters, one operation, one Linear) run data parallel on 2 ranks.
 
-One spawn (tests/trivial_workers.py) trains every model with rannc, and the models with parameters with DDP too;
-each test compares one model with one process on the global batch (and DDP where it accepts the model).
-SGD with momentum, fp32, rtol 1e-5.
+One spawn (tests/trivial_workers.py) trains every model with rannc, and the two Linear models with DDP too; each
+test compares one model with one process on the global batch (and DDP where it accepts the model), under rannc's
+gradient contract (DDP's average over ranks; an input's gradient is one process's on the rank's rows). SGD with
+momentum, fp32, rtol 1e-5.
 """
 
 from __future__ import annotations
@@ -49,26 +50,23 @@ def assert_close(actual: Any, expected: Any, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
 
 
+ALL = ["identity", "pass_through", "squared_error", "relu", "linear_loss", "linear"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name", ["identity", "pass_through", "squared_error", "relu", "linear_loss", "linear"]
-)
+@pytest.mark.parametrize("name", ALL)
 def test_outputs_equal_one_process(runs, name: str) -> None:
-    """Every rank gets its rows of the outputs (a loss: the global batch's), data parallel over both ranks."""
+    """Every rank gets its rows of the outputs (a loss: the global batch's) at every step."""
     results, base = runs
     reference = one_process(name)
-    # The bare Linear's later steps depend on the gradient scale of a loss computed outside the model: see
-    # test_bare_linear_with_a_loss_outside_trains_like_ddp
-    steps = 1 if name == "linear" else tw.STEPS
     for rank, result in enumerate(results):
         run = result[name]
         if name in NOTHING_TO_CUT:  # the others are planned as usual (one stage or two, as measured)
             assert run["stages"] == [[0, 1]], (
                 f"{name}: one stage replicated on both ranks, got {run['stages']}"
             )
-        pairs = list(zip(run["outputs"], reference["outputs"]))[:steps]
-        assert len(pairs) == steps
-        for step, (outs, ref_outs) in enumerate(pairs):
+        assert len(run["outputs"]) == tw.STEPS
+        for step, (outs, ref_outs) in enumerate(zip(run["outputs"], reference["outputs"])):
             for k, (out, ref) in enumerate(zip(outs, ref_outs)):
                 assert_close(out, rows_of(ref, rank), f"{name} rank {rank} step {step} output {k}")
     deployment = load_deployment(base / f"{name}.json")  # saved, readable and shown like any plan
@@ -78,10 +76,10 @@ def test_outputs_equal_one_process(runs, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["identity", "pass_through", "squared_error", "relu", "linear_loss"])
+@pytest.mark.parametrize("name", ALL)
 def test_input_gradients_equal_one_process(runs, name: str) -> None:
-    """Inputs returned unchanged get the caller's gradient directly; a loss returned by the model is the global
-    batch's, so each rank's input gradient is one process's on its rows."""
+    """Each rank's input gradient is one process's on its rows: that of the average over ranks of each rank's
+    per-sample-mean loss (inputs returned unchanged included), or of the global loss the model returns."""
     results, _ = runs
     reference = one_process(name)
     for rank, result in enumerate(results):
@@ -91,49 +89,24 @@ def test_input_gradients_equal_one_process(runs, name: str) -> None:
 
 
 @pytest.mark.slow
-def test_linear_with_its_loss_trains_like_one_process_and_ddp(runs) -> None:
+@pytest.mark.parametrize("name", ["linear_loss", "linear"])
+def test_linear_trains_like_one_process_and_ddp(runs, name: str) -> None:
+    """A single Linear, returning its loss or its output (the user computing a mean loss from it on each rank):
+    losses and parameters after every step are one process's and DDP's (equal local batches)."""
     results, _ = runs
-    reference = one_process("linear_loss")
-    run = results[0]["linear_loss"]
-    assert run["losses"] == pytest.approx(reference["losses"], rel=RTOL)
-    for key, value in reference["state"].items():
-        assert_close(run["state"][key], value, f"linear_loss {key} after {tw.STEPS} steps")
-        assert_close(run["ddp_state"][key], value, f"DDP's linear_loss {key} (the reference's own check)")
-
-
-@pytest.mark.slow
-def test_bare_linear_first_step_equals_ddp(runs) -> None:
-    """The user computes a mean loss from the Linear's output on each rank: outputs and input gradients are each
-    rank's own, as under DDP."""
-    results, _ = runs
+    reference = one_process(name)
     for rank, result in enumerate(results):
-        run, ddp = result["linear"], result["linear"]["ddp"]
-        assert_close(run["outputs"][0][0], ddp["outputs"][0][0], f"rank {rank} output")
-        assert_close(run["input_grads"][0][0], ddp["input_grads"][0][0], f"rank {rank} input gradient")
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="DDP contract for losses computed outside the model (being fixed separately): today parameter "
-    "gradients are the sum over ranks, world_size times DDP's average",
-)
-def test_bare_linear_with_a_loss_outside_trains_like_ddp(runs) -> None:
-    results, _ = runs
-    reference = one_process("linear")
-    for rank, result in enumerate(results):
-        run, ddp = result["linear"], result["linear"]["ddp"]
-        for step in range(tw.STEPS):
-            assert_close(run["outputs"][step][0], ddp["outputs"][step][0], f"rank {rank} step {step} output")
-            assert_close(
-                run["input_grads"][step][0],
-                ddp["input_grads"][step][0],
-                f"rank {rank} step {step} input grad",
+        run = result[name]
+        if name == "linear":  # the loss each rank computes from its rows is DDP's
+            assert run["losses"] == pytest.approx(run["ddp"]["losses"], rel=RTOL), (
+                f"rank {rank} losses vs DDP"
             )
-    run = results[0]["linear"]
+        else:  # a returned loss is the global batch's
+            assert run["losses"] == pytest.approx(reference["losses"], rel=RTOL), f"rank {rank} losses"
+    run = results[0][name]
     for key, value in reference["state"].items():
         assert_close(run["ddp_state"][key], value, f"DDP's {key} equals one process (equal local batches)")
-        assert_close(run["state"][key], value, f"linear {key} after {tw.STEPS} steps")
+        assert_close(run["state"][key], value, f"{name} {key} after {tw.STEPS} steps")
 
 
 @pytest.mark.slow
