@@ -26,28 +26,15 @@ class DemoArgs:
     timeout_s: float = 1800.0
 
 
-def build_model(seed: int = SEED) -> Any:
-    """A small GPT-2-style LM with random weights (the same on every rank for the same seed)."""
+def build_model(seed: int = SEED, shape: Any = None) -> Any:
+    """A small GPT-2 LM with random weights (the same on every rank for the same seed), in plain torch:
+    `model(input_ids, labels)` returns the mean next-token cross-entropy (see rannc.demo_model)."""
     import torch
-    import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    transformers.logging.set_verbosity_error()
-    config = GPT2Config(
-        vocab_size=VOCAB_SIZE,
-        n_positions=MAX_SEQ_LEN,
-        n_embd=256,
-        n_layer=8,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        use_cache=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    from .demo_model import GPT2LMHeadModel, GPT2Shape
+
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(shape if shape is not None else GPT2Shape(VOCAB_SIZE, MAX_SEQ_LEN))
 
 
 def param_bytes(model: Any) -> int:
@@ -113,7 +100,7 @@ def demo_worker(rank: int, world_size: int, args: DemoArgs) -> dict[str, Any]:
     times: list[float] = []
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

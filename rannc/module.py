@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import random
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
-from . import amp, partition
+from . import amp, compat, partition
 from .capture import FlatCall
 from .capture.modes import autocast_state
 from .config import Config, load_config
@@ -75,6 +76,7 @@ class RaNNCModule:
             )
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"RaNNCModule wraps a torch.nn.Module, got {type(model).__name__}")
+        config_overrides = compat.translate_options(config_overrides)  # pyrannc's keyword arguments
         self.module = model
         self.optimizer = optimizer
         self._meta = is_meta_model(model)
@@ -102,15 +104,18 @@ class RaNNCModule:
             keep_freed_host_memory()  # before profiling: measured and real steps reuse memory alike
         self.deployment: Deployment | None = None
         self._ready = False
-        self._delay_allreduce = False  # pyrannc's delay_grad_allreduce
+        self._delay_allreduce = compat.SETTINGS.delay_grad_allreduce  # pyrannc's delay_grad_allreduce
         self._no_sync_depth = 0
         self._steps = 0
         self._verifier: Verifier | None = None
         self._pending_load: str | None = None
+        self._last_call: weakref.ref[PipelineCall] | None = None  # whose backward may not have run yet
+        self._last_call_in_no_sync = False
+        compat.register(self)
 
     # ---- set-up on the first call ------------------------------------------------------------------
     def _setup(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        _check_same_model(self.module, self.world_size)
+        self._agree_on_initial_state()
         if self._meta and self.config.verify:
             raise ConfigError(
                 "verify needs the whole model on rank 0; a meta model has no weights to compare with"
@@ -142,7 +147,7 @@ class RaNNCModule:
                 tensor.data = tensor.data.to(self.device)
             elif name in self.layout.holders:
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)  # lives on other ranks
-        groups = rdist.GroupCache()
+        groups = self._groups = rdist.GroupCache()
         self.stage = build_local_stage(
             self.captured,
             self.analysis,
@@ -260,6 +265,7 @@ class RaNNCModule:
             training=self.module.training,
             sync_grads=sync,
         )
+        self._last_call, self._last_call_in_no_sync = weakref.ref(pipeline), self._no_sync_depth > 0
         grad_leaves = [
             (name, leaf)
             for name, leaf in zip(self.captured.user_inputs, call.leaves)
@@ -269,11 +275,17 @@ class RaNNCModule:
         if verifying:
             self._verifier.run_reference(batch.leaves, call.spec)
             self.stage.after_sync = self._verify_gradients
-        results = run_call(pipeline, grad_leaves)
+        results = iter(run_call(pipeline, grad_leaves))
+        flat = [
+            next(results)
+            if spec.node is not None
+            else _returned_input(call.leaves[spec.leaf], self.world_size)
+            if spec.kind == "input"
+            else spec.constant
+            for spec in self.stage.outputs
+        ]
         if verifying:
-            self._verifier.compare_outputs(results, batch.local_rows(self.rank))
-        outputs = iter(results)
-        flat = [next(outputs) if spec.node is not None else spec.constant for spec in self.stage.outputs]
+            self._verifier.compare_outputs(flat, batch.local_rows(self.rank))
         return pytree.tree_unflatten(flat, self.captured.out_spec)
 
     def _verify_gradients(self) -> None:
@@ -346,8 +358,10 @@ class RaNNCModule:
             self._no_sync_depth -= 1
 
     def delay_grad_allreduce(self, delay: bool) -> None:
-        """pyrannc's switch: keep gradients local until `allreduce_grads()` is called."""
-        self._delay_allreduce = delay
+        """pyrannc's switch: keep gradients local until `allreduce_grads()` is called (or a backward runs after
+        the switch is turned off). It counts when backward runs, so it may be flipped between forward and backward."""
+        self._delay_allreduce = bool(delay)
+        self._sync_choice_to_last_call()
 
     def allreduce_grads(self) -> None:
         """All-reduce the gradients accumulated while syncing was delayed (every rank must call it)."""
@@ -433,17 +447,25 @@ class RaNNCModule:
         with failures.reported():
             load_sharded(path, self._tensors, self._local, self.optimizer)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Call on every rank: rank 0 returns the full state under the original names, others an empty dict."""
+    def state_dict(
+        self, *, rank0_only: bool = True, amp_master_params: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Call on every rank: rank 0 returns the full state under the original names, others an empty dict
+        (with `rank0_only=False` every rank gets it). `amp_master_params` is pyrannc's and changes nothing here
+        (as in pyrannc without apex: parameters are the master values)."""
         if not self._ready:
-            return self.module.state_dict() if self.rank == 0 else {}
-        gathered = self._gather_to_rank0(lambda t: t)
-        if self.rank != 0:
-            return {}
-        out: dict[str, torch.Tensor] = OrderedDict()
-        for key in self.module.state_dict(keep_vars=True):
-            canonical = self._alias_of.get(key, key)
-            out[key] = gathered.get(canonical, gathered.get(key))
+            out = self.module.state_dict() if self.rank == 0 else {}
+        else:
+            gathered = self._gather_to_rank0(lambda t: t)
+            out = OrderedDict()
+            if self.rank == 0:
+                for key in self.module.state_dict(keep_vars=True):
+                    canonical = self._alias_of.get(key, key)
+                    out[key] = gathered.get(canonical, gathered.get(key))
+        if not rank0_only and self.world_size > 1:
+            shared: list[Any] = [out]
+            dist.broadcast_object_list(shared, src=0)
+            out = shared[0]
         return out
 
     def _gather_to_rank0(self, select: Any) -> dict[str, torch.Tensor]:
@@ -472,6 +494,159 @@ class RaNNCModule:
                     dist.recv(buf, src=owner)
                     gathered[name] = buf.cpu()
         return gathered
+
+    # ---- pyrannc compatibility -----------------------------------------------------------------------
+    # A RaNNC script runs unchanged after `import rannc as pyrannc` (see also rannc/compat.py). Methods that
+    # return values of the whole model are collectives: every rank calls them, in the same order.
+
+    def named_parameters(self, *, from_global: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's parameters (those its stage uses; all of them before the first call) as (name, Parameter).
+
+        `from_global=True` (collective): every parameter of the whole model under its original name, with its full
+        current value on every rank, as CPU copies (changing them does not change the model: load_state_dict does).
+        """
+        named = list(self.module.named_parameters())
+        if from_global:
+            values = self._full_values([name for name, _ in named], lambda t: t)
+            return iter([(name, values[name]) for name, _ in named])
+        if not self._ready:
+            return iter(named)
+        return iter([(name, param) for name, param in named if name in self._local])
+
+    def get_param(self, name: str, amp_master_param: bool = False) -> torch.Tensor:
+        """Collective: the full current value of parameter (or buffer) `name` on every rank, as a CPU copy.
+
+        Like pyrannc's get_param (amp_master_param=False), whichever ranks hold it after partitioning."""
+        _refuse_amp_master("get_param", amp_master_param)
+        canonical = self._canonical_name(name)
+        return self._full_values([canonical], lambda t: t)[canonical]
+
+    def get_param_grad(self, name: str, amp_master_param: bool = False) -> torch.Tensor | None:
+        """Collective: the gradient of parameter `name` on every rank (a CPU copy), None while it has none.
+
+        Call it after backward; while gradient all-reduce is delayed it is the holder's unreduced gradient."""
+        _refuse_amp_master("get_param_grad", amp_master_param)
+        canonical = self._canonical_name(name)
+        return self._full_values([canonical], lambda t: t.grad)[canonical]
+
+    def undeploy(self) -> None:
+        """Collective: give the wrapped model back whole. Every rank gets every parameter and buffer with its
+        current value on its device, the optimizer passed in gets back every parameter with its full state, and
+        gradients are dropped; the next call captures and plans again. `rannc.clear()` undeploys every module."""
+        if not self._ready:
+            return
+        full = self._full_values(
+            sorted(self._tensors), lambda t: t, device=self.device
+        )  # same order everywhere
+        for name, value in full.items():
+            if name not in self._local:
+                self._tensors[name].data = value
+        for param in self.module.parameters():
+            param.grad = None
+        if self.optimizer_binding is not None:
+            self.optimizer_binding.unbind()
+            self.optimizer_binding = None
+        self._groups.destroy()
+        self._ready = False
+        self.stage = None
+        self.deployment = None
+        self._last_call = None
+        logger.info("rank %d: model undeployed", self.rank)
+
+    def to(self, *args: Any, **kwargs: Any) -> RaNNCModule:
+        """Ignored, as in pyrannc: rannc places each stage on its rank's device (cuda:LOCAL_RANK or the CPU)."""
+        logger.warning("RaNNCModule.to() is ignored: rannc places each stage on its rank's device")
+        return self
+
+    def cuda(self, *args: Any, **kwargs: Any) -> RaNNCModule:
+        """Ignored, as in pyrannc: rannc places each stage on its rank's device (cuda:LOCAL_RANK or the CPU)."""
+        logger.warning("RaNNCModule.cuda() is ignored: rannc places each stage on its rank's device")
+        return self
+
+    def enable_dropout(self, enable: bool) -> None:
+        """pyrannc's substitute for train()/eval(), which work here."""
+        raise RanncError(
+            f"enable_dropout({enable}) is pyrannc's substitute for train()/eval(); call model.train() or "
+            "model.eval() instead: they switch dropout (and batch norm) as on the unwrapped model"
+        )
+
+    def _canonical_name(self, name: str) -> str:
+        """The name rannc keeps a parameter or buffer under (tied weights: the first of their names)."""
+        named = dict(self.module.named_parameters(remove_duplicate=False))
+        named.update(dict(self.module.named_buffers(remove_duplicate=False)))
+        if name not in named:
+            examples = ", ".join(list(named)[:3])
+            raise RanncError(
+                f"the wrapped model has no parameter or buffer named {name!r}; use the unwrapped model's names "
+                f"(named_parameters(), named_buffers()), e.g. {examples}"
+            )
+        first = {id(t): n for n, t in reversed(list(named.items()))}
+        return first[id(named[name])] if not self._ready else self._alias_of.get(name, name)
+
+    def _full_values(
+        self, names: list[str], select: Any, device: torch.device | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """Collective: `select(tensor)` of each named parameter or buffer, from a rank that holds it, on every
+        rank (CPU copies, or on `device`); None where it is None (e.g. no gradient yet)."""
+        tensors = _named_tensors(self.module) if not self._ready else self._tensors
+        out: dict[str, torch.Tensor | None] = {}
+        for name in names:
+            stage = self.layout.owner.get(name) if self._ready else None
+            if stage is None:  # not partitioned (yet), or used by no stage: every rank has the whole tensor
+                value = select(tensors[name])
+                out[name] = None if value is None else value.detach().to(device or "cpu", copy=True)
+                continue
+            src = self.deployment.plan.stages[stage].ranks[0]
+            value = select(tensors[name]) if self.rank == src else None
+            present = torch.tensor([int(value is not None)], device=self.device)
+            if self.world_size > 1:
+                dist.broadcast(present, src=src)
+            if not present.item():
+                out[name] = None
+                continue
+            if self.rank == src:
+                buffer = value.detach().to(self.device, copy=True).contiguous()
+            else:
+                shape, dtype = self._shapes[name]
+                buffer = torch.empty(shape, dtype=dtype, device=self.device)
+            if self.world_size > 1:
+                dist.broadcast(buffer, src=src)
+            out[name] = buffer.to(device or "cpu")
+        return out
+
+    def _agree_on_initial_state(self) -> None:
+        """Every rank starts from the same weights: rank 0's are copied to all with pyrannc's
+        sync_params_on_init(True), else they are compared (and differing ones refused)."""
+        if not compat.SETTINGS.sync_params_on_init:
+            _check_same_model(self.module, self.world_size)
+            return
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for tensor in _named_tensors(self.module).values():
+                if tensor.is_meta:  # its values come from load_weights / init_weights, alike on every rank
+                    continue
+                buffer = tensor.detach().to(self.device, copy=True)
+                dist.broadcast(buffer, src=0)
+                tensor.copy_(buffer)
+
+    def _sync_choice_to_last_call(self) -> None:
+        """Apply the delay switch to the last call if its backward has not run: pyrannc decides at backward."""
+        call = self._last_call() if self._last_call is not None else None
+        if call is None:
+            return
+        sync = not (self._delay_allreduce or self._last_call_in_no_sync)
+        if not sync and call.overlapped is not None:
+            return  # its reduce started during the 1F1B forward; it completes in backward (the sum is the same)
+        call.sync_grads = sync
+
+
+def _refuse_amp_master(method: str, amp_master_param: bool) -> None:
+    if amp_master_param:
+        raise ConfigError(
+            f"{method}(amp_master_param=True) asks for apex AMP master parameters, which do not exist here: "
+            "parameters stay in fp32 under torch.autocast, so drop amp_master_param"
+        )
 
 
 @contextlib.contextmanager
@@ -514,6 +689,28 @@ def _fits(
         size <= limit if (leaf, dim) in dynamic else size == limit
         for dim, (size, limit) in enumerate(zip(shape, captured), start=1)
     )
+
+
+class _AveragedGradient(torch.autograd.Function):
+    """The identity whose backward divides by the world size: the gradient of the average over ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+        ctx.world_size = world_size
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad / ctx.world_size, None
+
+
+def _returned_input(leaf: Any, world_size: int) -> Any:
+    """An argument the model returns unchanged: this rank's own value. Its gradient is, like every input's, that of
+    the average over ranks of each rank's loss (DDP's contract for parameters); a leaf that needs no gradient is
+    returned as it is."""
+    if isinstance(leaf, torch.Tensor) and leaf.requires_grad and torch.is_grad_enabled() and world_size > 1:
+        return _AveragedGradient.apply(leaf, world_size)
+    return leaf
 
 
 def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ from .plan.from_graph import (
     range_tables,
     step_end_fields,
 )
+from .plan.types import StagePlan
 from .profile import profile_blocks
 from .profile.devices import DeviceProfile, get_device_profile, profile_for_device_name
 from .runtime.weights import is_meta_model
@@ -137,6 +138,13 @@ def partition(
         retarget_device(captured.gm, device)
         return Partitioned(captured, analysis, deployment)
 
+    if not analysis.order:
+        # Nothing depends on the batch (e.g. forward(x): return x): there is nothing to cut or to profile,
+        # and every rank runs the whole (empty) graph on its own rows, as DDP would.
+        deployment = data_parallel_deployment(captured, world_size, global_batch, limit, schedule)
+        retarget_device(captured.gm, device)
+        logger.info("the model has no operations on its inputs: data parallel over %d rank(s)", world_size)
+        return Partitioned(captured, analysis, deployment)
     units = atomic_units(analysis)
     state = _placeholder_state(model, captured)
     home = next((t.device for t in model.parameters()), torch.device("cpu"))
@@ -204,6 +212,55 @@ def partition(
         len(blocks),
     )
     return Partitioned(captured, analysis, deployment)
+
+
+def data_parallel_deployment(
+    captured: CapturedGraph,
+    world_size: int,
+    global_batch: int,
+    device_memory_bytes: float | None,
+    schedule: str,
+) -> Deployment:
+    """One stage of one (empty) block replicated on every rank, one microbatch: the plan of a model with no
+    operations on its inputs, made without profiling (there is nothing to measure or to choose)."""
+    placeholders = captured.placeholder_nodes()
+    state_bytes = float(
+        sum(
+            placeholders[name].meta["val"].numel() * placeholders[name].meta["val"].element_size()
+            for name in {**captured.params, **captured.buffers}
+        )
+    )
+    stage = StagePlan(
+        first_block=0,
+        last_block=0,
+        replicas=world_size,
+        ranks=list(range(world_size)),
+        microbatch_size=-(-global_batch // world_size),
+        fwd_time=0.0,
+        bwd_time=0.0,
+        comm_time=0.0,
+        allreduce_time=0.0,
+        param_bytes=state_bytes,
+        activation_bytes=0.0,
+        memory_bytes=state_bytes,
+    )
+    plan = Plan(
+        stages=[stage],
+        microbatches=1,
+        schedule=schedule,
+        predicted_step_time=0.0,
+        global_batch=global_batch,
+        world_size=world_size,
+    )
+    return Deployment(
+        plan=plan,
+        graph_hash=captured.graph_hash,
+        world_size=world_size,
+        device_memory_bytes=device_memory_bytes,
+        stage_nodes=[[]],
+        block_names=["(no operations)"],
+        stage_module_ranges=[("", "")],
+    )
 
 
 def _shipped_profile(device: torch.device) -> DeviceProfile:

@@ -175,7 +175,6 @@ def test_free_port() -> None:
 
 
 def test_demo_memory_limit_forces_a_pipeline() -> None:
-    pytest.importorskip("transformers")
     from rannc.demo import build_model, choose_mem_limit_gb, param_bytes
 
     model = build_model()
@@ -189,10 +188,41 @@ def test_demo_memory_limit_forces_a_pipeline() -> None:
 
 
 def test_demo_model_is_deterministic() -> None:
-    pytest.importorskip("transformers")
     from rannc.demo import build_model, make_batch
 
     a, b = build_model(), build_model()
     assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters()))
     assert (make_batch(0, 4, 64, 2048) == make_batch(0, 4, 64, 2048)).all()
     assert not (make_batch(0, 4, 64, 2048) == make_batch(1, 4, 64, 2048)).all()
+
+
+def test_demo_model_is_hugging_face_gpt2() -> None:
+    """The demo's plain-torch GPT-2 computes Hugging Face GPT2LMHeadModel's loss from the same weights (its
+    Conv1D weights transposed into nn.Linear's), so the demo needs no transformers."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from rannc.demo_model import GPT2LMHeadModel, GPT2Shape
+
+    shape = GPT2Shape(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    config = transformers.GPT2Config(
+        **{k: getattr(shape, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")},
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    reference = transformers.GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(shape)
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    model.load_state_dict({k: v.t() if k.endswith(conv1d) else v for k, v in reference.state_dict().items()})
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    ids = torch.randint(
+        0, shape.vocab_size, (3, shape.n_positions), generator=torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(
+        model(ids, ids), reference(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6
+    )

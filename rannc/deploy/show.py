@@ -178,8 +178,13 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
     return table, Text("\n".join(lines))
 
 
-def show_deployment(path_or_deployment: str | Path | Deployment, console: Console | None = None) -> str:
-    """Print the stage table and summary of a deployment (or deployment file); return the text printed."""
+def show_deployment(
+    path_or_deployment: str | Path | Deployment, batch_size: int | None = None, console: Console | None = None
+) -> str:
+    """Print the stage table and summary of a deployment (or deployment file); return the text printed.
+
+    `batch_size` (pyrannc's second argument): a global batch to show the microbatch size for, when it is not the
+    one the plan was made for (the same stages and microbatch count run any global batch)."""
     deployment = (
         path_or_deployment
         if isinstance(path_or_deployment, Deployment)
@@ -187,6 +192,12 @@ def show_deployment(path_or_deployment: str | Path | Deployment, console: Consol
     )
     console = console if console is not None else Console()
     table, summary = _table_and_summary(deployment)
+    plan = deployment.plan
+    if batch_size is not None and batch_size != plan.global_batch:
+        summary.append(
+            f"\nwith a global batch of {batch_size}: {plan.microbatches} microbatches of up to "
+            f"{-(-batch_size // plan.microbatches)} samples (planned for {plan.global_batch})"
+        )
     renderable = Group(table, summary)
     width = _render_width(console, table)
     buffer = io.StringIO()

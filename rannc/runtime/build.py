@@ -43,6 +43,16 @@ def output_specs(
         if node is None:
             specs.append(OutputSpec(None, "constant", None, constant=constant))
             continue
+        if node in captured.user_inputs:
+            specs.append(OutputSpec(None, "input", None, leaf=captured.user_inputs.index(node)))
+            continue
+        held = captured.params.get(node) or captured.buffers.get(node)
+        if held is not None:
+            raise CaptureError(
+                f"the model returns its parameter or buffer {held} itself; after partitioning it lives on the "
+                f"ranks of one stage only. Read it with RaNNCModule.get_param({held!r}) or state_dict() instead "
+                "of returning it from forward (returning a value computed from it works)"
+            )
         info = analysis.values[node]
         if info.kind != "tensor":
             raise CaptureError(
@@ -50,10 +60,6 @@ def output_specs(
             )
         if not analysis.is_batch[node]:
             specs.append(OutputSpec(node, "whole", last, None, info.shape, info.dtype))
-        elif node not in stage_of_node:
-            raise CaptureError(
-                f"model output {node} returns an input unchanged; return a computed value instead"
-            )
         elif info.batch_dim is not None:
             specs.append(
                 OutputSpec(node, "rows", stage_of_node[node], info.batch_dim, info.shape, info.dtype)
@@ -76,7 +82,7 @@ def stage_layout(captured: CapturedGraph, analysis: GraphAnalysis, stage_nodes: 
         if not analysis.is_batch[node]:
             roots[0].append(node)
     for node in captured.user_outputs:
-        if node is not None and not analysis.is_batch.get(node, True):
+        if node is not None and node not in captured.user_inputs and not analysis.is_batch.get(node, True):
             roots[last].append(node)
     graphs = [
         build_stage(captured, analysis, nodes, extra_roots=roots[s]) for s, nodes in enumerate(stage_nodes)

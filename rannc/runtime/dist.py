@@ -222,3 +222,10 @@ class GroupCache:
             else:
                 self._groups[key] = dist.new_group(list(key[1]))
         return self._groups[key]
+
+    def destroy(self) -> None:
+        """Destroy the groups made here (every rank, e.g. when a module is undeployed); the default one stays."""
+        for group in self._groups.values():
+            if group is not None:
+                dist.destroy_process_group(group)
+        self._groups.clear()

@@ -63,9 +63,9 @@ class OptimizerBinding:
         optimizer.load_state_dict = types.MethodType(_load_state_dict, self)  # type: ignore[method-assign]
         optimizer._rannc_binding = self  # type: ignore[attr-defined]  # GradScalers agree across ranks
         self.away = {id(tensors[n]): n for n in rank_sets if n in tensors and rank not in rank_sets[n]}
-        optimizer.register_step_pre_hook(lambda *_: self.check_local())
+        self._hooks = [optimizer.register_step_pre_hook(lambda *_: self.check_local())]
         if zero:
-            optimizer.register_step_post_hook(lambda *_: self.broadcast_owned())
+            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.broadcast_owned()))
 
     def _restrict(self) -> None:
         by_id = {id(self.tensors[n]): n for n in self.index_of if n in self.tensors}
@@ -99,6 +99,22 @@ class OptimizerBinding:
             group = self.groups.get(ranks, GRADIENTS)  # created (on every rank) with the gradient groups
             for name in names:
                 dist.broadcast(self.tensors[name].data, src=self.owner[name], group=group)
+
+    def unbind(self) -> None:
+        """Collective: give the optimizer back every parameter with its full state on every rank (after the
+        parameters themselves are whole again), as the optimizer of the unwrapped model would have it."""
+        full: list[Any] = [_state_dict(self, from_global=True)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(full, src=0)
+        for hook in self._hooks:
+            hook.remove()
+        for group, names in zip(self.optimizer.param_groups, self.group_names):
+            group["params"] = [self.tensors[name] for name in names]
+        self.optimizer.state.clear()
+        for attribute in ("state_dict", "load_state_dict", "_rannc_binding"):
+            self.optimizer.__dict__.pop(attribute, None)
+        type(self.optimizer).load_state_dict(self.optimizer, full[0])
+        accept_from_global(self.optimizer)
 
     def local_names(self) -> list[list[str]]:
         return [[n for n in names if n in self.keep] for names in self.group_names]

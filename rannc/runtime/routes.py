@@ -64,7 +64,9 @@ class OutputSpec:
     """How one flat user output is assembled on every rank.
 
     kind: "rows" (batch-shaped, each rank gets its rows), "mean" (0-dim, weighted by samples),
-    "whole" (does not depend on the batch; taken from one rank), "constant".
+    "whole" (does not depend on the batch; taken from one rank), "constant", "input" (the call's leaf
+    number `leaf` returned unchanged: each rank returns its own argument, as the unwrapped model does).
+    Only specs with a `node` come out of the pipeline.
     """
 
     node: str | None
@@ -74,3 +76,4 @@ class OutputSpec:
     shape: tuple[Any, ...] = ()
     dtype: torch.dtype | None = None
     constant: Any = None
+    leaf: int | None = None

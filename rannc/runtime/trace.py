@@ -11,7 +11,7 @@ from typing import Any
 
 from ..plan.trace import complete_event, name_event, write_trace
 
-__all__ = ["ENV_VAR", "StepTracer", "current_tracer", "trace_file"]
+__all__ = ["ENV_VAR", "StepTracer", "current_tracer", "forget_tracers", "trace_file"]
 
 ENV_VAR = "RANNC_TRACE"
 _NO_OP = contextlib.nullcontext()
@@ -125,3 +125,8 @@ def current_tracer(trace: str | os.PathLike[str] | None = None) -> StepTracer:
     if tracer is None:
         tracer = _TRACERS[target] = StepTracer(target)
     return tracer
+
+
+def forget_tracers() -> None:
+    """Drop this process's tracers (rannc.clear()): a later step starts a new trace count."""
+    _TRACERS.clear()
