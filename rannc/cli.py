@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
         help="per-process memory limit (default: small enough that the model must be pipelined)",
     )
     demo.add_argument("--timeout", type=float, default=1800.0, help="seconds before the workers are stopped")
+    demo.add_argument(
+        "--meta",
+        action="store_true",
+        help="build the model on meta; each process loads only its stage from a weights file written first",
+    )
     return parser
 
 
@@ -264,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seq_len=args.seq_len,
                 mem_limit_gb=args.mem_limit_gb,
                 timeout_s=args.timeout,
+                meta=args.meta,
             )
         )
     parser.print_help()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from .launch import LaunchError, launch_local
@@ -24,6 +26,8 @@ class DemoArgs:
     mem_limit_gb: float | None = None  # None = chosen so that the whole model does not fit one rank
     lr: float = 1e-3
     timeout_s: float = 1800.0
+    meta: bool = False  # build on meta; each rank loads its stage from a weights file written first
+    weights_file: str = ""  # set by run_demo with meta
 
 
 def build_model(seed: int = SEED, shape: Any = None) -> Any:
@@ -62,27 +66,24 @@ def make_batch(rank: int, batch_size: int, seq_len: int, vocab_size: int) -> Any
     return torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
 
 
-def _rannc_module_class() -> Any:
-    import rannc
-
-    try:
-        return rannc.RaNNCModule  # type: ignore[attr-defined]
-    except AttributeError:
-        from rannc.module import RaNNCModule  # type: ignore[import-not-found]
-
-        return RaNNCModule
-
-
 def demo_worker(rank: int, world_size: int, args: DemoArgs) -> dict[str, Any]:
     """One rank of the demo: wrap the model with RaNNCModule and train `args.steps` steps."""
     import torch
     from rich.console import Console
 
+    import rannc
+
     from .config import load_config
     from .deploy import show_deployment
 
     console = Console(width=140) if rank == 0 else None
-    model = build_model()
+    if args.meta:  # the large-model path: no rank builds the whole model; each reads its own stage
+        with torch.device("meta"):
+            model = build_model()
+        weights: dict[str, Any] = {"load_weights": args.weights_file}
+    else:
+        model = build_model()
+        weights = {}
     limit_gb = args.mem_limit_gb
     if limit_gb is None:
         limit_gb = choose_mem_limit_gb(model, load_config().mem_margin)
@@ -93,7 +94,7 @@ def demo_worker(rank: int, world_size: int, args: DemoArgs) -> dict[str, Any]:
             f"({4 * param_bytes(model) / 2**20:.1f} MiB with gradients and AdamW state); "
             f"mem_limit_gb={limit_gb:.4f} per rank"
         )
-    model = _rannc_module_class()(model, optimizer, mem_limit_gb=limit_gb)
+    model = rannc.RaNNCModule(model, optimizer, mem_limit_gb=limit_gb, **weights)
     ids = make_batch(rank, args.batch_size, args.seq_len, VOCAB_SIZE)
     global_batch = args.batch_size * world_size
     losses: list[float] = []
@@ -123,6 +124,19 @@ def demo_worker(rank: int, world_size: int, args: DemoArgs) -> dict[str, Any]:
     return {"losses": losses, "step_times": times, "global_batch": global_batch}
 
 
+def write_demo_weights(directory: Path) -> str:
+    """The demo model's weights as a state dict file (what a user's checkpoint would be)."""
+    import torch
+
+    path = directory / "gpt2-demo.pt"
+    torch.save(build_model().state_dict(), path)
+    print(
+        f"wrote the model's weights to {path}; every rank builds it on meta and loads its own stage",
+        flush=True,
+    )
+    return str(path)
+
+
 def run_demo(args: DemoArgs) -> int:
     """Launch the demo's local workers; print a summary. Returns the process exit status."""
     if args.world_size < 2 or args.steps < 1 or args.batch_size < 1 or not 1 <= args.seq_len <= MAX_SEQ_LEN:
@@ -137,11 +151,14 @@ def run_demo(args: DemoArgs) -> int:
         f"sequence length {args.seq_len}, {args.steps} steps",
         flush=True,
     )
-    try:
-        results = launch_local(demo_worker, args.world_size, (args,), timeout=args.timeout_s)
-    except LaunchError as exc:
-        print(f"rannc demo failed: {exc}", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory(prefix="rannc-demo-") as scratch:
+        if args.meta:
+            args = dataclasses.replace(args, weights_file=write_demo_weights(Path(scratch)))
+        try:
+            results = launch_local(demo_worker, args.world_size, (args,), timeout=args.timeout_s)
+        except LaunchError as exc:
+            print(f"rannc demo failed: {exc}", file=sys.stderr)
+            return 1
     first = results[0]
     losses, times = first["losses"], first["step_times"]
     steady = times[1:] or times

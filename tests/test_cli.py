@@ -226,3 +226,16 @@ def test_demo_model_is_hugging_face_gpt2() -> None:
     torch.testing.assert_close(
         model(ids, ids), reference(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.slow
+def test_demo_meta_trains_as_the_demo(tmp_path: Path) -> None:
+    """`rannc demo --meta` builds the GPT-2 on meta and each rank loads its stage from the file the demo wrote:
+    the same losses as the demo that builds it whole on every rank."""
+    from rannc.demo import DemoArgs, write_demo_weights, demo_worker
+
+    args = DemoArgs(world_size=2, steps=2, batch_size=2, seq_len=16, timeout_s=300)
+    whole = launch_local(demo_worker, 2, (args,), timeout=300)
+    meta_args = dataclasses.replace(args, meta=True, weights_file=write_demo_weights(tmp_path))
+    meta = launch_local(demo_worker, 2, (meta_args,), timeout=300)
+    assert meta[0]["losses"] == pytest.approx(whole[0]["losses"], rel=1e-5)
