@@ -232,7 +232,7 @@ def test_demo_model_is_hugging_face_gpt2() -> None:
 def test_demo_meta_trains_as_the_demo(tmp_path: Path) -> None:
     """`rannc demo --meta` builds the GPT-2 on meta and each rank loads its stage from the file the demo wrote:
     the same losses as the demo that builds it whole on every rank."""
-    from rannc.demo import DemoArgs, write_demo_weights, demo_worker
+    from rannc.demo import DemoArgs, demo_worker, write_demo_weights
 
     args = DemoArgs(world_size=2, steps=2, batch_size=2, seq_len=16, timeout_s=300)
     whole = launch_local(demo_worker, 2, (args,), timeout=300)
