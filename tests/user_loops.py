@@ -351,7 +351,7 @@ def train_one_process(case: LoopCase, world: int) -> dict[str, Any]:
             batch = make_batch(case, step * case.accumulate + k, rows)
             if step == 0 and k == 0:
                 leaf = batch["x"].requires_grad_(True)
-                batch = {**batch, "x": leaf * 1.0}  # chunks are views of one leaf: its grad has every row
+                batch = {**batch, "x": leaf}  # chunks are slices of one leaf: its grad has every row
             # accumulated calls add up (as under DDP's no_sync); row chunks are weighted by their share of rows
             start, total = 0, 0.0
             for size in case.chunks or (rows,):
