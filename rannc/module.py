@@ -164,7 +164,7 @@ class RaNNCModule:
         failures.configure(self.config.comm_timeout_s)
         failures.set_context(stage=my_stage)
         if self.world_size > 1 and self.config.watchdog:
-            failures.start_watchdog(self.rank)
+            failures.start_watchdog(self.rank, self.world_size)
         rdist.barrier()  # set-up takes different times per rank; training waits are short (comm_timeout_s)
         self._fill_weights()
         if self._pending_load is not None:
@@ -232,7 +232,8 @@ class RaNNCModule:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with failures.reported():
+        failures.forward_starts(self._steps + 1)
+        with failures.in_call("the forward"), failures.reported():
             return self._forward(args, kwargs)
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -241,14 +242,11 @@ class RaNNCModule:
             with untouched_random_state(self.device):  # capture and profiling draw random numbers
                 self._setup(args, kwargs)
             self._first_call = call
-        self._check_call(call)
-        self._steps += 1
-        failures.set_context(step=self._steps)
+        refusal = self._refusal(call)
         current_tracer().flush()  # a traced forward whose backward never ran
         with current_tracer().span("gather_inputs"):  # RANNC_TRACE: part of this step's trace
-            if self.world_size > 1:
-                failures.mark_progress(self._steps)
-            batch = gather_global_batch(call.leaves, self.device, self.world_size)
+            batch = self._gather(call, refusal)
+        self._steps += 1  # a refused call is no step: every rank refused it
         plan = self.deployment.plan
         mode = (
             "inference"
@@ -275,9 +273,11 @@ class RaNNCModule:
         if verifying:
             self._verifier.run_reference(batch.leaves, call.spec)
             self.stage.after_sync = self._verify_gradients
-        results = iter(run_call(pipeline, grad_leaves))
+        results = run_call(pipeline, grad_leaves)
+        self._count_backward(results)
+        outputs = iter(results)
         flat = [
-            next(results)
+            next(outputs)
             if spec.node is not None
             else _returned_input(call.leaves[spec.leaf], self.world_size)
             if spec.kind == "input"
@@ -288,8 +288,39 @@ class RaNNCModule:
             self._verifier.compare_outputs(flat, batch.local_rows(self.rank))
         return pytree.tree_unflatten(flat, self.captured.out_spec)
 
+    def _gather(self, call: FlatCall, refusal: InputError | None) -> Any:
+        """The global batch. Every rank raises when rannc refused any rank's call (this rank its own error)."""
+        if refusal is None:
+            return gather_global_batch(call.leaves, self.device, self.world_size)
+        if self.world_size == 1:
+            raise refusal
+        placeholders = [_placeholder(leaf) for leaf in self._first_call.leaves]
+        try:
+            return gather_global_batch(placeholders, self.device, self.world_size, str(refusal))
+        except InputError:
+            if refusal is not None:
+                raise refusal from None
+            raise
+
+    def _count_backward(self, results: list[torch.Tensor]) -> None:
+        """Count the backward passes that reach this call's outputs: rank 0's watchdog checks that no rank
+        skips one that the others run."""
+        node = next(
+            (t.grad_fn for t in results if isinstance(t, torch.Tensor) and t.grad_fn is not None), None
+        )
+        if node is not None:
+            node.register_prehook(lambda grad_outputs: failures.backward_starts())
+            node.register_hook(lambda grad_inputs, grad_outputs: failures.backward_ends())
+
     def _verify_gradients(self) -> None:
         self._verifier.compare_grads(self._gather_to_rank0(lambda t: t.grad))
+
+    def _refusal(self, call: FlatCall) -> InputError | None:
+        try:
+            self._check_call(call)
+        except InputError as exc:
+            return exc
+        return None
 
     def _check_call(self, call: FlatCall) -> None:
         if call.spec != self.captured.call_spec:
@@ -432,7 +463,11 @@ class RaNNCModule:
         """
         if not self._ready:
             raise RanncError("save_sharded needs a partitioned model: call the model once before saving")
-        with failures.reported():
+        with (
+            failures.in_call("save_sharded()"),
+            failures.reported(),
+            failures.explained(lambda: "saving a sharded checkpoint"),
+        ):
             save_sharded(path, local_state(self._tensors, self._local, self.optimizer))
 
     def load_sharded(self, path: str) -> None:
@@ -444,7 +479,11 @@ class RaNNCModule:
             check_complete(path)  # at once, not after capture and profiling
             self._pending_load = path
             return
-        with failures.reported():
+        with (
+            failures.in_call("load_sharded()"),
+            failures.reported(),
+            failures.explained(lambda: "loading a sharded checkpoint"),
+        ):
             load_sharded(path, self._tensors, self._local, self.optimizer)
 
     def state_dict(
@@ -456,7 +495,8 @@ class RaNNCModule:
         if not self._ready:
             out = self.module.state_dict() if self.rank == 0 else {}
         else:
-            gathered = self._gather_to_rank0(lambda t: t)
+            with failures.in_call("state_dict()"), failures.reported():
+                gathered = self._gather_to_rank0(lambda t: t)
             out = OrderedDict()
             if self.rank == 0:
                 for key in self.module.state_dict(keep_vars=True):
@@ -482,16 +522,27 @@ class RaNNCModule:
                     if present:
                         gathered[name] = value.detach().cpu().clone()
                     continue
-                dist.send(torch.tensor([int(present)], device=self.device), dst=0)
-                if present:
-                    dist.send(value.detach().contiguous(), dst=0)
+                sends = [torch.tensor([int(present)], device=self.device)]
+                sends += [value.detach().contiguous()] if present else []
+                for tensor in sends:
+                    _p2p(dist.isend, tensor, 0, lambda name=name: f"sending {name} to rank 0")
             elif self.rank == 0:
                 flag = torch.zeros(1, dtype=torch.int64, device=self.device)
-                dist.recv(flag, src=owner)
+                _p2p(
+                    dist.irecv,
+                    flag,
+                    owner,
+                    lambda name=name, owner=owner: f"receiving {name} from rank {owner}",
+                )
                 if flag.item():
                     shape, dtype = self._shapes[name]
                     buf = torch.empty(shape, dtype=dtype, device=self.device)
-                    dist.recv(buf, src=owner)
+                    _p2p(
+                        dist.irecv,
+                        buf,
+                        owner,
+                        lambda name=name, owner=owner: f"receiving {name} from rank {owner}",
+                    )
                     gathered[name] = buf.cpu()
         return gathered
 
@@ -662,6 +713,20 @@ def untouched_random_state(device: torch.device) -> Iterator[None]:
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+
+
+def _placeholder(leaf: Any) -> Any:
+    """A leaf shaped like the first call's (one sample), standing in for a refused call's in the step exchange."""
+    if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+        return torch.zeros((1, *leaf.shape[1:]), dtype=leaf.dtype)
+    return leaf
+
+
+def _p2p(op: Any, tensor: torch.Tensor, peer: int, describe: Any) -> None:
+    """One send or receive that waits at most comm_timeout_s and names the rank at fault when it fails."""
+    with failures.guarded(describe):
+        work = op(tensor, peer)
+    failures.wait_all([work], describe)
 
 
 def _save_on_rank0(deployment: Deployment, path: str, world_size: int) -> None:

@@ -1,4 +1,8 @@
-"""Form the global batch from every rank's local batch, and return each rank its own rows."""
+"""Form the global batch from every rank's local batch, and return each rank its own rows.
+
+Whether rannc refused a rank's call travels with the batch sizes: a call refused on one rank (its inputs'
+shapes, say) is refused on every rank, each raising the reason, instead of leaving the others waiting.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +40,11 @@ def _aligned_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([raw, raw.new_zeros(pad)]) if pad else raw
 
 
-def gather_global_batch(leaves: list[Any], device: torch.device, world_size: int) -> GlobalBatch:
+def gather_global_batch(
+    leaves: list[Any], device: torch.device, world_size: int, refusal: str | None = None
+) -> GlobalBatch:
+    """The global batch; InputError on every rank when rannc refused any rank's call (`refusal`: why it refused
+    this rank's; its `leaves` are then placeholders shaped like the captured call's, as long as the others')."""
     batch_positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.dim() > 0]
     local = leaves[batch_positions[0]].shape[0] if batch_positions else 0
     flags = [bool(isinstance(x, torch.Tensor) and x.requires_grad) for x in leaves]
@@ -45,12 +53,17 @@ def gather_global_batch(leaves: list[Any], device: torch.device, world_size: int
         return GlobalBatch(moved, [local], flags)
     # the per-sample sizes too: ranks must agree on them (a sequence length may change between calls)
     per_sample = [size for pos in batch_positions for size in leaves[pos].shape[1:]]
-    meta = torch.tensor([local, *[int(f) for f in flags], *per_sample], dtype=torch.int64, device=device)
+    header = [int(refusal is not None), local]
+    meta = torch.tensor(header + [int(f) for f in flags] + per_sample, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(meta) for _ in range(world_size)]
     with guarded(lambda: "exchanging local batch sizes"):
         work = dist.all_gather(gathered, meta, async_op=True)
     wait_all([work], lambda: "exchanging local batch sizes")
     table = torch.stack(gathered).cpu()
+    refused = [rank for rank in range(world_size) if table[rank, 0]]
+    if refused:
+        _refuse(refused, refusal)
+    table = table[:, 1:]
     sizes = [int(v) for v in table[:, 0]]
     if min(sizes) < 1:
         raise InputError(f"every rank must pass at least one sample; local batch sizes are {sizes}")
@@ -93,3 +106,14 @@ def gather_global_batch(leaves: list[Any], device: torch.device, world_size: int
         if isinstance(leaf, torch.Tensor) and leaf.dim() == 0:
             out[pos] = leaf.detach().to(device)
     return GlobalBatch(out, sizes, any_grad)
+
+
+def _refuse(refused: list[int], refusal: str | None) -> None:
+    """Some ranks' calls were refused: every rank raises InputError with their reasons."""
+    reasons: list[str | None] = [None] * dist.get_world_size()
+    with guarded(lambda: "exchanging why calls of the model were refused"):
+        dist.all_gather_object(reasons, refusal)
+    raise InputError(
+        "no rank runs this call of the model, because rannc refused it on "
+        + "; ".join(f"rank {rank}: {reasons[rank]}" for rank in refused)
+    )
