@@ -14,8 +14,8 @@ import rannc
 import rannc.partition
 from rannc.errors import InputError
 
-MAX_LEN = 32
-LENGTHS = [9, 32, 17, 5, 24]  # each global batch padded to its own longest sample
+MAX_LEN = 128
+LENGTHS = [9, 128, 37, 8, 77]  # each global batch padded to its own longest sample (8 to 128)
 GLOBAL_BATCH = 4
 
 
@@ -23,7 +23,7 @@ def build_gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
     # the default GPT-2 config at a small size (dropout off: one process must draw the same masks otherwise)
     config = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=64, use_cache=False,
+        n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=128,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
     return transformers.GPT2LMHeadModel(config).train()
