@@ -17,7 +17,7 @@ from .deploy import Deployment, load_deployment, save_deployment, show_deploymen
 from .errors import CaptureError, ConfigError, DeploymentError, InputError, PlanError, RanncError
 from .module import RaNNCModule
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "CaptureError",
