@@ -209,9 +209,10 @@ def run_worker(
 # ---- one case ----------------------------------------------------------------------------------------------
 def run_case(case: Case, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     global _CASE
+    from rannc.chrome_trace import name_event
     from rannc.deploy import save_deployment
     from rannc.offline import plan_offline
-    from rannc.plan.trace import name_event, timeline_to_trace
+    from rannc.plan.trace import timeline_to_trace
     from rannc.profile import DeviceProfile, save_profile
 
     name = f"{case.model}-{case.world_size}ranks"

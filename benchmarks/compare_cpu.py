@@ -45,8 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from rannc.host_memory import keep_freed_host_memory  # noqa: E402
 from rannc.launch import LaunchError, launch_local  # noqa: E402
-from rannc.runtime.host_memory import keep_freed_host_memory  # noqa: E402
 
 SEED = 1234
 WORLD_SIZE = 2

@@ -169,9 +169,10 @@ _TRACE_PER_RANK = 64  # larger worlds get one trace process per stage instead of
 
 
 def _run_plan(args: argparse.Namespace) -> int:
+    from .chrome_trace import write_trace
     from .deploy import save_deployment, show_deployment
     from .offline import plan_offline
-    from .plan.trace import timeline_to_trace, write_trace
+    from .plan.trace import timeline_to_trace
 
     if os.getcwd() not in sys.path and "" not in sys.path:  # MODULE:FACTORY may live in the current directory
         sys.path.insert(0, os.getcwd())

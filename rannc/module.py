@@ -23,13 +23,13 @@ from .capture.modes import autocast_state
 from .config import Config, load_config
 from .deploy import Deployment, save_deployment
 from .errors import ConfigError, DeploymentError, InputError, RanncError
+from .host_memory import keep_freed_host_memory
 from .runtime import dist as rdist
 from .runtime import failures
 from .runtime.build import build_local_stage, stage_layout
 from .runtime.checkpoint import check_complete, load_sharded, local_state, save_sharded
 from .runtime.clip import clip_global_grad_norm
 from .runtime.gather import gather_global_batch
-from .runtime.host_memory import keep_freed_host_memory
 from .runtime.optimizer import OptimizerBinding, accept_from_global, check_model_parameters
 from .runtime.pipeline import PipelineCall
 from .runtime.step import run_call

@@ -23,6 +23,7 @@ from .errors import ConfigError, PlanError
 from .graph.analysis import GraphAnalysis, analyse, atomic_units, has_single_loss
 from .graph.blocks import coarsen, estimate_op_costs
 from .graph.stage import StageGraph
+from .host_memory import return_freed_host_memory
 from .plan import PlanProblem, minimum_memory_needed, plan_stages, required_microbatch_sizes
 from .plan import types as plan_types
 from .plan.from_graph import block_graphs, deployment_of, input_bytes, range_tables, step_end_fields
@@ -30,7 +31,6 @@ from .plan.simulate import Timeline, simulate_plan
 from .plan.types import BlockProfile
 from .profile.analytic import analytic_block_profiles
 from .profile.devices import DeviceProfile, get_device_profile
-from .runtime.host_memory import return_freed_host_memory
 
 __all__ = ["DTYPE_ALIASES", "OfflinePlan", "load_factory", "normalise_dtype", "plan_offline"]
 

@@ -13,11 +13,12 @@ from distributed_helpers import run_workers
 from torch import nn
 
 import rannc
+from rannc.chrome_trace import merge_traces, write_trace
 from rannc.plan.simulate import StageTiming, simulate
-from rannc.plan.trace import merge_traces, timeline_to_trace, write_trace
+from rannc.plan.trace import timeline_to_trace
 from rannc.runtime import trace as runtime_trace
-from rannc.runtime.schedule import actions_for
 from rannc.runtime.trace import StepTracer, current_tracer, trace_file
+from rannc.schedule import actions_for
 
 
 def complete(trace: dict[str, Any]) -> list[dict[str, Any]]:

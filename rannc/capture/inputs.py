@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -69,6 +69,26 @@ def batch_rows(tensor: torch.Tensor, lo: int, hi: int, dim: int = 0) -> torch.Te
 def sequence_sizes(leaves: list[Any], dims: list[DynamicDim]) -> dict[Any, int]:
     """The value of each dynamic dimension's symbol in a call with these leaves."""
     return {d.symbol: int(leaves[d.leaf].shape[d.dim]) for d in dims}
+
+
+def concrete_shape(
+    shape: tuple[Any, ...], symbol: Any, rows: int, sizes: Mapping[Any, int] | None = None
+) -> list[int]:
+    """Sizes of a value for `rows` samples (the batch symbol replaced by `rows`, other symbols such as a
+    sequence length by their `sizes`)."""
+    bindings = {**(sizes or {}), symbol: rows}
+    out = []
+    for size in shape:
+        if isinstance(size, torch.SymInt):
+            out.append(int(size.node.expr.subs(bindings)))
+        else:
+            out.append(int(size))
+    return out
+
+
+def symint_value(node_meta_val: Any, symbol: Any, rows: int, sizes: Mapping[Any, int] | None = None) -> int:
+    """The value of a captured SymInt for `rows` samples (other symbols bound by `sizes`)."""
+    return int(node_meta_val.node.expr.subs({**(sizes or {}), symbol: rows}))
 
 
 @dataclasses.dataclass(frozen=True)

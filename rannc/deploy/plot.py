@@ -6,31 +6,32 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..plan.simulate import Timeline
+from ..plan.simulate import EventKind, Timeline
 from ..plan.types import Plan
 from .deployment import Deployment
 
 __all__ = ["memory_parts", "plan_figure", "plot_plan"]
 
 _EVENT_COLORS = {
-    "F": "#4c72b0",
-    "B": "#dd8452",
-    "allreduce": "#55a868",
-    "allreduce_shared": "#2f7d4a",
-    "update": "#8c8c3c",
-    "recv_act": "#bbbbbb",
-    "recv_grad": "#999999",
+    EventKind.FORWARD: "#4c72b0",
+    EventKind.BACKWARD: "#dd8452",
+    EventKind.ALLREDUCE: "#55a868",
+    EventKind.ALLREDUCE_SHARED: "#2f7d4a",
+    EventKind.UPDATE: "#8c8c3c",
+    EventKind.RECV_ACT: "#bbbbbb",
+    EventKind.RECV_GRAD: "#999999",
 }
 # What each timeline event kind is, in the legend.
 _EVENT_LABELS = {
-    "F": "forward",
-    "B": "backward",
-    "allreduce": "gradient allreduce",
-    "allreduce_shared": "shared-weight allreduce",
-    "update": "optimizer update",
-    "recv_act": "receive activations",
-    "recv_grad": "receive gradients",
+    EventKind.FORWARD: "forward",
+    EventKind.BACKWARD: "backward",
+    EventKind.ALLREDUCE: "gradient allreduce",
+    EventKind.ALLREDUCE_SHARED: "shared-weight allreduce",
+    EventKind.UPDATE: "optimizer update",
+    EventKind.RECV_ACT: "receive activations",
+    EventKind.RECV_GRAD: "receive gradients",
 }
+_COMPUTE = (EventKind.FORWARD, EventKind.BACKWARD)
 # Legends sit right of their plot: inside, they hid the last stage's bars and the step's last events.
 _LEGEND = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
 _MEMORY_COLORS = {
@@ -137,7 +138,11 @@ def plan_figure(
         "backward": [t.bwd * 1e3 for t in timeline.stages],
         "p2p (fwd+bwd)": [2 * (t.comm_in + t.comm_out) * 1e3 for t in timeline.stages],
     }
-    colors = {"forward": _EVENT_COLORS["F"], "backward": _EVENT_COLORS["B"], "p2p (fwd+bwd)": "#aaaaaa"}
+    colors = {
+        "forward": _EVENT_COLORS[EventKind.FORWARD],
+        "backward": _EVENT_COLORS[EventKind.BACKWARD],
+        "p2p (fwd+bwd)": "#aaaaaa",
+    }
     _stacked_bars(time_ax, stages, phases, colors)
     time_ax.set_ylabel("ms / microbatch")
     time_ax.set_title(
@@ -164,7 +169,7 @@ def plan_figure(
         ax.set_xticks(stages, labels)
 
     # Bottom: Gantt chart of the step.
-    boxes = sum(1 for events in timeline.events for e in events if e.kind in ("F", "B"))
+    boxes = sum(1 for events in timeline.events for e in events if e.kind in _COMPUTE)
     for s, events in enumerate(timeline.events):
         for event in events:
             color = _EVENT_COLORS.get(event.kind, "#cccccc")
@@ -174,7 +179,7 @@ def plan_figure(
                 facecolors=color,
                 edgecolor="white",
             )
-            if event.kind in ("F", "B") and boxes <= 96 and timeline.step_time > 0:
+            if event.kind in _COMPUTE and boxes <= 96 and timeline.step_time > 0:
                 if event.duration / timeline.step_time > 0.02:
                     gantt_ax.text(
                         (event.start + event.duration / 2) * 1e3,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 import torch
@@ -11,12 +12,20 @@ import torch.fx as fx
 from ..capture import CapturedGraph
 
 
+class ValueKind(enum.StrEnum):
+    """What a graph value is."""
+
+    TENSOR = "tensor"
+    SYMINT = "symint"  # a size (symbolic in the batch or a sequence length)
+    OTHER = "other"  # anything else (None, tuples, Python numbers)
+
+
 @dataclasses.dataclass(frozen=True)
 class ValueInfo:
     """What the runtime must know about a value to move it between stages."""
 
     name: str
-    kind: str  # "tensor" | "symint" | "other"
+    kind: ValueKind
     batch_dim: int | None  # dim whose size is the batch symbol (tensors only)
     dtype: torch.dtype | None
     shape: tuple[Any, ...]  # sizes; symbolic where they depend on the batch
@@ -27,11 +36,11 @@ class ValueInfo:
     @property
     def communicable(self) -> bool:
         """Can cross a stage boundary: a batch tensor split along its batch dim, or a SymInt recomputed locally."""
-        return self.kind == "symint" or (self.kind == "tensor" and self.batch_dim is not None)
+        return self.kind == ValueKind.SYMINT or (self.kind == ValueKind.TENSOR and self.batch_dim is not None)
 
     @property
     def carries_grad(self) -> bool:
-        return self.kind == "tensor" and self.dtype is not None and self.dtype.is_floating_point
+        return self.kind == ValueKind.TENSOR and self.dtype is not None and self.dtype.is_floating_point
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +59,9 @@ def _value_info(node: fx.Node, symbol: Any, is_batch: bool, sizes: dict[Any, int
     """`sizes`: what symbols other than the batch (sequence lengths) are planned at."""
     val = node.meta.get("val")
     if isinstance(val, torch.SymInt):
-        return ValueInfo(node.name, "symint", None, None, (), 0.0, 0.0)
+        return ValueInfo(node.name, ValueKind.SYMINT, None, None, (), 0.0, 0.0)
     if not isinstance(val, torch.Tensor):
-        return ValueInfo(node.name, "other", None, None, (), 0.0, 0.0)
+        return ValueInfo(node.name, ValueKind.OTHER, None, None, (), 0.0, 0.0)
     shape = tuple(val.shape)
     batch_dim = None
     per_sample = 1
@@ -64,7 +73,7 @@ def _value_info(node: fx.Node, symbol: Any, is_batch: bool, sizes: dict[Any, int
                 continue
             fixed = expr.subs({**sizes, symbol: 1})
             if not fixed.is_number:  # a size that depends on the data (e.g. boolean masking): cannot be split
-                return ValueInfo(node.name, "tensor", None, val.dtype, tuple(val.shape), 0.0, 0.0)
+                return ValueInfo(node.name, ValueKind.TENSOR, None, val.dtype, tuple(val.shape), 0.0, 0.0)
             per_sample = per_sample * int(fixed)
         else:
             per_sample *= int(size)
@@ -72,10 +81,10 @@ def _value_info(node: fx.Node, symbol: Any, is_batch: bool, sizes: dict[Any, int
     order = memory_order(val, symbol, sizes=sizes)
     if batch_dim is not None:
         return ValueInfo(
-            node.name, "tensor", batch_dim, val.dtype, shape, float(per_sample * item), 0.0, order
+            node.name, ValueKind.TENSOR, batch_dim, val.dtype, shape, float(per_sample * item), 0.0, order
         )
     fixed = 0.0 if is_batch else float(per_sample * item)
-    return ValueInfo(node.name, "tensor", None, val.dtype, shape, 0.0, fixed, order)
+    return ValueInfo(node.name, ValueKind.TENSOR, None, val.dtype, shape, 0.0, fixed, order)
 
 
 def memory_order(
@@ -168,7 +177,7 @@ def has_single_loss(captured: CapturedGraph, analysis: GraphAnalysis) -> bool:
         n
         for n in captured.user_outputs
         if n is not None
-        and analysis.values[n].kind == "tensor"
+        and analysis.values[n].kind == ValueKind.TENSOR
         and len(analysis.values[n].shape) == 0
         and analysis.is_batch.get(n, False)
         and analysis.values[n].carries_grad

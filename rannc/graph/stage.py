@@ -3,19 +3,48 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
 
 from ..capture import CapturedGraph
-from .analysis import GraphAnalysis
+from .analysis import GraphAnalysis, ValueKind
+
+
+class InputKind(enum.StrEnum):
+    """Where a stage's (or block's) input comes from."""
+
+    PARAM = "param"  # a parameter of the model (trained)
+    BUFFER = "buffer"  # a buffer of the model
+    CONSTANT = "constant"  # a tensor constant the export lifted
+    USER = "user"  # an argument of the user's call
+    BOUNDARY = "boundary"  # a batch value an earlier stage sends
+    SYMINT = "symint"  # a size recomputed locally from the rows the stage runs
+
+    @property
+    def is_state(self) -> bool:
+        """Held by the stage across microbatches (parameters, buffers, constants), not a per-microbatch value."""
+        return self in _STATE
+
+
+_STATE = frozenset({InputKind.PARAM, InputKind.BUFFER, InputKind.CONSTANT})
+# Order of a stage's placeholders: its state, then the user's arguments, then what other stages provide.
+_INPUT_ORDER = {
+    InputKind.PARAM: 0,
+    InputKind.BUFFER: 0,
+    InputKind.CONSTANT: 0,
+    InputKind.USER: 1,
+    InputKind.BOUNDARY: 2,
+    InputKind.SYMINT: 2,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class StageInput:
     name: str  # node name in the captured graph
-    kind: str  # "param" | "buffer" | "constant" | "user" | "boundary" | "symint"
+    kind: InputKind
 
 
 @dataclasses.dataclass
@@ -27,7 +56,7 @@ class StageGraph:
     outputs: list[str]
     batch_nodes: list[str]
 
-    def input_names(self, kind: str) -> list[str]:
+    def input_names(self, kind: InputKind) -> list[str]:
         return [i.name for i in self.inputs if i.kind == kind]
 
 
@@ -74,9 +103,8 @@ def build_stage(
                 continue
             seen.add(arg.name)
             inputs.append(StageInput(arg.name, _input_kind(captured, analysis, arg)))
-    rank = {"param": 0, "buffer": 0, "constant": 0, "user": 1, "boundary": 2, "symint": 2}
     position = {n.name: i for i, n in enumerate(graph.nodes)}
-    inputs.sort(key=lambda i: (rank[i.kind], position[i.name]))
+    inputs.sort(key=lambda i: (_INPUT_ORDER[i.kind], position[i.name]))
 
     outputs: list[str] = []
     wanted = set(extra_outputs)
@@ -105,18 +133,18 @@ def build_stage(
     return StageGraph(module, inputs, outputs, ordered_batch)
 
 
-def _input_kind(captured: CapturedGraph, analysis: GraphAnalysis, node: fx.Node) -> str:
+def _input_kind(captured: CapturedGraph, analysis: GraphAnalysis, node: fx.Node) -> InputKind:
     if node.op == "placeholder":
         if node.name in captured.params:
-            return "param"
+            return InputKind.PARAM
         if node.name in captured.buffers:
-            return "buffer"
+            return InputKind.BUFFER
         if node.name in captured.constants:
-            return "constant"
-        return "user"
+            return InputKind.CONSTANT
+        return InputKind.USER
     info = analysis.values[node.name]
-    if info.kind == "symint":
-        return "symint"
+    if info.kind == ValueKind.SYMINT:
+        return InputKind.SYMINT
     if not info.communicable:
         raise AssertionError(f"value {node.name} cannot cross a stage boundary; the cut is illegal")
-    return "boundary"
+    return InputKind.BOUNDARY

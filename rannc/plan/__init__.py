@@ -1,11 +1,15 @@
-"""The planner: turn a cost table over blocks into a pipeline + data-parallel Plan."""
+"""The planner: a pure solver from a cost table over blocks, links and a search space to a Plan (and a timeline).
+
+It imports nothing from capture, graph, profile, deploy or runtime: its inputs and outputs are plain values
+(`PlanProblem` in, `Plan` and the simulated `Timeline` out). `rannc.problem` builds the `PlanProblem` of a
+captured model.
+"""
 
 from .cost import StageCost, evaluate, stage_cost
 from .search import minimum_memory_needed, plan_stages, required_microbatch_sizes
-from .types import SCHEDULES, BlockProfile, Plan, PlanProblem, StagePlan, interpolate
+from .types import BlockProfile, Plan, PlanProblem, StagePlan, interpolate
 
 __all__ = [
-    "SCHEDULES",
     "BlockProfile",
     "Plan",
     "PlanProblem",

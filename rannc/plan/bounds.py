@@ -48,7 +48,7 @@ class PrefixBounds:
         self.allreduce = allreduce
         self.plain, self.again, self.fits, self.fits_again = plain, again, fits, fits_again
         # Single-level tables: every stage holds at least one microbatch (fill-drain: P).
-        self._base_level = search.p if search.schedule == "fill_drain" else 1
+        self._base_level = search.schedule.inflight(search.p, 1)
         self.time = self.at_level(self._base_level)
         self.u = self._u(self.time)
         self._whole: float | None = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .types import SCHEDULES, PlanProblem, interpolate
+from ..schedule import Schedule
+from .types import PlanProblem, interpolate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +54,6 @@ def replica_microbatch_size(global_batch: int, microbatches: int, replicas: int)
 def max_replicas(global_batch: int, microbatches: int) -> int:
     """Most replicas a stage may have: every replica needs a sample of every microbatch."""
     return global_batch // microbatches
-
-
-def inflight_microbatches(schedule: str, microbatches: int, stages_left: int) -> int:
-    """Microbatches whose activations a stage holds at once; stages_left counts this stage too."""
-    if schedule == "1f1b":
-        return min(microbatches, stages_left)
-    if schedule == "fill_drain":
-        return microbatches
-    raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
 def microbatch_counts(problem: PlanProblem) -> list[int]:
@@ -353,7 +345,7 @@ def stage_cost(
     last_block: int,
     replicas: int,
     microbatches: int,
-    schedule: str,
+    schedule: Schedule | str,
     stage_index: int,
     num_stages: int,
     recompute: bool = False,
@@ -365,7 +357,7 @@ def stage_cost(
         raise ValueError(f"bad block range [{first_block}, {last_block}]")
     if replicas < 1 or microbatches < 1 or not 0 <= stage_index < num_stages:
         raise ValueError("replicas, microbatches must be >= 1 and 0 <= stage_index < num_stages")
-    inflight = inflight_microbatches(schedule, microbatches, num_stages - stage_index)
+    inflight = Schedule(schedule).inflight(microbatches, num_stages - stage_index)
     return CostModel(problem).stage(first_block, last_block, replicas, microbatches, inflight, recompute)
 
 
@@ -392,7 +384,7 @@ def evaluate(
     ranges: list[tuple[int, int]],
     replicas: list[int],
     microbatches: int,
-    schedule: str,
+    schedule: Schedule | str,
     model: CostModel | None = None,
     recompute: list[bool] | None = None,
 ) -> tuple[float, list[StageCost]] | None:
@@ -407,8 +399,7 @@ def evaluate(
     `problem.schedules` are not checked.
     """
     num_blocks = len(problem.blocks)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    schedule = Schedule(schedule)  # ValueError for an unknown name
     if not ranges or len(ranges) != len(replicas):
         raise ValueError("need one replica count per stage and at least one stage")
     if recompute is not None and len(recompute) != len(ranges):
@@ -434,7 +425,7 @@ def evaluate(
     num_stages = len(ranges)
     costs = []
     for s, ((first, last), r, links) in enumerate(zip(ranges, replicas, stage_links(problem, replicas))):
-        inflight = inflight_microbatches(schedule, microbatches, num_stages - s)
+        inflight = schedule.inflight(microbatches, num_stages - s)
         if recompute is not None:
             cost = model.stage(first, last, r, microbatches, inflight, recompute[s], links)
         else:

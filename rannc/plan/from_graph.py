@@ -8,13 +8,12 @@ from typing import Any
 import torch
 
 from ..capture import CapturedGraph, tile_rows
-from ..capture.inputs import with_memory_order
+from ..capture.inputs import symint_value, with_memory_order
 from ..deploy import Deployment
 from ..graph.analysis import GraphAnalysis, module_range
 from ..graph.stage import StageGraph, build_stage
 from ..profile import BlockRunner
 from ..profile.devices import DeviceProfile, optimizer_transient
-from ..runtime.routes import symint_value
 from ..runtime.weights import stand_in
 from .types import BlockProfile, Plan, PlanProblem
 

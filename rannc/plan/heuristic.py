@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cost import evaluate, inflight_microbatches
+from .cost import evaluate
 
 if TYPE_CHECKING:
     from .pareto import SuffixSearch
@@ -58,7 +58,7 @@ def _min_max_partition(search: SuffixSearch, ri: int, count: int) -> list[int] |
     choices = []
     time, level = plain, -1
     for n in range(1, count + 1):
-        inflight = inflight_microbatches(search.schedule, search.p, n)
+        inflight = search.schedule.inflight(search.p, n)
         if inflight != level:
             time = np.where(inflight <= fits, plain, np.where(inflight <= fits_again, again, np.inf))
             level = inflight

@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from .cost import inflight_microbatches, microbatch_counts, microbatch_rows, replica_counts, sent_bytes
+from ..schedule import Schedule
+from .cost import microbatch_counts, microbatch_rows, replica_counts, sent_bytes
 from .tables import StageTables
 from .types import PlanProblem
 
@@ -96,7 +97,9 @@ class _Reach:
         return False
 
 
-def least_memory(problem: PlanProblem, tables: StageTables, stage_counts: list[int], schedule: str) -> float:
+def least_memory(
+    problem: PlanProblem, tables: StageTables, stage_counts: list[int], schedule: Schedule
+) -> float:
     """Least largest-stage memory over every plan with this schedule (inf when there is no plan)."""
     best = math.inf
     done: set[tuple] = set()
@@ -105,14 +108,14 @@ def least_memory(problem: PlanProblem, tables: StageTables, stage_counts: list[i
         replicas = replica_counts(problem, p)
         if not replicas:
             continue
-        inflights = sorted({inflight_microbatches(schedule, p, k) for k in range(1, most + 1)})
+        inflights = sorted({schedule.inflight(p, k) for k in range(1, most + 1)})
         key = (microbatch_rows(problem.global_batch, p), tuple(replicas), tuple(inflights))
         if key in done:
             continue
         done.add(key)
         # Layer k holds min(p, k) microbatches with 1F1B (levels by k), p with fill-drain.
         levels = [stage_memories(problem, tables, p, replicas, q) for q in inflights]
-        if schedule != "1f1b":
+        if schedule != Schedule.ONE_F_ONE_B:
             levels = levels[:1]
         reach = _Reach(problem, replicas, levels, stage_counts)
         values = np.unique(np.concatenate([level[np.isfinite(level) & (level < best)] for level in levels]))
@@ -130,7 +133,7 @@ def least_memory(problem: PlanProblem, tables: StageTables, stage_counts: list[i
 
 
 def fits(
-    problem: PlanProblem, tables: StageTables, microbatches: int, schedule: str, stage_counts: list[int]
+    problem: PlanProblem, tables: StageTables, microbatches: int, schedule: Schedule, stage_counts: list[int]
 ) -> bool:
     """Whether some plan with this microbatch count and schedule fits in the memory limit."""
     limit = problem.memory_limit_bytes
@@ -138,6 +141,6 @@ def fits(
     if limit is None or not replicas:
         return bool(replicas)
     most = max(stage_counts)
-    inflights = sorted({inflight_microbatches(schedule, microbatches, k) for k in range(1, most + 1)})
+    inflights = sorted({schedule.inflight(microbatches, k) for k in range(1, most + 1)})
     levels = [stage_memories(problem, tables, microbatches, replicas, q) for q in inflights]
     return _Reach(problem, replicas, levels, stage_counts).feasible(limit)

@@ -16,13 +16,9 @@ from __future__ import annotations
 import math
 import operator
 
+from ..schedule import Schedule
 from .bounds import PrefixBounds
-from .cost import (
-    CostModel,
-    inflight_microbatches,
-    microbatch_rows,
-    replica_counts,
-)
+from .cost import CostModel, microbatch_rows, replica_counts
 from .tables import StageTables
 from .types import PlanProblem
 
@@ -47,14 +43,14 @@ class SuffixSearch:
         problem: PlanProblem,
         model: CostModel,
         microbatches: int,
-        schedule: str,
+        schedule: Schedule | str,
         tables: StageTables | None = None,
     ) -> None:
         self.problem = problem
         self.model = model
         self.tables = tables if tables is not None else StageTables(model)
         self.p = microbatches
-        self.schedule = schedule
+        self.schedule = Schedule(schedule)
         self.weight = float(microbatches - 1)
         self.replicas = replica_counts(problem, microbatches)
         self.rmax = self.replicas[-1] if self.replicas else 0
@@ -126,10 +122,10 @@ class SuffixSearch:
         finals: dict[int, list[Entry]] = {}
         self.states = 0
         for k in range(1, most + 1):
-            inflight = inflight_microbatches(self.schedule, p, k)
+            inflight = self.schedule.inflight(p, k)
             sends_held = min(p, inflight + 1)  # cost.sent_bytes, per byte of boundary tensors
             # Stages before this suffix hold at least this many microbatches.
-            pre_sum, pre_u = bounds.level_tables(inflight_microbatches(self.schedule, p, k + 1))
+            pre_sum, pre_u = bounds.level_tables(self.schedule.inflight(p, k + 1))
             cand: dict[tuple[int, int, int], list[Entry]] = {}
             allowed_k = allowed[k]
             stage_cap = cutoff * (1 + ROUNDING) / p

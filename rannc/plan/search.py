@@ -27,6 +27,7 @@ import heapq
 import math
 
 from ..errors import PlanError
+from ..schedule import Schedule
 from .cost import (
     CostModel,
     StageCost,
@@ -43,7 +44,6 @@ from .pareto import TIE as _TIE
 from .pareto import SuffixSearch, relaxed, suffix_key
 from .tables import StageTables
 from .types import (
-    SCHEDULES,
     Plan,
     PlanProblem,
     StagePlan,
@@ -96,7 +96,7 @@ def _stage_counts(problem: PlanProblem) -> list[int]:
     return list(range(1, most + 1))
 
 
-def _schedules(problem: PlanProblem, memory_only: bool = False) -> list[tuple[int, str]]:
+def _schedules(problem: PlanProblem, memory_only: bool = False) -> list[tuple[int, Schedule]]:
     """Schedules worth searching, with their tie-break rank (lower wins).
 
     With the same stages both schedules have the same step time and fill-drain holds at least the
@@ -104,17 +104,21 @@ def _schedules(problem: PlanProblem, memory_only: bool = False) -> list[tuple[in
     fill-drain under a memory limit (it may fit where fill-drain does not). For the least memory
     needed only 1F1B matters when it is allowed.
     """
-    names: list[str] = []
-    for name in problem.schedules:
-        if name not in SCHEDULES:
-            raise PlanError(f"unknown schedule {name!r}; use one of {SCHEDULES}")
-        if name not in names:
-            names.append(name)
+    known = {schedule.value for schedule in Schedule}
+    unknown = [name for name in problem.schedules if name not in known]
+    if unknown:
+        raise PlanError(f"unknown schedule {unknown[0]!r}; use one of {sorted(known)}")
+    allowed = list(dict.fromkeys(Schedule(name) for name in problem.schedules))
+    one_f_one_b = Schedule.ONE_F_ONE_B
     if memory_only:
-        return [(0, "1f1b" if "1f1b" in names else names[0])]
-    ordered = [(0, names[0])]
-    if names[0] == "fill_drain" and "1f1b" in names and problem.memory_limit_bytes is not None:
-        ordered.append((1, "1f1b"))
+        return [(0, one_f_one_b if one_f_one_b in allowed else allowed[0])]
+    ordered = [(0, allowed[0])]
+    if (
+        allowed[0] == Schedule.FILL_DRAIN
+        and one_f_one_b in allowed
+        and problem.memory_limit_bytes is not None
+    ):
+        ordered.append((1, one_f_one_b))
     return ordered
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Sequence
 
-from ..runtime.schedule import SCHEDULES as _SCHEDULE_FUNCTIONS
-from ..runtime.schedule import Action, actions_for
+from ..schedule import Action, ActionKind, Schedule
 from .cost import (
     CostModel,
     allreduce_time,
-    inflight_microbatches,
     p2p_time,
     sent_bytes,
     stage_links,
@@ -20,6 +19,7 @@ from .types import Plan, PlanProblem
 
 __all__ = [
     "Event",
+    "EventKind",
     "StageTiming",
     "Timeline",
     "analytic_step_time",
@@ -87,18 +87,34 @@ class StageTiming:
         return self.fwd + self.bwd + 2 * (self.comm_in + self.comm_out)
 
 
+class EventKind(enum.StrEnum):
+    """What a stage does during one interval of the simulated step."""
+
+    FORWARD = "F"
+    BACKWARD = "B"
+    RECV_ACT = "recv_act"  # blocking receive of a forward's inputs
+    RECV_GRAD = "recv_grad"  # blocking receive of a backward's output gradients
+    ALLREDUCE = "allreduce"  # the stage's gradient allreduce among its replicas
+    ALLREDUCE_SHARED = "allreduce_shared"  # a parameter several stages hold (tied weights)
+    UPDATE = "update"  # the optimizer step
+
+
+_COMPUTE = (EventKind.FORWARD, EventKind.BACKWARD)
+_RECEIVE = {ActionKind.FORWARD: EventKind.RECV_ACT, ActionKind.BACKWARD: EventKind.RECV_GRAD}
+
+
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """One interval of a stage's step: "F"/"B" compute, "recv_act"/"recv_grad" blocking receive, "allreduce"."""
+    """One interval of a stage's step; named like "F3", "recv_grad3" or "allreduce"."""
 
-    kind: str
-    microbatch: int  # -1 for the allreduce
+    kind: EventKind
+    microbatch: int  # -1 for the allreduces and the update
     start: float
     end: float
 
     @property
     def name(self) -> str:
-        return self.kind if self.microbatch < 0 else f"{self.kind}{self.microbatch}"
+        return str(self.kind) if self.microbatch < 0 else f"{self.kind}{self.microbatch}"
 
     @property
     def duration(self) -> float:
@@ -109,7 +125,7 @@ class Event:
 class Timeline:
     """The simulated step: events per stage (in time order), step time, in-flight microbatches and memory."""
 
-    schedule: str
+    schedule: Schedule
     microbatches: int
     stages: list[StageTiming]
     events: list[list[Event]]
@@ -124,7 +140,7 @@ class Timeline:
 
     def busy_time(self, stage: int) -> float:
         """Seconds stage `stage` spends computing forwards and backwards (receives and allreduce excluded)."""
-        return sum(e.duration for e in self.events[stage] if e.kind in ("F", "B"))
+        return sum(e.duration for e in self.events[stage] if e.kind in _COMPUTE)
 
     @property
     def bubble_fraction(self) -> float:
@@ -148,18 +164,16 @@ def peak_inflight(actions: list[Action]) -> int:
     """Most microbatches forwarded but not yet backwarded at once while running `actions` in order."""
     held = peak = 0
     for action in actions:
-        held += 1 if action.kind == "F" else -1
+        held += 1 if action.kind == ActionKind.FORWARD else -1
         peak = max(peak, held)
     return peak
 
 
-def _check(stage_times: list[StageTiming], microbatches: int, schedule: str | None) -> None:
+def _check(stage_times: list[StageTiming], microbatches: int) -> None:
     if not stage_times:
         raise ValueError("need at least one stage")
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
-    if schedule is not None and schedule not in _SCHEDULE_FUNCTIONS:
-        raise ValueError(f"unknown schedule {schedule!r}; expected one of {tuple(_SCHEDULE_FUNCTIONS)}")
     for s, t in enumerate(stage_times):
         values = (
             t.fwd,
@@ -175,9 +189,9 @@ def _check(stage_times: list[StageTiming], microbatches: int, schedule: str | No
             raise ValueError(f"stage {s} has a negative time or size: {t}")
 
 
-def _receive_time(stage_times: list[StageTiming], stage: int, kind: str) -> float:
+def _receive_time(stage_times: list[StageTiming], stage: int, kind: ActionKind) -> float:
     """Seconds to receive what F (activations from stage-1) or B (gradients from stage+1) needs at `stage`."""
-    if kind == "F":
+    if kind == ActionKind.FORWARD:
         return stage_times[stage].comm_in if stage > 0 else 0.0
     return stage_times[stage].comm_out if stage < len(stage_times) - 1 else 0.0
 
@@ -185,12 +199,12 @@ def _receive_time(stage_times: list[StageTiming], stage: int, kind: str) -> floa
 def simulate(
     stage_times: list[StageTiming],
     microbatches: int,
-    schedule: str,
+    schedule: Schedule | str,
     *,
     rendezvous: bool = True,
     shared: Sequence[tuple[float, tuple[int, ...]]] = (),
 ) -> Timeline:
-    """Simulate one step: every stage runs `actions_for(schedule, s, S, P)` in order, one action at a time.
+    """Simulate one step: every stage runs `schedule.actions(s, S, P)` in order, one action at a time.
 
     F(i) at stage s needs F(i) at s-1 and a transfer of comm_in[s]; B(i) at s needs B(i) at s+1 (and its
     own F(i)) and a transfer of comm_out[s]. With `rendezvous` (the runtime: sends are asynchronous, the
@@ -202,10 +216,35 @@ def simulate(
     stages) starts when all its stages are there; then each stage's optimizer update. Compute durations are
     fwd and bwd.
     """
-    _check(stage_times, microbatches, schedule)
+    _check(stage_times, microbatches)
+    schedule = Schedule(schedule)  # ValueError for an unknown name
     num_stages = len(stage_times)
-    lists = [actions_for(schedule, s, num_stages, microbatches) for s in range(num_stages)]
-    done: dict[tuple[str, int, int], float] = {}  # (kind, microbatch, stage) -> compute end
+    lists = [schedule.actions(s, num_stages, microbatches) for s in range(num_stages)]
+    events = _run_actions(stage_times, lists, rendezvous)
+    if events is None:
+        raise RuntimeError(f"schedule {schedule!r} deadlocks with {num_stages} stages, {microbatches} mb")
+    ends = _end_step(stage_times, events, shared)
+    peaks = [peak_inflight(actions) for actions in lists]
+    return Timeline(
+        schedule=schedule,
+        microbatches=microbatches,
+        stages=list(stage_times),
+        events=events,
+        step_time=max(ends),
+        peak_inflight=peaks,
+        peak_memory=[t.static_bytes + t.activation_bytes * p for t, p in zip(stage_times, peaks)],
+        rendezvous=rendezvous,
+    )
+
+
+def _run_actions(
+    stage_times: list[StageTiming], lists: list[list[Action]], rendezvous: bool
+) -> list[list[Event]] | None:
+    """The forward, backward and receive events of every stage running its action list (None: deadlock).
+
+    Sweeps the stages over and over, each running its next actions while what they need is done."""
+    num_stages = len(stage_times)
+    done: dict[tuple[ActionKind, int, int], float] = {}  # (kind, microbatch, stage) -> compute end
     free = [0.0] * num_stages
     cursor = [0] * num_stages
     events: list[list[Event]] = [[] for _ in range(num_stages)]
@@ -214,62 +253,59 @@ def simulate(
         progressed = False
         for s in range(num_stages):
             while cursor[s] < len(lists[s]):
-                action = lists[s][cursor[s]]
-                i = action.microbatch
-                if action.kind == "F":
-                    producer = ("F", i, s - 1) if s > 0 else None
+                kind, i = lists[s][cursor[s]]
+                if kind == ActionKind.FORWARD:
+                    producer = (ActionKind.FORWARD, i, s - 1) if s > 0 else None
                     own = None
                 else:
-                    producer = ("B", i, s + 1) if s < num_stages - 1 else None
-                    own = ("F", i, s)
+                    producer = (ActionKind.BACKWARD, i, s + 1) if s < num_stages - 1 else None
+                    own = (ActionKind.FORWARD, i, s)
                 if (producer is not None and producer not in done) or (own is not None and own not in done):
                     break
                 produced = done[producer] if producer is not None else 0.0
                 floor = max(free[s], done[own]) if own is not None else free[s]
-                transfer = _receive_time(stage_times, s, action.kind) if producer is not None else 0.0
+                transfer = _receive_time(stage_times, s, kind) if producer is not None else 0.0
                 if rendezvous:
                     posted = max(floor, produced)
                     start = posted + transfer
                     if transfer > 0:
-                        kind = "recv_act" if action.kind == "F" else "recv_grad"
-                        events[s].append(Event(kind, i, posted, start))
+                        events[s].append(Event(_RECEIVE[kind], i, posted, start))
                 else:
                     start = max(floor, produced + transfer)
                 timing = stage_times[s]
-                end = start + (timing.fwd if action.kind == "F" else timing.bwd)
-                events[s].append(Event(action.kind, i, start, end))
-                done[action.kind, i, s] = end
+                end = start + (timing.fwd if kind == ActionKind.FORWARD else timing.bwd)
+                events[s].append(Event(EventKind(kind), i, start, end))
+                done[kind, i, s] = end
                 free[s] = end
                 cursor[s] += 1
                 remaining -= 1
                 progressed = True
         if not progressed:
-            raise RuntimeError(f"schedule {schedule!r} deadlocks with {num_stages} stages, {microbatches} mb")
+            return None
+    return events
+
+
+def _end_step(
+    stage_times: list[StageTiming], events: list[list[Event]], shared: Sequence[tuple[float, tuple[int, ...]]]
+) -> list[float]:
+    """Add each stage's gradient allreduce, the shared parameters' allreduces and the optimizer updates after
+    the stages' last actions; returns when each stage's step ends."""
+    free = [max((e.end for e in stage_events), default=0.0) for stage_events in events]
     ends = list(free)
     for s, timing in enumerate(stage_times):
         if timing.allreduce > 0:
-            last = next((e for e in reversed(events[s]) if e.kind == "B"), None)
+            last = next((e for e in reversed(events[s]) if e.kind == EventKind.BACKWARD), None)
             start, ends[s] = timing.allreduce_span(free[s] if last is None else last.start, free[s])
-            events[s].append(Event("allreduce", -1, start, ends[s]))
+            events[s].append(Event(EventKind.ALLREDUCE, -1, start, ends[s]))
     for seconds, holders in shared:
         start = max(ends[s] for s in holders)
         for s in holders:
-            events[s].append(Event("allreduce_shared", -1, start, start + seconds))
+            events[s].append(Event(EventKind.ALLREDUCE_SHARED, -1, start, start + seconds))
             ends[s] = start + seconds
     for s, timing in enumerate(stage_times):
         if timing.update > 0:
-            events[s].append(Event("update", -1, ends[s], ends[s] + timing.update))
-    peaks = [peak_inflight(actions) for actions in lists]
-    return Timeline(
-        schedule=schedule,
-        microbatches=microbatches,
-        stages=list(stage_times),
-        events=events,
-        step_time=max(ends[s] + t.update for s, t in enumerate(stage_times)),
-        peak_inflight=peaks,
-        peak_memory=[t.static_bytes + t.activation_bytes * p for t, p in zip(stage_times, peaks)],
-        rendezvous=rendezvous,
-    )
+            events[s].append(Event(EventKind.UPDATE, -1, ends[s], ends[s] + timing.update))
+    return [end + timing.update for end, timing in zip(ends, stage_times)]
 
 
 def bubble_bound(stage_times: list[StageTiming], microbatches: int, *, rendezvous: bool = True) -> float:
@@ -283,20 +319,20 @@ def bubble_bound(stage_times: list[StageTiming], microbatches: int, *, rendezvou
     max_s head_s + work_s + tail_s; with balanced stages and no communication it equals the analytic
     sum t_s + (P-1) max t_s + AR = (P + S - 1)(f + b) + AR.
     """
-    _check(stage_times, microbatches, None)
+    _check(stage_times, microbatches)
     p = microbatches
     best = 0.0
     head = 0.0
     for s, t in enumerate(stage_times):
-        recv_in = _receive_time(stage_times, s, "F")
-        recv_grad = _receive_time(stage_times, s, "B")
+        recv_in = _receive_time(stage_times, s, ActionKind.FORWARD)
+        recv_grad = _receive_time(stage_times, s, ActionKind.BACKWARD)
         head += recv_in
         work = p * (t.fwd + t.bwd)
         if rendezvous:
             work += (p - 1) * recv_in + p * recv_grad
         tail, drain = t.exposed_tail, 0.0
         for k in range(s - 1, -1, -1):
-            drain += _receive_time(stage_times, k, "B") + stage_times[k].bwd
+            drain += _receive_time(stage_times, k, ActionKind.BACKWARD) + stage_times[k].bwd
             tail = max(tail, drain + stage_times[k].exposed_tail)
         best = max(best, head + work + tail)
         head += t.fwd
@@ -325,7 +361,7 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
     timings = []
     for s, stage in enumerate(plan.stages):
         recompute = bool(getattr(stage, "recompute", False))
-        inflight = inflight_microbatches(plan.schedule, plan.microbatches, num_stages - s)
+        inflight = plan.schedule.inflight(plan.microbatches, num_stages - s)
         cost = model.stage(
             stage.first_block,
             stage.last_block,

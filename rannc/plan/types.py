@@ -6,7 +6,7 @@ import bisect
 import dataclasses
 from typing import Any
 
-SCHEDULES = ("1f1b", "fill_drain")
+from ..schedule import Schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,7 @@ class PlanProblem:
     allreduce_latency: float = 50e-6  # s
     min_microbatches: int = 1
     max_microbatches: int = 32
-    schedules: tuple[str, ...] = ("1f1b",)
+    schedules: tuple[Schedule, ...] = (Schedule.ONE_F_ONE_B,)
     num_stages: int | None = None  # force the stage count
     zero_optimizer: bool = False  # ZeRO-1: optimizer state sharded over each stage's replicas
     # The runtime starts a stage's gradient allreduce during its last backward (config overlap_grad_sync); the
@@ -169,11 +169,14 @@ class StagePlan:
 class Plan:
     stages: list[StagePlan]
     microbatches: int
-    schedule: str
+    schedule: Schedule
     predicted_step_time: float  # the simulator's step time when the search simulated its candidates
     global_batch: int
     world_size: int
     analytic_step_time: float | None = None  # the cost model's sum formula, when the simulator predicted
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", Schedule(self.schedule))  # ValueError for an unknown name
 
     def stage_of_rank(self, rank: int) -> int:
         for index, stage in enumerate(self.stages):

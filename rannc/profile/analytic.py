@@ -16,7 +16,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from ..capture import CapturedGraph
 from ..capture.modes import exact_precision
 from ..graph.analysis import GraphAnalysis
-from ..graph.stage import StageGraph, build_stage
+from ..graph.stage import InputKind, StageGraph, build_stage
 from ..plan.types import BlockProfile
 from .devices import DeviceProfile
 from .measure import BlockRunner
@@ -371,12 +371,14 @@ def block_meta_inputs(
     inputs: list[Any] = []
     for item in graph.inputs:
         val = metas[item.name]
-        if item.kind == "constant":
+        if item.kind == InputKind.CONSTANT:
             value = static.setdefault(item.name, captured.constants[item.name].detach().to(META))
-        elif item.kind in ("param", "buffer"):
+        elif item.kind.is_state:  # a parameter or a buffer
             if item.name not in static:
                 tensor = _from_val(val, bindings)
-                static[item.name] = tensor.requires_grad_(item.kind == "param" and tensor.is_floating_point())
+                static[item.name] = tensor.requires_grad_(
+                    item.kind == InputKind.PARAM and tensor.is_floating_point()
+                )
             value = static[item.name]
         elif _is_tensor(val) or isinstance(val, torch.SymInt):
             value = _from_val(val, bindings)
@@ -414,9 +416,7 @@ def analytic_block_profiles(
     static: dict[str, torch.Tensor] = {}
     profiles = []
     for graph in graphs:
-        indices = frozenset(
-            i for i, x in enumerate(graph.inputs) if x.kind in ("param", "buffer", "constant")
-        )
+        indices = frozenset(i for i, x in enumerate(graph.inputs) if x.kind.is_state)
         fwd, bwd, act, workspace = {}, {}, {}, {}
         for m in sizes:
             inputs = block_meta_inputs(captured, graph, m, static)

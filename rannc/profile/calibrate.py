@@ -43,7 +43,7 @@ def calibrate(
     device = torch.device(device) if device is not None else _default_device()
     cuda = device.type == "cuda"
     if not cuda:
-        from ..runtime.host_memory import keep_freed_host_memory
+        from ..host_memory import keep_freed_host_memory
 
         keep_freed_host_memory()  # as RaNNCModule runs on CPUs: freed memory is reused, not faulted in again
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"

@@ -9,7 +9,7 @@ import torch
 from ..capture import CapturedGraph
 from ..errors import CaptureError
 from ..graph.analysis import GraphAnalysis
-from ..graph.stage import StageGraph, build_stage
+from ..graph.stage import InputKind, StageGraph, build_stage
 from .dist import GroupCache
 from .grad_sync import GradSync
 from .routes import OutputSpec, Route
@@ -116,7 +116,7 @@ def build_local_stage(
     graphs = layout.graphs
     consumers: dict[str, list[int]] = {}
     for s, graph in enumerate(graphs):
-        for name in graph.input_names("boundary"):
+        for name in graph.input_names(InputKind.BOUNDARY):
             consumers.setdefault(name, []).append(s)
     position = {n.name: k for k, n in enumerate(captured.gm.graph.nodes)}
     routes = []
@@ -140,12 +140,12 @@ def build_local_stage(
     state: dict[str, torch.Tensor] = {}
     param_names: dict[str, str] = {}
     for item in graph.inputs:
-        if item.kind == "param":
+        if item.kind == InputKind.PARAM:
             param_names[item.name] = captured.params[item.name]
             state[item.name] = tensors[captured.params[item.name]]
-        elif item.kind == "buffer":
+        elif item.kind == InputKind.BUFFER:
             state[item.name] = tensors[captured.buffers[item.name]]
-        elif item.kind == "constant":
+        elif item.kind == InputKind.CONSTANT:
             state[item.name] = captured.constants[item.name].to(device)
     mutations = {
         node: tensors[fqn] for node, fqn in captured.buffer_mutations.items() if node in graph.outputs
@@ -156,7 +156,9 @@ def build_local_stage(
         if name in params:
             rank_sets.setdefault(ranks, []).append(name)
     grad_groups = [(ranks, sorted(names)) for ranks, names in rank_sets.items()]
-    symints = {item.name: _meta(captured, item.name) for item in graph.inputs if item.kind == "symint"}
+    symints = {
+        item.name: _meta(captured, item.name) for item in graph.inputs if item.kind == InputKind.SYMINT
+    }
     # Replicas write buffers from their own rows; a group per replicated stage averages them (created by every
     # rank in the same order, as new_group requires).
     replicated = [tuple(ranks) for ranks in stage_ranks if len(ranks) > 1]

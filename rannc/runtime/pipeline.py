@@ -11,14 +11,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..capture.inputs import sequence_sizes
+from ..capture.inputs import concrete_shape, sequence_sizes, symint_value
 from ..capture.modes import exact_precision, training_mode
+from ..schedule import Action, actions_for, backwards_before, forward_only
 from .failures import guarded, wait_all
 from .gather import GlobalBatch
 from .grad_sync import OverlappedReduce
 from .layout import SampleLayout
-from .routes import concrete_shape, symint_value
-from .schedule import Action, actions_for, backwards_before, forward_only
 from .stage import LocalStage
 from .trace import current_tracer
 from .transfer import Transfer

@@ -3,29 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import torch
-
-
-def concrete_shape(
-    shape: tuple[Any, ...], symbol: Any, rows: int, sizes: Mapping[Any, int] | None = None
-) -> list[int]:
-    """Sizes of a value for `rows` samples (the batch symbol replaced by `rows`, other symbols such as a
-    sequence length by their `sizes`)."""
-    bindings = {**(sizes or {}), symbol: rows}
-    out = []
-    for size in shape:
-        if isinstance(size, torch.SymInt):
-            out.append(int(size.node.expr.subs(bindings)))
-        else:
-            out.append(int(size))
-    return out
-
-
-def symint_value(node_meta_val: Any, symbol: Any, rows: int, sizes: Mapping[Any, int] | None = None) -> int:
-    return int(node_meta_val.node.expr.subs({**(sizes or {}), symbol: rows}))
 
 
 @dataclasses.dataclass(frozen=True)

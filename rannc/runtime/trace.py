@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..plan.trace import complete_event, name_event, write_trace
+from ..chrome_trace import complete_event, name_event, write_trace
 
 __all__ = ["ENV_VAR", "StepTracer", "current_tracer", "forget_tracers", "trace_file"]
 

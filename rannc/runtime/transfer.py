@@ -8,9 +8,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..capture.inputs import concrete_shape
 from .failures import guarded, wait_all
 from .layout import SampleLayout
-from .routes import Route, concrete_shape
+from .routes import Route
 from .trace import current_tracer
 
 

@@ -19,11 +19,10 @@ from graph_checks import check_analysis_invariants
 from torch import nn
 
 from rannc.capture import CapturedGraph, FlatCall, capture
-from rannc.capture.inputs import with_memory_order
+from rannc.capture.inputs import symint_value, with_memory_order
 from rannc.graph.analysis import GraphAnalysis, analyse, atomic_units
 from rannc.graph.stage import StageGraph, build_stage
 from rannc.plan.from_graph import range_tables
-from rannc.runtime.routes import symint_value
 
 transformers.logging.set_verbosity_error()
 

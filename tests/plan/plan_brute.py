@@ -10,6 +10,7 @@ import random
 from rannc.plan import BlockProfile, PlanProblem, interpolate
 from rannc.plan import cost as cost_module
 from rannc.plan.types import default_replica_choices
+from rannc.schedule import Schedule
 
 
 def compositions(total: int, parts: int):
@@ -63,9 +64,7 @@ def brute_force(problem: PlanProblem, ignore_memory: bool = False):
                     if any(r not in allowed for r in replicas):
                         continue
                     for rank, schedule in enumerate(problem.schedules):
-                        inflights = [
-                            cost_module.inflight_microbatches(schedule, p, count - s) for s in range(count)
-                        ]
+                        inflights = [Schedule(schedule).inflight(p, count - s) for s in range(count)]
                         for recompute in itertools.product(flags, repeat=count):
                             costs = [
                                 stage(i, j, r, p, q, c, link)

@@ -19,7 +19,7 @@ from rannc.plan.simulate import (
     simulate,
     simulate_plan,
 )
-from rannc.runtime.schedule import actions_for
+from rannc.schedule import actions_for
 
 SCHEDULES = ("1f1b", "fill_drain")
 MODES = pytest.mark.parametrize("rendezvous", [True, False], ids=["rendezvous", "async"])

@@ -18,6 +18,7 @@ from fake_devices import fake_device
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from rannc.capture import CapturedGraph, FlatCall, capture
+from rannc.capture.inputs import concrete_shape
 from rannc.capture.samples import record_values
 from rannc.graph.analysis import GraphAnalysis, analyse, atomic_units
 from rannc.graph.stage import build_stage
@@ -29,7 +30,6 @@ from rannc.profile.analytic import (
 )
 from rannc.profile.devices import get_device_profile
 from rannc.profile.measure import BlockRunner, measure_block
-from rannc.runtime.routes import concrete_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = fake_device(peak_flops={"float32": 1e12, "bfloat16": 4e12}, matmul_efficiency=0.5, op_overhead=1e-6)

@@ -11,7 +11,7 @@ from distributed_helpers import run_workers
 from torch import nn
 
 import rannc
-from rannc.runtime.schedule import actions_for, backwards_before
+from rannc.schedule import actions_for, backwards_before
 
 
 class Chain(nn.Module):

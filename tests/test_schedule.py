@@ -6,16 +6,16 @@ from collections.abc import Callable
 
 import pytest
 
-from rannc.runtime.schedule import SCHEDULES, Action, actions_for, fill_drain, forward_only, one_f_one_b
+from rannc.schedule import Action, ActionKind, Schedule, actions_for, fill_drain, forward_only, one_f_one_b
 
-Schedule = Callable[[int, int, int], list[Action]]
+ScheduleFunction = Callable[[int, int, int], list[Action]]
 STAGES = range(1, 6)
 MICROBATCHES = range(1, 9)
 BOTH = pytest.mark.parametrize("schedule", [one_f_one_b, fill_drain], ids=["1f1b", "fill_drain"])
 
 
 @BOTH
-def test_each_stage_runs_every_microbatch_forward_then_backward_once(schedule: Schedule) -> None:
+def test_each_stage_runs_every_microbatch_forward_then_backward_once(schedule: ScheduleFunction) -> None:
     for num_stages in STAGES:
         for microbatches in MICROBATCHES:
             for stage in range(num_stages):
@@ -30,7 +30,7 @@ def test_each_stage_runs_every_microbatch_forward_then_backward_once(schedule: S
                 assert all(where["B", i] > where["F", i] for i in range(microbatches))
 
 
-def simulate(schedule: Schedule, num_stages: int, microbatches: int) -> list[list[Action]]:
+def simulate(schedule: ScheduleFunction, num_stages: int, microbatches: int) -> list[list[Action]]:
     """Run every stage's action list concurrently, one action per stage per tick when it is ready.
 
     F(i) at stage s waits for F(i) at every earlier stage (any of them may send it a value; sends do not block);
@@ -65,7 +65,7 @@ def simulate(schedule: Schedule, num_stages: int, microbatches: int) -> list[lis
 
 
 @BOTH
-def test_all_stages_together_never_deadlock(schedule: Schedule) -> None:
+def test_all_stages_together_never_deadlock(schedule: ScheduleFunction) -> None:
     for num_stages in STAGES:
         for microbatches in MICROBATCHES:
             ticks = simulate(schedule, num_stages, microbatches)
@@ -124,6 +124,26 @@ def test_one_f_one_b_example() -> None:
 
 def test_forward_only_and_lookup() -> None:
     assert [str(a) for a in forward_only(3)] == ["F0", "F1", "F2"]
-    assert set(SCHEDULES) == {"1f1b", "fill_drain"}
+    assert {s.value for s in Schedule} == {"1f1b", "fill_drain"}
     assert actions_for("1f1b", 1, 3, 4) == one_f_one_b(1, 3, 4)
     assert actions_for("fill_drain", 0, 2, 3) == fill_drain(0, 2, 3)
+
+
+def test_actions_print_and_parse_back() -> None:
+    text = " ".join(map(str, Schedule.ONE_F_ONE_B.actions(0, 2, 3)))
+    assert text == "F0 F1 B0 F2 B1 B2"
+    assert [Action.parse(word) for word in text.split()] == Schedule("1f1b").actions(0, 2, 3)
+    assert Action.parse("B3") == Action(ActionKind.BACKWARD, 3) and Action.parse("B3").kind == "B"
+    with pytest.raises(ValueError):
+        Action.parse("X1")
+    with pytest.raises(ValueError):
+        actions_for("gpipe", 0, 1, 1)
+
+
+@pytest.mark.parametrize("schedule", list(Schedule))
+def test_inflight_is_the_peak_of_the_action_list(schedule: Schedule) -> None:
+    for num_stages in STAGES:
+        for microbatches in MICROBATCHES:
+            for stage in range(num_stages):
+                actions = schedule.actions(stage, num_stages, microbatches)
+                assert peak_in_flight(actions) == schedule.inflight(microbatches, num_stages - stage)

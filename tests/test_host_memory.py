@@ -16,7 +16,7 @@ import rannc
 SCRIPT = textwrap.dedent(
     """
     import resource, sys, torch
-    from rannc.runtime.host_memory import keep_freed_host_memory
+    from rannc.host_memory import keep_freed_host_memory
 
     if sys.argv[1] == "keep":
         assert keep_freed_host_memory() and keep_freed_host_memory()  # applies, once per process
@@ -66,7 +66,7 @@ def test_config_item_turns_it_off() -> None:
 TRIM_SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np
-    from rannc.runtime.host_memory import keep_freed_host_memory, return_freed_host_memory
+    from rannc.host_memory import keep_freed_host_memory, return_freed_host_memory
 
     def rss():
         for line in open("/proc/self/status"):
