@@ -2,8 +2,9 @@
 
 Every model is built under torch.device("meta") (no weights are allocated), captured by rannc
 (torch.export), cut into blocks and priced with rannc's analytic cost model
-(`rannc.profile.analytic.analytic_block_profiles`: FLOPs / bytes roofline on a device profile). The
-resulting `PlanProblem` is then solved
+(`rannc.profile.analytic.analytic_block_profiles`: FLOPs / bytes roofline on a device profile), and the
+`PlanProblem` is assembled by `rannc.problem.assemble_problem`, as `rannc plan` assembles its own (optimizer
+step time and temporaries, the step's inputs and the device's links included). It is then solved
 
   * by rannc: `plan_stages(problem)`, its own choice of stage count, block ranges, per-stage replica
     counts and microbatch count (1F1B);
@@ -76,18 +77,13 @@ import torch  # noqa: E402
 from rannc.capture import capture  # noqa: E402
 from rannc.errors import PlanError  # noqa: E402
 from rannc.graph.analysis import analyse, atomic_units  # noqa: E402
-from rannc.graph.stage import build_stage  # noqa: E402
-from rannc.plan import (  # noqa: E402
-    PlanProblem,
-    evaluate,
-    minimum_memory_needed,
-    plan_stages,
-    required_microbatch_sizes,
-)
+from rannc.graph.stage import block_graphs  # noqa: E402
+from rannc.plan import PlanProblem, evaluate, minimum_memory_needed, plan_stages  # noqa: E402
 from rannc.plan.cost import CostModel, microbatch_counts, replica_microbatch_size  # noqa: E402
-from rannc.plan.from_graph import range_tables  # noqa: E402
+from rannc.problem import assemble_problem, search_space  # noqa: E402
 from rannc.profile.analytic import analytic_block_profiles  # noqa: E402
 from rannc.profile.devices import DeviceProfile, get_device_profile  # noqa: E402
+from rannc.schedule import Schedule  # noqa: E402
 
 GIB = 2**30
 RULES = ("layers", "uniform", "params", "time")
@@ -290,29 +286,25 @@ def make_problem(spec: ModelSpec, settings: Settings) -> Built:
         captured = capture(model, (), kwargs)
     analysis = analyse(captured)
     blocks, labels = layer_blocks(captured, analysis)
-    graphs = [build_stage(captured, analysis, nodes) for nodes in blocks]
+    graphs = block_graphs(captured, analysis, blocks)
     batch, world = spec.global_batch, settings.world
-    needed = required_microbatch_sizes(world, batch, 1, settings.max_microbatches)
-    sizes = {needed[0], needed[-1]} | {2**k for k in range(12) if needed[0] < 2**k < needed[-1]}
-    profiles = analytic_block_profiles(
-        captured, analysis, blocks, sorted(sizes), settings.device, settings.dtype, graphs=graphs
-    )
-    params, ins, outs = range_tables(captured, analysis, blocks, graphs)
-    problem = PlanProblem(
-        blocks=profiles,
-        range_param_bytes=params,
-        range_in_bytes_per_sample=ins,
-        range_out_bytes_per_sample=outs,
+    space = search_space(
         world_size=world,
         global_batch=batch,
         memory_limit_bytes=settings.memory_limit,
-        opt_param_factor=2.0,
-        min_microbatches=1,
-        max_microbatches=min(settings.max_microbatches, batch),
-        schedules=("1f1b",),
-        **_links(settings),
+        schedules=(Schedule.ONE_F_ONE_B,),
+        max_microbatches=settings.max_microbatches,
+        allow_recompute=settings.recompute,
+        gpus_per_node=settings.device.gpus_per_node,
     )
-    block_params = [params[i][i] for i in range(len(blocks))]
+    profiles = analytic_block_profiles(
+        captured, analysis, blocks, space.profile_sizes(), settings.device, settings.dtype, graphs=graphs
+    )
+    links = settings.device.planner_links()
+    problem = assemble_problem(captured, analysis, blocks, graphs, profiles, space, links, settings.device)
+    # Ranked on the cost model's step time, as every rule's candidates are (not re-ranked by the simulator).
+    problem = dataclasses.replace(problem, simulate_candidates=0)
+    block_params = [problem.range_param_bytes[i][i] for i in range(len(blocks))]
     free = dataclasses.replace(problem, memory_limit_bytes=None)
     need = {}  # least memory per device of any plan with exactly S stages
     for count in range(1, min(world, len(blocks)) + 1):
@@ -342,15 +334,6 @@ def scenario_limit(built: Built, settings: Settings, min_stages: int) -> tuple[f
             note = "" if forced == min_stages else f" ({min_stages} cannot be forced)"
             return limit, f"forces >= {forced} stages{note}"
     return device, "device limit (no stage count can be forced)"
-
-
-def _links(settings: Settings) -> dict[str, Any]:
-    """The device's link figures (and recompute) for the PlanProblem fields that exist in this checkout."""
-    fields = {f.name for f in dataclasses.fields(PlanProblem)}
-    links = settings.device.planner_links()
-    if "allow_recompute" in fields:
-        links["allow_recompute"] = settings.recompute
-    return {k: v for k, v in links.items() if k in fields}
 
 
 # ---- splitting rules ---------------------------------------------------------------------------------------

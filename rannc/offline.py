@@ -4,32 +4,34 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import importlib
-import inspect
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
 
-from .capture import CapturedGraph, FlatCall, capture, tile_rows
-from .capture.samples import record_flops
-from .deploy.deployment import Deployment, format_bytes
-from .errors import ConfigError, PlanError
-from .graph.analysis import GraphAnalysis, analyse, atomic_units, has_single_loss
-from .graph.blocks import coarsen, estimate_op_costs
-from .graph.stage import StageGraph
+from .capture import CapturedGraph, FlatCall, capture
+from .capture.samples import example_leaves, placeholder_state, record_flops
+from .deploy.deployment import Deployment
+from .errors import ConfigError
+from .graph.analysis import analyse, has_single_loss
+from .graph.blocks import block_count, cut_blocks
+from .graph.stage import block_graphs
 from .host_memory import return_freed_host_memory
-from .plan import PlanProblem, minimum_memory_needed, plan_stages, required_microbatch_sizes
-from .plan import types as plan_types
-from .plan.from_graph import block_graphs, deployment_of, input_bytes, range_tables, step_end_fields
+from .plan import Plan, PlanProblem
 from .plan.simulate import Timeline, simulate_plan
-from .plan.types import BlockProfile
-from .profile.analytic import analytic_block_profiles
+from .problem import (
+    PLAN_KNOBS,
+    SearchSpace,
+    allowed_schedules,
+    assemble_problem,
+    deployment_of,
+    plan_or_explain,
+    search_space,
+)
+from .profile.analytic import analytic_block_profiles, block_signature
 from .profile.devices import DeviceProfile, get_device_profile
 
 __all__ = ["DTYPE_ALIASES", "OfflinePlan", "load_factory", "normalise_dtype", "plan_offline"]
@@ -39,7 +41,6 @@ logger = logging.getLogger(__name__)
 DTYPE_ALIASES = dict(fp32="float32", float="float32", bf16="bfloat16", fp16="float16", half="float16")
 DTYPE_ALIASES.update({name: name for name in ("float32", "tf32", "bfloat16", "float16")})
 CAPTURE_BATCH = 2  # rows the graph is exported with (as RaNNCModule's default capture_batch_size)
-EXACT_REPLICA_WORLD = 64  # larger worlds search compact replica counts (and > 32 counts of microbatches)
 MEMORY_PARTS = ("parameters", "gradients", "optimizer", "activations", "buffers")
 
 
@@ -98,110 +99,12 @@ def _call_factory(
 
 def _op_flops(model: torch.nn.Module, captured: CapturedGraph, call: FlatCall) -> dict[str, float]:
     """Forward FLOPs per op from one run at the capture batch (on meta tensors for a meta model)."""
-    home = next((t.device for t in model.parameters()), torch.device("cpu"))
-    leaves = [
-        (tile_rows(x[:CAPTURE_BATCH].to(home), CAPTURE_BATCH) if x.dim() > 0 else x.to(home))
-        if isinstance(x, torch.Tensor)
-        else x
-        for x in call.leaves
-    ]
-    for d in captured.dynamic_dims:  # the longest sequence, as planned
-        leaves[d.leaf] = tile_rows(leaves[d.leaf], d.max_size, d.dim)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
-    state = {ph: named[fqn] for ph, fqn in (captured.params | captured.buffers).items()}
+    leaves = example_leaves(model, captured, call, CAPTURE_BATCH)
     try:
-        return record_flops(captured, state, leaves)
+        return record_flops(captured, placeholder_state(model, captured), leaves)
     except Exception as exc:  # an op without a meta kernel: balance blocks by bytes moved only
         logger.warning("no FLOPs per op (%s: %s); balancing blocks by bytes", type(exc).__name__, exc)
         return {}
-
-
-def block_count(captured: CapturedGraph, usable: float, opt_param_factor: float, max_blocks: int) -> int:
-    """max_blocks, raised so that an average block holds at most half a device of parameter state."""
-    vals = {fqn: n.meta["val"] for n in captured.gm.graph.nodes if (fqn := captured.params.get(n.name))}
-    vals |= {fqn: n.meta["val"] for n in captured.gm.graph.nodes if (fqn := captured.buffers.get(n.name))}
-    state = sum(v.numel() * v.element_size() for v in vals.values()) * (2 + opt_param_factor)
-    return max(max_blocks, math.ceil(2 * state / usable))
-
-
-def profile_sizes(needed: Sequence[int]) -> list[int]:
-    """The sizes to estimate: both ends and the powers of two between (the planner interpolates)."""
-    if not needed:
-        return []
-    lo, hi = min(needed), max(needed)
-    return sorted({lo, hi} | {2**k for k in range(hi.bit_length()) if lo < 2**k < hi})
-
-
-def _signature(captured: CapturedGraph, graph: StageGraph) -> str:
-    """A name-free key of a block (inputs' kind, shape, dtype; ops wired by position): equal keys, equal costs."""
-    metas = {n.name: n.meta.get("val") for n in captured.gm.graph.nodes}
-    index: dict[str, int] = {}
-    parts: list[str] = []
-
-    def describe(value: Any) -> str:
-        if isinstance(value, fx.Node):
-            return f"%{index[value.name]}"
-        if isinstance(value, list | tuple):
-            return "(" + ",".join(describe(v) for v in value) + ")"
-        if isinstance(value, dict):
-            return "{" + ",".join(f"{k}:{describe(v)}" for k, v in value.items()) + "}"
-        return repr(value)
-
-    kinds = {item.name: item.kind for item in graph.inputs}
-    for node in graph.module.graph.nodes:
-        index[node.name] = len(index)
-        if node.op == "placeholder":
-            val = metas.get(node.name)
-            shape = tuple(str(s) for s in val.shape) if isinstance(val, torch.Tensor) else repr(val)
-            dtype = val.dtype if isinstance(val, torch.Tensor) else None
-            parts.append(f"in {kinds.get(node.name)} {shape} {dtype}")
-        else:
-            parts.append(f"{node.op} {node.target} {describe(node.args)} {describe(node.kwargs)}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _estimate_blocks(
-    captured: CapturedGraph, analysis: GraphAnalysis, graphs: list[StageGraph], sizes: list[int], *how: Any
-) -> tuple[list[BlockProfile], int]:
-    """Analytic profiles of every block (`how`: device profile, dtype), each distinct block estimated once."""
-    keys = [_signature(captured, g) for g in graphs]
-    unique = {key: graphs[b] for b, key in reversed(list(enumerate(keys)))}
-    todo = list(unique.values())
-    found = dict(zip(unique, analytic_block_profiles(captured, analysis, [], sizes, *how, graphs=todo)))
-    return [found[key] for key in keys], len(unique)
-
-
-def _problem_kwargs(**wanted: Any) -> dict[str, Any]:
-    """The PlanProblem keyword arguments this version of rannc knows (newer fields are skipped if absent)."""
-    fields = {f.name for f in dataclasses.fields(PlanProblem)}
-    for name in sorted(k for k, v in wanted.items() if k not in fields and v not in (None, False)):
-        logger.warning("this planner has no %s; planning without it", name)
-    return {k: v for k, v in wanted.items() if k in fields}
-
-
-def replica_choices(world_size: int, gpus: int) -> tuple[int, ...]:
-    """Replica counts searched on large worlds: 1..gpus_per_node, the world's divisors, 2^k and 3 x 2^k."""
-    counts = {r for r in range(1, world_size + 1) if r <= gpus or world_size % r == 0}
-    counts |= {c for k in range(world_size.bit_length()) for c in (2**k, 3 * 2**k) if c <= world_size}
-    return tuple(sorted(counts))
-
-
-def _choices(world_size: int, global_batch: int, max_microbatches: int, gpus: int) -> dict[str, Any]:
-    """Compact replica / microbatch choices for large problems (exact search over every value otherwise)."""
-    out: dict[str, Any] = {}
-    if world_size > EXACT_REPLICA_WORLD:
-        out["replica_choices"] = replica_choices(world_size, gpus)
-    if hasattr(plan_types, "default_microbatch_choices") and min(global_batch, max_microbatches) > 32:
-        out["microbatch_choices"] = plan_types.default_microbatch_choices(global_batch, 1, max_microbatches)
-    return out
-
-
-def _needed_sizes(p: PlanProblem) -> list[int]:
-    accepted = inspect.signature(required_microbatch_sizes).parameters
-    extra = {k: getattr(p, k, None) for k in ("replica_choices", "microbatch_choices") if k in accepted}
-    args = (p.world_size, p.global_batch, p.min_microbatches, p.max_microbatches)
-    return required_microbatch_sizes(*args, **extra)
 
 
 def memory_split(timeline: Timeline) -> list[dict[str, float]]:
@@ -219,49 +122,13 @@ def memory_split(timeline: Timeline) -> list[dict[str, float]]:
     return out
 
 
-def _memory_hint(
-    exc: PlanError, problem: PlanProblem, mem_margin: float, reblocked: Callable[[float], PlanProblem]
-) -> PlanError:
-    """Add the least device memory that fits, and whether finer blocks (max_blocks) would help.
+@dataclasses.dataclass(frozen=True)
+class _Estimated:
+    """The model cut into blocks for some usable memory per device, and its problem priced with estimates."""
 
-    Less memory cuts the model into more blocks (block_count), and finer blocks can need less memory: the
-    figure given is checked with the blocks that much memory gets (`reblocked(usable bytes)`), raised until a
-    plan fits in it."""
-    try:
-        needed = minimum_memory_needed(problem)
-    except PlanError:
-        return exc
-    limit = problem.memory_limit_bytes
-    if limit is None or needed <= limit:  # not a memory failure
-        return exc
-
-    def device_gib(usable: float) -> float:
-        return math.ceil(usable / (1.0 - mem_margin) / 2**30 * 100) / 100
-
-    for _ in range(4):
-        usable = device_gib(needed) * 2**30 * (1.0 - mem_margin)
-        try:
-            coarser = reblocked(usable)
-            again = minimum_memory_needed(coarser)
-        except PlanError:
-            break
-        problem = coarser
-        if again <= usable:
-            break
-        needed = again
-    # one message with one figure (the search's own names its figure for the blocks of the smaller limit)
-    text = (
-        f"no plan fits in {format_bytes(limit)} usable per device (the device memory less mem_margin={mem_margin}) "
-        f"for {problem.world_size} rank(s) and global batch {problem.global_batch}; minimum memory: a device "
-        f"memory of at least {device_gib(needed):.2f} GiB ({format_bytes(needed)} usable). Give each device "
-        "more memory (--device-memory; plan_offline's device_memory_bytes), use more ranks or a smaller batch"
-    )
-    factor, ranges = 2 + problem.opt_param_factor, problem.range_param_bytes
-    block = max(ranges[i][i] for i in range(len(ranges))) * factor
-    if block > 0.5 * needed:
-        text += f"; the largest block holds {format_bytes(block)} of parameter state (more blocks, "
-        text += "--max-blocks, cut layers finer; --zero shards optimizer state)"
-    return PlanError(text)
+    blocks: list[list[str]]
+    problem: PlanProblem
+    distinct_blocks: int  # blocks estimated (the others repeat one of them)
 
 
 def plan_offline(
@@ -329,80 +196,60 @@ def plan_offline(
     return_freed_host_memory()  # export's tracing freed tens of MiB: later phases should not add to them
     lap("capture")
     analysis = analyse(captured)
-    units = atomic_units(analysis)
     flops = _op_flops(model, captured, FlatCall.of(args, kwargs))
-    op_costs = estimate_op_costs(analysis, flops, global_batch)
-    unit_costs = [sum(op_costs[n] for n in unit) for unit in units]
-    unit_cuts = [analysis.cut_bytes_per_sample[analysis.position[unit[-1]]] for unit in units]
-    allowed = [s for s in dict.fromkeys(schedules) if s != "1f1b" or has_single_loss(captured, analysis)]
-    if not allowed:
-        raise PlanError(
-            f"no schedule of {tuple(schedules)} fits this model: 1F1B needs exactly one scalar loss output; "
-            "allow 'fill_drain'"
-        )
-    links = {**profile.planner_links(), "gpus_per_node": gpus}
-    if gpus != profile.gpus_per_node and profile.allreduce_inter_bandwidth is None:
-        links["allreduce_inter_bandwidth"] = min(
-            profile.intra_node_bandwidth, profile.inter_node_bandwidth * gpus
-        )
-    fixed: dict[str, Any] = dict(world_size=world_size, global_batch=global_batch, min_microbatches=1)
-    fixed.update(memory_limit_bytes=usable)
-    fixed.update(max_microbatches=min(max_microbatches, global_batch), schedules=tuple(allowed))
-    fixed.update(opt_param_factor=opt_param_factor, num_stages=num_stages, zero_optimizer=zero)
+    space = search_space(
+        world_size=world_size,
+        global_batch=global_batch,
+        memory_limit_bytes=usable,
+        schedules=allowed_schedules(schedules, has_single_loss(captured, analysis)),
+        max_microbatches=max_microbatches,
+        num_stages=num_stages,
+        allow_recompute=recompute,
+        zero_optimizer=zero,
+        opt_param_factor=opt_param_factor,
+        gpus_per_node=gpus,
+    )
+    links = profile.planner_links(gpus)
 
-    def blocked(usable_bytes: float) -> tuple[list[list[str]], PlanProblem, int]:
-        """Blocks as many as `usable_bytes` per device calls for, the priced problem and how many distinct
-        blocks were estimated. The blocks' graphs (one GraphModule each) are dropped here, before the search."""
-        count = block_count(captured, usable_bytes, opt_param_factor, max_blocks)
-        blocks = coarsen(units, unit_costs, unit_cuts, count)
+    def estimated(usable_bytes: float) -> _Estimated:
+        """Blocks as many as `usable_bytes` per device calls for and the problem priced with estimates. The
+        blocks' graphs (one GraphModule each) are dropped here, before the search."""
+        blocks = cut_blocks(
+            analysis, flops, global_batch, block_count(captured, usable_bytes, opt_param_factor, max_blocks)
+        )
         graphs = block_graphs(captured, analysis, blocks)
-        tables = range_tables(captured, analysis, blocks, graphs)
-        newer = _problem_kwargs(
-            allow_recompute=recompute,
-            **step_end_fields(captured, graphs, profile, opt_param_factor),
-            input_bytes=input_bytes(captured, global_batch, world_size),
-            **links,
-            **_choices(world_size, global_batch, max_microbatches, gpus),
+        costs = analytic_block_profiles(
+            captured, analysis, blocks, space.profile_sizes(), profile, compute, graphs=graphs
         )
-
-        def make(profiles: list[BlockProfile]) -> PlanProblem:
-            ranges = dict(
-                zip(("range_param_bytes", "range_in_bytes_per_sample", "range_out_bytes_per_sample"), tables)
-            )
-            return PlanProblem(blocks=profiles, **ranges, **fixed, **newer)
-
-        placeholder = BlockProfile({1: 0.0}, {1: 0.0}, {1: 0.0})
-        sizes = profile_sizes(_needed_sizes(make([placeholder] * len(blocks))))
-        if not sizes:
-            raise PlanError(
-                f"no microbatch count fits a global batch of {global_batch} on {world_size} rank(s)"
-            )
-        profiles, distinct = _estimate_blocks(captured, analysis, graphs, sizes, profile, compute)
-        return blocks, make(profiles), distinct
+        problem = assemble_problem(captured, analysis, blocks, graphs, costs, space, links, profile)
+        return _Estimated(blocks, problem, len({block_signature(captured, g) for g in graphs}))
 
     lap("analyse")
-    blocks, problem, distinct = blocked(usable)
-    sizes = sorted(problem.blocks[0].fwd_time) if problem.blocks else []
+    priced = estimated(usable)
     lap("profile")
-    try:
-        plan = plan_stages(problem)
-    except PlanError as exc:
-        raise _memory_hint(exc, problem, mem_margin, lambda needed: blocked(needed)[1]) from exc
+    plan = plan_or_explain(priced.problem, mem_margin, PLAN_KNOBS, lambda needed: estimated(needed).problem)
     lap("search")
-    timeline = simulate_plan(problem, plan)
+    timeline = simulate_plan(priced.problem, plan)
     lap("simulate")
     timings["total"] = time.perf_counter() - started
-
-    step = timeline.step_time
     report: dict[str, Any] = {"kind": "offline", "device_profile": profile.name, "dtype": compute or "model"}
     report.update(device_memory_bytes=memory, mem_margin=mem_margin, usable_memory_bytes=usable)
-    report.update(
-        gpus_per_node=gpus, opt_param_factor=opt_param_factor, zero=zero, recompute_allowed=recompute
-    )
-    report.update(num_blocks=len(blocks), distinct_blocks=distinct, profiled_microbatch_sizes=sizes)
-    report.update(replica_choices=getattr(problem, "replica_choices", None))
-    report.update(microbatch_choices=getattr(problem, "microbatch_choices", None))
-    report.update(simulated_step_time_s=step, samples_per_s=global_batch / step if step > 0 else 0.0)
+    report.update(gpus_per_node=gpus, **_plan_report(priced, space, plan, timeline, timings))
+    deployment = deployment_of(plan, captured, priced.blocks, world_size, usable, report)
+    return OfflinePlan(deployment, priced.problem, timeline, report, timings)
+
+
+def _plan_report(
+    priced: _Estimated, space: SearchSpace, plan: Plan, timeline: Timeline, timings: dict[str, float]
+) -> dict[str, Any]:
+    """What the deployment's `report` says of the search and the simulated step (after the device's figures)."""
+    step = timeline.step_time
+    problem = priced.problem
+    report: dict[str, Any] = {"opt_param_factor": space.opt_param_factor, "zero": space.zero_optimizer}
+    report.update(recompute_allowed=space.allow_recompute, num_blocks=len(priced.blocks))
+    report.update(distinct_blocks=priced.distinct_blocks, profiled_microbatch_sizes=space.profile_sizes())
+    report.update(replica_choices=problem.replica_choices, microbatch_choices=problem.microbatch_choices)
+    report.update(simulated_step_time_s=step, samples_per_s=space.global_batch / step if step > 0 else 0.0)
     report.update(bubble_fraction=timeline.bubble_fraction, planning_time_s=dict(timings))
     report["warnings"] = []  # capture traces attention with the math kernel: one graph on every device
     report["stages"] = [
@@ -410,9 +257,8 @@ def plan_offline(
             "memory": parts,
             "total_bytes": sum(parts.values()),
             "peak_inflight": inflight,
-            "recompute": bool(getattr(stage, "recompute", False)),
+            "recompute": stage.recompute,
         }
         for parts, inflight, stage in zip(memory_split(timeline), timeline.peak_inflight, plan.stages)
     ]
-    deployment = deployment_of(plan, captured, blocks, world_size, usable, report)
-    return OfflinePlan(deployment, problem, timeline, report, timings)
+    return report

@@ -23,8 +23,11 @@ from rannc.capture import capture
 from rannc.cli import main, parse_memory
 from rannc.deploy import load_deployment, save_deployment
 from rannc.errors import ConfigError, PlanError
-from rannc.offline import normalise_dtype, plan_offline, profile_sizes, replica_choices
+from rannc.offline import normalise_dtype, plan_offline
+from rannc.plan.types import default_replica_choices
+from rannc.problem import SearchSpace
 from rannc.profile import load_profile
+from rannc.schedule import Schedule
 
 GIB = 2**30
 WORLD, MEMORY, BATCH = 16, 40 * GIB, 64
@@ -184,8 +187,10 @@ def test_helpers() -> None:
         parse_memory("80 parsecs")
     assert normalise_dtype("bf16") == "bfloat16" and normalise_dtype(torch.float16) == "float16"
     assert normalise_dtype(None) is None
-    assert profile_sizes([3, 5, 9, 24]) == [3, 4, 8, 16, 24]
-    assert replica_choices(96, 8) == (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96)
+    # per-replica microbatch sizes 24, 12, 8, 6, 5, 4, 3: both ends and the powers of two between
+    space = SearchSpace(1, 24, None, (Schedule.ONE_F_ONE_B,), max_microbatches=8)
+    assert space.profile_sizes() == [3, 4, 8, 16, 24]
+    assert default_replica_choices(96, 8) == (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96)
 
 
 def test_calibrate_writes_a_profile(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Run the captured graph once on the capture batch and record every value (and each op's FLOPs)."""
+"""Run the captured graph once on an example of the call (the capture batch) and record every value and each op's
+FLOPs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,30 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from .export import CapturedGraph
+from .inputs import FlatCall, tile_rows
 from .modes import exact_precision
+
+
+def placeholder_state(model: torch.nn.Module, captured: CapturedGraph) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by the captured graph's placeholder names."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers(remove_duplicate=False)))
+    return {ph: named[fqn] for ph, fqn in (captured.params | captured.buffers).items()}
+
+
+def example_leaves(model: torch.nn.Module, captured: CapturedGraph, call: FlatCall, rows: int) -> list[Any]:
+    """The call's leaves cut (or cycled) to `rows` samples on the model's device, sequences at their longest (as
+    planned): what the graph runs once to record its values and FLOPs."""
+    home = next((t.device for t in model.parameters()), torch.device("cpu"))
+    leaves = [
+        (tile_rows(x[:rows].to(home), rows) if x.dim() > 0 else x.to(home))
+        if isinstance(x, torch.Tensor)
+        else x
+        for x in call.leaves
+    ]
+    for d in captured.dynamic_dims:  # values cycled along the sequence up to its longest
+        leaves[d.leaf] = tile_rows(leaves[d.leaf], d.max_size, d.dim)
+    return leaves
 
 
 class _Recorder(fx.Interpreter):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .analysis import GraphAnalysis
+from ..capture import CapturedGraph
+from .analysis import GraphAnalysis, atomic_units
 
 # Nominal device used only to balance blocks before they are measured: the planner sees measured costs.
 _NOMINAL_FLOPS = 1e11
@@ -20,6 +23,26 @@ def estimate_op_costs(analysis: GraphAnalysis, flops: dict[str, float], batch: i
         written = info.bytes_per_sample * batch + info.fixed_bytes
         costs[name] = flops.get(name, 0.0) / _NOMINAL_FLOPS + written / _NOMINAL_BYTES_PER_S + _OP_OVERHEAD_S
     return costs
+
+
+def cut_blocks(
+    analysis: GraphAnalysis, flops: dict[str, float], global_batch: int, max_blocks: int
+) -> list[list[str]]:
+    """The graph's atomic units merged into at most `max_blocks` blocks of balanced estimated cost (`flops`: forward
+    FLOPs per op, from one run of the graph; {} balances by bytes moved alone)."""
+    units = atomic_units(analysis)
+    op_costs = estimate_op_costs(analysis, flops, global_batch)
+    unit_costs = [sum(op_costs[n] for n in unit) for unit in units]
+    unit_cuts = [analysis.cut_bytes_per_sample[analysis.position[unit[-1]]] for unit in units]
+    return coarsen(units, unit_costs, unit_cuts, max_blocks)
+
+
+def block_count(captured: CapturedGraph, usable: float, opt_param_factor: float, max_blocks: int) -> int:
+    """max_blocks, raised so that an average block holds at most half a device of parameter state."""
+    vals = {fqn: n.meta["val"] for n in captured.gm.graph.nodes if (fqn := captured.params.get(n.name))}
+    vals |= {fqn: n.meta["val"] for n in captured.gm.graph.nodes if (fqn := captured.buffers.get(n.name))}
+    state = sum(v.numel() * v.element_size() for v in vals.values()) * (2 + opt_param_factor)
+    return max(max_blocks, math.ceil(2 * state / usable))
 
 
 def coarsen(

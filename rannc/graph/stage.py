@@ -133,6 +133,13 @@ def build_stage(
     return StageGraph(module, inputs, outputs, ordered_batch)
 
 
+def block_graphs(
+    captured: CapturedGraph, analysis: GraphAnalysis, blocks: list[list[str]]
+) -> list[StageGraph]:
+    """One runnable piece per block (to measure or estimate it alone)."""
+    return [build_stage(captured, analysis, nodes) for nodes in blocks]
+
+
 def _input_kind(captured: CapturedGraph, analysis: GraphAnalysis, node: fx.Node) -> InputKind:
     if node.op == "placeholder":
         if node.name in captured.params:

@@ -74,6 +74,29 @@ def interpolate(table: dict[int, float], m: int) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class Links:
+    """The links the cost model charges (bytes/s and seconds, one way per device).
+
+    Transfers between stages use the p2p link, gradient allreduces the allreduce one (a bus bandwidth). With
+    `gpus_per_node` set, ranks n*g..n*g+g-1 form node n and what crosses nodes uses the inter-node figures
+    (None: the same as inside a node).
+    """
+
+    p2p_bandwidth: float = 20 * 2**30
+    p2p_latency: float = 20e-6
+    allreduce_bandwidth: float = 10 * 2**30
+    allreduce_latency: float = 50e-6
+    gpus_per_node: int | None = None
+    inter_node_bandwidth: float | None = None
+    inter_node_latency: float | None = None
+    allreduce_inter_bandwidth: float | None = None
+    allreduce_inter_latency: float | None = None
+
+
+_LINK_FIELDS = tuple(f.name for f in dataclasses.fields(Links))
+
+
+@dataclasses.dataclass(frozen=True)
 class PlanProblem:
     """Everything the stage search needs. Blocks are in pipeline (topological) order; a stage is a
     contiguous range of blocks [i, j] (inclusive). Range tables are indexed [i][j] with i <= j."""
@@ -147,6 +170,15 @@ class PlanProblem:
     # allreduces, which the analytic sum leaves out). 0: the analytic optimum, unsimulated.
     simulate_candidates: int = 0
 
+    @property
+    def links(self) -> Links:
+        """The link fields of this problem."""
+        return Links(*(getattr(self, name) for name in _LINK_FIELDS))
+
+    def with_links(self, links: Links) -> PlanProblem:
+        """This problem on other links, e.g. ``problem.with_links(get_device_profile("h100-80gb").planner_links())``."""
+        return dataclasses.replace(self, **{name: getattr(links, name) for name in _LINK_FIELDS})
+
 
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
@@ -203,8 +235,8 @@ def _divisors(n: int) -> list[int]:
 
 
 def default_replica_choices(world_size: int, gpus_per_node: int | None = None) -> tuple[int, ...]:
-    """A compact set of replica counts for large clusters: 1..gpus_per_node, the divisors of the
-    world size and the multiples of gpus_per_node up to the world size (ascending).
+    """A compact set of replica counts for large clusters: 1..gpus_per_node, the divisors of the world size,
+    the powers of two and three times the powers of two up to the world size (ascending).
 
     `plan_stages` is exact over the plans whose every stage has a replica count from this set; plans
     with other counts (say 13 replicas on 8-GPU nodes) are not considered.
@@ -213,7 +245,7 @@ def default_replica_choices(world_size: int, gpus_per_node: int | None = None) -
         raise ValueError(f"world size {world_size} must be >= 1")
     node = gpus_per_node if gpus_per_node is not None and gpus_per_node >= 1 else 1
     counts = set(range(1, min(node, world_size) + 1)) | set(_divisors(world_size))
-    counts |= set(range(node, world_size + 1, node))
+    counts |= {c for k in range(world_size.bit_length()) for c in (2**k, 3 * 2**k) if c <= world_size}
     return tuple(sorted(counts))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,8 +23,8 @@ from .devices import DeviceProfile
 from .measure import BlockRunner
 from .memtrack import PeakMemory
 
-__all__ = ["BlockEstimate", "OpCost", "analytic_block_profiles", "block_meta_inputs", "estimate_block"]
-__all__ += ["estimate_runner"]
+__all__ = ["BlockEstimate", "OpCost", "analytic_block_profiles", "block_meta_inputs", "block_signature"]
+__all__ += ["estimate_block", "estimate_runner"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -402,7 +403,8 @@ def analytic_block_profiles(
     fused_attention: bool = True,
 ) -> list[BlockProfile]:
     """Estimated `BlockProfile`s of every block at each microbatch size, from shapes alone (no device,
-    no parameter memory: works on models built under `torch.device("meta")`).
+    no parameter memory: works on models built under `torch.device("meta")`). Blocks with the same
+    `block_signature` (a model's repeated layers) are estimated once.
 
     Example::
 
@@ -414,25 +416,68 @@ def analytic_block_profiles(
         raise ValueError(f"microbatch sizes must be positive integers, got {list(microbatch_sizes)}")
     graphs = graphs if graphs is not None else [build_stage(captured, analysis, b) for b in blocks]
     static: dict[str, torch.Tensor] = {}
+    found: dict[str, BlockProfile] = {}
     profiles = []
     for graph in graphs:
-        indices = frozenset(i for i, x in enumerate(graph.inputs) if x.kind.is_state)
-        fwd, bwd, act, workspace = {}, {}, {}, {}
-        for m in sizes:
-            inputs = block_meta_inputs(captured, graph, m, static)
-            est = estimate_block(
-                graph.module, inputs, profile, dtype, param_indices=indices, fused_attention=fused_attention
-            )
-            fwd[m], bwd[m], act[m], workspace[m] = (
-                est.fwd_time,
-                est.bwd_time,
-                est.activation_bytes,
-                est.workspace_bytes,
-            )
-        profiles.append(
-            BlockProfile(fwd_time=fwd, bwd_time=bwd, activation_bytes=act, workspace_bytes=workspace)
-        )
+        key = block_signature(captured, graph)
+        if key not in found:
+            found[key] = _estimate_graph(captured, graph, sizes, profile, dtype, static, fused_attention)
+        profiles.append(found[key])
     return profiles
+
+
+def _estimate_graph(
+    captured: CapturedGraph,
+    graph: StageGraph,
+    sizes: list[int],
+    profile: DeviceProfile,
+    dtype: str | torch.dtype | None,
+    static: dict[str, torch.Tensor],
+    fused_attention: bool,
+) -> BlockProfile:
+    indices = frozenset(i for i, x in enumerate(graph.inputs) if x.kind.is_state)
+    fwd, bwd, act, workspace = {}, {}, {}, {}
+    for m in sizes:
+        inputs = block_meta_inputs(captured, graph, m, static)
+        est = estimate_block(
+            graph.module, inputs, profile, dtype, param_indices=indices, fused_attention=fused_attention
+        )
+        fwd[m], bwd[m], act[m], workspace[m] = (
+            est.fwd_time,
+            est.bwd_time,
+            est.activation_bytes,
+            est.workspace_bytes,
+        )
+    return BlockProfile(fwd_time=fwd, bwd_time=bwd, activation_bytes=act, workspace_bytes=workspace)
+
+
+def block_signature(captured: CapturedGraph, graph: StageGraph) -> str:
+    """A name-free key of a block (inputs' kind, shape, dtype; ops wired by position): equal keys, equal
+    estimates."""
+    metas = {n.name: n.meta.get("val") for n in captured.gm.graph.nodes}
+    index: dict[str, int] = {}
+    parts: list[str] = []
+
+    def describe(value: Any) -> str:
+        if isinstance(value, fx.Node):
+            return f"%{index[value.name]}"
+        if isinstance(value, list | tuple):
+            return "(" + ",".join(describe(v) for v in value) + ")"
+        if isinstance(value, dict):
+            return "{" + ",".join(f"{k}:{describe(v)}" for k, v in value.items()) + "}"
+        return repr(value)
+
+    kinds = {item.name: item.kind for item in graph.inputs}
+    for node in graph.module.graph.nodes:
+        index[node.name] = len(index)
+        if node.op == "placeholder":
+            val = metas.get(node.name)
+            shape = tuple(str(s) for s in val.shape) if isinstance(val, torch.Tensor) else repr(val)
+            dtype = val.dtype if isinstance(val, torch.Tensor) else None
+            parts.append(f"in {kinds.get(node.name)} {shape} {dtype}")
+        else:
+            parts.append(f"{node.op} {node.target} {describe(node.args)} {describe(node.kwargs)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _dtype_key(dtype: str | torch.dtype | None) -> str | None:

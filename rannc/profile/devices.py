@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..plan.types import Links
 
 __all__ = [
     "DTYPES",
@@ -70,7 +71,7 @@ class DeviceProfile:
 
         profile = get_device_profile("a100-80gb")
         profile.flop_rate("bfloat16")
-        problem = dataclasses.replace(problem, **profile.planner_links())
+        problem = problem.with_links(profile.planner_links())
     """
 
     name: str
@@ -143,8 +144,9 @@ class DeviceProfile:
             return 1.0 / rate
         return _UPDATE_PASSES[kind] / self.byte_rate()
 
-    def planner_links(self) -> dict[str, Any]:
-        """The link fields of `PlanProblem` (p2p_*, allreduce_*, gpus_per_node, inter_node_*, allreduce_inter_*).
+    def planner_links(self, gpus_per_node: int | None = None) -> Links:
+        """The links the planner charges on this device, with `gpus_per_node` GPUs per node (default: the
+        profile's).
 
         Without a measured figure, an allreduce inside a node runs at the NVLink bandwidth and one across
         nodes at the ring bound min(intra, inter x gpus_per_node) (every GPU drives its own NIC).
@@ -153,18 +155,19 @@ class DeviceProfile:
         def pick(value: float | None, default: float) -> float:
             return default if value is None else value
 
-        ring = min(self.intra_node_bandwidth, self.inter_node_bandwidth * self.gpus_per_node)
-        return {
-            "p2p_bandwidth": self.intra_node_bandwidth,
-            "p2p_latency": self.intra_node_latency,
-            "allreduce_bandwidth": pick(self.allreduce_bandwidth, self.intra_node_bandwidth),
-            "allreduce_latency": pick(self.allreduce_latency, self.intra_node_latency),
-            "gpus_per_node": self.gpus_per_node,
-            "inter_node_bandwidth": self.inter_node_bandwidth,
-            "inter_node_latency": self.inter_node_latency,
-            "allreduce_inter_bandwidth": pick(self.allreduce_inter_bandwidth, ring),
-            "allreduce_inter_latency": pick(self.allreduce_inter_latency, self.inter_node_latency),
-        }
+        gpus = self.gpus_per_node if gpus_per_node is None else gpus_per_node
+        ring = min(self.intra_node_bandwidth, self.inter_node_bandwidth * gpus)
+        return Links(
+            p2p_bandwidth=self.intra_node_bandwidth,
+            p2p_latency=self.intra_node_latency,
+            allreduce_bandwidth=pick(self.allreduce_bandwidth, self.intra_node_bandwidth),
+            allreduce_latency=pick(self.allreduce_latency, self.intra_node_latency),
+            gpus_per_node=gpus,
+            inter_node_bandwidth=self.inter_node_bandwidth,
+            inter_node_latency=self.inter_node_latency,
+            allreduce_inter_bandwidth=pick(self.allreduce_inter_bandwidth, ring),
+            allreduce_inter_latency=pick(self.allreduce_inter_latency, self.inter_node_latency),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {"format": _FORMAT, "version": _VERSION, **dataclasses.asdict(self)}

@@ -1,5 +1,6 @@
-"""Models built on the meta device: stand-in tensors for profiling, and each rank's own weights materialised,
-read from a file or initialised, without ever building the whole model in host memory."""
+"""Models built on the meta device: each rank's own weights materialised, read from a file or initialised,
+without ever building the whole model in host memory (their blocks are profiled on stand-ins:
+`rannc.profile.blocks.stand_in`)."""
 
 from __future__ import annotations
 
@@ -19,16 +20,6 @@ _HF_INDEX = "model.safetensors.index.json"
 
 def is_meta_model(model: torch.nn.Module) -> bool:
     return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
-
-
-def stand_in(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A real tensor to time and measure a block with: `tensor` itself on `device`, or for a meta tensor one of
-    its shape and dtype (small random floats; zeros for integers and booleans, which are always valid indices)."""
-    if not tensor.is_meta:
-        return tensor.detach().to(device)
-    if tensor.is_floating_point() or tensor.is_complex():
-        return torch.randn(tensor.shape, device=device).mul_(0.02).to(tensor.dtype)
-    return torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
 
 
 def materialise(

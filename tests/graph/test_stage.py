@@ -22,7 +22,7 @@ from rannc.capture import CapturedGraph, FlatCall, capture
 from rannc.capture.inputs import symint_value, with_memory_order
 from rannc.graph.analysis import GraphAnalysis, analyse, atomic_units
 from rannc.graph.stage import StageGraph, build_stage
-from rannc.plan.from_graph import range_tables
+from rannc.graph.tables import range_tables
 
 transformers.logging.set_verbosity_error()
 
@@ -367,7 +367,12 @@ def test_range_tables_on_a_tied_chain() -> None:
     assert [len(u) for u in units] == [1] * 7, units
     blocks = units
     graphs = [build_stage(captured, analysis, b) for b in blocks]
-    param_bytes, in_table, out_table = range_tables(captured, analysis, blocks, graphs)
+    tables = range_tables(captured, analysis, blocks, graphs)
+    param_bytes, in_table, out_table = (
+        tables.param_bytes,
+        tables.in_bytes_per_sample,
+        tables.out_bytes_per_sample,
+    )
 
     fp32 = 4
     hidden = CHAIN_DIM * fp32  # 32 bytes per sample
@@ -397,7 +402,8 @@ def test_range_tables_count_a_skip_value_once_per_range(skip_tied: Case) -> None
     """In/out bytes of every range equal a brute-force count over the values crossing its edges."""
     blocks = skip_tied.units
     graphs = [build_stage(skip_tied.captured, skip_tied.analysis, b) for b in blocks]
-    _, in_table, out_table = range_tables(skip_tied.captured, skip_tied.analysis, blocks, graphs)
+    tables = range_tables(skip_tied.captured, skip_tied.analysis, blocks, graphs)
+    in_table, out_table = tables.in_bytes_per_sample, tables.out_bytes_per_sample
     block_of = {name: b for b, nodes in enumerate(blocks) for name in nodes}
     nodes = {n.name: n for n in skip_tied.captured.gm.graph.nodes}
     count = len(blocks)

@@ -229,11 +229,15 @@ def test_choices_restrict_the_plan() -> None:
 
 
 def test_default_choices() -> None:
-    choices = default_replica_choices(1024, 8)
-    assert choices[:9] == (1, 2, 3, 4, 5, 6, 7, 8, 16)
-    assert set(choices) >= {32, 64, 128, 256, 512, 1024, 1016} and 9 not in choices and len(choices) == 135
+    choices = default_replica_choices(1024, 8)  # 1..8, the divisors, 2^k and 3 x 2^k
+    assert choices[:10] == (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
+    assert (
+        set(choices) >= {32, 64, 128, 256, 512, 1024, 384, 768} and 9 not in choices and 1016 not in choices
+    )
+    assert len(choices) == 22
     assert default_replica_choices(12, 8) == (1, 2, 3, 4, 5, 6, 7, 8, 12)
-    assert default_replica_choices(6) == (1, 2, 3, 4, 5, 6)
+    assert default_replica_choices(6) == (1, 2, 3, 4, 6)
+    assert default_replica_choices(96, 8) == (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96)
     assert default_microbatch_choices(2048, 1, 64) == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     assert default_microbatch_choices(30, 5, 40) == (5, 6, 8, 10, 12, 15, 16, 24, 30)
 

@@ -16,10 +16,11 @@ from rannc.capture import capture
 from rannc.errors import ConfigError
 from rannc.graph.analysis import analyse, atomic_units
 from rannc.graph.blocks import coarsen
+from rannc.graph.stage import block_graphs
+from rannc.graph.tables import input_bytes, parameter_facts
 from rannc.partition import coupled_weight_decay
 from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, plan_stages
 from rannc.plan.cost import CostModel, allreduce_time
-from rannc.plan.from_graph import block_graphs, input_bytes, parameter_facts
 from rannc.plan.memory import stage_memories
 from rannc.plan.search import plan_of_candidate
 from rannc.plan.simulate import shared_allreduces, simulate_plan

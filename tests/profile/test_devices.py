@@ -61,16 +61,21 @@ def test_rates_and_planner_links() -> None:
     assert a100.flop_rate("bfloat16") == pytest.approx(312e12 * 0.6)
     assert a100.byte_rate() == pytest.approx(1555e9 * 0.7)
     links = a100.planner_links()
-    assert links["p2p_bandwidth"] == links["allreduce_bandwidth"] == 300e9
-    assert links["p2p_latency"] == links["allreduce_latency"] == a100.intra_node_latency
-    assert links["gpus_per_node"] == 8 and links["inter_node_bandwidth"] == 25e9
-    assert links["allreduce_inter_bandwidth"] == 200e9  # ring bound: 8 NICs of 25 GB/s per node
-    assert links["allreduce_inter_latency"] == links["inter_node_latency"] == a100.inter_node_latency
+    assert links.p2p_bandwidth == links.allreduce_bandwidth == 300e9
+    assert links.p2p_latency == links.allreduce_latency == a100.intra_node_latency
+    assert links.gpus_per_node == 8 and links.inter_node_bandwidth == 25e9
+    assert links.allreduce_inter_bandwidth == 200e9  # ring bound: 8 NICs of 25 GB/s per node
+    assert links.allreduce_inter_latency == links.inter_node_latency == a100.inter_node_latency
     measured = dataclasses.replace(a100, allreduce_bandwidth=123e9, allreduce_inter_latency=0.0)
-    assert measured.planner_links()["allreduce_bandwidth"] == 123e9
-    assert measured.planner_links()["allreduce_inter_latency"] == 0.0
+    assert measured.planner_links().allreduce_bandwidth == 123e9
+    assert measured.planner_links().allreduce_inter_latency == 0.0
+    four = a100.planner_links(gpus_per_node=4)  # nodes of 4: 4 NICs per ring
+    assert four.gpus_per_node == 4 and four.allreduce_inter_bandwidth == 100e9
+    assert measured.planner_links(4).allreduce_bandwidth == 123e9
     problem_fields = {f.name for f in dataclasses.fields(PlanProblem)}
-    assert set(links) <= problem_fields
+    assert {f.name for f in dataclasses.fields(links)} <= problem_fields
+    problem = PlanProblem([], [], [], [], world_size=8, global_batch=8).with_links(four)
+    assert problem.links == four and problem.p2p_bandwidth == 300e9
 
 
 def test_profile_for_device_name() -> None:
