@@ -8,7 +8,7 @@ import torch
 
 from ..capture import CapturedGraph
 from ..errors import CaptureError
-from ..graph.analysis import GraphAnalysis
+from ..graph.analysis import GraphAnalysis, ValueKind
 from ..graph.stage import InputKind, StageGraph, build_stage
 from .dist import GroupCache
 from .grad_sync import GradSync
@@ -54,7 +54,7 @@ def output_specs(
                 "of returning it from forward (returning a value computed from it works)"
             )
         info = analysis.values[node]
-        if info.kind != "tensor":
+        if info.kind != ValueKind.TENSOR:
             raise CaptureError(
                 f"model output {node} is not a tensor; return tensors (or containers of tensors)"
             )
