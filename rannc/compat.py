@@ -9,15 +9,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
 from .errors import ConfigError, RanncError
 from .runtime import dist as rdist
 
-if TYPE_CHECKING:
-    from .module import RaNNCModule
+
+class Registered(Protocol):
+    """What this module calls on a live RaNNCModule (it registers itself here; see `register`)."""
+
+    def delay_grad_allreduce(self, delay: bool) -> None: ...
+
+    def undeploy(self) -> None: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +105,15 @@ class Settings:
 
 
 SETTINGS = Settings()
-_modules: list[weakref.ref[RaNNCModule]] = []  # in creation order: the same order on every rank
+_modules: list[weakref.ref[Registered]] = []  # in creation order: the same order on every rank
 
 
-def register(module: RaNNCModule) -> None:
+def register(module: Registered) -> None:
     _modules[:] = [ref for ref in _modules if ref() is not None]
     _modules.append(weakref.ref(module))
 
 
-def live_modules() -> list[RaNNCModule]:
+def live_modules() -> list[Registered]:
     """RaNNCModules not yet garbage collected, in creation order."""
     return [module for module in (ref() for ref in _modules) if module is not None]
 

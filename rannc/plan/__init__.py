@@ -5,8 +5,9 @@ It imports nothing from capture, graph, profile, deploy or runtime: its inputs a
 captured model.
 """
 
+from .checks import required_microbatch_sizes
 from .cost import StageCost, evaluate, stage_cost
-from .search import minimum_memory_needed, plan_stages, required_microbatch_sizes
+from .search import minimum_memory_needed, plan_stages
 from .types import BlockProfile, Plan, PlanProblem, StagePlan, interpolate
 
 __all__ = [

@@ -16,22 +16,34 @@ largest u_s by thresholds (the fewest ranks with which every u_s <= U is possibl
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .pareto import SuffixSearch
+from .slices import SearchSlice
 
 _BIG = 1 << 40
 # Relative slack against rounding differences between these bounds and the search's sums.
 _SLACK = 1e-9
 
 
+class StageBounds(NamedTuple):
+    """Per-stage bounds of one slice, shared by the slices with the same replica counts and microbatch sizes;
+    arrays [r index][first block][last block] unless said otherwise."""
+
+    plain: np.ndarray  # stage time lower bounds (inf below the diagonal)
+    again: np.ndarray  # the same with recompute
+    fits: np.ndarray  # most microbatches in flight with which the stage fits
+    fits_again: np.ndarray  # the same with recompute
+    allreduce: np.ndarray  # end-of-step lower bounds
+    block: np.ndarray  # [block][r index]: each block's compute time alone
+    monotone: bool  # stage times grow with their blocks and are >= 0 (the search's breaks rely on it)
+
+
 class PrefixBounds:
     """Bounds of one (microbatch count, schedule) search; `prepare` builds the tables by (b, o)."""
 
-    def __init__(self, search: SuffixSearch) -> None:
+    def __init__(self, search: SearchSlice) -> None:
         self.search = search
         problem = search.problem
         self.num_blocks = len(problem.blocks)
@@ -42,11 +54,11 @@ class PrefixBounds:
         shared = tables.shared.get(search.shared_key)
         if shared is None:
             shared = tables.shared[search.shared_key] = _stage_arrays(search)
-        plain, again, fits, fits_again, allreduce, block, monotone = shared
-        self.monotone = monotone
-        self.block = block
-        self.allreduce = allreduce
-        self.plain, self.again, self.fits, self.fits_again = plain, again, fits, fits_again
+        self.monotone = shared.monotone
+        self.block = shared.block
+        self.allreduce = shared.allreduce
+        self.plain, self.again = shared.plain, shared.again
+        self.fits, self.fits_again = shared.fits, shared.fits_again
         # Single-level tables: every stage holds at least one microbatch (fill-drain: P).
         self._base_level = search.schedule.inflight(search.p, 1)
         self.time = self.at_level(self._base_level)
@@ -246,10 +258,8 @@ class PrefixBounds:
         return allowed
 
 
-def _stage_arrays(search: SuffixSearch) -> tuple:
-    """Stage time lower bounds without and with recompute, the most microbatches in flight with
-    which each fits (without and with recompute), allreduce lower bounds ([r index][first][last]),
-    each block's compute time alone ([block][r index]) and whether block times are >= 0."""
+def _stage_arrays(search: SearchSlice) -> StageBounds:
+    """The StageBounds of one slice."""
     problem, tables = search.problem, search.tables
     num_blocks = len(problem.blocks)
     limit = problem.memory_limit_bytes
@@ -295,7 +305,7 @@ def _stage_arrays(search: SuffixSearch) -> tuple:
     # Stage times grow with their blocks and are >= 0 (the search's breaks rely on it).
     monotone = all(min(f + b, default=0.0) >= 0.0 for f, b, _ in values)
     monotone = monotone and tables.boundaries_nonnegative
-    return plain, again, fits, fits_again, allreduce, block, monotone
+    return StageBounds(plain, again, fits, fits_again, allreduce, block, monotone)
 
 
 def _most_inflight(room: np.ndarray, per_microbatch: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 from ..schedule import Schedule
 from .types import PlanProblem, interpolate
@@ -142,13 +143,21 @@ def crosses_nodes(problem: PlanProblem, first_rank: int, end_rank: int) -> bool:
     return g is not None and first_rank // g != (end_rank - 1) // g
 
 
-# Row entry of one block range at one microbatch size: forward, backward, activation bytes, boundary
-# bytes in and out, parameter state bytes, the p2p seconds (forward and backward) of the inputs and of
-# the outputs over an intra-node and an inter-node link, the stage workspace (the largest block workspace
-# plus the parameter gradients of the blocks after it) and the bytes held once per stage beyond parameter
-# state (send/receive buffers + workspace).
-Row = tuple[float, float, float, float, float, float, float, float, float, float, float, float]
-F, B, A, IN, OUT, BASE, IN_INTRA, IN_INTER, OUT_INTRA, OUT_INTER, WS, IO = range(12)
+class RangeCost(NamedTuple):
+    """The cost of one block range [first, j] at one microbatch size, per rank (seconds per microbatch, bytes)."""
+
+    fwd: float  # forward compute, the blocks' sum
+    bwd: float  # backward compute
+    activation_bytes: float  # saved for backward by one microbatch
+    in_bytes: float  # boundary tensors received per microbatch
+    out_bytes: float  # boundary tensors sent per microbatch
+    state_bytes: float  # parameters, gradients and optimizer state (and the step's user inputs)
+    in_intra: float  # p2p seconds of the inputs, forward and backward, inside a node
+    in_inter: float  # the same across nodes
+    out_intra: float  # p2p seconds of the outputs, forward and backward, inside a node
+    out_inter: float  # the same across nodes
+    workspace_bytes: float  # the largest block workspace plus the parameter gradients of the blocks after it
+    held_bytes: float  # held once per stage beyond parameter state: send/receive buffers + workspace
 
 
 class CostModel:
@@ -161,7 +170,7 @@ class CostModel:
         self._workspace: dict[int, list[float]] = {}
         # Without any workspace figures (older profiles, synthetic problems) the stage workspace is not modelled.
         self.has_workspace = any(block.workspace_bytes for block in problem.blocks)
-        self._rows: dict[tuple[int, int, int], list[Row]] = {}
+        self._rows: dict[tuple[int, int, int], list[RangeCost]] = {}
         self._allreduce: dict[tuple[int, int, bool], list[float]] = {}
 
     def block_values(self, m: int) -> tuple[list[float], list[float], list[float]]:
@@ -184,8 +193,8 @@ class CostModel:
             values = self._workspace[m] = [b.workspace_at(m) for b in self.problem.blocks]
         return values
 
-    def row(self, first: int, m: int, replicas: int = 1) -> list[Row]:
-        """For every last block j >= first: the Row of range [first, j] at microbatch size m.
+    def row(self, first: int, m: int, replicas: int = 1) -> list[RangeCost]:
+        """For every last block j >= first: the RangeCost of range [first, j] at microbatch size m.
 
         Sums run block by block from `first`, so every caller gets bit-identical values.
         """
@@ -217,19 +226,19 @@ class CostModel:
             in_bytes = in_table[j] * m
             out_bytes = out_table[j] * m
             row.append(
-                (
-                    f_sum,
-                    b_sum,
-                    a_sum,
-                    in_bytes,
-                    out_bytes,
-                    param_table[j] * state_factor + problem.input_bytes,
-                    2 * p2p_time(problem, in_bytes),
-                    2 * p2p_time(problem, in_bytes, True),
-                    2 * p2p_time(problem, out_bytes),
-                    2 * p2p_time(problem, out_bytes, True),
-                    ws_max,
-                    held_bytes(in_bytes, out_bytes, ws_max),
+                RangeCost(
+                    fwd=f_sum,
+                    bwd=b_sum,
+                    activation_bytes=a_sum,
+                    in_bytes=in_bytes,
+                    out_bytes=out_bytes,
+                    state_bytes=param_table[j] * state_factor + problem.input_bytes,
+                    in_intra=2 * p2p_time(problem, in_bytes),
+                    in_inter=2 * p2p_time(problem, in_bytes, True),
+                    out_intra=2 * p2p_time(problem, out_bytes),
+                    out_inter=2 * p2p_time(problem, out_bytes, True),
+                    workspace_bytes=ws_max,
+                    held_bytes=held_bytes(in_bytes, out_bytes, ws_max),
                 )
             )
         self._rows[key] = row
@@ -271,9 +280,10 @@ class CostModel:
         problem = self.problem
         m = replica_microbatch_size(problem.global_batch, microbatches, replicas)
         row = self.row(first, m, replicas)[last - first]
-        f_sum, b_sum, a_sum, in_bytes, out_bytes, base = row[:6]
-        comm = row[IN_INTER if links[0] else IN_INTRA] + row[OUT_INTER if links[1] else OUT_INTRA]
-        io = row[IO]
+        f_sum, b_sum, a_sum = row.fwd, row.bwd, row.activation_bytes
+        in_bytes, out_bytes, base = row.in_bytes, row.out_bytes, row.state_bytes
+        comm = (row.in_inter if links[0] else row.in_intra) + (row.out_inter if links[1] else row.out_intra)
+        io = row.held_bytes
         bwd = b_sum + f_sum if recompute else b_sum
         memory = (
             recompute_memory(base, a_sum, in_bytes, inflight, io)
@@ -299,7 +309,7 @@ class CostModel:
             out_bytes=out_bytes,
             memory=memory,
             recompute=recompute,
-            workspace_bytes=row[WS],
+            workspace_bytes=row.workspace_bytes,
             update=self.update(first, last, replicas),
         )
 
@@ -359,6 +369,15 @@ def stage_cost(
         raise ValueError("replicas, microbatches must be >= 1 and 0 <= stage_index < num_stages")
     inflight = Schedule(schedule).inflight(microbatches, num_stages - stage_index)
     return CostModel(problem).stage(first_block, last_block, replicas, microbatches, inflight, recompute)
+
+
+def stage_ranges(lasts: list[int] | tuple[int, ...]) -> list[tuple[int, int]]:
+    """[(first block, last block)] of stages in pipeline order, from their last blocks."""
+    ranges, first = [], 0
+    for last in lasts:
+        ranges.append((first, last))
+        first = last + 1
+    return ranges
 
 
 def stage_links(problem: PlanProblem, replicas: list[int]) -> list[tuple[bool, bool, bool]]:

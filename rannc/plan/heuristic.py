@@ -8,21 +8,26 @@ its place). Each one is evaluated exactly; none is claimed optimal.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import numpy as np
 
-from .cost import evaluate
+from .cost import evaluate, stage_ranges
+from .pareto import SuffixSearch
 
-if TYPE_CHECKING:
-    from .pareto import SuffixSearch
+
+class UniformPlan(NamedTuple):
+    """A feasible uniform plan: its analytic step time and stages (last blocks, replica counts)."""
+
+    step_time: float
+    lasts: list[int]
+    replicas: list[int]
 
 
 def uniform_candidates(
     search: SuffixSearch, stage_counts: list[int], cap: float = math.inf
-) -> list[tuple[float, list[int], list[int]]]:
-    """(step time, last blocks, replicas) of the feasible uniform plans of one search that may be
-    faster than `cap`."""
+) -> list[UniformPlan]:
+    """The feasible uniform plans of one search that may be faster than `cap`."""
     problem = search.problem
     world, num_blocks = problem.world_size, len(problem.blocks)
     out = []
@@ -37,13 +42,10 @@ def uniform_candidates(
         lasts = _min_max_partition(search, ri, count)
         if lasts is None:
             continue
-        ranges, first = [], 0
-        for last in lasts:
-            ranges.append((first, last))
-            first = last + 1
-        result = evaluate(problem, ranges, [world // count] * count, search.p, search.schedule, search.model)
+        replicas = [world // count] * count
+        result = evaluate(problem, stage_ranges(lasts), replicas, search.p, search.schedule, search.model)
         if result is not None:
-            out.append((result[0], lasts, [world // count] * count))
+            out.append(UniformPlan(result[0], lasts, replicas))
     return out
 
 

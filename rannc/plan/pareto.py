@@ -1,61 +1,60 @@
-"""Pareto dynamic programme over stage suffixes for one (microbatch count, schedule) pair.
+"""Pareto dynamic programme over stage suffixes for one slice of the search (a microbatch count and a schedule).
+
+This is the stage-level step of RaNNC's partitioning (Tanaka et al., IPDPS 2021: phase (c), a dynamic programme
+over the blocks in topological order that chooses the stage boundaries and the devices of every stage), made
+exact. RaNNC keeps one (max forward, max backward) pair per state, a heuristic; here a state keeps every suffix
+that could still be part of the best plan, its Pareto front over (sum t, max t, max AR).
 
 A state is (k, b, d): the last k stages cover blocks b.. on the last d ranks (ranks are assigned
 contiguously in pipeline order, so the suffix starts at rank offset world - d). With gpus_per_node
 and a slower inter-node link each state keeps up to three lists, by how its first stage's input is
-charged: KIND_OWN (first stage inside one node, input over the inter-node link, or the pipeline's
-first stage), KIND_SPAN (first stage spans nodes, inter-node input) and KIND_JOINED (first stage
-inside the node of the stage before it, intra-node input).
+charged (`InputLink`).
 
 Recompute needs no state: a stage recomputes exactly when it does not fit in memory otherwise (a
 recomputed stage is never faster, and memory is checked per stage).
+
+One run (`SuffixSearch.run`) builds the suffixes layer by layer, k = 1, 2, ...:
+
+1. `_Run.extend`: in front of every kept (k-1)-stage suffix, every new first stage (first block, replica
+   count): `_stage_time` prices it (its memory decides recompute), `_placement` says which links its
+   transfers and allreduce use at each rank offset the stages before may leave it, and `_attach` puts it in
+   front of the suffix's entries, dropping what a lower bound on the whole plan puts above the cutoff.
+2. `_Run.keep`: per state, the Pareto front (`pareto_front`), or with a beam its few best entries.
+3. The entries covering every block on every rank are plans; a stage count the problem allows lowers the
+   cutoff to the best of them.
 """
 
 from __future__ import annotations
 
+import enum
 import math
-import operator
+from typing import NamedTuple
 
-from ..schedule import Schedule
 from .bounds import PrefixBounds
-from .cost import CostModel, microbatch_rows, replica_counts
-from .tables import StageTables
-from .types import PlanProblem
+from .front import TIE, Entry, pareto_front, triple
+from .slices import SearchSlice
 
-# Two step times closer than this (relative) count as equal and the tie-break rules decide.
-TIE = 1e-12
 # Slack for sums of the same values taken in another order (rounding), in bound-based breaks.
 ROUNDING = 1e-12
 
-KIND_OWN, KIND_SPAN, KIND_JOINED = 0, 1, 2
 
-# A Pareto entry for a suffix of stages: (sum t, max t, max AR, last block of its first stage,
-# replicas of its first stage, entry of the remaining stages or None).
-Entry = tuple[float, float, float, int, int, "Entry | None"]
-_TERMINAL: Entry = (0.0, 0.0, 0.0, -1, 0, None)
+class InputLink(enum.IntEnum):
+    """How a suffix's first stage receives its inputs (an index into a state's lists)."""
+
+    OWN = 0  # inside one node, inputs over the inter-node link (or the pipeline's first stage)
+    SPAN = 1  # spanning nodes: inter-node inputs
+    JOINED = 2  # inside the node of the stage before it: intra-node inputs
 
 
-class SuffixSearch:
-    """Pareto dynamic programme over suffixes for one (microbatch count, schedule)."""
+_TERMINAL = Entry(0.0, 0.0, 0.0, -1, 0, None)
+Lists = list[list[Entry]]  # a state's entries by InputLink
 
-    def __init__(
-        self,
-        problem: PlanProblem,
-        model: CostModel,
-        microbatches: int,
-        schedule: Schedule | str,
-        tables: StageTables | None = None,
-    ) -> None:
-        self.problem = problem
-        self.model = model
-        self.tables = tables if tables is not None else StageTables(model)
-        self.p = microbatches
-        self.schedule = Schedule(schedule)
-        self.weight = float(microbatches - 1)
-        self.replicas = replica_counts(problem, microbatches)
-        self.rmax = self.replicas[-1] if self.replicas else 0
-        rows = microbatch_rows(problem.global_batch, microbatches)
-        self.sizes = [-(-rows // r) for r in self.replicas]
+
+class SuffixSearch(SearchSlice):
+    """The Pareto dynamic programme over suffixes of one slice (see the module's steps)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
         self._bounds: PrefixBounds | None = None
         self.states = 0  # states expanded by the last run (for profiling)
 
@@ -64,11 +63,6 @@ class SuffixSearch:
         if self._bounds is None:
             self._bounds = PrefixBounds(self)
         return self._bounds
-
-    @property
-    def shared_key(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Key of the bound tables this search shares with others (same replica counts and microbatch sizes)."""
-        return tuple(self.replicas), tuple(self.sizes)
 
     def release(self, keep_shared: bool = False) -> None:
         """Drop the bounds and (unless `keep_shared`) their shared tables, rebuilt when needed again, so that
@@ -83,269 +77,297 @@ class SuffixSearch:
         refining once above the cutoff)."""
         return self.bounds.whole(stage_counts, cutoff)
 
-    def run(self, stage_counts: list[int], cutoff: float, beam: int = 0) -> dict[int, list[Entry]]:
-        """Pareto entries of every allowed stage count whose step time may be <= cutoff.
+    def entry_time(self, entry: Entry) -> float:
+        """The step time T of the plan an entry covering every block and rank stands for."""
+        return self.step_time(entry.time_sum, entry.time_max, entry.allreduce_max)
 
-        With beam > 0 only the `beam` most promising entries of each list are kept: a quick
+    def run(self, stage_counts: list[int], cutoff: float, beam: int = 0) -> dict[int, list[Entry]]:
+        """Pareto entries of every plan with an allowed stage count whose step time may be <= cutoff.
+
+        Arguments: `stage_counts` the allowed stage counts, `cutoff` the step time no plan returned may
+        exceed (its bound), `beam` > 0 to keep only the `beam` most promising entries per state: a quick
         heuristic whose results are real candidates (an upper bound), not the exact optimum.
+        Returns: stage count -> entries of plans covering every block on every rank (`suffix_key` reads one).
         """
-        problem = self.problem
-        num_blocks, world = len(problem.blocks), problem.world_size
         if not self.replicas:
             return {s: [] for s in stage_counts}
-        bounds = self.bounds
-        bounds.prepare(cutoff)
-        # allowed[k][b][o] == "1": a suffix of k stages from block b may start at rank o.
-        allowed = [
-            [bin(bits)[:1:-1].ljust(world + 1, "0") for bits in row]
-            for row in bounds.allowed_offsets(stage_counts)
-        ]
-        pre_max = bounds.pre_max
-        limit = problem.memory_limit_bytes
-        recompute = problem.allow_recompute and limit is not None
-        weight, p = self.weight, self.p
-        most = max(stage_counts)
-        node = problem.gpus_per_node
-        split = node is not None and (
-            (problem.inter_node_bandwidth not in (None, problem.p2p_bandwidth))
-            or (problem.inter_node_latency not in (None, problem.p2p_latency))
-        )
-        spread = node is not None
-        tables = self.tables
-        columns = [tables.lists(m) for m in self.sizes]
-        bases = [tables.base_columns(r) for r in self.replicas]
-        ends = [tables.step_end_columns(r) for r in self.replicas]
-        ar_intra = [tables.allreduce_columns(r, False) for r in self.replicas]
-        ar_inter = [tables.allreduce_columns(r, True) for r in self.replicas] if spread else ar_intra
-        monotone = bounds.monotone
-        below: dict[int, list[tuple[int, list[list[Entry]]]]] = {num_blocks: [(0, [[_TERMINAL], [], []])]}
+        run = _Run(self, stage_counts, cutoff)
+        world, num_blocks = self.problem.world_size, len(self.problem.blocks)
+        below: dict[int, list[tuple[int, Lists]]] = {num_blocks: [(0, [[_TERMINAL], [], []])]}
         finals: dict[int, list[Entry]] = {}
         self.states = 0
-        for k in range(1, most + 1):
-            inflight = self.schedule.inflight(p, k)
-            sends_held = min(p, inflight + 1)  # cost.sent_bytes, per byte of boundary tensors
-            # Stages before this suffix hold at least this many microbatches.
-            pre_sum, pre_u = bounds.level_tables(self.schedule.inflight(p, k + 1))
-            cand: dict[tuple[int, int, int], list[Entry]] = {}
-            allowed_k = allowed[k]
-            stage_cap = cutoff * (1 + ROUNDING) / p
-            for c, children_by_d in below.items():
-                j = c - 1
-                terminal = c == num_blocks
-                for ri, r in enumerate(self.replicas):
-                    col = columns[ri][j]
-                    base_col = bases[ri][j]
-                    end_col = ends[ri][j]
-                    ar_col, arx_col = ar_intra[ri][j], ar_inter[ri][j]
-                    for b in range(j, -1, -1):
-                        f, bw, act, in_b, out_b, cin, cinx, cout, coutx, io = col[b]
-                        fb = f + bw
-                        if fb > stage_cap:
-                            if monotone:
-                                break
-                            continue
-                        if limit is not None:
-                            base = base_col[b]
-                            if end_col[b] > limit:  # the optimizer step does not fit
-                                continue
-                            sent = sends_held * (in_b + out_b)  # sums in cost.stage's order
-                            if base + act * inflight + io + sent <= limit:
-                                ct = fb
-                            elif recompute and base + in_b * inflight + act + io + sent <= limit:
-                                ct = f + (bw + f)
-                            else:
-                                continue
-                        else:
-                            ct = fb
-                        allowed_b = allowed_k[b]
-                        sums_b, maxes_b, us_b = pre_sum[b], pre_max[b], pre_u[b]
-                        before_cap = min(b, most - k)
-                        # Least t and AR of this stage whatever its placement: with the bounds on
-                        # the stages before, which only grow as their ranks shrink, they stop the
-                        # loop over children (more ranks for the children, fewer before).
-                        t_least = ct + ((cin if cin < cinx else cinx) + (cout if cout < coutx else coutx))
-                        ar_least = ar_col[b] if ar_col[b] < arx_col[b] else arx_col[b]
-                        for dc, lists in children_by_d:
-                            o = world - dc - r
-                            if o < 0:
-                                break
-                            floor, before_max, before_u = sums_b[o], maxes_b[o], us_b[o]
-                            bx = t_least if t_least > before_max else before_max
-                            z = weight * bx + ar_least
-                            if t_least + floor + (z if z > before_u else before_u) > cutoff and monotone:
-                                break
-                            if allowed_b[o] != "1":
-                                continue
-                            before = before_cap if before_cap < o else o
-                            # Placement: how this stage's inputs, outputs and allreduce are charged.
-                            spans = spread and o // node != (o + r - 1) // node
-                            ar = arx_col[b] if spans else ar_col[b]
-                            if not split:
-                                kinds = ((KIND_OWN, cin),)
-                                outs = ((lists[0], cout),)
-                            else:
-                                if o == 0:
-                                    kinds = ((KIND_OWN, cin),)
-                                elif spans:
-                                    kinds = ((KIND_SPAN, cinx),)
-                                elif o % node:
-                                    kinds = ((KIND_OWN, cinx), (KIND_JOINED, cin))
-                                else:
-                                    kinds = ((KIND_OWN, cinx),)
-                                if terminal:
-                                    outs = ((lists[0], cout),)
-                                elif not spans and (o + r) % node:
-                                    outs = ((lists[KIND_JOINED], cout), (lists[KIND_SPAN], coutx))
-                                else:
-                                    outs = ((lists[KIND_OWN], coutx), (lists[KIND_SPAN], coutx))
-                            mean_div = 1.0 / (k + before)
-                            for kind, in_comm in kinds:
-                                key = (b, world - o, kind)
-                                bucket = None
-                                for children, out_comm in outs:
-                                    if not children:
-                                        continue
-                                    t = ct + (in_comm + out_comm)
-                                    # Children are sorted by summed time: bound the whole group first.
-                                    least = children[0][0] + t + floor
-                                    bx = t if t > before_max else before_max
-                                    mean = least * mean_div
-                                    if mean > bx:
-                                        bx = mean
-                                    z = weight * bx + ar
-                                    if least + (z if z > before_u else before_u) > cutoff:
-                                        continue
-                                    # Children whose largest t and AR this stage covers all give
-                                    # (sum + t, t, ar): the first one beats the rest clearly (by
-                                    # more than the tie tolerance, so that _pareto would drop them
-                                    # too), near-ties aside.
-                                    covered = -1.0
-                                    for child in children:
-                                        a = child[0] + t
-                                        x = child[1]
-                                        y = child[2]
-                                        if x <= t and y <= ar:
-                                            if covered < 0.0:
-                                                covered = a + 4 * TIE * (a + weight * t + ar)
-                                            elif a > covered:
-                                                continue
-                                            x, y = t, ar
-                                        else:
-                                            if t > x:
-                                                x = t
-                                            if ar > y:
-                                                y = ar
-                                        total = a + floor
-                                        bx = x if x > before_max else before_max
-                                        mean = total * mean_div
-                                        if mean > bx:
-                                            bx = mean
-                                        z = weight * bx + y
-                                        if total + (z if z > before_u else before_u) > cutoff:
-                                            continue
-                                        if bucket is None:
-                                            bucket = cand.get(key)
-                                            if bucket is None:
-                                                bucket = cand[key] = []
-                                        bucket.append((a, x, y, j, r, child if k > 1 else None))
-            layer: dict[int, dict[int, list[list[Entry]]]] = {}
-            for (b, d, kind), candidates in cand.items():
-                kept = _pareto(candidates, weight)
-                if beam and len(kept) > beam:
-                    best = sorted(kept, key=lambda e: e[0] + weight * e[1] + e[2])[:beam]
-                    kept = sorted(best, key=_triple)
-                by_d = layer.setdefault(b, {})
-                lists = by_d.get(d)
-                if lists is None:
-                    lists = by_d[d] = [[], [], []]
-                lists[kind] = kept
-            self.states += len(cand)
-            finals[k] = layer.get(0, {}).get(world, [[]])[0]
+        for k in range(1, max(stage_counts) + 1):
+            candidates = run.extend(k, below)
+            self.states += len(candidates)
+            layer = run.keep(candidates, beam)
+            finals[k] = layer.get(0, {}).get(world, [[]])[InputLink.OWN]
             if k in stage_counts:
                 for entry in finals[k]:
-                    cutoff = min(cutoff, relaxed(entry[0] + weight * entry[1] + entry[2]))
+                    run.cutoff = min(run.cutoff, relaxed(self.entry_time(entry)))
             below = {c: sorted(by_d.items()) for c, by_d in layer.items() if c > 0}
             if not below:
                 break
         return {s: finals.get(s, []) for s in stage_counts}
 
 
+class _Stage(NamedTuple):
+    """A new first stage (blocks b..j on r ranks) priced for one layer, its placement still open."""
+
+    first: int  # b
+    last: int  # j
+    replicas: int  # r
+    time: float  # compute seconds per microbatch (a recomputed forward included)
+    comm: tuple[float, float, float, float]  # p2p seconds: inputs intra, inter; outputs intra, inter
+    allreduce: tuple[float, float]  # AR seconds within a node, across nodes
+
+
+class _Run:
+    """One run of the dynamic programme: what it reads for every layer, and its cutoff (which only falls)."""
+
+    def __init__(self, search: SuffixSearch, stage_counts: list[int], cutoff: float) -> None:
+        problem, tables = search.problem, search.tables
+        self.search = search
+        self.cutoff = cutoff
+        self.stage_counts = stage_counts
+        self.most = max(stage_counts)
+        self.world, self.num_blocks = problem.world_size, len(problem.blocks)
+        bounds = search.bounds
+        bounds.prepare(cutoff)
+        self.bounds = bounds
+        # allowed[k][b][o] == "1": a suffix of k stages from block b may start at rank o.
+        self.allowed = [
+            [bin(bits)[:1:-1].ljust(self.world + 1, "0") for bits in row]
+            for row in bounds.allowed_offsets(stage_counts)
+        ]
+        self.limit = problem.memory_limit_bytes
+        self.recompute = problem.allow_recompute and self.limit is not None
+        self.node = problem.gpus_per_node
+        self.spread = self.node is not None  # placement decides the links
+        # Only a different inter-node link makes the lists by InputLink differ.
+        self.split = self.spread and (
+            (problem.inter_node_bandwidth not in (None, problem.p2p_bandwidth))
+            or (problem.inter_node_latency not in (None, problem.p2p_latency))
+        )
+        self.columns = [tables.lists(m) for m in search.sizes]
+        self.bases = [tables.base_columns(r) for r in search.replicas]
+        self.ends = [tables.step_end_columns(r) for r in search.replicas]
+        self.ar_intra = [tables.allreduce_columns(r, False) for r in search.replicas]
+        self.ar_inter = (
+            [tables.allreduce_columns(r, True) for r in search.replicas] if self.spread else self.ar_intra
+        )
+
+    # ---- step 1: new first stages in front of the kept suffixes -------------------------------------------
+
+    def extend(
+        self, k: int, below: dict[int, list[tuple[int, Lists]]]
+    ) -> dict[tuple[int, int, int], list[Entry]]:
+        """Every k-stage suffix that may lead to a plan under the cutoff, by state (b, d, InputLink).
+
+        Arguments: `below` the kept (k-1)-stage suffixes: first block c -> [(ranks d, lists by InputLink)],
+        ranks ascending (c = number of blocks: the empty suffix).
+        Returns: the candidates of layer k, not yet reduced to their Pareto fronts.
+        """
+        search = self.search
+        inflight = search.schedule.inflight(search.p, k)
+        # Stages before this suffix hold at least this many microbatches.
+        level = self.bounds.level_tables(search.schedule.inflight(search.p, k + 1))
+        stage_cap = self.cutoff * (1 + ROUNDING) / search.p
+        candidates: dict[tuple[int, int, int], list[Entry]] = {}
+        for c, groups in below.items():
+            j = c - 1
+            for ri in range(len(search.replicas)):
+                column = self.columns[ri][j]
+                for b in range(j, -1, -1):
+                    if column[b][0] + column[b][1] > stage_cap:  # forward + backward alone are too slow
+                        if self.bounds.monotone:
+                            break  # and so is every stage that starts earlier
+                        continue
+                    stage = self._stage_time(inflight, ri, b, j)
+                    if stage is not None:
+                        self._place(k, stage, groups, c == self.num_blocks, level, candidates)
+        return candidates
+
+    def _stage_time(self, inflight: int, ri: int, b: int, j: int) -> _Stage | None:
+        """Blocks b..j on replicas[ri] ranks holding `inflight` microbatches: its compute time per microbatch,
+        with recompute exactly when it must to fit in memory; None when it does not fit."""
+        f, bw, act, in_b, out_b, cin, cinx, cout, coutx, io = self.columns[ri][j][b]
+        fb = f + bw
+        if self.limit is None:
+            time = fb
+        else:
+            base = self.bases[ri][j][b]
+            if self.ends[ri][j][b] > self.limit:  # the optimizer step does not fit
+                return None
+            sends_held = min(self.search.p, inflight + 1)  # cost.sent_bytes, per byte of boundary tensors
+            sent = sends_held * (in_b + out_b)  # sums in cost.stage's order
+            if base + act * inflight + io + sent <= self.limit:
+                time = fb
+            elif self.recompute and base + in_b * inflight + act + io + sent <= self.limit:
+                time = f + (bw + f)
+            else:
+                return None
+        allreduce = (self.ar_intra[ri][j][b], self.ar_inter[ri][j][b])
+        return _Stage(b, j, self.search.replicas[ri], time, (cin, cinx, cout, coutx), allreduce)
+
+    def _place(
+        self,
+        k: int,
+        stage: _Stage,
+        groups: list[tuple[int, Lists]],
+        terminal: bool,
+        level: tuple[list, list],
+        candidates: dict[tuple[int, int, int], list[Entry]],
+    ) -> None:
+        """`stage` in front of every group of suffixes on d ranks (ascending), at rank offset
+        o = world - d - r, while the stages before it (blocks 0..b-1 on ranks 0..o-1) can still make a plan
+        under the cutoff."""
+        b, r = stage.first, stage.replicas
+        pre_sum, pre_u = level
+        sums_b, maxes_b, us_b = pre_sum[b], self.bounds.pre_max[b], pre_u[b]
+        allowed_b = self.allowed[k][b]
+        before_cap = min(b, self.most - k)
+        weight, cutoff, monotone = self.search.weight, self.cutoff, self.bounds.monotone
+        cin, cinx, cout, coutx = stage.comm
+        ar_intra, ar_inter = stage.allreduce
+        # Least t and AR of this stage whatever its placement: with the bounds on the stages before, which only
+        # grow as their ranks shrink, they stop the loop over groups (more ranks for the suffix, fewer before).
+        t_least = stage.time + ((cin if cin < cinx else cinx) + (cout if cout < coutx else coutx))
+        ar_least = ar_intra if ar_intra < ar_inter else ar_inter
+        for dc, lists in groups:
+            o = self.world - dc - r
+            if o < 0:
+                break
+            floor, before_max, before_u = sums_b[o], maxes_b[o], us_b[o]
+            bx = t_least if t_least > before_max else before_max
+            z = weight * bx + ar_least
+            if t_least + floor + (z if z > before_u else before_u) > cutoff and monotone:
+                break
+            if allowed_b[o] != "1":
+                continue
+            before = before_cap if before_cap < o else o
+            inputs, outputs, spans = self._placement(o, r, terminal, lists, stage.comm)
+            ar = ar_inter if spans else ar_intra
+            bound = _PrefixBound(floor, before_max, before_u, 1.0 / (k + before))
+            for kind, in_comm in inputs:
+                key = (b, self.world - o, kind)
+                for children, out_comm in outputs:
+                    if children:
+                        self._attach(
+                            k, stage, stage.time + (in_comm + out_comm), ar, children, bound, key, candidates
+                        )
+
+    def _placement(
+        self, o: int, r: int, terminal: bool, lists: Lists, comm: tuple[float, float, float, float]
+    ) -> tuple[tuple[tuple[InputLink, float], ...], tuple[tuple[list[Entry], float], ...], bool]:
+        """Where a stage on ranks o..o+r-1 sends and receives: its input charges (InputLink of the new state, p2p
+        seconds), the suffix lists it may precede with its output charge, and whether it spans nodes (its
+        allreduce then crosses them)."""
+        cin, cinx, cout, coutx = comm
+        node = self.node
+        spans = self.spread and o // node != (o + r - 1) // node  # type: ignore[operator]
+        if not self.split:
+            return ((InputLink.OWN, cin),), ((lists[InputLink.OWN], cout),), spans
+        if o == 0:
+            inputs: tuple[tuple[InputLink, float], ...] = ((InputLink.OWN, cin),)
+        elif spans:
+            inputs = ((InputLink.SPAN, cinx),)
+        elif o % node:  # type: ignore[operator]
+            inputs = ((InputLink.OWN, cinx), (InputLink.JOINED, cin))
+        else:
+            inputs = ((InputLink.OWN, cinx),)
+        if terminal:
+            outputs = ((lists[InputLink.OWN], cout),)
+        elif not spans and (o + r) % node:  # type: ignore[operator]
+            outputs = ((lists[InputLink.JOINED], cout), (lists[InputLink.SPAN], coutx))
+        else:
+            outputs = ((lists[InputLink.OWN], coutx), (lists[InputLink.SPAN], coutx))
+        return inputs, outputs, spans
+
+    def _attach(
+        self,
+        k: int,
+        stage: _Stage,
+        t: float,
+        ar: float,
+        children: list[Entry],
+        bound: _PrefixBound,
+        key: tuple[int, int, int],
+        candidates: dict[tuple[int, int, int], list[Entry]],
+    ) -> None:
+        """The entries of `stage` (t seconds per microbatch, ar at the step's end) in front of `children`
+        (sorted by summed time) whose plans may stay under the cutoff, added to candidates[key]."""
+        weight, cutoff = self.search.weight, self.cutoff
+        floor, before_max, before_u, mean_div = bound
+        # Bound the whole group by its first (least summed) child first.
+        least = children[0].time_sum + t + floor
+        bx = t if t > before_max else before_max
+        mean = least * mean_div
+        if mean > bx:
+            bx = mean
+        z = weight * bx + ar
+        if least + (z if z > before_u else before_u) > cutoff:
+            return
+        bucket = None
+        # Children whose largest t and AR this stage covers all give (sum + t, t, ar): the first one beats the rest
+        # clearly (by more than the tie tolerance, so that _pareto would drop them too), near-ties aside.
+        covered = -1.0
+        for child in children:
+            a = child.time_sum + t
+            x = child.time_max
+            y = child.allreduce_max
+            if x <= t and y <= ar:
+                if covered < 0.0:
+                    covered = a + 4 * TIE * (a + weight * t + ar)
+                elif a > covered:
+                    continue
+                x, y = t, ar
+            else:
+                if t > x:
+                    x = t
+                if ar > y:
+                    y = ar
+            total = a + floor
+            bx = x if x > before_max else before_max
+            mean = total * mean_div
+            if mean > bx:
+                bx = mean
+            z = weight * bx + y
+            if total + (z if z > before_u else before_u) > cutoff:
+                continue
+            if bucket is None:
+                bucket = candidates.get(key)
+                if bucket is None:
+                    bucket = candidates[key] = []
+            bucket.append(Entry(a, x, y, stage.last, stage.replicas, child if k > 1 else None))
+
+    # ---- step 2: the Pareto front of every state ---------------------------------------------------------
+
+    def keep(
+        self, candidates: dict[tuple[int, int, int], list[Entry]], beam: int
+    ) -> dict[int, dict[int, Lists]]:
+        """Per state, the candidates no other one beats whatever the stages before (`pareto_front`); with `beam` only
+        its `beam` best. Returns: first block b -> ranks d -> lists by InputLink."""
+        weight = self.search.weight
+        layer: dict[int, dict[int, Lists]] = {}
+        for (b, d, kind), found in candidates.items():
+            kept = pareto_front(found, weight)
+            if beam and len(kept) > beam:
+                best = sorted(kept, key=self.search.entry_time)[:beam]
+                kept = sorted(best, key=triple)
+            lists = layer.setdefault(b, {}).setdefault(d, [[], [], []])
+            lists[kind] = kept
+        return layer
+
+
+class _PrefixBound(NamedTuple):
+    """Lower bounds on the stages before a suffix at one rank offset (bounds.py), to prune with."""
+
+    floor: float  # their summed t
+    before_max: float  # their largest t
+    before_u: float  # their largest (P - 1) t + AR
+    mean_div: float  # 1 / (stage count of the whole plan at the least): the mean stage time bounds max t
+
+
 def relaxed(total: float) -> float:
     """Cutoff that keeps every candidate within the tie tolerance of `total`."""
     return total + 1e3 * TIE * abs(total)
-
-
-def suffix_key(entry: Entry | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    lasts: list[int] = []
-    reps: list[int] = []
-    while entry is not None:
-        lasts.append(entry[3])
-        reps.append(entry[4])
-        entry = entry[5]
-    return tuple(lasts), tuple(reps)
-
-
-def _pareto(candidates: list[Entry], weight: float) -> list[Entry]:
-    """Drop candidates that another candidate beats whatever the stages before them.
-
-    e beats c when e.sum + w * (e.max_t - c.max_t)^+ + (e.max_ar - c.max_ar)^+ <= c.sum, since then
-    any common prefix gives e a step time no larger than c's; near-ties go to the smaller layout.
-    """
-    if len(candidates) > 8:
-        # Same largest t and AR: only the least sum (and its near-ties) can survive.
-        least: dict[tuple[float, float], float] = {}
-        for c in candidates:
-            pair = (c[1], c[2])
-            known = least.get(pair)
-            if known is None or c[0] < known:
-                least[pair] = c[0]
-        candidates = [
-            c for c in candidates if c[0] <= least[(c[1], c[2])] + 3 * TIE * (c[0] + weight * c[1] + c[2])
-        ]
-    candidates.sort(key=_triple)
-    key = _layout_less
-    kept: list[Entry] = []
-    for c in candidates:
-        a, x, y = c[0], c[1], c[2]
-        eps = TIE * (a + weight * x + y)
-        beaten = False
-        for e in kept:
-            margin = e[0]
-            if e[1] > x:
-                margin += weight * (e[1] - x)
-            if e[2] > y:
-                margin += e[2] - y
-            if margin <= a + eps and (margin < a - eps or key(e, c)):
-                beaten = True
-                break
-        if beaten:
-            continue
-        # c can beat an earlier (smaller-sum) entry only in a near-tie.
-        while kept and kept[-1][0] >= a - eps:
-            e = kept[-1]
-            margin = c[0] + weight * max(c[1] - e[1], 0.0) + max(c[2] - e[2], 0.0) - e[0]
-            if not (margin <= eps and key(c, e)):
-                break
-            kept.pop()
-        kept.append(c)
-    return kept
-
-
-_triple = operator.itemgetter(0, 1, 2)
-
-
-def _layout_less(e: Entry, c: Entry) -> bool:
-    """suffix_key(e) < suffix_key(c) for two suffixes of as many stages, without building keys:
-    last blocks first, then replica counts; shared tails end the walk."""
-    x: Entry | None = e
-    y: Entry | None = c
-    while x is not None and y is not None and x is not y:
-        if x[3] != y[3]:
-            return x[3] < y[3]
-        x, y = x[5], y[5]
-    x, y = e, c
-    while x is not None and y is not None and x is not y:
-        if x[4] != y[4]:
-            return x[4] < y[4]
-        x, y = x[5], y[5]
-    return False

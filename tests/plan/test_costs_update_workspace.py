@@ -14,7 +14,7 @@ from fake_devices import fake_device
 
 from rannc.errors import ConfigError, PlanError
 from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, interpolate, plan_stages
-from rannc.plan.cost import IO, WS, CostModel
+from rannc.plan.cost import CostModel
 from rannc.plan.search import plan_of_candidate
 from rannc.plan.simulate import analytic_step_time, bubble_bound, simulate_plan
 from rannc.plan.tables import StageTables
@@ -113,10 +113,10 @@ def test_rows_and_tables_agree_bit_for_bit() -> None:
                     acts = [interpolate(problem.blocks[k].activation_bytes, m) for k in range(3)]
                     offset = [problem.range_param_bytes[i][k] - sum(acts[i : k + 1]) for k in range(3)]
                     reach = max(problem.blocks[k].workspace_at(m) - offset[k] for k in range(i, j + 1))
-                    assert row[j - i][WS] == reach + offset[j]
-                    assert io[i][j] == row[j - i][IO]
+                    assert row[j - i].workspace_bytes == reach + offset[j]
+                    assert io[i][j] == row[j - i].held_bytes
                     ins, outs = row[j - i][3], row[j - i][4]
-                    assert row[j - i][IO] == 2 * (ins + outs) + row[j - i][WS]
+                    assert row[j - i].held_bytes == 2 * (ins + outs) + row[j - i].workspace_bytes
         for r in (1, 2, 3):
             for inter in (False, True):
                 table = tables.allreduce(r, inter)

@@ -15,10 +15,11 @@ from test_search import check_against_brute
 
 from rannc.errors import PlanError
 from rannc.plan import Plan, evaluate, minimum_memory_needed, plan_stages
+from rannc.plan import checks as checks_module
 from rannc.plan import cost as cost_module
-from rannc.plan import search as search_module
 from rannc.plan.bounds import PrefixBounds
-from rannc.plan.pareto import SuffixSearch, suffix_key
+from rannc.plan.front import suffix_key
+from rannc.plan.pareto import SuffixSearch
 from rannc.plan.tables import FIELDS, StageTables
 from rannc.plan.types import default_microbatch_choices, default_replica_choices
 
@@ -112,7 +113,7 @@ def test_unpruned_search_agrees_at_moderate_scale(monkeypatch: pytest.MonkeyPatc
     problem = dataclasses.replace(problem, memory_limit_bytes=3.2e10)
     plan = plan_stages(problem)
     model = cost_module.CostModel(problem)
-    counts = search_module._stage_counts(problem)
+    counts = checks_module.stage_counts(problem)
 
     def no_bounds(self: PrefixBounds, cutoff: float) -> None:
         zeros = np.zeros((self.num_blocks + 1, self.world + 1))
@@ -123,7 +124,7 @@ def test_unpruned_search_agrees_at_moderate_scale(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(PrefixBounds, "prepare", no_bounds)
     found = []
     for p in cost_module.microbatch_counts(problem):
-        for rank, schedule in search_module._schedules(problem):
+        for rank, schedule in checks_module.searched_schedules(problem):
             for count, entries in SuffixSearch(problem, model, p, schedule).run(counts, math.inf).items():
                 for entry in entries:
                     total = entry[0] + (p - 1) * entry[1] + entry[2]
