@@ -87,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_count_arg,
         default=1,
         help="measure with this many local CPU processes at once (gloo, one thread each), as a job of that many "
-        "ranks on this machine will run; also measures their links (default 1). For GPUs run "
-        "`torchrun --nproc-per-node N -m rannc.profile.calibrate --out FILE` instead",
+        "ranks on this machine will run; also measures their links (default 1). For GPUs start the ranks "
+        "yourself: `torchrun --nproc-per-node N -m rannc calibrate --out FILE`",
     )
 
     demo = commands.add_parser("demo", help="train a small GPT-2 on local CPU processes with rannc")
@@ -210,28 +210,38 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrate_rank(rank: int, world_size: int, quick: bool) -> dict[str, Any] | None:
-    """One process of `rannc calibrate --ranks N` (module level: spawned workers import it)."""
+def _calibrate_rank(rank: int, world_size: int, quick: bool, device: str | None) -> dict[str, Any] | None:
+    """One rank of `rannc calibrate`: every rank measures `device` (None: its own) at once; rank 0 returns the
+    profile (module level: the processes `--ranks N` spawns import it)."""
     from .profile.calibrate import calibrate
 
-    profile = calibrate("cpu", quick=quick)
+    profile = calibrate(device, quick=quick)
     return profile.to_json() if rank == 0 else None
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
+    """`rannc calibrate`: in this process, on `--ranks N` local CPU processes it starts, or, under torchrun (RANK
+    and WORLD_SIZE set), on the ranks torchrun started (rank 0 writes the profile)."""
     import json
 
-    from .profile.calibrate import calibrate
-    from .profile.devices import save_profile
+    from .profile.devices import DeviceProfile, save_profile
 
-    if args.ranks > 1:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        from .runtime import dist as rdist
+
+        if args.ranks > 1:
+            raise ConfigError("under torchrun the ranks are torchrun's: drop --ranks")
+        rdist.ensure_initialized()
+        found = _calibrate_rank(rdist.get_rank(), rdist.get_world_size(), args.quick, None)
+    elif args.ranks > 1:
         from .launch import launch_local
-        from .profile.devices import DeviceProfile
 
-        results = launch_local(_calibrate_rank, args.ranks, (args.quick,), timeout=900)
-        profile = DeviceProfile.from_json(results[0])
+        found = launch_local(_calibrate_rank, args.ranks, (args.quick, "cpu"), timeout=900)[0]
     else:
-        profile = calibrate(quick=args.quick)
+        found = _calibrate_rank(0, 1, args.quick, None)
+    if found is None:  # a rank other than 0 under torchrun
+        return 0
+    profile = DeviceProfile.from_json(found)
     if args.out:
         save_profile(profile, args.out)
         print(f"wrote {args.out} ({profile.name}); plan with --device {args.out}")

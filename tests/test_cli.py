@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,9 @@ from rannc.cli import main
 from rannc.deploy import Deployment, save_deployment
 from rannc.launch import LaunchError, free_port, launch_local
 from rannc.plan.types import Plan, StagePlan
+from rannc.profile.devices import DeviceProfile
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _deployment() -> Deployment:
@@ -140,6 +146,22 @@ def sleeping_worker(rank: int, world_size: int) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_calibrate_under_a_launcher_is_the_same_command(tmp_path: Path) -> None:
+    """`python -m rannc calibrate` in a process a launcher started (RANK, WORLD_SIZE, MASTER_* set, as torchrun
+    does) joins that job and writes the profile from rank 0."""
+    path = tmp_path / "launched.json"
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    env.update(
+        MASTER_PORT=str(free_port()), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    )
+    command = [sys.executable, "-m", "rannc", "calibrate", "--quick", "--out", str(path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert DeviceProfile.from_json(json.loads(path.read_text())).peak("float32") > 0
+    refused = subprocess.run([*command, "--ranks", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "drop --ranks" in refused.stderr
+
+
 def test_launch_local_all_reduce() -> None:
     results = launch_local(allreduce_worker, 2, (10,), timeout=90)
     assert [r["sum"] for r in results] == [30.0, 30.0]

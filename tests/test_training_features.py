@@ -46,21 +46,6 @@ OVERLAP = ["overlap-skip-p2", "overlap-mlp-p1-filldrain"]
 CLIP = ["clip-skip-p2", "clip-skip-p3", "clip-skip-p4", "clip-mlp-p1"]
 ZERO = ["zero-mlp-p1", "zero-mlp-p2", "zero-mlp-p4", "zero-skip-p2"]
 
-NOT_DEFERRED = (
-    "the flags are never read: RaNNCModule.no_sync() only changes self._no_sync_depth and "
-    "delay_grad_allreduce() only sets self._delay_allreduce, while forward() builds PipelineCall without "
-    "sync_grads=..., so it defaults to True and PipelineCall.apply_param_grads() calls stage.sync_grads() "
-    "(a gradient all-reduce) in every backward. The numbers stay right (only the new pending gradients are "
-    "reduced before being added to .grad), but the communication that no_sync/delay exist to save is not saved"
-)
-EVAL_KEEPS_DROPOUT = (
-    "RaNNCModule.forward() builds PipelineCall(...) without training=self.module.training, so "
-    "PipelineCall.training stays True and _forward runs the stage under capture.modes.training_mode(True): the "
-    "mode-switchable native_dropout keeps dropping in eval mode (two eval calls give different losses, neither "
-    "equals the unwrapped model's eval loss). By the same path (read, not tested here) batch norm would keep "
-    "using batch statistics, and the `if self.training` buffer write-back would keep updating running stats"
-)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Comparison helpers

@@ -27,9 +27,6 @@ class FlatCall:
         paths = [_describe(path) for path, _ in pairs]
         return FlatCall([leaf for _, leaf in pairs], spec, paths)
 
-    def tensor_positions(self) -> list[int]:
-        return [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
-
     def batch_size(self) -> int:
         sizes = {leaf.shape[0] for leaf in self.leaves if isinstance(leaf, torch.Tensor) and leaf.dim() > 0}
         if not sizes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .devices import DeviceProfile, get_device_profile, profile_for_device_name, save_profile
+from .devices import DeviceProfile, get_device_profile, profile_for_device_name
 from .measure import cache_flusher
 
 __all__ = ["calibrate"]
@@ -705,23 +704,3 @@ def _busy_sender_latency(
         if work is not None:
             work.wait()
     return statistics.fmean(samples[1:]) if samples else 0.0
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m rannc.profile.calibrate --out profile.json` (under torchrun: also measures the links)."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", required=True, help="where to write the profile (JSON)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, less accurate)")
-    args = parser.parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    profile = calibrate(quick=args.quick)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_profile(profile, args.out)
-        print(f"wrote {args.out}: " + "; ".join(profile.sources.values()))
-
-
-if __name__ == "__main__":
-    main()

@@ -240,10 +240,6 @@ def _storage_key(tensor: torch.Tensor) -> int | None:
     return storage.data_ptr()
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def _is_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
