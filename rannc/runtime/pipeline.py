@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,7 +14,8 @@ import torch.distributed as dist
 
 from ..capture.inputs import concrete_shape, sequence_sizes, symint_value
 from ..capture.modes import exact_precision, training_mode
-from ..schedule import Action, actions_for, backwards_before, forward_only
+from ..graph.stage import InputKind
+from ..schedule import Action, ActionKind, Schedule, actions_for, backwards_before, forward_only
 from .failures import guarded, wait_all
 from .gather import GlobalBatch
 from .grad_sync import OverlappedReduce
@@ -75,11 +77,20 @@ class CallStart:
                     buffer.copy_(now[node])
 
 
-_LOCAL_INPUTS = ("param", "buffer", "constant", "user", "symint")  # graph inputs not received from a stage
+# Graph inputs not received from a stage.
+_LOCAL_INPUTS = (InputKind.PARAM, InputKind.BUFFER, InputKind.CONSTANT, InputKind.USER, InputKind.SYMINT)
+
+
+class PipelineMode(enum.StrEnum):
+    """When one call runs its backwards."""
+
+    EAGER = "eager"  # inside the forward call (1F1B; the loss gradient assumed 1, rescaled by the user's backward)
+    DEFERRED = "deferred"  # when autograd calls `run_backward` (fill-drain)
+    INFERENCE = "inference"  # none: forwards only, no graphs kept
 
 
 def _backwards_before(
-    schedule: str, num_stages: int, microbatches: int, stage: int, microbatch: int
+    schedule: Schedule, num_stages: int, microbatches: int, stage: int, microbatch: int
 ) -> Callable[[int], bool]:
     """Which microbatches' backwards `stage` runs before its forward of `microbatch` (its schedule's order)."""
     return backwards_before(schedule, stage, num_stages, microbatches, microbatch).__contains__
@@ -88,9 +99,7 @@ def _backwards_before(
 class PipelineCall:
     """State of one forward (and its backward): stashed activations, accumulated outputs and gradients.
 
-    mode "eager": forwards and backwards run inside the forward call (1F1B); the loss gradient is assumed
-    to be 1 and rescaled when the user's backward arrives. "deferred": forwards now, backwards when autograd
-    calls `run_backward` (fill-drain). "inference": forwards only, no graphs kept.
+    `mode` (a PipelineMode or its name) says when the backwards run; `schedule` (a Schedule or its name) their order.
     """
 
     def __init__(
@@ -98,8 +107,8 @@ class PipelineCall:
         stage: LocalStage,
         batch: GlobalBatch,
         microbatches: int,
-        schedule: str,
-        mode: str,
+        schedule: Schedule | str,
+        mode: PipelineMode | str,
         *,
         training: bool = True,
         sync_grads: bool = True,
@@ -109,8 +118,8 @@ class PipelineCall:
         self.training = training  # the module's train/eval mode for this call
         self.sync_grads = sync_grads  # all-reduce gradients after this call's backward
         self.batch = batch
-        self.mode = mode
-        self.schedule = schedule
+        self.mode = PipelineMode(mode)
+        self.schedule = schedule = Schedule(schedule)
         self.world = len([r for ranks in stage.stage_ranks for r in ranks])
         replicas = tuple(len(r) for r in stage.stage_ranks)
         self.layout = SampleLayout(batch.size, microbatches, replicas)
@@ -126,7 +135,9 @@ class PipelineCall:
         )
         self.inputs = dict(zip(stage.user_inputs, batch.leaves))
         self.wants_grad = dict(zip(stage.user_inputs, batch.requires_grad))
-        self.stash: dict[int, tuple[list[tuple[str, str, torch.Tensor]], dict[str, torch.Tensor], int]] = {}
+        self.stash: dict[
+            int, tuple[list[tuple[InputKind, str, torch.Tensor]], dict[str, torch.Tensor], int]
+        ] = {}
         self.out_acc: dict[int, torch.Tensor] = {}
         self.out_grads: dict[int, torch.Tensor] = {}
         self.param_grads: dict[str, torch.Tensor] = {}
@@ -140,22 +151,22 @@ class PipelineCall:
         backwards = [
             a.microbatch
             for a in actions_for(schedule, stage.index, stage.num_stages, microbatches)
-            if a.kind == "B"
+            if a.kind == ActionKind.BACKWARD
         ]
         self.last_backward = backwards[-1] if backwards else -1
         self.overlapped: OverlappedReduce | None = None  # the gradient reduce started in the last backward
         self.replay = replay  # a second pass over an eager call's microbatches (see `replay_backward`)
         # An eager call keeps what its forwards started from, to replay them if other outputs get gradients.
-        self.start = CallStart.take(stage) if mode == "eager" else None
+        self.start = CallStart.take(stage) if self.mode == PipelineMode.EAGER else None
 
     # ---- schedule ----------------------------------------------------------------------------------
     def actions(self) -> list[Action]:
         s = self.stage
-        if self.mode == "inference":
+        if self.mode == PipelineMode.INFERENCE:
             return forward_only(self.microbatches)
         acts = actions_for(self.schedule, s.index, s.num_stages, self.microbatches)
-        if self.mode == "deferred":
-            return [a for a in acts if a.kind == "F"]
+        if self.mode == PipelineMode.DEFERRED:
+            return [a for a in acts if a.kind == ActionKind.FORWARD]
         return acts
 
     def run_forward(self) -> list[torch.Tensor]:
@@ -164,7 +175,9 @@ class PipelineCall:
         for k, action in enumerate(actions):
             self._post_receives(actions[k + 1 : k + 2])
             with tracer.span(str(action)):
-                self._forward(action.microbatch) if action.kind == "F" else self._backward(action.microbatch)
+                self._forward(action.microbatch) if action.kind == ActionKind.FORWARD else self._backward(
+                    action.microbatch
+                )
         with tracer.span("wait_sends"):
             self.transfer.wait_sends()
         if self.training and not self.replay:
@@ -172,14 +185,14 @@ class PipelineCall:
                 self.stage.average_written_buffers()
         if self.replay:
             return []
-        if self.mode == "eager":
+        if self.mode == PipelineMode.EAGER:
             with tracer.span("finish_backward"):
                 self._finish_backward()
         with tracer.span("assemble_outputs"):
             outputs = self._assemble_outputs()
-        if self.mode == "eager":  # the step ends after its gradient sync, in the loss's backward
+        if self.mode == PipelineMode.EAGER:  # the step ends after its gradient sync, in the loss's backward
             tracer.hold_open(self.stage.rank)
-        elif self.mode == "inference":  # a deferred step ends in run_backward
+        elif self.mode == PipelineMode.INFERENCE:  # a deferred step ends in run_backward
             tracer.dump(rank=self.stage.rank)
         return outputs
 
@@ -191,7 +204,7 @@ class PipelineCall:
         actions = [
             a
             for a in actions_for(self.schedule, self.stage.index, self.stage.num_stages, self.microbatches)
-            if a.kind == "B"
+            if a.kind == ActionKind.BACKWARD
         ]
         for k, action in enumerate(actions):
             self._post_receives(actions[k + 1 : k + 2])
@@ -243,7 +256,7 @@ class PipelineCall:
             self.batch,
             self.microbatches,
             self.schedule,
-            "deferred",
+            PipelineMode.DEFERRED,
             training=self.training,
             sync_grads=self.sync_grads,
             replay=True,
@@ -274,43 +287,43 @@ class PipelineCall:
         gradients) arrive while this rank computes instead of when it asks for them."""
         s = self.stage
         for action in upcoming:
-            if action.kind == "F":
+            if action.kind == ActionKind.FORWARD:
                 self.transfer.post_activations(self.received_routes, s.index, s.replica, action.microbatch)
-            elif self.mode != "inference":
+            elif self.mode != PipelineMode.INFERENCE:
                 self.transfer.post_grads(self.grad_routes, s.replica, action.microbatch)
 
     # ---- one microbatch ----------------------------------------------------------------------------
     def _forward(self, i: int) -> None:
         s = self.stage
         lo, hi = self.layout.rows(s.index, i, s.replica)
-        grad = self.mode != "inference"
+        grad = self.mode != PipelineMode.INFERENCE
         args: list[Any] = []
-        grad_inputs: list[tuple[str, str, torch.Tensor]] = []
+        grad_inputs: list[tuple[InputKind, str, torch.Tensor]] = []
         received = iter(self.transfer.recv_activations(self.received_routes, s.index, s.replica, i))
         for item in s.graph.inputs:
-            if item.kind in ("param", "buffer", "constant"):
+            if item.kind.is_state:
                 value = s.state[item.name]
                 if grad and item.name in s.mutated_state:
                     # autograd (and a recompute) keeps what this forward read; the write-back below must not
                     # change it
                     value = value.clone()
                 args.append(value)
-            elif item.kind == "user":
+            elif item.kind == InputKind.USER:
                 value = self.inputs[item.name]
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     value = value.narrow(0, lo, hi - lo)
                     if grad and self.wants_grad[item.name] and value.is_floating_point():
                         value = value.detach().requires_grad_(True)
-                        grad_inputs.append(("user", item.name, value))
+                        grad_inputs.append((InputKind.USER, item.name, value))
                 args.append(value)
-            elif item.kind == "symint":
+            elif item.kind == InputKind.SYMINT:
                 args.append(symint_value(s.symints[item.name], s.batch_symbol, hi - lo, self.sizes))
             else:
                 route = s.route_of[item.name]
                 value = next(received)
                 if grad and route.carries_grad:
                     value.requires_grad_(True)
-                    grad_inputs.append(("boundary", item.name, value))
+                    grad_inputs.append((InputKind.BOUNDARY, item.name, value))
                 args.append(value)
         recompute = grad and s.recompute
         rng = _rng_state(s.device) if recompute else None
@@ -362,16 +375,18 @@ class PipelineCall:
             tensor = outs[spec.node]
             if spec.kind == "mean" and tensor.is_floating_point():
                 scale = (
-                    self.out_grads.get(k, torch.ones((), device=s.device)) if self.mode == "deferred" else 1.0
+                    self.out_grads.get(k, torch.ones((), device=s.device))
+                    if self.mode == PipelineMode.DEFERRED
+                    else 1.0
                 )
                 seed(tensor, (torch.ones_like(tensor) * scale * (rows / self.batch.size)).to(tensor.dtype))
-            elif spec.kind == "rows" and self.mode == "deferred" and k in self.out_grads:
+            elif spec.kind == "rows" and self.mode == PipelineMode.DEFERRED and k in self.out_grads:
                 seed(tensor, self.out_grads[k].narrow(spec.batch_dim, lo, hi - lo))
         params = list(s.trainable.items())
         wrt = [p for _, p in params] + [t for _, _, t in grad_inputs]
         targets = [t for t, _ in seeds.values()]
         hooks = []
-        if i == self.last_backward and self.sync_grads and self.mode != "inference":
+        if i == self.last_backward and self.sync_grads and self.mode != PipelineMode.INFERENCE:
             # the gradients are final as this backward produces them: reduce them while it goes on
             self.overlapped = s.start_overlapped_reduce(self.param_grads)
             if self.overlapped is not None:
@@ -397,7 +412,7 @@ class PipelineCall:
                     self.param_grads[name] = g.detach().clone()
         for (kind, name, tensor), g in zip(grad_inputs, results[len(params) :]):
             g = torch.zeros_like(tensor) if g is None else g
-            if kind == "boundary":
+            if kind == InputKind.BOUNDARY:
                 self.transfer.send_grad(s.route_of[name], g, s.index, s.replica, i)
             else:
                 total = self.input_grads.setdefault(name, torch.zeros_like(self.inputs[name]))

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import RanncError
 from .failures import reported
-from .pipeline import PipelineCall
+from .pipeline import PipelineCall, PipelineMode
 from .trace import current_tracer
 
 
@@ -36,7 +36,7 @@ class _PipelineFunction(torch.autograd.Function):
                 "second pass. Run the forward again (or pass retain_graph only for code outside rannc)."
             )
         ctx.call = None
-        if call.mode == "eager":
+        if call.mode == PipelineMode.EAGER:
             input_grads = _eager_backward(call, list(grads))
         else:
             input_grads = call.run_backward(list(grads))
@@ -68,7 +68,7 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 def run_call(call: PipelineCall, grad_leaves: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Run the call; when autograd is recording, attach its outputs to the user's graph."""
-    if call.mode == "inference":
+    if call.mode == PipelineMode.INFERENCE:
         return call.run_forward()
     call.grad_leaf_names = [name for name, _ in grad_leaves]
     anchor = torch.zeros((), requires_grad=True)
