@@ -16,12 +16,13 @@ from .capture import CapturedGraph, FlatCall, capture
 from .capture.samples import example_leaves, placeholder_state, record_flops
 from .deploy.deployment import Deployment
 from .errors import ConfigError
-from .graph.analysis import analyse, has_single_loss
+from .graph.analysis import GraphAnalysis, analyse, has_single_loss
 from .graph.blocks import block_count, cut_blocks
 from .graph.stage import block_graphs
 from .host_memory import return_freed_host_memory
 from .plan import Plan, PlanProblem
 from .plan.simulate import Timeline, simulate_plan
+from .plan.types import Links
 from .problem import (
     PLAN_KNOBS,
     SearchSpace,
@@ -169,34 +170,17 @@ def plan_offline(
                               global_batch=1536, device="h100-80gb", dtype="bf16")
         save_deployment(result.deployment, "plan.json")
     """
-    if world_size < 1 or global_batch < 1 or max_microbatches < 1:
-        raise ConfigError("world_size, global_batch and max_microbatches must be >= 1")
-    if not 0.0 <= mem_margin < 1.0:
-        raise ConfigError(f"mem_margin must be in [0, 1), got {mem_margin}")
+    _check_arguments(world_size, global_batch, max_microbatches, mem_margin)
     profile = get_device_profile(device)
-    compute = normalise_dtype(dtype)
     gpus = gpus_per_node if gpus_per_node is not None else profile.gpus_per_node
     memory = profile.memory_bytes if device_memory_bytes is None else float(device_memory_bytes)
     usable = memory * (1.0 - mem_margin)
-    timings: dict[str, float] = {}
-    started = clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name], clock = now - clock, now
-        logger.info("plan_offline: %s took %.2f s", name, timings[name])
-
+    laps = _Laps()
     model, args, kwargs = _call_factory(factory)
-    lap("build")
-    captured = capture(
-        model, args, kwargs, batch_size=CAPTURE_BATCH, max_seq_len=max_seq_len, opaque_modules=opaque_modules
-    )
-    gc.collect()
-    return_freed_host_memory()  # export's tracing freed tens of MiB: later phases should not add to them
-    lap("capture")
+    laps.lap("build")
+    captured = _capture(model, args, kwargs, max_seq_len, opaque_modules)
+    laps.lap("capture")
     analysis = analyse(captured)
-    flops = _op_flops(model, captured, FlatCall.of(args, kwargs))
     space = search_space(
         world_size=world_size,
         global_batch=global_batch,
@@ -209,34 +193,92 @@ def plan_offline(
         opt_param_factor=opt_param_factor,
         gpus_per_node=gpus,
     )
+    flops = _op_flops(model, captured, FlatCall.of(args, kwargs))
     links = profile.planner_links(gpus)
+    pricing = _Pricing(captured, analysis, flops, space, profile, links, normalise_dtype(dtype), max_blocks)
+    laps.lap("analyse")
+    priced = pricing.estimated(usable)
+    laps.lap("profile")
+    plan = plan_or_explain(
+        priced.problem, mem_margin, PLAN_KNOBS, lambda needed: pricing.estimated(needed).problem
+    )
+    laps.lap("search")
+    timeline = simulate_plan(priced.problem, plan)
+    laps.lap("simulate")
+    laps.timings["total"] = time.perf_counter() - laps.started
+    report: dict[str, Any] = {
+        "kind": "offline",
+        "device_profile": profile.name,
+        "dtype": pricing.dtype or "model",
+    }
+    report.update(device_memory_bytes=memory, mem_margin=mem_margin, usable_memory_bytes=usable)
+    report.update(gpus_per_node=gpus, **_plan_report(priced, space, plan, timeline, laps.timings))
+    deployment = deployment_of(plan, captured, priced.blocks, world_size, usable, report)
+    return OfflinePlan(deployment, priced.problem, timeline, report, laps.timings)
 
-    def estimated(usable_bytes: float) -> _Estimated:
+
+def _check_arguments(world_size: int, global_batch: int, max_microbatches: int, mem_margin: float) -> None:
+    if world_size < 1 or global_batch < 1 or max_microbatches < 1:
+        raise ConfigError("world_size, global_batch and max_microbatches must be >= 1")
+    if not 0.0 <= mem_margin < 1.0:
+        raise ConfigError(f"mem_margin must be in [0, 1), got {mem_margin}")
+
+
+def _capture(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    max_seq_len: int,
+    opaque_modules: Sequence[str],
+) -> CapturedGraph:
+    captured = capture(
+        model, args, kwargs, batch_size=CAPTURE_BATCH, max_seq_len=max_seq_len, opaque_modules=opaque_modules
+    )
+    gc.collect()
+    return_freed_host_memory()  # export's tracing freed tens of MiB: later phases should not add to them
+    return captured
+
+
+class _Laps:
+    """Seconds each phase of plan_offline took (logged as it ends)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.started = self._clock = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name], self._clock = now - self._clock, now
+        logger.info("plan_offline: %s took %.2f s", name, self.timings[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pricing:
+    """How rannc plan prices a captured model: blocks cut for the memory of a device, costs estimated on
+    `device` in `dtype` (None: each op's own)."""
+
+    captured: CapturedGraph
+    analysis: GraphAnalysis
+    flops: dict[str, float]
+    space: SearchSpace
+    device: DeviceProfile
+    links: Links
+    dtype: str | None
+    max_blocks: int
+
+    def estimated(self, usable_bytes: float) -> _Estimated:
         """Blocks as many as `usable_bytes` per device calls for and the problem priced with estimates. The
         blocks' graphs (one GraphModule each) are dropped here, before the search."""
-        blocks = cut_blocks(
-            analysis, flops, global_batch, block_count(captured, usable_bytes, opt_param_factor, max_blocks)
-        )
+        captured, analysis, space = self.captured, self.analysis, self.space
+        count = block_count(captured, usable_bytes, space.opt_param_factor, self.max_blocks)
+        blocks = cut_blocks(analysis, self.flops, space.global_batch, count)
         graphs = block_graphs(captured, analysis, blocks)
+        sizes = space.profile_sizes()
         costs = analytic_block_profiles(
-            captured, analysis, blocks, space.profile_sizes(), profile, compute, graphs=graphs
+            captured, analysis, blocks, sizes, self.device, self.dtype, graphs=graphs
         )
-        problem = assemble_problem(captured, analysis, blocks, graphs, costs, space, links, profile)
+        problem = assemble_problem(captured, analysis, blocks, graphs, costs, space, self.links, self.device)
         return _Estimated(blocks, problem, len({block_signature(captured, g) for g in graphs}))
-
-    lap("analyse")
-    priced = estimated(usable)
-    lap("profile")
-    plan = plan_or_explain(priced.problem, mem_margin, PLAN_KNOBS, lambda needed: estimated(needed).problem)
-    lap("search")
-    timeline = simulate_plan(priced.problem, plan)
-    lap("simulate")
-    timings["total"] = time.perf_counter() - started
-    report: dict[str, Any] = {"kind": "offline", "device_profile": profile.name, "dtype": compute or "model"}
-    report.update(device_memory_bytes=memory, mem_margin=mem_margin, usable_memory_bytes=usable)
-    report.update(gpus_per_node=gpus, **_plan_report(priced, space, plan, timeline, timings))
-    deployment = deployment_of(plan, captured, priced.blocks, world_size, usable, report)
-    return OfflinePlan(deployment, priced.problem, timeline, report, timings)
 
 
 def _plan_report(

@@ -64,30 +64,7 @@ def calibrate(
         return _together(lambda: _copy_bandwidth(device, copy_bytes, min_time))
 
     bandwidths = [copy_rate()]
-    peak: dict[str, float] = {}
-    notes: list[str] = []
-    for key, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        rate = _together(
-            lambda dtype=dtype, key=key: _matmul_rate(
-                device, dtype, sizes if key == "float32" or cuda else sizes[:-1], min_time
-            )
-        )
-        if rate is not None:
-            peak[key] = rate
-            notes.append(f"{key} {rate / 1e12:.3g}")
-    if cuda:
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            peak["tf32"] = (
-                _together(lambda: _matmul_rate(device, torch.float32, sizes, min_time)) or peak["float32"]
-            )
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
-        notes.append(f"tf32 {peak['tf32'] / 1e12:.3g}")
-    else:
-        peak["tf32"] = peak["float32"]
-        notes.append("tf32 = float32 (no TF32 on CPUs)")
+    peak, notes = _matmul_peaks(device, sizes, min_time)
     bandwidths.append(copy_rate())
     overhead = _together(lambda: _op_overhead(device, 20 if quick else 200))
     update_bytes = MIB if quick else (256 if cuda else 16) * MIB
@@ -106,20 +83,7 @@ def calibrate(
         "efficiency": "measured rates are what large kernels achieve: 80% (matmul) / 90% (memory) for the "
         "smaller kernels of real models (assumption)",
     }
-    links: dict[str, Any] = {
-        "intra_node_bandwidth": base.intra_node_bandwidth,
-        "intra_node_latency": base.intra_node_latency,
-        "inter_node_bandwidth": base.inter_node_bandwidth,
-        "inter_node_latency": base.inter_node_latency,
-        "gpus_per_node": torch.cuda.device_count() if cuda else base.gpus_per_node,
-        "allreduce_overlap": base.allreduce_overlap,
-    }
-    copied = f"not measured (single process): copied from the shipped {base.name!r} profile"
-    sources["intra_node"] = sources["inter_node"] = sources["allreduce_overlap"] = copied
-    if world_size_probe and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        probed, text = _probe_links(device, quick)
-        links.update(probed)
-        sources.update(text)
+    links = _link_figures(base, device, quick, world_size_probe, sources)
     bandwidths += [copy_rate(), copy_rate()]
     bandwidth = statistics.median(bandwidths)
     sources["memory_bandwidth"] = (
@@ -158,6 +122,61 @@ def calibrate(
         **links,
     )
     return _fit_to_reference_layers(profile, device, quick, where)
+
+
+def _matmul_peaks(
+    device: torch.device, sizes: list[int], min_time: float
+) -> tuple[dict[str, float], list[str]]:
+    """The best square matmul FLOP/s per dtype (every rank at once), and a note per dtype for `sources`."""
+    cuda = device.type == "cuda"
+    peak: dict[str, float] = {}
+    notes: list[str] = []
+    for key, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        rate = _together(
+            lambda dtype=dtype, key=key: _matmul_rate(
+                device, dtype, sizes if key == "float32" or cuda else sizes[:-1], min_time
+            )
+        )
+        if rate is not None:
+            peak[key] = rate
+            notes.append(f"{key} {rate / 1e12:.3g}")
+    if cuda:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            peak["tf32"] = (
+                _together(lambda: _matmul_rate(device, torch.float32, sizes, min_time)) or peak["float32"]
+            )
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        notes.append(f"tf32 {peak['tf32'] / 1e12:.3g}")
+    else:
+        peak["tf32"] = peak["float32"]
+        notes.append("tf32 = float32 (no TF32 on CPUs)")
+    return peak, notes
+
+
+def _link_figures(
+    base: DeviceProfile, device: torch.device, quick: bool, probe: bool, sources: dict[str, str]
+) -> dict[str, Any]:
+    """The DeviceProfile's link fields: measured between the ranks when several run (and `probe`), else copied
+    from the shipped profile `base`; `sources` says which."""
+    cuda = device.type == "cuda"
+    links: dict[str, Any] = {
+        "intra_node_bandwidth": base.intra_node_bandwidth,
+        "intra_node_latency": base.intra_node_latency,
+        "inter_node_bandwidth": base.inter_node_bandwidth,
+        "inter_node_latency": base.inter_node_latency,
+        "gpus_per_node": torch.cuda.device_count() if cuda else base.gpus_per_node,
+        "allreduce_overlap": base.allreduce_overlap,
+    }
+    copied = f"not measured (single process): copied from the shipped {base.name!r} profile"
+    sources["intra_node"] = sources["inter_node"] = sources["allreduce_overlap"] = copied
+    if probe and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        probed, text = _probe_links(device, quick)
+        links.update(probed)
+        sources.update(text)
+    return links
 
 
 # Grid of the matmul shape table per device kind (rows m, reduction k, columns n) and the most FLOPs measured.
