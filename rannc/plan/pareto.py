@@ -297,15 +297,9 @@ class _Run:
         """The entries of `stage` (t seconds per microbatch, ar at the step's end) in front of `children`
         (sorted by summed time) whose plans may stay under the cutoff, added to candidates[key]."""
         weight, cutoff = self.search.weight, self.cutoff
-        floor, before_max, before_u, mean_div = bound
+        floor = bound.floor
         # Bound the whole group by its first (least summed) child first.
-        least = children[0].time_sum + t + floor
-        bx = t if t > before_max else before_max
-        mean = least * mean_div
-        if mean > bx:
-            bx = mean
-        z = weight * bx + ar
-        if least + (z if z > before_u else before_u) > cutoff:
+        if bound.above(children[0].time_sum + t + floor, t, ar, weight, cutoff):
             return
         bucket = None
         # Children whose largest t and AR this stage covers all give (sum + t, t, ar): the first one beats the rest
@@ -326,13 +320,7 @@ class _Run:
                     x = t
                 if ar > y:
                     y = ar
-            total = a + floor
-            bx = x if x > before_max else before_max
-            mean = total * mean_div
-            if mean > bx:
-                bx = mean
-            z = weight * bx + y
-            if total + (z if z > before_u else before_u) > cutoff:
+            if bound.above(a + floor, x, y, weight, cutoff):
                 continue
             if bucket is None:
                 bucket = candidates.get(key)
@@ -366,6 +354,19 @@ class _PrefixBound(NamedTuple):
     before_max: float  # their largest t
     before_u: float  # their largest (P - 1) t + AR
     mean_div: float  # 1 / (stage count of the whole plan at the least): the mean stage time bounds max t
+
+    def above(
+        self, total: float, time_max: float, allreduce_max: float, weight: float, cutoff: float
+    ) -> bool:
+        """Whether every plan ending in a suffix of summed time `total` (these stages' floor included), largest
+        t `time_max` and largest AR `allreduce_max` takes longer than `cutoff`:
+        T >= total + max(weight x max(time_max, before_max, total x mean_div) + allreduce_max, before_u)."""
+        bx = time_max if time_max > self.before_max else self.before_max
+        mean = total * self.mean_div
+        if mean > bx:
+            bx = mean
+        z = weight * bx + allreduce_max
+        return total + (z if z > self.before_u else self.before_u) > cutoff
 
 
 def relaxed(total: float) -> float:
