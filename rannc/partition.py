@@ -25,6 +25,7 @@ from .problem import (
     JOB_KNOBS,
     assemble_problem,
     deployment_of,
+    job_schedules,
     job_search_space,
     links_of_config,
     plan_or_explain,
@@ -103,7 +104,7 @@ def partition(
     global_batch = _global_batch(call.batch_size(), world_size, device)
     limit = memory_limit(config, device)
     # Checked even when loading a plan: a schedule this model cannot run is the configuration's error.
-    space = job_search_space(config, world_size, global_batch, limit, has_single_loss(captured, analysis))
+    schedules = job_schedules(config, has_single_loss(captured, analysis))
     if config.load_deployment:
         deployment = load_deployment(
             config.deployment_file,
@@ -117,7 +118,7 @@ def partition(
     if not analysis.order:
         # Nothing depends on the batch (e.g. forward(x): return x): there is nothing to cut or to profile,
         # and every rank runs the whole (empty) graph on its own rows, as DDP would.
-        deployment = data_parallel_deployment(captured, world_size, global_batch, limit, space.schedules[0])
+        deployment = data_parallel_deployment(captured, world_size, global_batch, limit, schedules[0])
         retarget_device(captured.gm, device)
         logger.info("the model has no operations on its inputs: data parallel over %d rank(s)", world_size)
         return Partitioned(captured, analysis, deployment)
@@ -126,15 +127,16 @@ def partition(
     retarget_device(captured.gm, device)
     blocks = cut_blocks(analysis, flops, global_batch, config.max_partition_num)
     graphs = block_graphs(captured, analysis, blocks)
-    # Read before the long profiling: a bad device_profile fails at once.
+    # Read before the long profiling: a bad device_profile fails at once. The end of a step (optimizer update
+    # time, temporaries) and, with config.device_profile, the links are priced with a device profile (calibrated,
+    # or the shipped one of this device), not measured here.
     profile = get_device_profile(config.device_profile) if config.device_profile else _shipped_profile(device)
+    links = profile.planner_links() if config.device_profile else links_of_config(config)
+    space = job_search_space(config, world_size, global_batch, limit, schedules, links.gpus_per_node)
     sizes = space.profile_sizes()
     costs = measured_block_profiles(
         captured, analysis, blocks, graphs, (values, state), sizes, config=config, device=device
     )
-    # The end of a step (optimizer update time, temporaries) and, with config.device_profile, the links are
-    # priced with a device profile (calibrated, or the shipped one of this device), not measured here.
-    links = profile.planner_links() if config.device_profile else links_of_config(config)
     l2 = coupled_weight_decay(optimizer)
     problem = assemble_problem(
         captured, analysis, blocks, graphs, costs, space, links, profile, l2_weight_decay=l2

@@ -44,6 +44,7 @@ __all__ = [
     "allowed_schedules",
     "assemble_problem",
     "deployment_of",
+    "job_schedules",
     "job_search_space",
     "links_of_config",
     "plan_or_explain",
@@ -146,17 +147,27 @@ def search_space(
     )
 
 
-def job_search_space(
-    config: Config, world_size: int, global_batch: int, memory_limit_bytes: float | None, single_loss: bool
-) -> SearchSpace:
-    """The SearchSpace of a RaNNCModule job from its configuration (`single_loss`: the model returns exactly
-    one scalar loss, which 1F1B needs)."""
+def job_schedules(config: Config, single_loss: bool) -> tuple[Schedule, ...]:
+    """The schedules a RaNNCModule job's configuration allows for its model (`single_loss`: the model returns
+    exactly one scalar loss, which 1F1B needs); "auto" prefers 1F1B."""
     requested = tuple(Schedule) if config.schedule == "auto" else (Schedule(config.schedule),)
+    return allowed_schedules(requested, single_loss)
+
+
+def job_search_space(
+    config: Config,
+    world_size: int,
+    global_batch: int,
+    memory_limit_bytes: float | None,
+    schedules: tuple[Schedule, ...],
+    gpus_per_node: int | None,
+) -> SearchSpace:
+    """The SearchSpace of a RaNNCModule job from its configuration (`schedules`: `job_schedules`)."""
     return search_space(
         world_size=world_size,
         global_batch=global_batch,
         memory_limit_bytes=memory_limit_bytes,
-        schedules=allowed_schedules(requested, single_loss),
+        schedules=schedules,
         min_microbatches=config.min_pipeline,
         max_microbatches=config.max_pipeline,
         num_stages=config.partition_num or None,
@@ -164,6 +175,7 @@ def job_search_space(
         zero_optimizer=config.enable_zero,
         opt_param_factor=config.opt_param_factor,
         overlap_grad_sync=config.overlap_grad_sync,
+        gpus_per_node=gpus_per_node,
     )
 
 
