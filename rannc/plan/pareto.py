@@ -30,13 +30,9 @@ import enum
 import math
 from typing import NamedTuple
 
-from ..schedule import Schedule
 from .bounds import PrefixBounds
-from .cost import CostModel
 from .front import TIE, Entry, pareto_front, triple
 from .slices import SearchSlice
-from .tables import StageTables
-from .types import PlanProblem
 
 # Slack for sums of the same values taken in another order (rounding), in bound-based breaks.
 ROUNDING = 1e-12
@@ -57,17 +53,8 @@ Lists = list[list[Entry]]  # a state's entries by InputLink
 class SuffixSearch(SearchSlice):
     """The Pareto dynamic programme over suffixes of one slice (see the module's steps)."""
 
-    def __init__(
-        self,
-        problem: PlanProblem,
-        model: CostModel,
-        microbatches: int,
-        schedule: Schedule | str,
-        tables: StageTables | None = None,
-    ) -> None:
-        super().__init__(problem, model, microbatches, schedule, tables)
-        self._bounds: PrefixBounds | None = None
-        self.states = 0  # states expanded by the last run (for profiling)
+    _bounds: PrefixBounds | None = None  # built when first needed, dropped by `release`
+    states = 0  # states expanded by the last run (for profiling)
 
     @property
     def bounds(self) -> PrefixBounds:
