@@ -37,6 +37,7 @@ from .profile.devices import DeviceProfile, optimizer_transient
 from .schedule import Schedule
 
 __all__ = [
+    "AUTO_SCHEDULES",
     "JOB_KNOBS",
     "PLAN_KNOBS",
     "Knobs",
@@ -58,6 +59,8 @@ SIMULATE_CANDIDATES = 16
 COMPACT_WORLD = 64
 COMPACT_MICROBATCHES = 32
 _GIB = 2**30
+# What schedule = "auto" lets the planner choose among (the first preferred on a tie).
+AUTO_SCHEDULES = (Schedule.ONE_F_ONE_B, Schedule.FILL_DRAIN)
 
 
 # ---- the search space and the links -------------------------------------------------------------------------
@@ -150,7 +153,7 @@ def search_space(
 def job_schedules(config: Config, single_loss: bool) -> tuple[Schedule, ...]:
     """The schedules a RaNNCModule job's configuration allows for its model (`single_loss`: the model returns
     exactly one scalar loss, which 1F1B needs); "auto" prefers 1F1B."""
-    requested = tuple(Schedule) if config.schedule == "auto" else (Schedule(config.schedule),)
+    requested = AUTO_SCHEDULES if config.schedule == "auto" else (Schedule(config.schedule),)
     return allowed_schedules(requested, single_loss)
 
 

@@ -253,7 +253,7 @@ def _run_actions(
         progressed = False
         for s in range(num_stages):
             while cursor[s] < len(lists[s]):
-                kind, i = lists[s][cursor[s]]
+                kind, i = lists[s][cursor[s]][:2]
                 if kind == ActionKind.FORWARD:
                     producer = (ActionKind.FORWARD, i, s - 1) if s > 0 else None
                     own = None
