@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 
-from ..schedule import Action, ActionKind, Schedule
+from ..schedule import Action, ActionKind, Schedule, held_microbatches, virtual_stage
 from .cost import (
     CostModel,
     allreduce_time,
@@ -24,6 +24,7 @@ __all__ = [
     "Timeline",
     "analytic_step_time",
     "bubble_bound",
+    "peak_activation_bytes",
     "peak_inflight",
     "simulate",
     "simulate_plan",
@@ -43,7 +44,7 @@ class StageTiming:
     """
 
     fwd: float
-    bwd: float
+    bwd: float  # the whole backward; with a split backward, I takes bwd - bwd_weight and W bwd_weight
     comm_in: float = 0.0
     comm_out: float = 0.0
     allreduce: float = 0.0  # seconds of the stage's gradient allreduce, once per step
@@ -59,6 +60,17 @@ class StageTiming:
     allreduce_exposed: float | None = None
     # Fraction of the rest that hides behind the backward (the device's allreduce_overlap).
     overlap: float = 1.0
+    bwd_weight: float = 0.0  # seconds of the backward spent on parameter gradients (a W pass)
+
+    def duration(self, kind: ActionKind) -> float:
+        """Seconds of compute of one microbatch's `kind` pass through this stage."""
+        if kind == ActionKind.FORWARD:
+            return self.fwd
+        if kind == ActionKind.BACKWARD_INPUT:
+            return self.bwd - self.bwd_weight
+        if kind == ActionKind.BACKWARD_WEIGHT:
+            return self.bwd_weight
+        return self.bwd
 
     @property
     def tail(self) -> float:
@@ -92,6 +104,8 @@ class EventKind(enum.StrEnum):
 
     FORWARD = "F"
     BACKWARD = "B"
+    BACKWARD_INPUT = "I"
+    BACKWARD_WEIGHT = "W"
     RECV_ACT = "recv_act"  # blocking receive of a forward's inputs
     RECV_GRAD = "recv_grad"  # blocking receive of a backward's output gradients
     ALLREDUCE = "allreduce"  # the stage's gradient allreduce among its replicas
@@ -99,8 +113,7 @@ class EventKind(enum.StrEnum):
     UPDATE = "update"  # the optimizer step
 
 
-_COMPUTE = (EventKind.FORWARD, EventKind.BACKWARD)
-_RECEIVE = {ActionKind.FORWARD: EventKind.RECV_ACT, ActionKind.BACKWARD: EventKind.RECV_GRAD}
+_COMPUTE = (EventKind.FORWARD, EventKind.BACKWARD, EventKind.BACKWARD_INPUT, EventKind.BACKWARD_WEIGHT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +124,13 @@ class Event:
     microbatch: int  # -1 for the allreduces and the update
     start: float
     end: float
+    chunk: int = 0  # the position's model chunk the event belongs to
 
     @property
     def name(self) -> str:
-        return str(self.kind) if self.microbatch < 0 else f"{self.kind}{self.microbatch}"
+        if self.microbatch < 0:
+            return str(self.kind)
+        return f"{self.kind}{self.microbatch}" + (f"c{self.chunk}" if self.chunk else "")
 
     @property
     def duration(self) -> float:
@@ -123,20 +139,27 @@ class Event:
 
 @dataclasses.dataclass(frozen=True)
 class Timeline:
-    """The simulated step: events per stage (in time order), step time, in-flight microbatches and memory."""
+    """The simulated step: events per position (in time order), step time, in-flight microbatches and memory.
+
+    With one chunk per position a position is a stage; with `chunks` > 1, `stages` lists the virtual stages in
+    pipeline order and position s runs virtual stages s, s + num_stages, ... (`rannc.schedule.virtual_stage`)."""
 
     schedule: Schedule
     microbatches: int
-    stages: list[StageTiming]
-    events: list[list[Event]]
+    stages: list[StageTiming]  # per virtual stage
+    events: list[list[Event]]  # per position
     step_time: float  # end of the last event of any stage, allreduces included
-    peak_inflight: list[int]  # per stage: most microbatches whose activations are held at once
-    peak_memory: list[float]  # per stage: static_bytes + activation_bytes * peak_inflight
+    peak_inflight: list[int]  # per position: most (microbatch, chunk) activations held at once
+    peak_memory: list[
+        float
+    ]  # per position: static bytes of its chunks + the activations it holds at its peak
     rendezvous: bool
+    chunks: int = 1
 
     @property
     def num_stages(self) -> int:
-        return len(self.stages)
+        """Pipeline positions (stages when there is one chunk per position)."""
+        return len(self.events)
 
     def busy_time(self, stage: int) -> float:
         """Seconds stage `stage` spends computing forwards and backwards (receives and allreduce excluded)."""
@@ -161,11 +184,21 @@ class Timeline:
 
 
 def peak_inflight(actions: list[Action]) -> int:
-    """Most microbatches forwarded but not yet backwarded at once while running `actions` in order."""
-    held = peak = 0
+    """Most microbatches forwarded but not yet released (B, or W after a split backward) at once while running
+    `actions` in order."""
+    return held_microbatches(actions)
+
+
+def peak_activation_bytes(actions: list[Action], chunk_bytes: Sequence[float]) -> float:
+    """Most activation bytes held at once while running `actions`, one microbatch of chunk c holding
+    `chunk_bytes[c]` from its forward until the pass that releases it."""
+    held = peak = 0.0
     for action in actions:
-        held += 1 if action.kind == ActionKind.FORWARD else -1
-        peak = max(peak, held)
+        if action.kind == ActionKind.FORWARD:
+            held += chunk_bytes[action.chunk]
+            peak = max(peak, held)
+        elif action.kind.releases:
+            held -= chunk_bytes[action.chunk]
     return peak
 
 
@@ -190,7 +223,7 @@ def _check(stage_times: list[StageTiming], microbatches: int) -> None:
 
 
 def _receive_time(stage_times: list[StageTiming], stage: int, kind: ActionKind) -> float:
-    """Seconds to receive what F (activations from stage-1) or B (gradients from stage+1) needs at `stage`."""
+    """Seconds to receive what F (activations from stage-1) or B/I (gradients from stage+1) needs at `stage`."""
     if kind == ActionKind.FORWARD:
         return stage_times[stage].comm_in if stage > 0 else 0.0
     return stage_times[stage].comm_out if stage < len(stage_times) - 1 else 0.0
@@ -201,30 +234,48 @@ def simulate(
     microbatches: int,
     schedule: Schedule | str,
     *,
+    chunks: int = 1,
     rendezvous: bool = True,
     shared: Sequence[tuple[float, tuple[int, ...]]] = (),
 ) -> Timeline:
-    """Simulate one step: every stage runs `schedule.actions(s, S, P)` in order, one action at a time.
+    """Simulate one step: every position runs `schedule.actions(s, S, P, chunks)` in order, one at a time.
 
-    F(i) at stage s needs F(i) at s-1 and a transfer of comm_in[s]; B(i) at s needs B(i) at s+1 (and its
-    own F(i)) and a transfer of comm_out[s]. With `rendezvous` (the runtime: sends are asynchronous, the
-    consumer posts a blocking receive when it starts the action and the data moves once both sides are
-    there) the transfer starts at max(stage free, producer done) and the consumer waits for it, so compute
-    starts at max(free, producer done) + transfer. Without it the data travels on its own as soon as it is
-    produced: compute starts at max(free, producer done + transfer). After its last action each stage runs
-    its gradient allreduce; then each `shared` (seconds, stages) allreduce (a parameter held by several
-    stages) starts when all its stages are there; then each stage's optimizer update. Compute durations are
-    fwd and bwd.
+    `stage_times` lists the virtual stages in pipeline order (S = len(stage_times) / chunks positions). F(i) at
+    virtual stage k needs F(i) at k-1 and a transfer of comm_in[k]; B(i) or I(i) at k needs the input gradients
+    of i at k+1 (its B or I) and its own F(i), and a transfer of comm_out[k]; W(i) needs its own I(i). With
+    `rendezvous` (the runtime: sends are asynchronous, the consumer posts a blocking receive when it starts the
+    action and the data moves once both sides are there) the transfer starts at max(position free, producer
+    done) and the consumer waits for it, so compute starts at max(free, producer done) + transfer. Without it
+    the data travels on its own as soon as it is produced: compute starts at max(free, producer done +
+    transfer). After its last action each position runs its gradient allreduce (its chunks' together); then
+    each `shared` (seconds, virtual stages) allreduce (a parameter held by several stages) starts when all its
+    positions are there; then each position's optimizer update. Compute durations are
+    `StageTiming.duration`.
     """
     _check(stage_times, microbatches)
     schedule = Schedule(schedule)  # ValueError for an unknown name
-    num_stages = len(stage_times)
-    lists = [schedule.actions(s, num_stages, microbatches) for s in range(num_stages)]
-    events = _run_actions(stage_times, lists, rendezvous)
+    if chunks < 1 or len(stage_times) % chunks:
+        raise ValueError(f"{len(stage_times)} virtual stages do not make {chunks} chunks per position")
+    positions = len(stage_times) // chunks
+    lists = [schedule.actions(s, positions, microbatches, chunks) for s in range(positions)]
+    events = _run_actions(stage_times, lists, chunks, rendezvous)
     if events is None:
-        raise RuntimeError(f"schedule {schedule!r} deadlocks with {num_stages} stages, {microbatches} mb")
-    ends = _end_step(stage_times, events, shared)
+        raise RuntimeError(
+            f"schedule {schedule!r} deadlocks with {positions} positions, {chunks} chunks, {microbatches} mb"
+        )
+    per_position = [_position_timing(stage_times, s, positions, chunks) for s in range(positions)]
+    shared_positions = [
+        (seconds, tuple(sorted({k % positions for k in holders}))) for seconds, holders in shared
+    ]
+    ends = _end_step(per_position, events, shared_positions)
     peaks = [peak_inflight(actions) for actions in lists]
+    memory = [
+        timing.static_bytes
+        + peak_activation_bytes(
+            actions, [stage_times[virtual_stage(s, c, positions)].activation_bytes for c in range(chunks)]
+        )
+        for s, (timing, actions) in enumerate(zip(per_position, lists))
+    ]
     return Timeline(
         schedule=schedule,
         microbatches=microbatches,
@@ -232,50 +283,93 @@ def simulate(
         events=events,
         step_time=max(ends),
         peak_inflight=peaks,
-        peak_memory=[t.static_bytes + t.activation_bytes * p for t, p in zip(stage_times, peaks)],
+        peak_memory=memory,
         rendezvous=rendezvous,
+        chunks=chunks,
     )
 
 
-def _run_actions(
-    stage_times: list[StageTiming], lists: list[list[Action]], rendezvous: bool
-) -> list[list[Event]] | None:
-    """The forward, backward and receive events of every stage running its action list (None: deadlock).
+def _position_timing(
+    stage_times: list[StageTiming], position: int, positions: int, chunks: int
+) -> StageTiming:
+    """What one position's chunks add up to after their compute: allreduce, update and static memory (its last
+    backward is its first chunk's, so the overlapped allreduce's exposed part is that chunk's)."""
+    own = [stage_times[virtual_stage(position, c, positions)] for c in range(chunks)]
+    if chunks == 1:
+        return own[0]
+    exposed = own[0].allreduce_exposed
+    parts: dict[str, float] | None = None
+    if all(t.memory_parts for t in own):
+        parts = {}
+        for timing in own:
+            for name, value in (timing.memory_parts or {}).items():
+                parts[name] = parts.get(name, 0.0) + value
+    return dataclasses.replace(
+        own[0],
+        allreduce=sum(t.allreduce for t in own),
+        update=sum(t.update for t in own),
+        allreduce_exposed=exposed if exposed is None else exposed + sum(t.allreduce for t in own[1:]),
+        static_bytes=sum(t.static_bytes for t in own),
+        memory_parts=parts,
+    )
 
-    Sweeps the stages over and over, each running its next actions while what they need is done."""
-    num_stages = len(stage_times)
-    done: dict[tuple[ActionKind, int, int], float] = {}  # (kind, microbatch, stage) -> compute end
-    free = [0.0] * num_stages
-    cursor = [0] * num_stages
-    events: list[list[Event]] = [[] for _ in range(num_stages)]
+
+_RECEIVE = {
+    ActionKind.FORWARD: EventKind.RECV_ACT,
+    ActionKind.BACKWARD: EventKind.RECV_GRAD,
+    ActionKind.BACKWARD_INPUT: EventKind.RECV_GRAD,
+}
+
+
+def _needs(kind: ActionKind, microbatch: int, stage: int, last: int) -> tuple[tuple | None, tuple | None]:
+    """(the other stage's pass this action receives from, or None; this stage's own earlier pass, or None),
+    as keys of the simulator's `done` table: (kind, microbatch, virtual stage), "G" for input gradients."""
+    if kind == ActionKind.FORWARD:
+        return ((ActionKind.FORWARD, microbatch, stage - 1) if stage > 0 else None), None
+    if kind == ActionKind.BACKWARD_WEIGHT:
+        return None, (ActionKind.BACKWARD_INPUT, microbatch, stage)
+    producer = ("G", microbatch, stage + 1) if stage < last else None
+    return producer, (ActionKind.FORWARD, microbatch, stage)
+
+
+def _run_actions(
+    stage_times: list[StageTiming], lists: list[list[Action]], chunks: int, rendezvous: bool
+) -> list[list[Event]] | None:
+    """The compute and receive events of every position running its action list (None: deadlock).
+
+    Sweeps the positions over and over, each running its next actions while what they need is done."""
+    positions = len(lists)
+    last = len(stage_times) - 1
+    done: dict[tuple, float] = {}  # (kind or "G", microbatch, virtual stage) -> compute end
+    free = [0.0] * positions
+    cursor = [0] * positions
+    events: list[list[Event]] = [[] for _ in range(positions)]
     remaining = sum(len(actions) for actions in lists)
     while remaining:
         progressed = False
-        for s in range(num_stages):
+        for s in range(positions):
             while cursor[s] < len(lists[s]):
-                kind, i = lists[s][cursor[s]][:2]
-                if kind == ActionKind.FORWARD:
-                    producer = (ActionKind.FORWARD, i, s - 1) if s > 0 else None
-                    own = None
-                else:
-                    producer = (ActionKind.BACKWARD, i, s + 1) if s < num_stages - 1 else None
-                    own = (ActionKind.FORWARD, i, s)
+                action = lists[s][cursor[s]]
+                kind, i, chunk = action.kind, action.microbatch, action.chunk
+                k = virtual_stage(s, chunk, positions)
+                producer, own = _needs(kind, i, k, last)
                 if (producer is not None and producer not in done) or (own is not None and own not in done):
                     break
                 produced = done[producer] if producer is not None else 0.0
                 floor = max(free[s], done[own]) if own is not None else free[s]
-                transfer = _receive_time(stage_times, s, kind) if producer is not None else 0.0
+                transfer = _receive_time(stage_times, k, kind) if producer is not None else 0.0
                 if rendezvous:
                     posted = max(floor, produced)
                     start = posted + transfer
                     if transfer > 0:
-                        events[s].append(Event(_RECEIVE[kind], i, posted, start))
+                        events[s].append(Event(_RECEIVE[kind], i, posted, start, chunk))
                 else:
                     start = max(floor, produced + transfer)
-                timing = stage_times[s]
-                end = start + (timing.fwd if kind == ActionKind.FORWARD else timing.bwd)
-                events[s].append(Event(EventKind(kind), i, start, end))
-                done[kind, i, s] = end
+                end = start + stage_times[k].duration(kind)
+                events[s].append(Event(EventKind(kind), i, start, end, chunk))
+                done[kind, i, k] = end
+                if kind.sends_grad:
+                    done["G", i, k] = end
                 free[s] = end
                 cursor[s] += 1
                 remaining -= 1
@@ -288,13 +382,13 @@ def _run_actions(
 def _end_step(
     stage_times: list[StageTiming], events: list[list[Event]], shared: Sequence[tuple[float, tuple[int, ...]]]
 ) -> list[float]:
-    """Add each stage's gradient allreduce, the shared parameters' allreduces and the optimizer updates after
-    the stages' last actions; returns when each stage's step ends."""
+    """Add each position's gradient allreduce, the shared parameters' allreduces and the optimizer updates after
+    the positions' last actions; returns when each position's step ends."""
     free = [max((e.end for e in stage_events), default=0.0) for stage_events in events]
     ends = list(free)
     for s, timing in enumerate(stage_times):
         if timing.allreduce > 0:
-            last = next((e for e in reversed(events[s]) if e.kind == EventKind.BACKWARD), None)
+            last = next((e for e in reversed(events[s]) if e.kind in _GRADIENT_PASSES), None)
             start, ends[s] = timing.allreduce_span(free[s] if last is None else last.start, free[s])
             events[s].append(Event(EventKind.ALLREDUCE, -1, start, ends[s]))
     for seconds, holders in shared:
@@ -308,8 +402,13 @@ def _end_step(
     return [end + timing.update for end, timing in zip(ends, stage_times)]
 
 
+_GRADIENT_PASSES = (EventKind.BACKWARD, EventKind.BACKWARD_WEIGHT)
+
+
 def bubble_bound(stage_times: list[StageTiming], microbatches: int, *, rendezvous: bool = True) -> float:
-    """A lower bound on `simulate(...).step_time` for any schedule (each stage runs every F and B once).
+    """A lower bound on `simulate(...).step_time` for any one-chunk schedule with whole backwards (each stage runs
+    every F and B once; a split backward's W passes can end a stage after its gradients left, which this drain
+    argument does not cover).
 
     For each stage s: its first forward cannot compute before microbatch 0 went through the stages before it
     (head_s = sum_{k<s} fwd_k + sum_{0<k<=s} comm_in_k); from then on it computes P forwards and P backwards

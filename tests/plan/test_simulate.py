@@ -19,7 +19,7 @@ from rannc.plan.simulate import (
     simulate,
     simulate_plan,
 )
-from rannc.schedule import actions_for
+from rannc.schedule import Schedule, actions_for
 
 SCHEDULES = ("1f1b", "fill_drain")
 MODES = pytest.mark.parametrize("rendezvous", [True, False], ids=["rendezvous", "async"])
@@ -287,3 +287,59 @@ def test_plot_legends_leave_the_bars_and_timeline_visible() -> None:
         assert box.x0 >= area.x1, f"legend of {ax.get_ylabel() or ax.get_xlabel()!r} overlaps its plot"
     names = [t.get_text() for t in axes[2].get_legend().get_texts()]
     assert names == ["forward", "backward", "receive activations", "receive gradients"]
+
+
+# ---- chunks and split backwards ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_stages", [2, 4, 6])
+def test_split_and_chunked_schedules_meet_their_closed_forms(num_stages: int) -> None:
+    """Balanced stages, no communication, F = I = W (B = 2F): over P microbatches 1F1B takes
+    (P + S - 1)(F + B); ZB-H1 leaves a bubble of (S - 1)(F + I - W) (Qi et al.); interleaving v chunks of
+    1/v of a stage divides 1F1B's bubble by v (Narayanan et al.)."""
+    f, p = 1.0, 2 * num_stages
+    whole = StageTiming(fwd=f, bwd=2 * f)
+    split = StageTiming(fwd=f, bwd=2 * f, bwd_weight=f)
+    work = p * 3 * f
+    assert simulate([whole] * num_stages, p, "1f1b").step_time == pytest.approx(
+        work + (num_stages - 1) * 3 * f
+    )
+    assert simulate([split] * num_stages, p, "zero_bubble").step_time == pytest.approx(
+        work + (num_stages - 1) * f
+    )
+    for chunks in (2, 3):
+        part = StageTiming(fwd=f / chunks, bwd=2 * f / chunks)
+        timeline = simulate([part] * (num_stages * chunks), p, "interleaved_1f1b", chunks=chunks)
+        assert timeline.step_time == pytest.approx(work + (num_stages - 1) * 3 * f / chunks)
+        assert timeline.num_stages == num_stages and len(timeline.stages) == num_stages * chunks
+
+
+def test_chunked_memory_counts_each_chunk_s_activations() -> None:
+    """A position's peak holds its chunks' static bytes and, per held (microbatch, chunk), that chunk's
+    activations; ZB-H1 holds 1F1B's first-stage count at every stage."""
+    stages = [
+        StageTiming(fwd=1, bwd=2, activation_bytes=10.0 * (k + 1), static_bytes=100.0 * (k + 1))
+        for k in range(4)
+    ]
+    timeline = simulate(stages, 4, "interleaved_1f1b", chunks=2)  # position 0 runs stages 0 and 2
+    actions = Schedule.INTERLEAVED_1F1B.actions(0, 2, 4, 2)
+    held = peak = 0.0
+    for action in actions:
+        size = stages[0 if action.chunk == 0 else 2].activation_bytes
+        held += size if action.kind == "F" else -size if action.kind == "B" else 0.0
+        peak = max(peak, held)
+    assert timeline.peak_memory[0] == pytest.approx(100.0 + 300.0 + peak)
+    zero = simulate([StageTiming(fwd=1, bwd=2, bwd_weight=1, activation_bytes=1.0)] * 3, 6, "zero_bubble")
+    assert zero.peak_inflight == [3, 3, 3] and zero.peak_memory == [3.0, 3.0, 3.0]
+
+
+def test_weight_passes_fill_what_one_f_one_b_leaves_idle() -> None:
+    """Every stage's W events lie after its I of the same microbatch, and the last stage's I events follow
+    each other without waiting for its W's."""
+    split = StageTiming(fwd=1, bwd=2, bwd_weight=1, comm_in=0.1, comm_out=0.1)
+    timeline = simulate([split] * 3, 6, "zero_bubble")
+    for events in timeline.events:
+        ends = {(e.kind, e.microbatch): e for e in events}
+        for i in range(6):
+            assert ends["W", i].start >= ends["I", i].end
+    assert {e.kind for events in timeline.events for e in events} >= {"F", "I", "W"}
