@@ -27,6 +27,9 @@ class Config:
     schedule: str = "auto"  # "auto" | "1f1b" | "fill_drain"
     recompute: str = "never"  # activation recompute: "never", "auto" (planner decides), "always"
     enable_zero: bool = False  # ZeRO-1: shard optimizer state over each parameter's replicas
+    # Sharded stages: "auto" (the planner chooses per stage among none, zero-1, zero-2 and zero-3), "none", or
+    # one of "zero-1", "zero-2", "zero-3" for every replicated stage.
+    shard_stages: str = "auto"
     save_deployment: bool = False
     load_deployment: bool = False
     deployment_file: str = "/tmp/rannc_deployment.json"
@@ -74,6 +77,7 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+SHARD_STAGES = ("auto", "none", "zero-1", "zero-2", "zero-3")
 
 
 def _coerce(name: str, raw: Any, source: str) -> Any:
@@ -158,6 +162,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"schedule must be 'auto', '1f1b' or 'fill_drain', got {config.schedule!r}")
     if config.recompute not in ("never", "auto", "always"):
         raise ConfigError(f"recompute must be 'never', 'auto' or 'always', got {config.recompute!r}")
+    if config.shard_stages not in SHARD_STAGES:
+        raise ConfigError(
+            f"shard_stages must be one of {', '.join(repr(v) for v in SHARD_STAGES)}, got {config.shard_stages!r}"
+        )
     if config.max_seq_len < 0:
         raise ConfigError(f"max_seq_len must be >= 0 (0: fixed shapes), got {config.max_seq_len}")
     if config.partition_num < 0:

@@ -26,12 +26,13 @@ from .errors import ConfigError, DeploymentError, InputError, RanncError
 from .host_memory import keep_freed_host_memory
 from .runtime import dist as rdist
 from .runtime import failures
-from .runtime.build import build_local_stage, stage_layout
+from .runtime.build import build_local_stage, shard_stage, stage_layout
 from .runtime.checkpoint import check_complete, load_sharded, local_state, save_sharded
 from .runtime.clip import clip_global_grad_norm
 from .runtime.gather import gather_global_batch
 from .runtime.optimizer import OptimizerBinding, accept_from_global, check_model_parameters
 from .runtime.pipeline import PipelineCall
+from .runtime.sharding import assign_shards, release_unowned
 from .runtime.step import run_call
 from .runtime.trace import current_tracer
 from .runtime.weights import (
@@ -160,6 +161,16 @@ class RaNNCModule:
         )
         self.stage.recompute = plan.stages[my_stage].recompute or self.config.recompute == "always"
         self.stage.overlap_grad_sync = self.config.overlap_grad_sync
+        sizes = {name: shape.numel() * dtype.itemsize for name, (shape, dtype) in self._shapes.items()}
+        param_sets = {name: ranks for name, ranks in self._rank_sets.items() if name in self._params}
+        self._shards = assign_shards([s.shard for s in plan.stages], stage_ranks, param_sets, sizes)
+        shard_stage(
+            self.stage,
+            plan.stages[my_stage],
+            self._shards,
+            {name: shape for name, (shape, _) in self._shapes.items()},
+            groups,
+        )
         self._bind_optimizer(groups)
         failures.configure(self.config.comm_timeout_s)
         failures.set_context(stage=my_stage)
@@ -170,6 +181,10 @@ class RaNNCModule:
         if self._pending_load is not None:
             load_sharded(self._pending_load, self._tensors, self._local, self.optimizer)
             self._pending_load = None
+        # ZeRO-3: from here on a parameter of a sharded stage lives on its owner only
+        unowned = {n for n in self._shards.gathered & local if self._shards.owner[n] != self.rank}
+        release_unowned(self._tensors, sorted(unowned))
+        self._local = local - unowned
         self._ready = True
         logger.info(
             "rank %d runs stage %d/%d (replica %d of %d); %d microbatches, %s schedule",
@@ -225,6 +240,7 @@ class RaNNCModule:
             self.rank,
             self.config.enable_zero,
             groups,
+            shards=self._shards,
         )
 
     # ---- every call ----------------------------------------------------------------------------------
@@ -406,7 +422,9 @@ class RaNNCModule:
         """
         if not self._ready:
             return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, norm_type)
-        return clip_global_grad_norm(self.stage, self._rank_sets, max_norm, norm_type)
+        # a sharded stage's gradient lives on its parameter's owner: that rank counts it
+        counting = {**self._rank_sets, **{name: (rank,) for name, rank in self._shards.owner.items()}}
+        return clip_global_grad_norm(self.stage, counting, max_norm, norm_type)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.module.zero_grad(set_to_none=set_to_none)
@@ -514,7 +532,7 @@ class RaNNCModule:
         plan = self.deployment.plan
         for name in sorted(self._tensors):
             stage = self.layout.owner.get(name)
-            owner = 0 if stage is None else plan.stages[stage].ranks[0]
+            owner = 0 if stage is None else self._source_rank(name, plan.stages[stage].ranks[0])
             if self.rank == owner:
                 value = select(self._tensors[name])
                 present = value is not None
@@ -647,7 +665,7 @@ class RaNNCModule:
                 value = select(tensors[name])
                 out[name] = None if value is None else value.detach().to(device or "cpu", copy=True)
                 continue
-            src = self.deployment.plan.stages[stage].ranks[0]
+            src = self._source_rank(name, self.deployment.plan.stages[stage].ranks[0])
             value = select(tensors[name]) if self.rank == src else None
             present = torch.tensor([int(value is not None)], device=self.device)
             if self.world_size > 1:
@@ -664,6 +682,11 @@ class RaNNCModule:
                 dist.broadcast(buffer, src=src)
             out[name] = buffer.to(device or "cpu")
         return out
+
+    def _source_rank(self, name: str, first_replica: int) -> int:
+        """The rank whose copy of `name` (and of its gradient) is authoritative: a sharded parameter's owner,
+        else the first replica of the stage that owns it."""
+        return self._shards.owner.get(name, first_replica)
 
     def _agree_on_initial_state(self) -> None:
         """Every rank starts from the same weights: rank 0's are copied to all with pyrannc's

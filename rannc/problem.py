@@ -32,7 +32,13 @@ from .graph.analysis import GraphAnalysis, module_range
 from .graph.stage import StageGraph
 from .graph.tables import input_bytes, parameter_facts, range_tables
 from .plan import Plan, PlanProblem, minimum_memory_needed, plan_stages, required_microbatch_sizes
-from .plan.types import BlockProfile, Links, default_microbatch_choices, default_replica_choices
+from .plan.types import (
+    BlockProfile,
+    Links,
+    ShardLevel,
+    default_microbatch_choices,
+    default_replica_choices,
+)
 from .profile.devices import DeviceProfile, optimizer_transient
 from .schedule import Schedule
 
@@ -84,6 +90,7 @@ class SearchSpace:
     zero_optimizer: bool = False
     opt_param_factor: float = 2.0
     overlap_grad_sync: bool = True
+    shard_levels: tuple[ShardLevel, ...] = (ShardLevel.NONE,)  # see PlanProblem.shard_levels
 
     def microbatch_sizes(self) -> list[int]:
         """Every per-replica microbatch size the search may ask a block's cost at, ascending."""
@@ -124,6 +131,7 @@ def search_space(
     opt_param_factor: float = 2.0,
     overlap_grad_sync: bool = True,
     gpus_per_node: int | None = None,
+    shard_stages: str = "none",
 ) -> SearchSpace:
     """The SearchSpace of a job: every replica and microbatch count on small problems, the compact sets of
     `default_replica_choices` (worlds of more than COMPACT_WORLD ranks) and `default_microbatch_choices` (more than
@@ -147,7 +155,16 @@ def search_space(
         zero_optimizer=zero_optimizer,
         opt_param_factor=opt_param_factor,
         overlap_grad_sync=overlap_grad_sync,
+        shard_levels=shard_levels_of(shard_stages),
     )
+
+
+def shard_levels_of(shard_stages: str) -> tuple[ShardLevel, ...]:
+    """The shard levels a replicated stage may use for the config item `shard_stages` (`rannc plan --shard`):
+    "auto" every level (the planner chooses, least sharding first), "none" none, a level that level."""
+    if shard_stages == "auto":
+        return tuple(ShardLevel)
+    return (ShardLevel(shard_stages),)
 
 
 def job_schedules(config: Config, single_loss: bool) -> tuple[Schedule, ...]:
@@ -179,6 +196,7 @@ def job_search_space(
         opt_param_factor=config.opt_param_factor,
         overlap_grad_sync=config.overlap_grad_sync,
         gpus_per_node=gpus_per_node,
+        shard_stages=config.shard_stages,
     )
 
 
@@ -250,6 +268,7 @@ def assemble_problem(
         schedules=space.schedules,
         num_stages=space.num_stages,
         zero_optimizer=space.zero_optimizer,
+        shard_levels=space.shard_levels,
         overlap_grad_sync=space.overlap_grad_sync,
         allreduce_overlap=device.allreduce_overlap,
         input_bytes=input_bytes(captured, space.global_batch, space.world_size),

@@ -277,6 +277,7 @@ def run_rannc(case: LoopCase, rank: int, world: int) -> dict[str, Any]:
         "losses": result["losses"],
         "norms": result["norms"],
         "stages": [len(stage.ranks) for stage in plan.stages],
+        "shards": [str(stage.shard) for stage in plan.stages],
         "microbatches": plan.microbatches,
         "schedule": str(plan.schedule),
         "state": _snapshot(state) if rank == 0 else None,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DeploymentError
-from ..plan.types import Plan, StagePlan
+from ..plan.types import Plan, ShardLevel, StagePlan
 
 FORMAT = "rannc-deployment"
 FORMAT_VERSION = 1
@@ -243,6 +243,10 @@ class _Reader:
             return value
         if kind == "bool" and isinstance(value, bool):
             return value
+        if kind == "ShardLevel" and isinstance(value, str):
+            if value not in tuple(ShardLevel):
+                raise self.fail(f"{what} is {value!r}, not one of {[level.value for level in ShardLevel]}")
+            return ShardLevel(value)
         if kind.startswith("list[") and isinstance(value, list):
             inner = kind[len("list[") : -1]
             return [self.check(item, inner, f"an item of {what}") for item in value]

@@ -8,13 +8,14 @@ captured model.
 from .checks import required_microbatch_sizes
 from .cost import StageCost, evaluate, stage_cost
 from .search import minimum_memory_needed, plan_stages
-from .types import BlockProfile, Plan, PlanProblem, StagePlan, interpolate
+from .types import BlockProfile, Plan, PlanProblem, ShardLevel, StagePlan, interpolate
 
 __all__ = [
     "BlockProfile",
     "Plan",
     "PlanProblem",
     "StageCost",
+    "ShardLevel",
     "StagePlan",
     "evaluate",
     "interpolate",

@@ -280,8 +280,10 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
     again = np.where(upper, (fwd + (bwd + fwd)) * keep + comm, np.inf)
     # Most microbatches in flight with which a stage fits, without and with recompute.
     fits, fits_again = np.full(plain.shape, np.inf), np.zeros(plain.shape)
+    # Lower bounds over the shard levels a stage may use (its own level's when it may not shard).
+    floors = [tables.sharded_floors(r) for r in replicas]
     if limit is not None:
-        base = np.stack([tables.base(r) for r in replicas]) if replicas else np.zeros(plain.shape)
+        base = np.stack([floor[0] for floor in floors]) if replicas else np.zeros(plain.shape)
         ins, act = stack("in"), stack("act")
         io = stack("io")
         # Generous by far more than rounding, so that the bound never excludes a fit.
@@ -289,17 +291,14 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
         # Sends held: min(p, q + 1) x (in + out) >= q x (in + out) for q <= p microbatches in flight, so counting
         # them per microbatch in flight keeps the bound generous.
         boundary = ins + stack("out")
-        end = np.stack([tables.step_end(r) for r in replicas]) if replicas else np.zeros(plain.shape)
+        end = np.stack([floor[1] for floor in floors]) if replicas else np.zeros(plain.shape)
         room = np.where(end <= limit * (1 + 1e-9), room, -np.inf)  # the optimizer step alone does not fit
         fits = _most_inflight(room, act + boundary)
         if problem.allow_recompute:
             fits_again = _most_inflight(room - act, ins + boundary)
     allreduce = np.zeros(plain.shape)
     if replicas:
-        allreduce = (
-            np.stack([np.minimum(tables.allreduce(r, False), tables.allreduce(r, True)) for r in replicas])
-            * keep
-        )
+        allreduce = np.stack([floor[2] for floor in floors]) * keep
     values = [search.model.block_values(m) for m in sizes]
     block = np.array([np.add(f, b) for f, b, _ in values]).T * keep if values else np.zeros((num_blocks, 0))
     # Stage times grow with their blocks and are >= 0 (the search's breaks rely on it).

@@ -7,7 +7,8 @@ import math
 from typing import NamedTuple
 
 from ..schedule import Schedule
-from .types import PlanProblem, interpolate
+from .sharding import sharded_state, stage_levels
+from .types import PlanProblem, ShardLevel, interpolate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ class StageCost:
     recompute: bool = False
     workspace_bytes: float = 0.0  # held once: max over its blocks of workspace + later blocks' gradients
     update: float = 0.0  # the optimizer update's part of `allreduce`
+    shard: ShardLevel = ShardLevel.NONE  # how the replicas divide parameter state (plan/sharding.py)
 
     @property
     def peak_activation_bytes(self) -> float:
@@ -122,6 +124,15 @@ def optimizer_transient_bytes(problem: PlanProblem, first: int, last: int, repli
     shards = replicas if problem.zero_optimizer else 1
     largest = problem.range_largest_param_bytes[first][last] if problem.range_largest_param_bytes else 0.0
     return problem.range_param_bytes[first][last] / shards * per_param + largest * per_largest
+
+
+def sharded_transient_bytes(problem: PlanProblem, first: int, last: int, updated: float) -> float:
+    """Temporaries of the optimizer step of a rank that updates `updated` parameter bytes of blocks first..last."""
+    per_param, per_largest = problem.optimizer_transient
+    if not per_param and not per_largest:
+        return 0.0
+    largest = problem.range_largest_param_bytes[first][last] if problem.range_largest_param_bytes else 0.0
+    return updated * per_param + largest * per_largest
 
 
 def update_seconds_per_byte(problem: PlanProblem, replicas: int) -> float:
@@ -275,8 +286,10 @@ class CostModel:
         inflight: int,
         recompute: bool = False,
         links: tuple[bool, bool, bool] = (False, False, False),
+        shard: ShardLevel = ShardLevel.NONE,
     ) -> StageCost:
-        """Full cost breakdown of one stage; links: (inputs, outputs, allreduce) cross nodes."""
+        """Full cost breakdown of one stage; links: (inputs, outputs, allreduce) cross nodes; `shard`: how its
+        replicas divide parameter state (ignored with one replica)."""
         problem = self.problem
         m = replica_microbatch_size(problem.global_batch, microbatches, replicas)
         row = self.row(first, m, replicas)[last - first]
@@ -285,13 +298,26 @@ class CostModel:
         comm = (row.in_inter if links[0] else row.in_intra) + (row.out_inter if links[1] else row.out_intra)
         io = row.held_bytes
         bwd = b_sum + f_sum if recompute else b_sum
+        shard = shard if replicas > 1 else ShardLevel.NONE
+        if shard != ShardLevel.NONE:
+            state = sharded_state(problem, first, last, replicas, shard, recompute, links[2])
+            base = state.bytes + problem.input_bytes
+            comm += state.gather_seconds
         memory = (
             recompute_memory(base, a_sum, in_bytes, inflight, io)
             if recompute
             else stage_memory(base, a_sum, inflight, io)
         ) + sent_bytes(in_bytes, out_bytes, microbatches, inflight)
         # The optimizer step runs after the activations are freed: the peak is the larger of the two phases.
-        memory = max(memory, base + optimizer_transient_bytes(problem, first, last, replicas))
+        if shard == ShardLevel.NONE:
+            memory = max(memory, base + optimizer_transient_bytes(problem, first, last, replicas))
+            allreduce = self.allreduce(first, last, replicas, links[2])
+            update = self.update(first, last, replicas)
+        else:
+            step = state.step_bytes + problem.input_bytes
+            memory = max(memory, step + sharded_transient_bytes(problem, first, last, state.updated))
+            update = state.updated * problem.update_seconds_per_param_byte
+            allreduce = allreduce_time(problem, state.reduced, replicas, links[2]) + update
         return StageCost(
             first_block=first,
             last_block=last,
@@ -302,7 +328,7 @@ class CostModel:
             bwd=bwd,
             comm=comm,
             time=stage_time(f_sum, bwd, comm),
-            allreduce=self.allreduce(first, last, replicas, links[2]),
+            allreduce=allreduce,
             param_bytes=problem.range_param_bytes[first][last],
             activation_bytes=a_sum,
             in_bytes=in_bytes,
@@ -310,8 +336,29 @@ class CostModel:
             memory=memory,
             recompute=recompute,
             workspace_bytes=row.workspace_bytes,
-            update=self.update(first, last, replicas),
+            update=update,
+            shard=shard,
         )
+
+    def fitting(
+        self,
+        first: int,
+        last: int,
+        replicas: int,
+        microbatches: int,
+        inflight: int,
+        links: tuple[bool, bool, bool] = (False, False, False),
+    ) -> StageCost | None:
+        """The stage as the search runs it: without recompute if some level fits, the first of the problem's
+        shard levels (least sharding first) with which it fits in memory; else recomputing (when allowed) at the
+        first level that fits so; None when nothing fits. Without a memory limit: the first level."""
+        limit = self.problem.memory_limit_bytes
+        for recompute in (False, True) if self.problem.allow_recompute else (False,):
+            for shard in stage_levels(self.problem, replicas):
+                cost = self.stage(first, last, replicas, microbatches, inflight, recompute, links, shard)
+                if limit is None or cost.memory <= limit:
+                    return cost
+        return None
 
 
 def stage_time(fwd: float, bwd: float, comm: float) -> float:
@@ -406,6 +453,7 @@ def evaluate(
     schedule: Schedule | str,
     model: CostModel | None = None,
     recompute: list[bool] | None = None,
+    shard: list[ShardLevel] | None = None,
 ) -> tuple[float, list[StageCost]] | None:
     """Step time and stage costs of one candidate, or None when it is not feasible.
 
@@ -439,18 +487,31 @@ def evaluate(
         return None
     if recompute is not None and any(recompute) and not problem.allow_recompute:
         return None
+    if shard is not None and len(shard) != len(ranges):
+        raise ValueError("need one shard level per stage")
+    if shard is not None and any(
+        level not in stage_levels(problem, r) for level, r in zip(shard, replicas)
+    ):
+        return None
     model = model if model is not None else CostModel(problem)
     limit = problem.memory_limit_bytes
     num_stages = len(ranges)
     costs = []
     for s, ((first, last), r, links) in enumerate(zip(ranges, replicas, stage_links(problem, replicas))):
         inflight = schedule.inflight(microbatches, num_stages - s)
+        levels = stage_levels(problem, r) if shard is None else (shard[s],)
         if recompute is not None:
-            cost = model.stage(first, last, r, microbatches, inflight, recompute[s], links)
+            found = [model.stage(first, last, r, microbatches, inflight, recompute[s], links, q) for q in levels]
+            fit = [c for c in found if limit is None or c.memory <= limit]
+            cost = (fit or found)[0]
+        elif shard is None:
+            cost = model.fitting(first, last, r, microbatches, inflight, links) or model.stage(
+                first, last, r, microbatches, inflight, problem.allow_recompute, links, levels[-1]
+            )
         else:
-            cost = model.stage(first, last, r, microbatches, inflight, False, links)
+            cost = model.stage(first, last, r, microbatches, inflight, False, links, levels[0])
             if limit is not None and cost.memory > limit and problem.allow_recompute:
-                cost = model.stage(first, last, r, microbatches, inflight, True, links)
+                cost = model.stage(first, last, r, microbatches, inflight, True, links, levels[0])
         if limit is not None and cost.memory > limit:
             return None
         costs.append(cost)

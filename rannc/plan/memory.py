@@ -28,13 +28,14 @@ def stage_memories(
     out = np.empty((len(replicas), num_blocks, num_blocks))
     for ri, r in enumerate(replicas):
         table = tables.compute(-(-rows // r))
-        base = tables.base(r)
         io, sent = table["io"], sent_bytes(table["in"], table["out"], microbatches, inflight)
-        plain = base + table["act"] * inflight + io + sent  # summed in cost.stage's order
-        if problem.allow_recompute:
-            plain = np.minimum(plain, base + table["in"] * inflight + table["act"] + io + sent)
-        plain = np.maximum(plain, tables.step_end(r))
-        out[ri] = np.where(upper, plain, np.inf)
+        least = np.full(upper.shape, np.inf)
+        for base, step_end in tables.level_states(r):  # every shard level the stage may use
+            plain = base + table["act"] * inflight + io + sent  # summed in cost.stage's order
+            if problem.allow_recompute:
+                plain = np.minimum(plain, base + table["in"] * inflight + table["act"] + io + sent)
+            least = np.minimum(least, np.maximum(plain, step_end))
+        out[ri] = np.where(upper, least, np.inf)
     return out
 
 

@@ -32,7 +32,9 @@ from typing import NamedTuple
 
 from .bounds import PrefixBounds
 from .front import TIE, Entry, pareto_front, triple
+from .sharding import stage_levels
 from .slices import SearchSlice
+from .types import ShardLevel
 
 # Slack for sums of the same values taken in another order (rounding), in bound-based breaks.
 ROUNDING = 1e-12
@@ -117,6 +119,7 @@ class _Stage(NamedTuple):
     time: float  # compute seconds per microbatch (a recomputed forward included)
     comm: tuple[float, float, float, float]  # p2p seconds: inputs intra, inter; outputs intra, inter
     allreduce: tuple[float, float]  # AR seconds within a node, across nodes
+    gather: tuple[float, float] = (0.0, 0.0)  # ZeRO-3 gathers per microbatch, replicas within a node / across
 
 
 class _Run:
@@ -190,22 +193,41 @@ class _Run:
         with recompute exactly when it must to fit in memory; None when it does not fit."""
         f, bw, act, in_b, out_b, cin, cinx, cout, coutx, io = self.columns[ri][j][b]
         fb = f + bw
+        r = self.search.replicas[ri]
+        levels = stage_levels(self.search.problem, r)
+        if levels[0] != ShardLevel.NONE:
+            return self._sharded_stage(inflight, r, b, j)
         if self.limit is None:
             time = fb
         else:
             base = self.bases[ri][j][b]
             if self.ends[ri][j][b] > self.limit:  # the optimizer step does not fit
-                return None
+                return self._sharded_stage(inflight, r, b, j) if len(levels) > 1 else None
             sends_held = min(self.search.p, inflight + 1)  # cost.sent_bytes, per byte of boundary tensors
             sent = sends_held * (in_b + out_b)  # sums in cost.stage's order
             if base + act * inflight + io + sent <= self.limit:
                 time = fb
+            elif len(levels) > 1:  # a sharded level may fit (and, the first that does, wins over recompute)
+                return self._sharded_stage(inflight, r, b, j)
             elif self.recompute and base + in_b * inflight + act + io + sent <= self.limit:
                 time = f + (bw + f)
             else:
                 return None
         allreduce = (self.ar_intra[ri][j][b], self.ar_inter[ri][j][b])
-        return _Stage(b, j, self.search.replicas[ri], time, (cin, cinx, cout, coutx), allreduce)
+        return _Stage(b, j, r, time, (cin, cinx, cout, coutx), allreduce)
+
+    def _sharded_stage(self, inflight: int, r: int, b: int, j: int) -> _Stage | None:
+        """`_stage_time` where the stage's replicas may shard its parameter state: the cost model's choice
+        (`CostModel.fitting`), priced for both links of its replicas (gathers and step end)."""
+        model, p = self.search.model, self.search.p
+        cost = model.fitting(b, j, r, p, inflight)
+        if cost is None:
+            return None
+        f, _, _, _, _, cin, cinx, cout, coutx, _ = self.columns[self.search.replicas.index(r)][j][b]
+        spanning = model.stage(b, j, r, p, inflight, cost.recompute, (False, False, True), cost.shard)
+        gather = (cost.comm - (cin + cout), spanning.comm - (cin + cout))
+        allreduce = (cost.allreduce, spanning.allreduce)
+        return _Stage(b, j, r, cost.fwd + cost.bwd, (cin, cinx, cout, coutx), allreduce, gather)
 
     def _place(
         self,
@@ -229,7 +251,10 @@ class _Run:
         ar_intra, ar_inter = stage.allreduce
         # Least t and AR of this stage whatever its placement: with the bounds on the stages before, which only
         # grow as their ranks shrink, they stop the loop over groups (more ranks for the suffix, fewer before).
-        t_least = stage.time + ((cin if cin < cinx else cinx) + (cout if cout < coutx else coutx))
+        gather_intra, gather_inter = stage.gather
+        t_least = (stage.time + (gather_intra if gather_intra < gather_inter else gather_inter)) + (
+            (cin if cin < cinx else cinx) + (cout if cout < coutx else coutx)
+        )
         ar_least = ar_intra if ar_intra < ar_inter else ar_inter
         for dc, lists in groups:
             o = self.world - dc - r
@@ -245,13 +270,14 @@ class _Run:
             before = before_cap if before_cap < o else o
             inputs, outputs, spans = self._placement(o, r, terminal, lists, stage.comm)
             ar = ar_inter if spans else ar_intra
+            compute = stage.time + (gather_inter if spans else gather_intra)
             bound = _PrefixBound(floor, before_max, before_u, 1.0 / (k + before))
             for kind, in_comm in inputs:
                 key = (b, self.world - o, kind)
                 for children, out_comm in outputs:
                     if children:
                         self._attach(
-                            k, stage, stage.time + (in_comm + out_comm), ar, children, bound, key, candidates
+                            k, stage, compute + (in_comm + out_comm), ar, children, bound, key, candidates
                         )
 
     def _placement(

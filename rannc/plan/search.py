@@ -289,6 +289,7 @@ def plan_of_candidate(
                 activation_bytes=cost.peak_activation_bytes,
                 memory_bytes=cost.memory,
                 recompute=cost.recompute,
+                shard=cost.shard,
             )
         )
         rank += cost.replicas

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from .cost import CostModel, allreduce_link, held_bytes, p2p_link, update_seconds_per_byte
+from .sharding import GATHERED_UNITS, stage_levels
+from .types import ShardLevel
 
 # Fields of a compute table, in order.
 FIELDS = ("fwd", "bwd", "act", "in", "out", "in_intra", "in_inter", "out_intra", "out_inter", "io")
@@ -35,7 +37,7 @@ class StageTables:
         self.boundaries_nonnegative = bool((self._in[upper] >= 0).all() and (self._out[upper] >= 0).all())
         self._compute: dict[int, dict[str, np.ndarray]] = {}
         self._lists: dict[int, list[list[list[float]]]] = {}
-        self._base: dict[int, np.ndarray] = {}
+        self._base: dict[int | str, np.ndarray] = {}
         self._allreduce: dict[tuple[int, bool], np.ndarray] = {}
         self._columns: dict[int, list[list[float]]] = {}
         self.shared: dict[tuple, tuple] = {}  # per (replica counts, sizes): arrays of the bounds
@@ -140,6 +142,86 @@ class StageTables:
                 table = latency + 2 * (replicas - 1) / replicas * self._params / bandwidth
                 table = table + self._params * per_byte
             self._allreduce[key] = table
+        return table
+
+    def sharded_floors(self, replicas: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Lower bounds, whatever shard level a stage of `replicas` ranks uses (plan/sharding.py), on its
+        parameter state (`base`), its state with the optimizer step's temporaries (`step_end`) and its step
+        end seconds: P (2 + f) / r bytes and the update of P / r (every level holds and updates at least that)."""
+        problem = self.model.problem
+        if problem.shard_levels == (ShardLevel.NONE,) or replicas == 1:
+            ends = np.minimum(self.allreduce(replicas, False), self.allreduce(replicas, True))
+            return self.base(replicas), self.step_end(replicas), ends
+        per_param, per_largest = problem.optimizer_transient
+        largest = (
+            np.array(problem.range_largest_param_bytes, dtype=np.float64).reshape(self._params.shape)
+            if problem.range_largest_param_bytes
+            else np.zeros_like(self._params)
+        )
+        share = self._params / replicas
+        base = share * (2 + problem.opt_param_factor) + problem.input_bytes
+        end = base + share * per_param + largest * per_largest
+        return base, end, share * problem.update_seconds_per_param_byte
+
+    def level_states(self, replicas: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(state bytes, step-end bytes) of every range on `replicas` ranks at each shard level a stage may use
+        (plan/sharding.py's arithmetic over whole tables; the first is `base`, `step_end` when NONE is allowed)."""
+        problem = self.model.problem
+        levels = stage_levels(problem, replicas)
+        out = []
+        params = self._params
+        f = problem.opt_param_factor
+        whole = replicas if problem.zero_optimizer else 1
+        unshared = self.unshardable()
+        shard = np.maximum(params - unshared, 0.0)
+        optimizer = shard * f / replicas + unshared * f / whole
+        updated = shard / replicas + unshared / whole
+        per_param, per_largest = problem.optimizer_transient
+        largest = (
+            np.array(problem.range_largest_param_bytes, dtype=np.float64).reshape(params.shape)
+            if problem.range_largest_param_bytes
+            else np.zeros_like(params)
+        )
+        transient = updated * per_param + largest * per_largest
+        for level in levels:
+            if level == ShardLevel.NONE:
+                out.append((self.base(replicas), self.step_end(replicas)))
+                continue
+            if level == ShardLevel.ZERO_3:
+                held = shard / replicas + unshared
+                gathered = np.minimum(GATHERED_UNITS * self.largest_block(), shard)
+                state = held + gathered + held + optimizer
+                step = held + held + optimizer
+            else:
+                state = params * 2 + optimizer
+                step = state if level == ShardLevel.ZERO_1 else params + shard / replicas + unshared + optimizer
+            out.append((state + problem.input_bytes, step + problem.input_bytes + transient))
+        return out
+
+    def unshardable(self) -> np.ndarray:
+        """[first][last]: bytes of the parameters the range shares with blocks outside it."""
+        table = self._base.get("unshardable")
+        if table is None:
+            n = self.num_blocks
+            first = np.arange(n)[:, None]
+            last = np.arange(n)[None, :]
+            table = np.zeros((n, n))
+            for nbytes, blocks in self.model.problem.shared_params:
+                inside = np.zeros((n, n), dtype=bool)
+                for b in blocks:
+                    inside |= (first <= b) & (b <= last)
+                whole = (first <= min(blocks)) & (last >= max(blocks))
+                table += np.where(inside & ~whole, nbytes, 0.0)
+            self._base["unshardable"] = table
+        return table
+
+    def largest_block(self) -> np.ndarray:
+        """[first][last]: the largest parameter bytes of one block of the range."""
+        table = self._base.get("largest_block")
+        if table is None:
+            diagonal = np.diag(self._params)
+            table = np.maximum.accumulate(np.where(self._upper, diagonal[None, :], 0.0), axis=1)
+            self._base["largest_block"] = table
         return table
 
     def base_columns(self, replicas: int) -> list[list[float]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import enum
 from typing import Any
 
 from ..schedule import Schedule
@@ -96,6 +97,27 @@ class Links:
 _LINK_FIELDS = tuple(f.name for f in dataclasses.fields(Links))
 
 
+class ShardLevel(enum.StrEnum):
+    """How a stage's replicas divide its parameter state (ZeRO stages; each parameter has one owner replica)."""
+
+    NONE = "none"  # every replica holds parameters, gradients and optimizer state whole
+    ZERO_1 = "zero-1"  # optimizer state on the owner only (the owner steps and broadcasts the parameter)
+    ZERO_2 = "zero-2"  # and gradients: reduced to the owner after the step's last backward
+    ZERO_3 = "zero-3"  # and parameters: gathered per unit for each forward and backward, then released
+
+    @property
+    def shards_optimizer(self) -> bool:
+        return self != ShardLevel.NONE
+
+    @property
+    def shards_gradients(self) -> bool:
+        return self in (ShardLevel.ZERO_2, ShardLevel.ZERO_3)
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self == ShardLevel.ZERO_3
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanProblem:
     """Everything the stage search needs. Blocks are in pipeline (topological) order; a stage is a
@@ -122,6 +144,9 @@ class PlanProblem:
     schedules: tuple[Schedule, ...] = (Schedule.ONE_F_ONE_B,)
     num_stages: int | None = None  # force the stage count
     zero_optimizer: bool = False  # ZeRO-1: optimizer state sharded over each stage's replicas
+    # The ShardLevels a stage with replicas may use, least sharding first; the search gives each stage the
+    # first one with which it fits in memory (see plan/sharding.py). (NONE,): no per-stage sharding.
+    shard_levels: tuple[ShardLevel, ...] = (ShardLevel.NONE,)
     # The runtime starts a stage's gradient allreduce during its last backward (config overlap_grad_sync); the
     # simulator models that, the analytic cost (an upper bound on it) charges the whole allreduce after.
     overlap_grad_sync: bool = True
@@ -195,6 +220,10 @@ class StagePlan:
     activation_bytes: float  # activations held at peak (per microbatch x microbatches in flight)
     memory_bytes: float  # predicted peak per rank
     recompute: bool = False  # activations recomputed in backward (bwd_time includes the extra forward)
+    shard: ShardLevel = ShardLevel.NONE  # how the replicas divide parameter state (1 replica: NONE)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shard", ShardLevel(self.shard))  # ValueError for an unknown level
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,9 +10,17 @@ from ..capture import CapturedGraph
 from ..errors import CaptureError
 from ..graph.analysis import GraphAnalysis, ValueKind
 from ..graph.stage import InputKind, StageGraph, build_stage
+from ..plan.types import StagePlan
 from .dist import GroupCache
-from .grad_sync import GradSync
+from .grad_sync import GRADIENTS, GradSync
 from .routes import OutputSpec, Route
+from .sharding import (
+    ShardAssignment,
+    StageSharding,
+    first_use_order,
+    sharded_graph_module,
+    stage_units,
+)
 from .stage import LocalStage
 
 BUFFERS = "buffers"  # process groups of replicated stages that average written buffers (GroupCache purpose)
@@ -188,6 +196,34 @@ def build_local_stage(
         buffer_group=buffer_group,
         dynamic_dims=captured.dynamic_dims,
     )
+
+
+def shard_stage(
+    stage: LocalStage,
+    plan: StagePlan,
+    shards: ShardAssignment,
+    shapes: dict[str, torch.Size],
+    groups: GroupCache,
+) -> None:
+    """Make this rank's stage a ZeRO-2/3 stage when its plan says so (and it has parameters of its own)."""
+    names = {n for n in stage.trainable if n in shards.levels}
+    if not plan.shard.shards_gradients or not names:
+        return
+    placeholders: dict[str, list[str]] = {}
+    for placeholder, name in stage.param_names.items():
+        if name in names:
+            placeholders.setdefault(name, []).append(placeholder)
+    order = first_use_order(stage.graph.module, placeholders)
+    params = {name: stage.trainable[name] for name in order}
+    total = sum(shapes[n].numel() * params[n].dtype.itemsize for n in order)
+    ranks = stage.stage_ranks[stage.index]
+    units = stage_units(
+        order, params, shapes, shards.owner, ranks, total / (plan.last_block - plan.first_block + 1)
+    )
+    group = groups.get(tuple(sorted(ranks)), GRADIENTS)
+    sharding = StageSharding(plan.shard, units, ranks, stage.rank, group, params, shapes, stage.device)
+    module = sharded_graph_module(stage.graph.module, placeholders, sharding) if sharding.gathers else None
+    stage.shard(sharding, module)
 
 
 def _meta(captured: CapturedGraph, name: str) -> object:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from ..errors import RanncError
 from .dist import GroupCache
 from .grad_sync import GRADIENTS
+from .sharding import ShardAssignment
 
 
 class OptimizerBinding:
@@ -33,6 +34,7 @@ class OptimizerBinding:
         rank: int,
         zero: bool,
         groups: GroupCache,
+        shards: ShardAssignment | None = None,  # sharded stages' parameters and owners (their ZeRO level)
     ) -> None:
         self.optimizer = optimizer
         self.rank = rank
@@ -44,15 +46,20 @@ class OptimizerBinding:
         self.group_names = [[canonical_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         flat = [name for names in self.group_names for name in names]
         self.index_of = {name: k for k, name in enumerate(flat)}
+        levels = shards.levels if shards is not None else {}
         self.owner = _owners(flat, rank_sets, sizes, zero)
+        self.owner.update({n: r for n, r in (shards.owner if shards else {}).items() if n in self.owner})
+        sharded = {name for name in flat if zero or name in levels}  # optimizer state on the owner only
         self.keep = {
             name
             for name in flat
-            if name not in rank_sets or (rank in rank_sets[name] and (not zero or self.owner[name] == rank))
+            if name not in rank_sets
+            or (rank in rank_sets[name] and (name not in sharded or self.owner[name] == rank))
         }
         by_set: dict[tuple[int, ...], list[str]] = {}
         for name, ranks in rank_sets.items():
-            if len(ranks) > 1 and rank in ranks:
+            # the owner broadcasts what it stepped; a ZeRO-3 parameter lives on its owner only
+            if len(ranks) > 1 and rank in ranks and name in sharded and name not in shards_gathered(shards):
                 by_set.setdefault(ranks, []).append(name)
         # Grouped once, in the same order on every rank: broadcasts run after every optimizer step.
         self.broadcast_sets = [(ranks, sorted(by_set[ranks])) for ranks in sorted(by_set)]
@@ -64,7 +71,7 @@ class OptimizerBinding:
         optimizer._rannc_binding = self  # type: ignore[attr-defined]  # GradScalers agree across ranks
         self.away = {id(tensors[n]): n for n in rank_sets if n in tensors and rank not in rank_sets[n]}
         self._hooks = [optimizer.register_step_pre_hook(lambda *_: self.check_local())]
-        if zero:
+        if self.broadcast_sets:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.broadcast_owned()))
 
     def _restrict(self) -> None:
@@ -118,6 +125,10 @@ class OptimizerBinding:
 
     def local_names(self) -> list[list[str]]:
         return [[n for n in names if n in self.keep] for names in self.group_names]
+
+
+def shards_gathered(shards: ShardAssignment | None) -> frozenset[str]:
+    return frozenset() if shards is None else shards.gathered
 
 
 def check_model_parameters(optimizer: torch.optim.Optimizer, model_parameter_ids: set[int]) -> None:

@@ -329,7 +329,7 @@ class PipelineCall:
         rng = _rng_state(s.device) if recompute else None
         # A recomputed stage keeps only its inputs now and runs the forward again in backward.
         with torch.set_grad_enabled(grad and not recompute), training_mode(self.training), exact_precision():
-            outs = dict(zip(s.graph.outputs, s.graph.module(*args)))
+            outs = dict(zip(s.graph.outputs, s.run_graph(args)))
         for route in s.produced:
             self.transfer.send_activation(route, outs[route.value], s.replica, i)
         if self.training:
@@ -357,7 +357,7 @@ class PipelineCall:
                 training_mode(self.training),
                 exact_precision(),
             ):
-                outs = dict(zip(s.graph.outputs, s.graph.module(*args)))
+                outs = dict(zip(s.graph.outputs, s.run_graph(args)))
         lo, hi = self.layout.rows(s.index, i, s.replica)
         seeds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -382,8 +382,8 @@ class PipelineCall:
                 seed(tensor, (torch.ones_like(tensor) * scale * (rows / self.batch.size)).to(tensor.dtype))
             elif spec.kind == "rows" and self.mode == PipelineMode.DEFERRED and k in self.out_grads:
                 seed(tensor, self.out_grads[k].narrow(spec.batch_dim, lo, hi - lo))
-        params = list(s.trainable.items())
-        wrt = [p for _, p in params] + [t for _, _, t in grad_inputs]
+        params = list(s.grad_params.items())
+        wrt = [p for _, p in params] + [t for _, _, t in grad_inputs] + s.grad_anchors
         targets = [t for t, _ in seeds.values()]
         hooks = []
         if i == self.last_backward and self.sync_grads and self.mode != PipelineMode.INFERENCE:
@@ -403,6 +403,7 @@ class PipelineCall:
         finally:
             for hook in hooks:
                 hook.remove()
+        s.backward_done(self.param_grads)
         reduced = self.overlapped.names if hooks else frozenset()
         for (name, _param), g in zip(params, results[: len(params)]):
             if g is not None and name not in reduced:

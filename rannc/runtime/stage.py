@@ -13,6 +13,7 @@ from ..graph.stage import StageGraph
 from .failures import guarded, wait_all
 from .grad_sync import GradSync, OverlappedReduce
 from .routes import OutputSpec, Route
+from .sharding import StageSharding
 
 
 @dataclasses.dataclass
@@ -38,6 +39,7 @@ class LocalStage:
     buffer_group: Any = None  # process group of this stage's replicas, to average written buffers (or None)
     recompute: bool = False  # keep only stage inputs per microbatch; run the forward again in backward
     overlap_grad_sync: bool = True  # reduce replica-shared gradients during the step's last backward
+    sharding: StageSharding | None = None  # ZeRO-2/3: this stage's parameters and gradients divided (`shard`)
 
     def __post_init__(self) -> None:
         self.route_of = {r.value: r for r in self.routes}
@@ -48,6 +50,8 @@ class LocalStage:
             if tensor.requires_grad:
                 unique.setdefault(canonical, tensor)
         self.trainable = unique  # canonical -> Parameter, deduplicated (tied weights appear once)
+        self.grad_params = unique  # the parameters backward differentiates (all but ZeRO-3's, see `shard`)
+        self.grad_anchors: list[torch.Tensor] = []  # more leaves backward differentiates (ZeRO-3's gathers)
         written = [id(buffer) for buffer in self.mutations.values()]
         # buffer placeholders the forward writes back into (BatchNorm's running statistics, counters)
         self.mutated_state = frozenset(name for name, tensor in self.state.items() if id(tensor) in written)
@@ -62,8 +66,39 @@ class LocalStage:
         earlier unsynced calls are pending (they are reduced together after the backward)."""
         if not self.overlap_grad_sync or self.pending or self._overlap_plan is None:
             return None
+        if self.sharding is not None:  # ZeRO-3 reduced every microbatch's already
+            return None if self.sharding.gathers else self.sharding.owner_reduce(accumulated)
         group, buckets = self._overlap_plan
         return OverlappedReduce(group, buckets, self.trainable, accumulated)
+
+    def shard(self, sharding: StageSharding, module: Any) -> None:
+        """Run as a ZeRO-2/3 stage (`module`: the graph that gathers parameters, for ZeRO-3; else None)."""
+        self.sharding = sharding
+        if module is not None:
+            self._sharded_module = module
+        gathered = sharding.names if sharding.gathers else frozenset()
+        # parameters autograd differentiates directly (ZeRO-3's reach their owners through the gathers)
+        self.grad_params = {n: p for n, p in self.trainable.items() if n not in gathered}
+        self.grad_anchors = [sharding.anchor] if sharding.gathers else []
+
+    def run_graph(self, args: list[Any]) -> Any:
+        """The stage graph on one microbatch's arguments (ZeRO-3: gathering its parameters unit by unit)."""
+        if self.sharding is None or not self.sharding.gathers:
+            return self.graph.module(*args)
+        if not torch.is_grad_enabled():
+            return self._sharded_module(*args)
+        with self.sharding.saving():
+            return self._sharded_module(*args)
+
+    def backward_done(self, param_grads: dict[str, torch.Tensor]) -> None:
+        """After one microbatch's backward: add ZeRO-3's reduced gradients (this rank's owned) to `param_grads`."""
+        if self.sharding is None or not self.sharding.gathers:
+            return
+        for name, grad in self.sharding.backward_done().items():
+            if name in param_grads:
+                param_grads[name].add_(grad)
+            else:
+                param_grads[name] = grad.clone()
 
     def add_pending(self, grads: dict[str, torch.Tensor], scale: float | torch.Tensor) -> None:
         for name, grad in grads.items():
@@ -82,13 +117,21 @@ class LocalStage:
         Every rank that holds a parameter must call this the same number of times.
         """
         reduced = {} if overlapped is None else overlapped.finish()
+        sharded: frozenset[str] = frozenset()
+        owned: dict[str, torch.Tensor] = {}
+        if self.sharding is not None:  # only the owners keep (reduced) gradients of sharded parameters
+            sharded = self.sharding.names
+            owned = self.sharding.settle(self.pending, overlapped is not None)
         for name, param in self.trainable.items():
-            if name not in self.pending and name not in reduced:
+            if name not in self.pending and name not in reduced and name not in sharded:
                 self.pending[name] = torch.zeros_like(param)
-        self.grad_sync.allreduce(self.pending, skip=frozenset(reduced))
+        self.grad_sync.allreduce(self.pending, skip=frozenset(reduced) | sharded)
         for name, grad in reduced.items():
             self.pending[name] = grad if isinstance(scale, float) and scale == 1.0 else grad.mul_(scale)
+        self.pending.update(owned)
         for name, param in self.trainable.items():
+            if name not in self.pending:  # a sharded parameter another replica owns
+                continue
             grad = self.pending[name].to(param.dtype)
             if param.grad is None:
                 param.grad = grad
