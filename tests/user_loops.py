@@ -123,6 +123,7 @@ class LoopCase:
     delay_allreduce: bool = False  # accumulate pyrannc's way: delay_grad_allreduce(True) + allreduce_grads()
     clip: bool = False
     zero: bool = False
+    shard: str = "auto"  # config shard_stages: the level of every replicated stage ("auto": the planner's)
     references: tuple[str, ...] = ("ddp", "one_process")  # what the run must equal
     chunks: tuple[int, ...] = ()  # one process runs each global batch as these row chunks
 
@@ -133,6 +134,7 @@ class LoopCase:
             "max_pipeline": self.microbatches,
             "schedule": self.schedule,
             "enable_zero": self.zero,
+            "shard_stages": self.shard,
             "profile_iterations": 1,
             "show_progress": False,
         }
