@@ -20,9 +20,7 @@ GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
         [
             LoopCase("zero2-data-parallel", "mlp", "mse", stages=1, microbatches=2, shard="zero-2"),
             LoopCase("zero3-data-parallel", "mlp", "mse", stages=1, microbatches=2, shard="zero-3"),
-            LoopCase(
-                "zero3-cnn-1f1b", "cnn", "cross_entropy", stages=1, microbatches=2, schedule="1f1b", shard="zero-3"
-            ),
+            LoopCase("zero3-cnn", "cnn", "cross_entropy", stages=1, microbatches=2, shard="zero-3"),
             LoopCase(
                 "zero3-loss-plus-logits-1f1b",
                 "loss_and_logits",
@@ -40,7 +38,7 @@ GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
             LoopCase("zero2-2stages-unequal-replicas", "mlp", "mse", stages=2, microbatches=2, shard="zero-2"),
             LoopCase("zero3-2stages-unequal-replicas", "mlp", "mse", stages=2, microbatches=2, shard="zero-3"),
             LoopCase(
-                "zero3-two-losses-1f1b-clip",
+                "zero3-two-losses-clip",
                 "two_heads",
                 "two_losses",
                 stages=2,
