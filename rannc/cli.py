@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .config import SHARD_STAGES
 from .deploy.deployment import rannc_version
 from .errors import ConfigError, RanncError
 
@@ -151,6 +152,13 @@ def _add_plan(commands: Any) -> None:
     plan.add_argument("--no-recompute", action="store_true", help="never recompute activations")
     plan.add_argument("--zero", action="store_true", help="ZeRO-1: shard optimizer state over replicas")
     plan.add_argument(
+        "--shard",
+        choices=SHARD_STAGES,
+        default="none",
+        help="sharded stages (config shard_stages): 'auto' lets each replicated stage take the least ZeRO level "
+        "with which it fits; a level forces it on every replicated stage (default none)",
+    )
+    plan.add_argument(
         "--max-seq-len",
         type=_count_arg,
         default=None,
@@ -189,6 +197,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         mem_margin=args.mem_margin,
         max_blocks=args.max_blocks,
         zero=args.zero,
+        shard=args.shard,
         max_seq_len=args.max_seq_len or 0,
         opaque_modules=tuple(args.opaque_module),
     )

@@ -27,9 +27,9 @@ class Config:
     schedule: str = "auto"  # "auto" | "1f1b" | "fill_drain"
     recompute: str = "never"  # activation recompute: "never", "auto" (planner decides), "always"
     enable_zero: bool = False  # ZeRO-1: shard optimizer state over each parameter's replicas
-    # Sharded stages: "auto" (the planner chooses per stage among none, zero-1, zero-2 and zero-3), "none", or
-    # one of "zero-1", "zero-2", "zero-3" for every replicated stage.
-    shard_stages: str = "auto"
+    # Sharded stages: "none", "auto" (each replicated stage takes the least of zero-1, zero-2, zero-3 with which it
+    # fits in memory), or one of "zero-1", "zero-2", "zero-3" for every replicated stage.
+    shard_stages: str = "none"
     save_deployment: bool = False
     load_deployment: bool = False
     deployment_file: str = "/tmp/rannc_deployment.json"

@@ -148,6 +148,7 @@ def plan_offline(
     opt_param_factor: float = 2.0,
     max_blocks: int = 32,
     zero: bool = False,
+    shard: str = "none",
     num_stages: int | None = None,
     max_seq_len: int = 0,
     opaque_modules: Sequence[str] = (),
@@ -162,7 +163,8 @@ def plan_offline(
     `mem_margin`; the plan's deployment records that usable figure and the graph hash of the model, so a
     real job of the same model and shapes loads it with load_deployment=True. `max_seq_len` > 0 plans a job
     whose sequence length (dim 1 of the inputs) varies up to it (the job sets the same config item).
-    `opaque_modules`: submodules captured as one operation each (the config item of that name).
+    `opaque_modules`: submodules captured as one operation each (the config item of that name). `shard`:
+    the config item shard_stages ("none", "auto", "zero-1", "zero-2", "zero-3").
 
     Example::
 
@@ -192,6 +194,7 @@ def plan_offline(
         zero_optimizer=zero,
         opt_param_factor=opt_param_factor,
         gpus_per_node=gpus,
+        shard_stages=shard,
     )
     flops = _op_flops(model, captured, FlatCall.of(args, kwargs))
     links = profile.planner_links(gpus)
@@ -287,7 +290,11 @@ def _plan_report(
     """What the deployment's `report` says of the search and the simulated step (after the device's figures)."""
     step = timeline.step_time
     problem = priced.problem
-    report: dict[str, Any] = {"opt_param_factor": space.opt_param_factor, "zero": space.zero_optimizer}
+    report: dict[str, Any] = {
+        "opt_param_factor": space.opt_param_factor,
+        "zero": space.zero_optimizer,
+        "shard_levels": [str(level) for level in space.shard_levels],
+    }
     report.update(recompute_allowed=space.allow_recompute, num_blocks=len(priced.blocks))
     report.update(distinct_blocks=priced.distinct_blocks, profiled_microbatch_sizes=space.profile_sizes())
     report.update(replica_choices=problem.replica_choices, microbatch_choices=problem.microbatch_choices)
@@ -300,6 +307,7 @@ def _plan_report(
             "total_bytes": sum(parts.values()),
             "peak_inflight": inflight,
             "recompute": stage.recompute,
+            "shard": str(stage.shard),
         }
         for parts, inflight, stage in zip(memory_split(timeline), timeline.peak_inflight, plan.stages)
     ]

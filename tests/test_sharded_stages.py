@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import sharded_workers as workers
-import torch
 from distributed_helpers import run_workers
 from test_user_loops import _assert_rows, assert_close
 from user_loops import LoopCase, run_loop_cases, train_one_process
@@ -35,8 +34,12 @@ GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
     "w4": (
         4,
         [
-            LoopCase("zero2-2stages-unequal-replicas", "mlp", "mse", stages=2, microbatches=2, shard="zero-2"),
-            LoopCase("zero3-2stages-unequal-replicas", "mlp", "mse", stages=2, microbatches=2, shard="zero-3"),
+            LoopCase(
+                "zero2-2stages-unequal-replicas", "mlp", "mse", stages=2, microbatches=2, shard="zero-2"
+            ),
+            LoopCase(
+                "zero3-2stages-unequal-replicas", "mlp", "mse", stages=2, microbatches=2, shard="zero-3"
+            ),
             LoopCase(
                 "zero3-two-losses-clip",
                 "two_heads",
@@ -47,7 +50,13 @@ GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
                 shard="zero-3",
             ),
             LoopCase(
-                "zero3-no-sync-accumulation", "mlp", "mse", stages=2, microbatches=2, accumulate=2, shard="zero-3"
+                "zero3-no-sync-accumulation",
+                "mlp",
+                "mse",
+                stages=2,
+                microbatches=2,
+                accumulate=2,
+                shard="zero-3",
             ),
             LoopCase(
                 "zero2-delay-grad-allreduce",
@@ -63,7 +72,9 @@ GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
     ),
 }
 CASES = [
-    pytest.param(group, k, id=case.label) for group, (_, cases) in GROUPS.items() for k, case in enumerate(cases)
+    pytest.param(group, k, id=case.label)
+    for group, (_, cases) in GROUPS.items()
+    for k, case in enumerate(cases)
 ]
 _runs: dict[str, list[list[dict[str, Any]]]] = {}
 
@@ -128,5 +139,3 @@ def test_checkpoints_of_a_sharded_stage_resume_exactly(tmp_path, level: str) -> 
         assert held["optimizer"] == total // 2, (rank, held, total)
         # ZeRO-3: parameters too (between steps a rank holds only what it owns)
         assert held["params"] == (total // 2 if level == "zero-3" else total), (rank, held, total)
-
-

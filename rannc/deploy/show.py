@@ -10,6 +10,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from ..plan.types import ShardLevel
 from .deployment import Deployment, format_bytes, load_deployment
 
 
@@ -129,6 +130,9 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
     table.add_column("Blocks", no_wrap=True)
     table.add_column("Modules", overflow="fold", min_width=12)
     table.add_column("Replicas", justify="right", no_wrap=True)
+    sharded = any(stage.shard != ShardLevel.NONE for stage in plan.stages)
+    if sharded:
+        table.add_column("Shard", no_wrap=True)
     table.add_column("Ranks", overflow="fold", min_width=7)
     table.add_column("Fwd ms", justify="right", no_wrap=True)
     table.add_column("Bwd ms", justify="right", no_wrap=True)
@@ -154,6 +158,7 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
             else f"{stage.first_block}-{stage.last_block}",
             _modules(deployment, index),
             str(stage.replicas),
+            *([str(stage.shard)] if sharded else []),
             format_ranks(stage.ranks),
             f"{stage.fwd_time * 1e3:.2f}",
             f"{stage.bwd_time * 1e3:.2f}",
@@ -174,6 +179,11 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
     ]
     if any(getattr(stage, "recompute", False) for stage in plan.stages):
         lines.append("* activations recomputed in backward (Bwd ms includes the extra forward)")
+    if sharded:
+        lines.append(
+            "Shard: how a stage's replicas divide its parameter state (zero-1 optimizer state, zero-2 and "
+            "gradients, zero-3 and parameters, gathered per block)"
+        )
     lines.extend(_report_lines(deployment))
     return table, Text("\n".join(lines))
 

@@ -489,9 +489,7 @@ def evaluate(
         return None
     if shard is not None and len(shard) != len(ranges):
         raise ValueError("need one shard level per stage")
-    if shard is not None and any(
-        level not in stage_levels(problem, r) for level, r in zip(shard, replicas)
-    ):
+    if shard is not None and any(level not in stage_levels(problem, r) for level, r in zip(shard, replicas)):
         return None
     model = model if model is not None else CostModel(problem)
     limit = problem.memory_limit_bytes
@@ -501,7 +499,9 @@ def evaluate(
         inflight = schedule.inflight(microbatches, num_stages - s)
         levels = stage_levels(problem, r) if shard is None else (shard[s],)
         if recompute is not None:
-            found = [model.stage(first, last, r, microbatches, inflight, recompute[s], links, q) for q in levels]
+            found = [
+                model.stage(first, last, r, microbatches, inflight, recompute[s], links, q) for q in levels
+            ]
             fit = [c for c in found if limit is None or c.memory <= limit]
             cost = (fit or found)[0]
         elif shard is None:

@@ -70,7 +70,9 @@ def sharded_state(
     f = problem.opt_param_factor
     whole = replicas if problem.zero_optimizer else 1  # how the problem-wide ZeRO-1 divides optimizer state
     if level == ShardLevel.NONE or replicas == 1:
-        return ShardedState(total, total, total * f / whole, total * (2 + f / whole), total / whole, total, 0.0)
+        return ShardedState(
+            total, total, total * f / whole, total * (2 + f / whole), total / whole, total, 0.0
+        )
     unshared = unshardable_bytes(problem, first, last)
     shard = max(total - unshared, 0.0)
     optimizer = shard * f / replicas + unshared * f / whole

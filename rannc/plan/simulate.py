@@ -15,6 +15,7 @@ from .cost import (
     stage_links,
     step_time,
 )
+from .sharding import sharded_state
 from .types import Plan, PlanProblem
 
 __all__ = [
@@ -469,12 +470,15 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
             inflight,
             recompute,
             links[s],
+            stage.shard,
         )
-        shards = stage.replicas if problem.zero_optimizer else 1
+        state = sharded_state(
+            problem, stage.first_block, stage.last_block, stage.replicas, cost.shard, recompute, links[s][2]
+        )
         parts = {
-            "parameters": cost.param_bytes,
-            "gradients": cost.param_bytes,
-            "optimizer": cost.param_bytes * problem.opt_param_factor / shards,
+            "parameters": state.params,
+            "gradients": state.grads,
+            "optimizer": state.optimizer,
             "buffers": 2 * (cost.in_bytes + cost.out_bytes)
             + sent_bytes(cost.in_bytes, cost.out_bytes, plan.microbatches, cost.inflight),
         }

@@ -194,7 +194,9 @@ class StageTables:
                 step = held + held + optimizer
             else:
                 state = params * 2 + optimizer
-                step = state if level == ShardLevel.ZERO_1 else params + shard / replicas + unshared + optimizer
+                step = (
+                    state if level == ShardLevel.ZERO_1 else params + shard / replicas + unshared + optimizer
+                )
             out.append((state + problem.input_bytes, step + problem.input_bytes + transient))
         return out
 

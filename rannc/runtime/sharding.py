@@ -90,7 +90,9 @@ class Unit:
 
     index: int
     names: tuple[str, ...]
-    segments: tuple[tuple[str, ...], ...]  # per replica (stage rank order): the names it owns, in `names` order
+    segments: tuple[
+        tuple[str, ...], ...
+    ]  # per replica (stage rank order): the names it owns, in `names` order
 
 
 class _Place(NamedTuple):

@@ -44,7 +44,9 @@ def brute_by_rule(problem: PlanProblem) -> float | None:
                         ]
                         if any(c is None for c in costs):
                             continue
-                        total = cost_module.step_time([c.time for c in costs], [c.allreduce for c in costs], p)
+                        total = cost_module.step_time(
+                            [c.time for c in costs], [c.allreduce for c in costs], p
+                        )
                         best = total if best is None else min(best, total)
     return best
 
@@ -57,7 +59,9 @@ def sharded_problem(seed: int) -> PlanProblem:
     shared = ((problem.range_param_bytes[0][0] * 0.3, (0, blocks - 1)),) if blocks > 1 else ()
     problem = dataclasses.replace(problem, shard_levels=ALL, shared_params=shared)
     if problem.memory_limit_bytes is not None:
-        problem = dataclasses.replace(problem, memory_limit_bytes=problem.memory_limit_bytes * (0.6 + seed % 3 / 5))
+        problem = dataclasses.replace(
+            problem, memory_limit_bytes=problem.memory_limit_bytes * (0.6 + seed % 3 / 5)
+        )
     return problem
 
 
