@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 from .bounds import PrefixBounds
 from .front import TIE, Entry, pareto_front, triple
-from .sharding import stage_levels
 from .slices import SearchSlice
 from .types import ShardLevel
 
@@ -142,6 +141,9 @@ class _Run:
         ]
         self.limit = problem.memory_limit_bytes
         self.recompute = problem.allow_recompute and self.limit is not None
+        # Replicated stages may shard (plan/sharding.py); none_first: unsharded is the first level tried.
+        self.shards = problem.shard_levels != (ShardLevel.NONE,)
+        self.none_first = problem.shard_levels[0] == ShardLevel.NONE
         self.node = problem.gpus_per_node
         self.spread = self.node is not None  # placement decides the links
         # Only a different inter-node link makes the lists by InputLink differ.
@@ -194,20 +196,20 @@ class _Run:
         f, bw, act, in_b, out_b, cin, cinx, cout, coutx, io = self.columns[ri][j][b]
         fb = f + bw
         r = self.search.replicas[ri]
-        levels = stage_levels(self.search.problem, r)
-        if levels[0] != ShardLevel.NONE:
+        shards = self.shards and r > 1  # this stage may shard its parameter state
+        if shards and not self.none_first:
             return self._sharded_stage(inflight, r, b, j)
         if self.limit is None:
             time = fb
         else:
             base = self.bases[ri][j][b]
             if self.ends[ri][j][b] > self.limit:  # the optimizer step does not fit
-                return self._sharded_stage(inflight, r, b, j) if len(levels) > 1 else None
+                return self._sharded_stage(inflight, r, b, j) if shards else None
             sends_held = min(self.search.p, inflight + 1)  # cost.sent_bytes, per byte of boundary tensors
             sent = sends_held * (in_b + out_b)  # sums in cost.stage's order
             if base + act * inflight + io + sent <= self.limit:
                 time = fb
-            elif len(levels) > 1:  # a sharded level may fit (and, the first that does, wins over recompute)
+            elif shards:  # a sharded level may fit (and, the first that does, wins over recompute)
                 return self._sharded_stage(inflight, r, b, j)
             elif self.recompute and base + in_b * inflight + act + io + sent <= self.limit:
                 time = f + (bw + f)
