@@ -123,7 +123,7 @@ class LoopCase:
     delay_allreduce: bool = False  # accumulate pyrannc's way: delay_grad_allreduce(True) + allreduce_grads()
     clip: bool = False
     zero: bool = False
-    shard: str = "auto"  # config shard_stages: the level of every replicated stage ("auto": the planner's)
+    shard: str = "none"  # config shard_stages: the level of every replicated stage ("auto": the planner's)
     references: tuple[str, ...] = ("ddp", "one_process")  # what the run must equal
     chunks: tuple[int, ...] = ()  # one process runs each global batch as these row chunks
 
