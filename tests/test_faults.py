@@ -201,7 +201,8 @@ def test_missing_rank_is_named_within_the_timeout(tmp_path: Path) -> None:
     runs = launch("launch", tmp_path, [0, 1], 3, RANNC_TIMEOUT_S="5")
     for run in runs:
         assert_failed(run, r"LaunchError", r"rank 2 of 3, which never joined", r"127\.0\.0\.1:\d+")
-        assert run.seconds_after("wrapping at") < 5 + 15
+        # well under the 120 s it waited before; the slack covers a loaded 2-core machine (33 s seen at load 12)
+        assert run.seconds_after("wrapping at") < 5 + 40
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
