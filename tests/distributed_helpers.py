@@ -4,10 +4,15 @@
 (gloo over 127.0.0.1), calls `worker(rank, world_size, *args)` and returns the ranks' return values in rank
 order. Any failure (an exception, a child that dies without reporting, a timeout) kills every child and raises an
 AssertionError that carries each failing rank's traceback, so a broken collective never hangs the test session.
+
+`launch_script(script, args, world_size)` runs a user's script as a launcher (torchrun) would: one real process
+per rank with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, and returns each rank's exit code, output and
+exit time, for tests of what happens when a rank fails.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib
 import multiprocessing
@@ -15,10 +20,13 @@ import os
 import pickle
 import queue
 import socket
+import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -229,3 +237,96 @@ def run_workers(
     for rank in sorted(errors):
         lines.append(f"----- rank {rank} -----\n{errors[rank]}")
     raise AssertionError("\n".join(lines))
+
+
+REPO = Path(__file__).resolve().parents[1]
+HUNG = -999  # RankRun.code of a rank the launcher killed at its deadline
+
+
+@dataclasses.dataclass
+class RankRun:
+    """One rank's process of a launched script."""
+
+    rank: int
+    code: int  # its exit code (negative: killed by that signal; HUNG: still running at the deadline)
+    out: str
+    err: str
+    ended: float  # time.time() when the process ended
+
+    def event_time(self, marker: str) -> float:
+        """The time printed at the end of this rank's line containing `marker` (e.g. 'saving at 1712.3')."""
+        for line in self.out.splitlines():
+            if marker in line:
+                return float(line.rsplit(" ", 1)[-1])
+        raise AssertionError(f"rank {self.rank} printed no '{marker}' line:\n{self.out}\n{self.err[-3000:]}")
+
+    def seconds_after(self, marker: str) -> float:
+        return self.ended - self.event_time(marker)
+
+
+def launch_script(
+    script: Path,
+    args: list[str],
+    world_size: int,
+    ranks: list[int] | None = None,
+    *,
+    port: int | None = None,
+    deadline_s: float = 240.0,
+    env: dict[str, str] | None = None,
+) -> list[RankRun]:
+    """Run `ranks` (all by default) of a `world_size` job of `python script *args`, as a launcher would, and wait
+    for every one: each rank has RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT (`port`, or a
+    free one), the repository on PYTHONPATH, one thread, and the entries of `env`. Their output is read as they
+    write it and their exit timed when it comes. A rank still running after `deadline_s` is killed and the test
+    fails naming it, so a hung job never hangs the session."""
+    ranks = list(range(world_size)) if ranks is None else ranks
+    port = find_free_port() if port is None else port
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args],
+            env=_launched_environment(rank, world_size, port, env or {}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in ranks
+    ]
+    runs: dict[int, RankRun] = {}
+
+    def wait(rank: int, proc: subprocess.Popen[str]) -> None:
+        try:
+            out, err = proc.communicate(timeout=deadline_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            runs[rank] = RankRun(
+                rank, HUNG, out, err + f"\n<killed: still running after {deadline_s:.0f}s>", time.time()
+            )
+            return
+        runs[rank] = RankRun(rank, proc.returncode, out, err, time.time())
+
+    waiters = [threading.Thread(target=wait, args=(rank, proc)) for rank, proc in zip(ranks, procs)]
+    for waiter in waiters:
+        waiter.start()
+    for waiter in waiters:
+        waiter.join()
+    hung = [run for run in runs.values() if run.code == HUNG]
+    assert not hung, f"rank(s) {[r.rank for r in hung]} of {script.name} {args} hung:\n{hung[0].err[-3000:]}"
+    return [runs[rank] for rank in ranks]
+
+
+def _launched_environment(rank: int, world_size: int, port: int, extra: dict[str, str]) -> dict[str, str]:
+    variables = dict(os.environ)
+    variables.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        GLOO_SOCKET_IFNAME="lo",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    variables.update(extra)
+    return variables

@@ -38,20 +38,15 @@ def event(text: str) -> None:
     print(f"event rank {os.environ['RANK']} {text} at {time.time():.3f}", flush=True)
 
 
+def _job_items(cache: str) -> dict[str, object]:
+    """The config items every job here shares: the test's profile cache and comm_timeout_s."""
+    return {"profile_cache_dir": cache, "comm_timeout_s": float(os.environ.get("TEST_COMM_TIMEOUT", "20"))}
+
+
 def skip_tied_job(mode: str, cache: str, rank: int) -> None:
     model = models.build("skip_tied", 0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    wrapped = rannc.RaNNCModule(
-        model,
-        opt,
-        partition_num=4,
-        min_pipeline=2,
-        max_pipeline=2,
-        profile_iterations=1,
-        show_progress=False,
-        profile_cache_dir=cache,
-        comm_timeout_s=float(os.environ.get("TEST_COMM_TIMEOUT", "20")),
-    )
+    wrapped = rannc.RaNNCModule(model, opt, **models.forced_plan(4, **_job_items(cache)))
     batches = models.make_batches("skip_tied", 0, 4, 8)
     for step, batch in enumerate(batches):
         local = models.local_slice(batch, rank, 4)
@@ -92,17 +87,9 @@ def _die_while_writing() -> None:
 def mlp_job(mode: str, cache: str, rank: int, workdir: str) -> None:
     model = models.build("mlp", 0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    overlap = os.environ.get("TEST_OVERLAP", "1") == "1"
     wrapped = rannc.RaNNCModule(
-        model,
-        opt,
-        partition_num=2,
-        min_pipeline=2,
-        max_pipeline=2,
-        profile_iterations=1,
-        show_progress=False,
-        profile_cache_dir=cache,
-        comm_timeout_s=float(os.environ.get("TEST_COMM_TIMEOUT", "20")),
-        overlap_grad_sync=os.environ.get("TEST_OVERLAP", "1") == "1",
+        model, opt, **models.forced_plan(2, overlap_grad_sync=overlap, **_job_items(cache))
     )
     for step, batch in enumerate(models.make_batches("mlp", 0, 5, 16)):
         x, y = models.local_slice(batch, rank, 4)["args"]

@@ -43,15 +43,8 @@ def wrap(
     model = models.build("mlp", seed)
     params = copy.deepcopy(model).parameters() if optimizer_params == "copy" else model.parameters()
     optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
-    settings: dict[str, object] = dict(
-        partition_num=2 if int(os.environ["WORLD_SIZE"]) > 1 else 1,
-        min_pipeline=2,
-        max_pipeline=2,
-        profile_iterations=1,
-        show_progress=False,
-        comm_timeout_s=10.0,
-    )
-    settings.update(config)
+    stages = 2 if int(os.environ["WORLD_SIZE"]) > 1 else 1
+    settings = models.forced_plan(stages, **{"comm_timeout_s": 10.0, **config})
     print(f"rank {os.environ['RANK']} wrapping at {time.time():.3f}", flush=True)
     return rannc.RaNNCModule(model, optimizer, **settings), optimizer
 

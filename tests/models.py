@@ -225,6 +225,20 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torc
     raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adamw'")
 
 
+def forced_plan(stages: int, microbatches: int = 2, **items: Any) -> dict[str, Any]:
+    """RaNNCModule keyword arguments of a test job: `stages` pipeline stages of `microbatches` microbatches
+    (the planner searches only the replicas), one profiling repetition, no progress display, and the further
+    config `items`, e.g. ``rannc.RaNNCModule(model, optimizer, **forced_plan(2, profile_cache_dir=cache))``."""
+    return dict(
+        partition_num=stages,
+        min_pipeline=microbatches,
+        max_pipeline=microbatches,
+        profile_iterations=1,
+        show_progress=False,
+        **items,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,17 +13,7 @@ import rannc
 def _wrap(cache: str, **overrides):
     model = models.build("mlp", 0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    wrapped = rannc.RaNNCModule(
-        model,
-        opt,
-        partition_num=2,
-        min_pipeline=2,
-        max_pipeline=2,
-        profile_iterations=1,
-        show_progress=False,
-        profile_cache_dir=cache,
-        **overrides,
-    )
+    wrapped = rannc.RaNNCModule(model, opt, **models.forced_plan(2, profile_cache_dir=cache, **overrides))
     return model, opt, wrapped
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from distributed_helpers import run_workers
+from models import forced_plan
 
 import rannc
 import rannc.partition
@@ -44,16 +45,7 @@ def dynamic_worker(rank: int, world: int) -> dict[str, Any]:
     rannc.partition.capture = counting_capture
     model = build_gpt2()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model = rannc.RaNNCModule(
-        model,
-        optimizer,
-        max_seq_len=MAX_LEN,
-        partition_num=2,
-        min_pipeline=2,
-        max_pipeline=2,
-        profile_iterations=1,
-        show_progress=False,
-    )
+    model = rannc.RaNNCModule(model, optimizer, **forced_plan(2, max_seq_len=MAX_LEN))
     losses = []
     lo, hi = rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world
     for step, length in enumerate(LENGTHS):

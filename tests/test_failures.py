@@ -7,32 +7,18 @@ exit from the moment the script's "event" line says the failure happened.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from distributed_helpers import find_free_port
+from distributed_helpers import RankRun, launch_script
 
 SCRIPT = Path(__file__).with_name("failure_script.py")
 WORLD = 4
 # Most seconds from a failure to the last rank's exit where no timeout is involved. rannc's own bound is about
 # 5 s (measured 0.3-4.7 s); the rest is slack for a loaded 2-core machine.
 PROMPT_S = 15.0
-
-
-@dataclasses.dataclass
-class RankRun:
-    rank: int
-    code: int | None
-    out: str
-    err: str
-    end: float  # time.time() at exit
 
 
 @pytest.fixture(scope="module")
@@ -46,52 +32,10 @@ def _launch(mode: str, cache: Path, timeout_s: float = 8.0, **env: str) -> list[
     """Run the script's `mode` as 4 ranks; return each rank's exit code, output and exit time."""
     workdir = cache.parent / f"{mode}-{time.monotonic_ns()}"
     workdir.mkdir(parents=True)
-    port = find_free_port()
-    procs = []
-    for rank in range(WORLD):
-        rank_env = dict(os.environ)
-        rank_env.update(
-            RANK=str(rank),
-            WORLD_SIZE=str(WORLD),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            HF_HUB_OFFLINE="1",
-            OMP_NUM_THREADS="1",
-            TEST_COMM_TIMEOUT=str(timeout_s),
-            **env,
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(SCRIPT), mode, str(cache), str(workdir)],
-                env=rank_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    runs: dict[int, RankRun] = {}
-
-    def wait(rank: int, proc: subprocess.Popen[str]) -> None:
-        out, err = (
-            proc.communicate()
-        )  # the pipes are read as the rank writes; the exit is timed when it comes
-        runs[rank] = RankRun(rank, proc.returncode, out, err, time.time())
-
-    waiters = [threading.Thread(target=wait, args=(rank, proc)) for rank, proc in enumerate(procs)]
-    for waiter in waiters:
-        waiter.start()
-    deadline = time.monotonic() + 300
-    for waiter in waiters:
-        waiter.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, proc in enumerate(procs) if proc.poll() is None]
-    if hung:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"ranks {hung} hung: they did not exit within the deadline ({mode})")
-    for waiter in waiters:
-        waiter.join()
-    return [runs[rank] for rank in range(WORLD)]
+    args = [mode, str(cache), str(workdir)]
+    return launch_script(
+        SCRIPT, args, WORLD, deadline_s=300.0, env={"TEST_COMM_TIMEOUT": str(timeout_s), **env}
+    )
 
 
 def _event_time(runs: list[RankRun], marker: str) -> float:
@@ -104,7 +48,7 @@ def _event_time(runs: list[RankRun], marker: str) -> float:
 
 def _exits_after(runs: list[RankRun], ranks: list[int], event: float) -> float:
     """Seconds from the event to the last of `ranks` exiting."""
-    return max(runs[rank].end for rank in ranks) - event
+    return max(runs[rank].ended for rank in ranks) - event
 
 
 def _blamed(text: str) -> set[int]:

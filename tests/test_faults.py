@@ -7,101 +7,26 @@ how long it took to exit after the event (each script prints the time of the ste
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_helpers import find_free_port
+from distributed_helpers import RankRun, launch_script
 
 SCRIPT = Path(__file__).with_name("fault_script.py")
-REPO = Path(__file__).resolve().parents[1]
 JOB_DEADLINE_S = 240.0
 PROMPT_EXIT_S = 30.0  # the survivors of a killed rank, and ranks refusing a bad input, exit within this
 
 
-@dataclasses.dataclass
-class RankRun:
-    rank: int
-    code: int
-    out: str
-    err: str
-    ended: float  # time.time() when the process ended
-
-    def event_time(self, marker: str) -> float:
-        """The time printed on this rank's line containing `marker` (e.g. 'saving at')."""
-        for line in self.out.splitlines():
-            if marker in line:
-                return float(line.rsplit(" ", 1)[-1])
-        raise AssertionError(f"rank {self.rank} printed no '{marker}' line:\n{self.out}\n{self.err[-3000:]}")
-
-    def seconds_after(self, marker: str) -> float:
-        return self.ended - self.event_time(marker)
-
-
 def launch(
-    mode: str,
-    workdir: Path,
-    ranks: list[int],
-    world_size: int,
-    port: int | None = None,
-    **env: str,
+    mode: str, workdir: Path, ranks: list[int], world_size: int, port: int | None = None, **env: str
 ) -> list[RankRun]:
     """Run `ranks` of a `world_size` job of fault_script.py in `mode`; wait for all of them (never hangs)."""
-    port = find_free_port() if port is None else port
-    procs = []
-    for rank in ranks:
-        variables = dict(os.environ)
-        variables.update(
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            HF_HUB_OFFLINE="1",
-            OMP_NUM_THREADS="1",
-            GLOO_SOCKET_IFNAME="lo",
-            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-            **env,
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(SCRIPT), mode, str(workdir)],
-                env=variables,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    runs: dict[int, RankRun] = {}
-
-    def wait(rank: int, proc: subprocess.Popen) -> None:
-        try:
-            out, err = proc.communicate(timeout=JOB_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            err += f"\n<killed by the test: still running after {JOB_DEADLINE_S:.0f}s>"
-            runs[rank] = RankRun(rank, -999, out, err, time.time())
-            return
-        runs[rank] = RankRun(rank, proc.returncode, out, err, time.time())
-
-    waiters = [threading.Thread(target=wait, args=(rank, proc)) for rank, proc in zip(ranks, procs)]
-    for waiter in waiters:
-        waiter.start()
-    for waiter in waiters:
-        waiter.join()
-    hung = [r for r in runs.values() if r.code == -999]
-    assert not hung, f"rank(s) {[r.rank for r in hung]} hung ({mode}):\n{hung[0].err[-3000:]}"
-    return [runs[rank] for rank in ranks]
+    args = [mode, str(workdir)]
+    return launch_script(SCRIPT, args, world_size, ranks, port=port, deadline_s=JOB_DEADLINE_S, env=env)
 
 
 def assert_failed(run: RankRun, *patterns: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from distributed_helpers import run_workers
+from models import forced_plan
 from safetensors.torch import save_file
 from torch import nn
 
@@ -79,16 +80,7 @@ def meta_worker(rank: int, world: int, source: dict[str, Any]) -> dict[str, Any]
     with torch.device("meta"):
         model = TiedLM()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    wrapped = rannc.RaNNCModule(
-        model,
-        optimizer,
-        **source,
-        partition_num=world,
-        min_pipeline=2,
-        max_pipeline=2,
-        profile_iterations=1,
-        show_progress=False,
-    )
+    wrapped = rannc.RaNNCModule(model, optimizer, **source, **forced_plan(world))
     initial = None
     if "init_weights" in source:  # the weights as initialised, before any step
         with torch.no_grad():
@@ -209,10 +201,8 @@ def rss_worker(rank: int, world: int, weights_path: str, on_meta: bool) -> dict[
         model.load_state_dict(load_file(weights_path))
         source = {}
     # a memory limit that fits 4 of the 16 layers' weights and gradients per rank: 4 stages of 4 layers
-    wrapped = rannc.RaNNCModule(
-        model, None, **source, partition_num=world, min_pipeline=1, max_pipeline=1, profile_iterations=1,
-        mem_limit_gb=0.85, opt_param_factor=0.0, show_progress=False,
-    )  # fmt: skip
+    plan = forced_plan(world, microbatches=1, mem_limit_gb=0.85, opt_param_factor=0.0)
+    wrapped = rannc.RaNNCModule(model, None, **source, **plan)
     started = time.perf_counter()
     with torch.no_grad():
         out = wrapped(x)
@@ -261,10 +251,7 @@ def resume_worker(rank: int, world: int, directory: str, phase: str) -> dict[str
     source = {"init_weights": init_fn} if phase == "first" else {"load_weights": directory + "/ckpt"}
     if phase == "resume":
         source["init_weights"] = init_fn  # the non-persistent buffer is in no checkpoint
-    wrapped = rannc.RaNNCModule(
-        model, optimizer, **source, partition_num=world, min_pipeline=2, max_pipeline=2, profile_iterations=1,
-        show_progress=False,
-    )  # fmt: skip
+    wrapped = rannc.RaNNCModule(model, optimizer, **source, **forced_plan(world))
     data = batches(steps=4)
     saved = None
 

@@ -13,18 +13,8 @@ import rannc
 def two_stages(model: torch.nn.Module, cache: str, recompute: str, schedule: str = "auto") -> tuple:
     """`model` wrapped on 2 stages x 2 microbatches with SGD; returns (wrapped, optimizer)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    wrapped = rannc.RaNNCModule(
-        model,
-        opt,
-        partition_num=2,
-        min_pipeline=2,
-        max_pipeline=2,
-        schedule=schedule,
-        recompute=recompute,
-        profile_iterations=1,
-        show_progress=False,
-        profile_cache_dir=cache,
-    )
+    plan = models.forced_plan(2, schedule=schedule, recompute=recompute, profile_cache_dir=cache)
+    wrapped = rannc.RaNNCModule(model, opt, **plan)
     return wrapped, opt
 
 
