@@ -52,7 +52,7 @@ class Weights:
     init: InitWeights | None = None  # init_weights: called on each submodule this rank holds
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class Job:
     """This rank's part of a deployed model. Built whole by `deploy`; nothing in it is filled in later."""
 
