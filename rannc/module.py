@@ -114,6 +114,8 @@ class RaNNCModule:
 
     # ---- set-up on the first call ------------------------------------------------------------------
     def _deploy(self, args: tuple[Any, ...], kwargs: dict[str, Any], call: FlatCall) -> Job:
+        """The first call (collective): agree on the initial weights, partition the model (capture, profile,
+        plan) and deploy this rank's part of it."""
         agree_on_initial_state(self.module, self.device, self.world_size, compat.SETTINGS.sync_params_on_init)
         if self._meta and self.config.verify:
             raise ConfigError(
