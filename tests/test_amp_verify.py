@@ -36,7 +36,8 @@ def scaler_worker(rank: int, world: int, cache: str, plain: bool) -> dict:
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
-    moved = not all(torch.equal(a, b) for a, b in zip(before, wrapped.parameters()))
+    # None on a rank that holds no parameter (the planner may leave the last stage only the loss)
+    moved = not all(torch.equal(a, b) for a, b in zip(before, wrapped.parameters())) if before else None
     return {"unchanged_after_inf": unchanged, "scale": float(scaler.get_scale()), "moved_after_clean": moved}
 
 
@@ -46,7 +47,8 @@ def test_grad_scaler_skips_the_same_step_on_every_rank(tmp_path, plain: bool) ->
     results = run_workers(scaler_worker, 2, str(tmp_path), plain, timeout=240)
     for rank, result in enumerate(results):
         assert result["unchanged_after_inf"], f"rank {rank} stepped although rank 0 found an inf"
-        assert result["moved_after_clean"], f"rank {rank} did not step on the clean step"
+        assert result["moved_after_clean"] is not False, f"rank {rank} did not step on the clean step"
+    assert results[0]["moved_after_clean"], "rank 0 (the first stage, which holds parameters) did not step"
     assert results[0]["scale"] == results[1]["scale"] == 512.0
 
 
