@@ -270,7 +270,7 @@ def run_case(case: Case, args: argparse.Namespace, out_dir: Path) -> dict[str, A
     for r, trace in enumerate(measured):
         spans = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
         busy = sum(e["dur"] for e in spans if e["name"][:1] in "FB" and e["name"][1:].isdigit())
-        waits = sum(e["dur"] for e in spans if e["name"].startswith("recv_"))
+        waits = sum(e["dur"] for e in spans if e["name"].startswith(("recv_", "wait_send_")))
         timing = result.timeline.stages[stage_of[r]]
         compute[r] = ((busy - waits) / 1e6, plan.microbatches * (timing.fwd + timing.bwd), waits / 1e6)
 

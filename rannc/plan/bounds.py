@@ -288,14 +288,15 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
         io = stack("io")
         # Generous by far more than rounding, so that the bound never excludes a fit.
         room = limit - base - io + 1e-9 * (abs(limit) + np.abs(base) + np.abs(io))
-        # Sends held: min(p, q + 1) x (in + out) >= q x (in + out) for q <= p microbatches in flight, so counting
-        # them per microbatch in flight keeps the bound generous.
-        boundary = ins + stack("out")
+        # Sends held (cost.sent_bytes), with 1 <= q <= p microbatches in flight: at least one microbatch's input
+        # gradients and outputs, and a stage keeping its graphs holds the outputs of q; counting only that keeps
+        # the bound generous.
+        outs = stack("out")
         end = np.stack([floor[1] for floor in floors]) if replicas else np.zeros(plain.shape)
         room = np.where(end <= limit * (1 + 1e-9), room, -np.inf)  # the optimizer step alone does not fit
-        fits = _most_inflight(room, act + boundary)
+        fits = _most_inflight(room - ins, act + outs)
         if problem.allow_recompute:
-            fits_again = _most_inflight(room - act, ins + boundary)
+            fits_again = _most_inflight(room - act - (ins + outs), ins)
     allreduce = np.zeros(plain.shape)
     if replicas:
         allreduce = np.stack([floor[2] for floor in floors]) * keep

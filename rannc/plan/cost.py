@@ -307,7 +307,7 @@ class CostModel:
             recompute_memory(base, a_sum, in_bytes, inflight, io)
             if recompute
             else stage_memory(base, a_sum, inflight, io)
-        ) + sent_bytes(in_bytes, out_bytes, microbatches, inflight)
+        ) + sent_bytes(in_bytes, out_bytes, microbatches, inflight, recompute)
         # The optimizer step runs after the activations are freed: the peak is the larger of the two phases.
         if shard == ShardLevel.NONE:
             memory = max(memory, base + optimizer_transient_bytes(problem, first, last, replicas))
@@ -373,11 +373,21 @@ def held_bytes(in_bytes: float, out_bytes: float, workspace: float) -> float:
     return 2 * (in_bytes + out_bytes) + workspace
 
 
-def sent_bytes(in_bytes: float, out_bytes: float, microbatches: int, inflight: int) -> float:
-    """Send buffers the runtime still holds: an output's until the consumers send its gradient back (at most the
-    microbatches in flight), an input gradient's until the producer's next forward after that backward (one
-    more; at the step's end it waits for the rest). With fill-drain both are every microbatch."""
-    return min(microbatches, inflight + 1) * (in_bytes + out_bytes)
+# The runtime holds the sends of at most this many microbatches per kind (outputs, input gradients): before it sends
+# a newer one it waits for the older ones to be received (runtime/transfer.py).
+SEND_WINDOW = 2
+
+
+def sent_bytes(
+    in_bytes: float, out_bytes: float, microbatches: int, inflight: int, recompute: bool = False
+) -> float:
+    """Send buffers the runtime still holds: the input gradients of at most SEND_WINDOW microbatches, and the outputs
+    of as many (a recomputed stage frees an output once its send is received) or, for a stage that keeps its
+    autograd graphs, of every microbatch in flight (the graph's outputs live until their backward; the sends are
+    views of them)."""
+    window = min(microbatches, SEND_WINDOW)
+    outputs = window if recompute else min(microbatches, inflight + 1)
+    return window * in_bytes + outputs * out_bytes
 
 
 def stage_memory(base: float, activation: float, inflight: int, io: float) -> float:

@@ -28,12 +28,14 @@ def stage_memories(
     out = np.empty((len(replicas), num_blocks, num_blocks))
     for ri, r in enumerate(replicas):
         table = tables.compute(-(-rows // r))
-        io, sent = table["io"], sent_bytes(table["in"], table["out"], microbatches, inflight)
+        io, ins, outs = table["io"], table["in"], table["out"]
+        sent = sent_bytes(ins, outs, microbatches, inflight)
+        again_sent = sent_bytes(ins, outs, microbatches, inflight, recompute=True)
         least = np.full(upper.shape, np.inf)
         for base, step_end in tables.level_states(r):  # every shard level the stage may use
             plain = base + table["act"] * inflight + io + sent  # summed in cost.stage's order
             if problem.allow_recompute:
-                plain = np.minimum(plain, base + table["in"] * inflight + table["act"] + io + sent)
+                plain = np.minimum(plain, base + ins * inflight + table["act"] + io + again_sent)
             least = np.minimum(least, np.maximum(plain, step_end))
         out[ri] = np.where(upper, least, np.inf)
     return out

@@ -31,6 +31,7 @@ import math
 from typing import NamedTuple
 
 from .bounds import PrefixBounds
+from .cost import SEND_WINDOW
 from .front import TIE, Entry, pareto_front, triple
 from .slices import SearchSlice
 from .types import ShardLevel
@@ -144,6 +145,7 @@ class _Run:
         # Replicated stages may shard (plan/sharding.py); none_first: unsharded is the first level tried.
         self.shards = problem.shard_levels != (ShardLevel.NONE,)
         self.none_first = problem.shard_levels[0] == ShardLevel.NONE
+        self.window = min(search.p, SEND_WINDOW)  # microbatches whose sends the runtime holds at most
         self.node = problem.gpus_per_node
         self.spread = self.node is not None  # placement decides the links
         # Only a different inter-node link makes the lists by InputLink differ.
@@ -205,13 +207,18 @@ class _Run:
             base = self.bases[ri][j][b]
             if self.ends[ri][j][b] > self.limit:  # the optimizer step does not fit
                 return self._sharded_stage(inflight, r, b, j) if shards else None
-            sends_held = min(self.search.p, inflight + 1)  # cost.sent_bytes, per byte of boundary tensors
-            sent = sends_held * (in_b + out_b)  # sums in cost.stage's order
-            if base + act * inflight + io + sent <= self.limit:
+            window = self.window  # cost.sent_bytes, in cost.stage's order
+            if (
+                base + act * inflight + io + (window * in_b + min(self.search.p, inflight + 1) * out_b)
+                <= self.limit
+            ):
                 time = fb
             elif shards:  # a sharded level may fit (and, the first that does, wins over recompute)
                 return self._sharded_stage(inflight, r, b, j)
-            elif self.recompute and base + in_b * inflight + act + io + sent <= self.limit:
+            elif (
+                self.recompute
+                and base + in_b * inflight + act + io + (window * in_b + window * out_b) <= self.limit
+            ):
                 time = f + (bw + f)
             else:
                 return None

@@ -480,7 +480,7 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
             "gradients": state.grads,
             "optimizer": state.optimizer,
             "buffers": 2 * (cost.in_bytes + cost.out_bytes)
-            + sent_bytes(cost.in_bytes, cost.out_bytes, plan.microbatches, cost.inflight),
+            + sent_bytes(cost.in_bytes, cost.out_bytes, plan.microbatches, cost.inflight, recompute),
         }
         if problem.input_bytes:
             parts["inputs"] = problem.input_bytes

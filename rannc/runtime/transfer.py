@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..capture.inputs import concrete_shape
+from ..plan.cost import SEND_WINDOW
 from .failures import guarded, wait_all
 from .layout import SampleLayout
 from .routes import Route
@@ -38,7 +39,8 @@ class Transfer:
         self.sizes = sizes or {}  # this call's sequence lengths (symbols other than the batch)
         self.device = device
         # Sends in flight: (works, ops, "act" | "grad", microbatch, peer ranks); their buffers stay referenced
-        # until `release` learns that the peers have them, or wait_sends at the step's end.
+        # until they complete (release_completed), `release` learns that the peers have them, a newer send needs
+        # the room (at most SEND_WINDOW microbatches of each kind are held) or wait_sends at the step's end.
         self.pending: list[tuple[list[Any], list[dist.P2POp], str, int, frozenset[int]]] = []
         # Receives posted ahead of need: ("act" | "grad", microbatch) -> (works, buffers, describe, peers)
         self.posted: dict[tuple[str, int], Any] = {}
@@ -182,9 +184,36 @@ class Transfer:
 
     def _start(self, ops: list[dist.P2POp], kind: str, microbatch: int) -> None:
         if ops:
+            self.release_completed()
+            self._make_room(kind, microbatch)
             with guarded(lambda: _sending(ops)):
                 works = dist.batch_isend_irecv(ops)
             self.pending.append((works, ops, kind, microbatch, frozenset(op.peer for op in ops)))
+
+    def _make_room(self, kind: str, microbatch: int) -> None:
+        """Before sending `kind` for a new microbatch, wait for the oldest sends of that kind until those of fewer
+        than SEND_WINDOW microbatches are held, so that what a rank holds in sends is bounded whatever the number
+        of microbatches (the planner charges SEND_WINDOW microbatches: plan.cost.sent_bytes). The receivers post
+        their receives one action ahead, so in the pipelined schedules the wait is for a receive already posted."""
+        held = sorted({m for _, _, k, m, _ in self.pending if k == kind and m != microbatch})
+        if len(held) < SEND_WINDOW:
+            return
+        oldest = set(held[: len(held) - SEND_WINDOW + 1])
+        kept = []
+        with current_tracer().span(f"wait_send_{kind}"):
+            for entry in self.pending:
+                works, ops, sent_kind, sent, _ = entry
+                if sent_kind == kind and sent in oldest:
+                    wait_all(works, lambda ops=ops: _sending(ops))
+                else:
+                    kept.append(entry)
+        self.pending = kept
+
+    def release_completed(self) -> None:
+        """Drop the sends that have completed (the backend says so without waiting: NCCL does, gloo's sends report
+        completion only once waited for)."""
+        if any(all(work.is_completed() for work in entry[0]) for entry in self.pending):
+            self.pending = [entry for entry in self.pending if not all(w.is_completed() for w in entry[0])]
 
     def release(self, kind: str, peers: set[int], microbatches: Callable[[int], bool]) -> None:
         """Drop the sends of `kind` whose microbatch satisfies `microbatches` and whose every peer is in `peers`:

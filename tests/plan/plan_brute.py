@@ -225,13 +225,16 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         params = problem.range_param_bytes[i][j]
         inflight = min(p, stages - s) if schedule == "1f1b" else p
         shards = r if problem.zero_optimizer else 1
-        # Receive buffers (the current action's and one posted ahead) and workspace, plus the sends still held:
-        # outputs until their gradients return (in flight), input gradients one microbatch longer.
+        # Receive buffers (the current action's and one posted ahead) and workspace, plus the sends still held: the
+        # input gradients of at most 2 microbatches (the runtime's send window), the outputs of as many when
+        # recomputing, else of every microbatch in flight (and one more), whose graphs hold them.
+        window = min(p, 2)
         base, io = (
             params * (2 + problem.opt_param_factor / shards) + problem.input_bytes,
-            2 * (ins + outs) + workspace + min(p, inflight + 1) * (ins + outs),
+            2 * (ins + outs) + workspace,
         )
-        plain, again = base + act * inflight + io, base + ins * inflight + act + io
+        plain = base + act * inflight + io + (window * ins + min(p, inflight + 1) * outs)
+        again = base + ins * inflight + act + io + (window * ins + window * outs)
         # The optimizer step's temporaries come after the activations are freed: the larger phase counts.
         largest = problem.range_largest_param_bytes[i][j] if problem.range_largest_param_bytes else 0.0
         step_end = (

@@ -88,9 +88,8 @@ def test_recomputed_stage_holds_the_workspace_once_too() -> None:
     params = 5e8 * 4
     stashed = IN_PER_SAMPLE * 2 * 2  # boundary inputs of 2 microbatches in flight
     rebuilt = 4e6 + 2e6  # one microbatch's activations
-    buffers = (2 + 3) * (
-        IN_PER_SAMPLE * 2 + 0.0
-    )  # receives (current, posted ahead) + min(4, 2 in flight + 1) sent
+    # receives (current, posted ahead) + the input gradients sent of at most 2 microbatches (the send window)
+    buffers = (2 + 2) * (IN_PER_SAMPLE * 2 + 0.0)
     assert (
         cost.workspace_bytes == 10e6 + 3e8 - 2e6
     )  # block 1's, with block 2's gradients, less its activations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ from distributed_helpers import run_workers
 from torch import nn
 
 import rannc
-from rannc.schedule import actions_for, backwards_before
+from rannc.plan.cost import SEND_WINDOW, sent_bytes
+from rannc.schedule import Action, ActionKind, Schedule, actions_for, backwards_before
 
 
 class Chain(nn.Module):
@@ -37,22 +39,26 @@ def two_stage_chain(schedule: str, microbatches: int, cache: str) -> tuple[Chain
     return model, optimizer, wrapped
 
 
-def held_sends(rank: int, world: int, schedule: str, cache: str) -> dict[str, Any]:
-    """One step of a 2-stage, 8-microbatch pipeline; after every action, the microbatches whose sends this rank
-    still holds, by kind. Also the loss and gradients, to compare with one process."""
+def held_sends(rank: int, world: int, schedule: str, cache: str, microbatches: int = 8) -> dict[str, Any]:
+    """One step of a 2-stage pipeline of `microbatches` microbatches; after every send started, the microbatches
+    whose sends this rank still holds, by kind, and the bytes of those sends. Also the loss and gradients, to
+    compare with one process."""
     from rannc.runtime import transfer as transfer_module
 
     most = {"act": 0, "grad": 0}
+    most_bytes = {"act": 0, "grad": 0}
     original = transfer_module.Transfer._start
 
     def counting_start(self: Any, ops: Any, kind: str, microbatch: int) -> None:
         original(self, ops, kind, microbatch)
         for name in most:
-            held = {entry[3] for entry in self.pending if entry[2] == name}
-            most[name] = max(most[name], len(held))
+            entries = [entry for entry in self.pending if entry[2] == name]
+            most[name] = max(most[name], len({entry[3] for entry in entries}))
+            tensors = {op.tensor.data_ptr(): op.tensor.nbytes for entry in entries for op in entry[1]}
+            most_bytes[name] = max(most_bytes[name], sum(tensors.values()))
 
     transfer_module.Transfer._start = counting_start  # type: ignore[method-assign]
-    model, optimizer, wrapped = two_stage_chain(schedule, 8, cache)
+    model, optimizer, wrapped = two_stage_chain(schedule, microbatches, cache)
     torch.manual_seed(1)
     x, y = torch.randn(16, 16), torch.randn(16, 16)
     lo, hi = rank * 8, rank * 8 + 8
@@ -61,6 +67,7 @@ def held_sends(rank: int, world: int, schedule: str, cache: str) -> dict[str, An
     stage = wrapped.deployment.plan.stage_of_rank(rank)
     return {
         "most": most,
+        "most_bytes": most_bytes,
         "stage": stage,
         "loss": float(loss),
         "grads": [p.grad.clone() for p in model.parameters() if p.grad is not None and p.grad.numel()],
@@ -73,14 +80,10 @@ def test_sends_are_released_when_the_receivers_have_them(schedule: str, tmp_path
     results = run_workers(held_sends, 2, schedule, str(tmp_path / "cache"), timeout=300)
     by_stage = {r["stage"]: r for r in results}
     assert set(by_stage) == {0, 1}
-    if schedule == "1f1b":
-        # Stage 0 holds an output until stage 1 sends its gradient back: at most its 2 microbatches in flight.
-        assert 1 <= by_stage[0]["most"]["act"] <= 2
-        # Stage 1 holds an input gradient until stage 0's next forward after that backward (its last ones until
-        # the step's end): at most its 1 in flight + 1.
-        assert 1 <= by_stage[1]["most"]["grad"] <= 2
-    else:  # fill-drain: every forward before any backward, so nothing can be released early
-        assert by_stage[0]["most"]["act"] == 8 and by_stage[1]["most"]["grad"] == 8
+    # Stage 0 holds an output until stage 1 has it, stage 1 an input gradient until stage 0 has it: never the
+    # sends of more than SEND_WINDOW (2) microbatches, whatever the schedule (fill-drain used to hold all 8).
+    assert 1 <= by_stage[0]["most"]["act"] <= SEND_WINDOW
+    assert 1 <= by_stage[1]["most"]["grad"] <= SEND_WINDOW
     # One process, same model, same global batch.
     torch.manual_seed(0)
     reference = Chain()
@@ -96,6 +99,25 @@ def test_sends_are_released_when_the_receivers_have_them(schedule: str, tmp_path
         assert any(
             g.shape == grad.shape and torch.allclose(g, grad, rtol=1e-5, atol=1e-7) for g in expected.values()
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "fill_drain"])
+def test_send_memory_does_not_grow_with_the_microbatches(schedule: str, tmp_path: Path) -> None:
+    # 16 microbatches of one sample each: the bytes a rank holds in sends stay those of SEND_WINDOW microbatches,
+    # within what the planner charges for them (cost.sent_bytes with the stage's boundary bytes).
+    results = run_workers(held_sends, 2, schedule, str(tmp_path / "cache"), 16, timeout=300)
+    by_stage = {r["stage"]: r for r in results}
+    row_bytes = 16 * 4  # one sample of the 16-wide float32 boundary
+    assert by_stage[0]["most"]["act"] == SEND_WINDOW and by_stage[1]["most"]["grad"] == SEND_WINDOW
+    assert by_stage[0]["most_bytes"]["act"] == SEND_WINDOW * row_bytes
+    assert by_stage[1]["most_bytes"]["grad"] == SEND_WINDOW * row_bytes
+    inflight = Schedule(schedule).inflight(16, 2)
+    # a recomputed stage is charged the window for its outputs; one keeping its graphs, its outputs in flight
+    for recompute in (True, False):
+        charged = sent_bytes(0.0, row_bytes, 16, inflight, recompute)
+        assert by_stage[0]["most_bytes"]["act"] <= charged
+        assert by_stage[1]["most_bytes"]["grad"] <= sent_bytes(row_bytes, 0.0, 16, 1, recompute)
 
 
 def test_backwards_before_follows_the_schedule() -> None:
@@ -133,3 +155,95 @@ def test_a_finished_step_frees_its_tensors_without_the_garbage_collector(
     # A reference cycle through the step's pipeline call would keep its activations and gradients alive until
     # the next collection: peak memory would then depend on when that runs.
     assert run_workers(calls_alive, 2, schedule, str(tmp_path / "cache"), timeout=300) == [0, 0]
+
+
+def _protocol_finishes(
+    actions_of: Callable[[int, int, int], list[Action]],
+    stages: int,
+    microbatches: int,
+    window: int,
+    deferred: bool = False,
+) -> bool:
+    """Whether one step ends when every rank runs `actions_of(stage, stages, microbatches)` following the runtime's
+    transfer protocol: it posts the receives of its next action before running the current one, a send completes
+    once its receiver posted the receive, a rank waits for its oldest sends of a kind before holding those of more
+    than `window` microbatches, and waits for all its sends where a call ends (`deferred`, fill-drain's mode:
+    after the forwards and after the backwards)."""
+    phases = []
+    for s in range(stages):
+        actions = actions_of(s, stages, microbatches)
+        if deferred:  # the forwards in one call, the backwards in another
+            split = [a for a in actions if a.kind == "F"], [a for a in actions if a.kind == "B"]
+        else:
+            split = (actions,)
+        phases.append([list(part) for part in split if part])
+    posted: set[tuple[int, str, int]] = set()  # (receiving stage, kind, microbatch)
+    sent: dict[int, list[tuple[str, int]]] = {s: [] for s in range(stages)}  # pending sends, oldest first
+    done: set[tuple[int, str, int]] = set()  # (stage, "F" | "B", microbatch) computed
+    place = [(0, 0)] * stages  # (phase, action index)
+    waiting_room: dict[int, tuple[str, int]] = {}  # stage -> the send it has computed but not yet started
+
+    def received(stage: int, kind: str, microbatch: int) -> bool:
+        target = stage + 1 if kind == "act" else stage - 1
+        return (target, kind, microbatch) in posted
+
+    def advance(s: int) -> bool:
+        phase, index = place[s]
+        if phase == len(phases[s]):
+            return False
+        actions = phases[s][phase]
+        if s in waiting_room:  # make room for the send of the action just computed, then start it
+            kind, microbatch = waiting_room[s]
+            older = sorted({m for k, m in sent[s] if k == kind})
+            if len(older) >= window and not all(
+                received(s, kind, m) for m in older[: len(older) - window + 1]
+            ):
+                return False
+            sent[s] = [(k, m) for k, m in sent[s] if k != kind or m not in older[: len(older) - window + 1]]
+            sent[s].append((kind, microbatch))
+            del waiting_room[s]
+            return True
+        if index == len(actions):  # the call ends: wait for every send
+            if not all(received(s, k, m) for k, m in sent[s]):
+                return False
+            sent[s] = []
+            place[s] = (phase + 1, 0)
+            return True
+        action = actions[index]
+        kind = "act" if action.kind == "F" else "grad"
+        for upcoming in actions[index : index + 2]:  # the current action's receive and the next one's
+            posted.add((s, "act" if upcoming.kind == "F" else "grad", upcoming.microbatch))
+        producer = s - 1 if action.kind == "F" else s + 1
+        if 0 <= producer < stages and (producer, action.kind, action.microbatch) not in done:
+            return False
+        done.add((s, action.kind, action.microbatch))
+        place[s] = (phase, index + 1)
+        if 0 <= (s + 1 if action.kind == "F" else s - 1) < stages:
+            waiting_room[s] = (kind, action.microbatch)
+        return True
+
+    while any(advance(s) for s in range(stages)):
+        pass
+    return all(place[s][0] == len(phases[s]) for s in range(stages))
+
+
+@pytest.mark.parametrize("schedule", list(Schedule))
+def test_the_send_window_never_deadlocks_the_schedules(schedule: Schedule) -> None:
+    deferred = schedule == Schedule.FILL_DRAIN  # the runtime's PipelineMode for it
+    for stages in range(1, 7):
+        for microbatches in range(1, 11):
+            finished = _protocol_finishes(schedule.actions, stages, microbatches, SEND_WINDOW, deferred)
+            assert finished, (stages, microbatches)
+
+
+def test_the_protocol_check_finds_a_window_deadlock() -> None:
+    # Stage 1 takes stage 0's forwards in reverse order: stage 0 cannot hold the sends of all three while
+    # stage 1 waits for the last one, unless its window allows three.
+    def reversed_consumer(stage: int, stages: int, microbatches: int) -> list[Action]:
+        order = range(microbatches) if stage == 0 else reversed(range(microbatches))
+        return [Action(ActionKind.FORWARD, i) for i in order] + [
+            Action(ActionKind.BACKWARD, i) for i in range(microbatches)
+        ]
+
+    assert not _protocol_finishes(reversed_consumer, 2, 3, 1)
+    assert _protocol_finishes(reversed_consumer, 2, 3, 3)
