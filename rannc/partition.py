@@ -32,6 +32,7 @@ from .problem import (
 )
 from .profile.blocks import measured_block_profiles
 from .profile.devices import DeviceProfile, get_device_profile, profile_for_device_name
+from .runtime.optimizer import steps_in_chunks
 from .runtime.weights import is_meta_model
 from .schedule import Schedule
 
@@ -138,8 +139,18 @@ def partition(
         captured, analysis, blocks, graphs, (values, state), sizes, config=config, device=device
     )
     l2 = coupled_weight_decay(optimizer)
+    chunked = optimizer is not None and steps_in_chunks(optimizer)
     problem = assemble_problem(
-        captured, analysis, blocks, graphs, costs, space, links, profile, l2_weight_decay=l2
+        captured,
+        analysis,
+        blocks,
+        graphs,
+        costs,
+        space,
+        links,
+        profile,
+        l2_weight_decay=l2,
+        chunked_optimizer=chunked,
     )
     plan = _plan_on_rank0(problem, world_size, config)
     deployment = deployment_of(plan, captured, blocks, world_size, limit)

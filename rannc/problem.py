@@ -39,7 +39,7 @@ from .plan.types import (
     default_microbatch_choices,
     default_replica_choices,
 )
-from .profile.devices import DeviceProfile, optimizer_transient
+from .profile.devices import OPTIMIZER_CHUNK_BYTES, DeviceProfile, optimizer_transient
 from .schedule import Schedule
 
 __all__ = [
@@ -238,13 +238,16 @@ def assemble_problem(
     device: DeviceProfile,
     *,
     l2_weight_decay: bool = False,
+    chunked_optimizer: bool = True,
 ) -> PlanProblem:
     """The planner's problem: per block its `costs` (measured or estimated at `space.profile_sizes()`), per range
     of blocks the parameter and boundary bytes of the graph (`graphs`: one per block), the step's inputs, the
     search space and the links.
 
     The end of a step is priced with `device`: the optimizer update time and its temporaries (one more with
-    Adam's L2 weight decay, `l2_weight_decay`), and the share of a gradient allreduce that hides behind compute.
+    Adam's L2 weight decay, `l2_weight_decay`; those of one chunk of OPTIMIZER_CHUNK_BYTES when the runtime steps
+    the optimizer a chunk at a time, `chunked_optimizer`: `runtime.optimizer.steps_in_chunks`), and the share of a
+    gradient allreduce that hides behind compute.
     """
     if len(costs) != len(blocks) or len(graphs) != len(blocks):
         raise ValueError(f"{len(costs)} block costs and {len(graphs)} graphs for {len(blocks)} blocks")
@@ -283,6 +286,7 @@ def assemble_problem(
         allreduce_inter_latency=links.allreduce_inter_latency,
         optimizer_transient=optimizer_transient(device.kind, space.opt_param_factor, l2_weight_decay),
         range_largest_param_bytes=largest,
+        optimizer_chunk_bytes=OPTIMIZER_CHUNK_BYTES if chunked_optimizer else 0.0,
         shared_params=shared,
         simulate_candidates=SIMULATE_CANDIDATES,
     )

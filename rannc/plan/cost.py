@@ -123,7 +123,10 @@ def optimizer_transient_bytes(problem: PlanProblem, first: int, last: int, repli
         return 0.0
     shards = replicas if problem.zero_optimizer else 1
     largest = problem.range_largest_param_bytes[first][last] if problem.range_largest_param_bytes else 0.0
-    return problem.range_param_bytes[first][last] / shards * per_param + largest * per_largest
+    updated = problem.range_param_bytes[first][last] / shards
+    if problem.optimizer_chunk_bytes > 0:  # stepped a chunk at a time
+        updated = min(updated, max(problem.optimizer_chunk_bytes, largest))
+    return updated * per_param + largest * per_largest
 
 
 def sharded_transient_bytes(problem: PlanProblem, first: int, last: int, updated: float) -> float:
@@ -132,6 +135,8 @@ def sharded_transient_bytes(problem: PlanProblem, first: int, last: int, updated
     if not per_param and not per_largest:
         return 0.0
     largest = problem.range_largest_param_bytes[first][last] if problem.range_largest_param_bytes else 0.0
+    if problem.optimizer_chunk_bytes > 0:  # stepped a chunk at a time
+        updated = min(updated, max(problem.optimizer_chunk_bytes, largest))
     return updated * per_param + largest * per_largest
 
 

@@ -113,7 +113,10 @@ class StageTables:
                 if problem.range_largest_param_bytes
                 else np.zeros_like(self._params)
             )
-            transient = self._params / shards * per_param + largest * per_largest
+            updated = self._params / shards
+            if problem.optimizer_chunk_bytes > 0:  # as cost.optimizer_transient_bytes
+                updated = np.minimum(updated, np.maximum(problem.optimizer_chunk_bytes, largest))
+            transient = updated * per_param + largest * per_largest
             if not per_param and not per_largest:
                 transient = np.zeros_like(self._params)
             table = self._base[key] = self.base(replicas) + transient
@@ -160,7 +163,10 @@ class StageTables:
         )
         share = self._params / replicas
         base = share * (2 + problem.opt_param_factor) + problem.input_bytes
-        end = base + share * per_param + largest * per_largest
+        stepped = share  # the temporaries cover a chunk at most (cost.sharded_transient_bytes)
+        if problem.optimizer_chunk_bytes > 0:
+            stepped = np.minimum(share, np.maximum(problem.optimizer_chunk_bytes, largest))
+        end = base + stepped * per_param + largest * per_largest
         return base, end, share * problem.update_seconds_per_param_byte
 
     def level_states(self, replicas: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -182,7 +188,10 @@ class StageTables:
             if problem.range_largest_param_bytes
             else np.zeros_like(params)
         )
-        transient = updated * per_param + largest * per_largest
+        stepped = updated  # as cost.sharded_transient_bytes
+        if problem.optimizer_chunk_bytes > 0:
+            stepped = np.minimum(updated, np.maximum(problem.optimizer_chunk_bytes, largest))
+        transient = stepped * per_param + largest * per_largest
         for level in levels:
             if level == ShardLevel.NONE:
                 out.append((self.base(replicas), self.step_end(replicas)))

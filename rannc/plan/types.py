@@ -185,6 +185,10 @@ class PlanProblem:
     # larger of its forward/backward peak and parameter state + these temporaries.
     optimizer_transient: tuple[float, float] = (0.0, 0.0)
     range_largest_param_bytes: list[list[float]] | None = None
+    # > 0: the optimizer steps a rank's parameters in chunks of at most this many bytes (a larger tensor alone), so
+    # the temporaries proportional to the parameters (optimizer_transient[0]) cover the largest chunk only:
+    # min(parameter bytes updated, max(optimizer_chunk_bytes, the largest tensor)). 0: all of them at once.
+    optimizer_chunk_bytes: float = 0.0
     # Parameters used by several blocks (tied weights): (bytes, blocks). When a plan puts those blocks on
     # different stages, every rank holding the parameter joins one gradient allreduce; the simulator and the
     # report charge it (the search does not).

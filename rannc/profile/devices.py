@@ -37,6 +37,11 @@ _OPTIMIZER_TRANSIENT = {
 }
 
 
+# The runtime steps a rank's parameters in chunks of at most this many bytes (a larger tensor alone) when they
+# hold more (runtime/optimizer.py), so that the foreach temporaries above cover one chunk, not every parameter.
+OPTIMIZER_CHUNK_BYTES = float(2**28)
+
+
 def optimizer_kind(opt_param_factor: float) -> str:
     """The optimizer family its state size suggests: >= 2 x parameters Adam, >= 1 momentum SGD, else SGD."""
     return "adam" if opt_param_factor >= 2 else "momentum" if opt_param_factor >= 1 else "sgd"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..errors import RanncError
+from ..profile.devices import OPTIMIZER_CHUNK_BYTES
 from .dist import GroupCache
 from .grad_sync import GRADIENTS
 from .sharding import ShardAssignment
@@ -19,7 +22,8 @@ class OptimizerBinding:
 
     Every parameter lives on a rank set (the replicas of every stage that uses it). Without ZeRO each of
     those ranks steps it; with ZeRO-1 one rank of the set owns its optimizer state, steps it and broadcasts
-    the new values after `optimizer.step()`.
+    the new values after `optimizer.step()`. When the rank steps more than `chunk_bytes` of parameters with a
+    torch.optim optimizer (`steps_in_chunks`), `optimizer.step()` updates them a chunk at a time (`_chunked_step`).
     """
 
     def __init__(
@@ -35,6 +39,7 @@ class OptimizerBinding:
         zero: bool,
         groups: GroupCache,
         shards: ShardAssignment | None = None,  # sharded stages' parameters and owners (their ZeRO level)
+        chunk_bytes: float | None = None,  # None: OPTIMIZER_CHUNK_BYTES (what the planner charges); 0: never
     ) -> None:
         self.optimizer = optimizer
         self.rank = rank
@@ -73,6 +78,15 @@ class OptimizerBinding:
         self._hooks = [optimizer.register_step_pre_hook(lambda *_: self.check_local())]
         if self.broadcast_sets:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.broadcast_owned()))
+        # optimizer.step() steps the rank's parameters a chunk at a time when they are more than a chunk
+        self._step_before = optimizer.__dict__.get("step")  # an LR scheduler's wrapper, made before wrapping
+        chunk_bytes = OPTIMIZER_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        local = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+        self.chunked = chunk_bytes > 0 and local > chunk_bytes and steps_in_chunks(optimizer)
+        if self.chunked:
+            tracked = getattr(self._step_before, "_wrapped_by_lr_sched", False)
+            step = _chunked_step(chunk_bytes, tracked)
+            optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
 
     def _restrict(self) -> None:
         by_id = {id(self.tensors[n]): n for n in self.index_of if n in self.tensors}
@@ -120,6 +134,10 @@ class OptimizerBinding:
         self.optimizer.state.clear()
         for attribute in ("state_dict", "load_state_dict", "_rannc_binding"):
             self.optimizer.__dict__.pop(attribute, None)
+        if self.chunked:
+            self.optimizer.__dict__.pop("step", None)
+            if self._step_before is not None:
+                self.optimizer.step = self._step_before  # type: ignore[method-assign]
         type(self.optimizer).load_state_dict(self.optimizer, full[0])
         accept_from_global(self.optimizer)
 
@@ -260,3 +278,73 @@ def _own_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
         for index, entry in state_dict["state"].items()
     }
     return {**state_dict, "state": copied}
+
+
+def steps_in_chunks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether rannc steps this optimizer a chunk of parameters at a time when they are many: torch.optim's
+    optimizers update each parameter from its own gradient and state alone (LBFGS, which needs them all, and
+    other optimizers, which may couple parameters, are stepped whole)."""
+    cls = type(optimizer)
+    step = getattr(cls, "step", None)
+    return (
+        cls.__module__.startswith("torch.optim.")
+        and not isinstance(optimizer, torch.optim.LBFGS)
+        and getattr(step, "__wrapped__", None) is not None  # torch's hooked step: its body can run per chunk
+    )
+
+
+def parameter_chunks(groups: list[list[torch.Tensor]], limit: float) -> list[list[list[torch.Tensor]]]:
+    """`groups` (the parameters of each param group, in order) cut into chunks of at most `limit` bytes (a larger
+    tensor alone): per chunk, the parameters of each group it holds (in order; empty for the others)."""
+    chunks: list[list[list[torch.Tensor]]] = []
+    current: list[list[torch.Tensor]] = [[] for _ in groups]
+    held = 0
+    for g, params in enumerate(groups):
+        for param in params:
+            size = param.numel() * param.element_size()
+            if held and held + size > limit:
+                chunks.append(current)
+                current, held = [[] for _ in groups], 0
+            current[g].append(param)
+            held += size
+    if held or not chunks:
+        chunks.append(current)
+    return chunks
+
+
+def _chunked_step(limit: float, lr_scheduler_tracked: bool = False) -> Callable[..., Any]:
+    """An optimizer's `step` that runs its class's update once per chunk of at most `limit` bytes of parameters
+    (`parameter_chunks`), inside one call of torch's step wrapper (its pre- and post-hooks run once).
+
+    torch.optim's updates are elementwise per parameter: a chunk at a time gives bit for bit the values of one
+    step over all parameters (the foreach forms only group the same kernels otherwise), while their temporaries
+    (foreach: a list of them for every parameter stepped at once) cover one chunk. A step with a closure (which
+    must run once) steps everything at once. `lr_scheduler_tracked`: an LR scheduler made before wrapping had
+    wrapped `step` to learn that it ran; this step tells it too."""
+
+    def chunked(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        body = type(self).step.__wrapped__  # type: ignore[attr-defined]
+        if kwargs.get("closure", args[0] if args else None) is not None:
+            return body(self, *args, **kwargs)
+        saved = [group["params"] for group in self.param_groups]
+        try:
+            for chunk in parameter_chunks(saved, limit):
+                for group, params in zip(self.param_groups, chunk):
+                    group["params"] = params
+                body(self, *args, **kwargs)
+        finally:
+            for group, params in zip(self.param_groups, saved):
+                group["params"] = params
+        return None
+
+    step = torch.optim.Optimizer.profile_hook_step(chunked)
+    if lr_scheduler_tracked:
+        hooked = step
+
+        @functools.wraps(hooked)
+        def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            self._opt_called = True  # type: ignore[attr-defined]  # as the LR scheduler's own wrapper does
+            return hooked(self, *args, **kwargs)
+
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    return step

@@ -237,9 +237,12 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         again = base + ins * inflight + act + io + (window * ins + window * outs)
         # The optimizer step's temporaries come after the activations are freed: the larger phase counts.
         largest = problem.range_largest_param_bytes[i][j] if problem.range_largest_param_bytes else 0.0
-        step_end = (
-            base + params / shards * problem.optimizer_transient[0] + largest * problem.optimizer_transient[1]
-        )
+        updated = (
+            params / shards
+        )  # the optimizer's chunks: a chunk of at most optimizer_chunk_bytes (or one tensor)
+        if problem.optimizer_chunk_bytes > 0:
+            updated = min(updated, max(problem.optimizer_chunk_bytes, largest))
+        step_end = base + updated * problem.optimizer_transient[0] + largest * problem.optimizer_transient[1]
         plain, again = max(plain, step_end), max(again, step_end)
         if recompute is not None:
             redo = recompute[s]

@@ -82,7 +82,11 @@ def random_extended_problem(seed: int) -> tuple[PlanProblem, list]:
         ],
         # its own generator: the other draws (and so every instance's other fields) stay as they were
         input_bytes=random.Random(seed).choice([0.0, 0.0, 1e5, 3e6]),
+        # the optimizer stepped in chunks (its temporaries cover one chunk)
+        optimizer_chunk_bytes=random.Random(30_000 + seed).choice([0.0, 0.0, 1e5, 1e6, 5e6]),
     )
+    if random.Random(40_000 + seed).random() < 0.25:  # every microbatch count up to the batch (sends held)
+        problem = dataclasses.replace(problem, max_microbatches=batch)
     candidates = brute_force(problem)
     if candidates and rng.random() < 0.8:
         # Half the time a limit that some recomputing candidate meets (recompute often needed).

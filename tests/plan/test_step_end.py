@@ -20,7 +20,7 @@ from rannc.graph.stage import block_graphs
 from rannc.graph.tables import input_bytes, parameter_facts
 from rannc.partition import coupled_weight_decay
 from rannc.plan import BlockProfile, Plan, PlanProblem, evaluate, plan_stages
-from rannc.plan.cost import CostModel, allreduce_time
+from rannc.plan.cost import CostModel, allreduce_time, optimizer_transient_bytes
 from rannc.plan.memory import stage_memories
 from rannc.plan.search import plan_of_candidate
 from rannc.plan.simulate import shared_allreduces, simulate_plan
@@ -57,6 +57,33 @@ def test_optimizer_temporaries_only_count_when_they_exceed_the_backward_peak() -
     zero = problem(optimizer_transient=(1.0, 0.0), zero_optimizer=True)
     two = CostModel(zero).stage(0, 1, 2, 2, 1)
     assert two.memory == pytest.approx(5e6 * (2 + 2 / 2) + 5e6 / 2, rel=1e-12)
+
+
+def test_optimizer_stepped_in_chunks_holds_the_temporaries_of_one_chunk() -> None:
+    # GPU foreach Adam: one temporary per parameter byte stepped at once. Blocks 0..1 hold 5e6 bytes of parameters,
+    # the largest tensor 3e6.
+    whole = CostModel(problem(optimizer_transient=(1.0, 0.0))).stage(0, 1, 1, 4, 4)
+    assert whole.memory == 5e6 * 4 + 5e6
+    # Chunks of 1e6 bytes: a tensor larger than that is a chunk alone, so the largest chunk is that tensor.
+    chunked = CostModel(problem(optimizer_transient=(1.0, 0.0), optimizer_chunk_bytes=1e6)).stage(
+        0, 1, 1, 4, 4
+    )
+    assert chunked.memory == 5e6 * 4 + 3e6
+    # Chunks larger than the parameters change nothing; with ZeRO-1 a rank steps its shard only.
+    big = CostModel(problem(optimizer_transient=(1.0, 0.0), optimizer_chunk_bytes=1e9)).stage(0, 1, 1, 4, 4)
+    assert big.memory == whole.memory
+    zero = problem(optimizer_transient=(1.0, 0.0), optimizer_chunk_bytes=4e6, zero_optimizer=True)
+    assert CostModel(zero).stage(0, 1, 2, 2, 1).memory == pytest.approx(
+        5e6 * (2 + 2 / 2) + 5e6 / 2, rel=1e-12
+    )
+    # The tables agree bit for bit.
+    chunking = problem(optimizer_transient=(1.0, 0.5), optimizer_chunk_bytes=1e6)
+    tables, model = StageTables(CostModel(chunking)), CostModel(chunking)
+    for i in range(3):
+        for j in range(i, 3):
+            expected = chunking.range_param_bytes[i][j] * 4 + optimizer_transient_bytes(chunking, i, j, 1)
+            assert tables.step_end(1)[i][j] == expected
+            assert model.stage(i, j, 1, 4, 1).memory >= expected
 
 
 def test_optimizer_temporaries_in_tables_search_and_least_memory() -> None:
