@@ -135,7 +135,10 @@ def _add_plan(commands: Any) -> None:
     )
     plan.add_argument("--gpus-per-node", type=_count_arg, default=None, help="default: the profile's")
     plan.add_argument(
-        "--max-microbatches", type=_count_arg, default=64, help="most microbatches tried (default 64)"
+        "--max-microbatches",
+        type=_count_arg,
+        default=None,
+        help="most microbatches tried (default: the global batch, so any count up to the samples per replica)",
     )
     plan.add_argument(
         "--dtype", default=None, help="compute dtype: fp32, tf32, bf16, fp16 (default: the model's)"

@@ -17,7 +17,7 @@ from .capture.samples import example_leaves, placeholder_state, record_flops
 from .deploy.deployment import Deployment
 from .errors import ConfigError
 from .graph.analysis import GraphAnalysis, analyse, has_single_loss
-from .graph.blocks import block_count, cut_blocks
+from .graph.blocks import BLOCK_STATE_SHARE, StateLimit, block_count, cut_blocks
 from .graph.stage import block_graphs
 from .host_memory import return_freed_host_memory
 from .plan import Plan, PlanProblem
@@ -140,7 +140,7 @@ def plan_offline(
     global_batch: int,
     device: str | DeviceProfile,
     gpus_per_node: int | None = None,
-    max_microbatches: int = 64,
+    max_microbatches: int | None = None,
     dtype: str | torch.dtype | None = None,
     schedules: Sequence[str] = ("1f1b", "fill_drain"),
     recompute: bool = True,
@@ -161,7 +161,9 @@ def plan_offline(
     activations in that precision; None: each op's own), links come from the profile with `gpus_per_node`
     (default: the profile's) GPUs per node. `device_memory_bytes` (default: the profile's) is reduced by
     `mem_margin`; the plan's deployment records that usable figure and the graph hash of the model, so a
-    real job of the same model and shapes loads it with load_deployment=True. `max_seq_len` > 0 plans a job
+    real job of the same model and shapes loads it with load_deployment=True. `max_microbatches` (default: the
+    global batch) caps the microbatch counts searched; each stage's replicas need a sample of every microbatch,
+    so counts up to the samples per replica are tried. `max_seq_len` > 0 plans a job
     whose sequence length (dim 1 of the inputs) varies up to it (the job sets the same config item).
     `opaque_modules`: submodules captured as one operation each (the config item of that name). `shard`:
     the config item shard_stages ("none", "auto", "zero-1", "zero-2", "zero-3").
@@ -172,6 +174,7 @@ def plan_offline(
                               global_batch=1536, device="h100-80gb", dtype="bf16")
         save_deployment(result.deployment, "plan.json")
     """
+    max_microbatches = global_batch if max_microbatches is None else max_microbatches
     _check_arguments(world_size, global_batch, max_microbatches, mem_margin)
     profile = get_device_profile(device)
     gpus = gpus_per_node if gpus_per_node is not None else profile.gpus_per_node
@@ -274,7 +277,8 @@ class _Pricing:
         blocks' graphs (one GraphModule each) are dropped here, before the search."""
         captured, analysis, space = self.captured, self.analysis, self.space
         count = block_count(captured, usable_bytes, space.opt_param_factor, self.max_blocks)
-        blocks = cut_blocks(analysis, self.flops, space.global_batch, count)
+        limit = StateLimit(captured, 2 + space.opt_param_factor, BLOCK_STATE_SHARE * usable_bytes)
+        blocks = cut_blocks(analysis, self.flops, space.global_batch, count, limit)
         graphs = block_graphs(captured, analysis, blocks)
         sizes = space.profile_sizes()
         costs = analytic_block_profiles(

@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from rannc.graph.blocks import coarsen
 
@@ -163,3 +164,81 @@ def test_the_dynamic_programme_does_not_depend_on_how_many_ends_it_takes_at_once
         monkeypatch.setattr(blocks_module, "_DP_COLUMNS", columns)
         results.append(coarsen(units, costs, cuts, 23))
     assert all(result == results[0] for result in results)
+
+
+def test_a_state_cap_splits_blocks_until_none_of_several_units_exceeds_it() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        count = rng.randint(1, 25)
+        units = make_units(count)
+        costs = [rng.uniform(0.1, 10.0) for _ in range(count)]
+        cuts = [rng.choice([0.0, 16.0, 4096.0]) for _ in range(count)]
+        weights = [rng.choice([0.0, rng.uniform(0, 5), rng.uniform(0, 30)]) for _ in range(count)]
+        cap = rng.uniform(5, 40)
+        max_blocks = rng.randint(1, count + 2)
+        blocks = coarsen(units, costs, cuts, max_blocks, weights=weights, cap=cap)
+        sizes = block_unit_counts(units, blocks)
+        held, k = [], 0
+        for size in sizes:
+            held.append(sum(weights[k : k + size]))
+            k += size
+        # every block of several units within the cap; a unit over it stands alone
+        assert all(h <= cap * (1 + 1e-9) for h, size in zip(held, sizes) if size > 1)
+        # no more blocks than the cap or max_blocks needs: the fewest under the cap (greedy) or max_blocks
+        fewest, running, empty = 1, 0.0, True
+        for w in weights:
+            if not empty and running + w > cap:
+                fewest, running = fewest + 1, 0.0
+            running, empty = running + w, False
+        assert len(blocks) == min(count, max(max_blocks, fewest))
+
+
+def test_transformer_blocks_hold_at_most_the_state_limit() -> None:
+    # A GPT-2 whose 6 layers hold about 1.6 MiB of parameters each: with 4 blocks allowed a block would hold
+    # 1.5 layers; a limit of 1.25 layers' state cuts finer (at least 6 blocks), and no block is over it.
+    import transformers
+
+    from rannc.capture import capture
+    from rannc.graph.analysis import analyse, atomic_units
+    from rannc.graph.blocks import StateLimit, cut_blocks, unit_parameter_bytes
+
+    config = transformers.GPT2Config(n_layer=6, n_embd=128, n_head=4, n_positions=32, vocab_size=256)
+    config.use_cache = False
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(config)
+    ids = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    captured = capture(model, (), {"input_ids": ids, "labels": ids})
+    analysis = analyse(captured)
+    layer = sum(p.numel() * 4 for p in model.transformer.h[0].parameters())
+    state = 4.0  # parameter, gradient and two Adam moments per parameter byte
+    limit = StateLimit(captured, state, 1.25 * layer * state)
+    blocks = cut_blocks(analysis, {}, 8, 4, limit)
+    assert len(blocks) >= 6
+    held = unit_parameter_bytes(captured, blocks)
+    assert all(h * state <= limit.limit for h, block in zip(held, blocks) if len(block) > 1)
+    # every parameter is read by some block (the tied embedding by two: the first and the last)
+    units = atomic_units(analysis)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    assert sum(unit_parameter_bytes(captured, units)) >= total
+    assert max(held) <= 1.25 * layer
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_capped_partition_is_optimal_against_brute_force(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    count, blocks = rng.randint(3, 9), rng.randint(2, 4)
+    blocks = min(blocks, count - 1)
+    costs = [rng.choice([0.0, rng.random(), 5 * rng.random()]) for _ in range(count)]
+    cuts = [rng.choice([0.0, 100 * rng.random()]) for _ in range(count)]
+    weights = [rng.uniform(0, 10) for _ in range(count)]
+    cap = rng.uniform(8, 25)
+    units = make_units(count)
+    found = block_unit_counts(units, coarsen(units, costs, cuts, blocks, weights=weights, cap=cap))
+    best, k = math.inf, len(found)
+    for ends in itertools.combinations(range(1, count), k - 1):
+        bounds = [0, *ends, count]
+        if any(b - a > 1 and sum(weights[a:b]) > cap for a, b in zip(bounds, bounds[1:])):
+            continue
+        counts = [b - a for a, b in zip(bounds, bounds[1:])]
+        best = min(best, _objective(counts, costs, cuts, k))
+    assert _objective(found, costs, cuts, k) <= best * (1 + 1e-12) + 1e-12
