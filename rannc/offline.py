@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .capture import CapturedGraph, FlatCall, capture
-from .capture.samples import example_leaves, placeholder_state, record_flops
+from .capture.samples import example_leaves, placeholder_state, record_flops, shape_flops
 from .deploy.deployment import Deployment
 from .errors import ConfigError
 from .graph.analysis import GraphAnalysis, analyse, has_single_loss
@@ -99,9 +99,13 @@ def _call_factory(
 
 
 def _op_flops(model: torch.nn.Module, captured: CapturedGraph, call: FlatCall) -> dict[str, float]:
-    """Forward FLOPs per op from one run at the capture batch (on meta tensors for a meta model)."""
-    leaves = example_leaves(model, captured, call, CAPTURE_BATCH)
+    """Forward FLOPs per op at the capture batch: from the recorded shapes of the ops that have FLOPs, or from one
+    run of the graph (on meta tensors for a meta model)."""
     try:
+        found = shape_flops(captured, CAPTURE_BATCH)
+        if found is not None:
+            return found
+        leaves = example_leaves(model, captured, call, CAPTURE_BATCH)
         return record_flops(captured, placeholder_state(model, captured), leaves)
     except Exception as exc:  # an op without a meta kernel: balance blocks by bytes moved only
         logger.warning("no FLOPs per op (%s: %s); balancing blocks by bytes", type(exc).__name__, exc)
@@ -281,11 +285,12 @@ class _Pricing:
         blocks = cut_blocks(analysis, self.flops, space.global_batch, count, limit)
         graphs = block_graphs(captured, analysis, blocks)
         sizes = space.profile_sizes()
+        signatures = [block_signature(captured, g) for g in graphs]
         costs = analytic_block_profiles(
-            captured, analysis, blocks, sizes, self.device, self.dtype, graphs=graphs
+            captured, analysis, blocks, sizes, self.device, self.dtype, graphs=graphs, signatures=signatures
         )
         problem = assemble_problem(captured, analysis, blocks, graphs, costs, space, self.links, self.device)
-        return _Estimated(blocks, problem, len({block_signature(captured, g) for g in graphs}))
+        return _Estimated(blocks, problem, len(set(signatures)))
 
 
 def _plan_report(

@@ -9,7 +9,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -121,6 +121,7 @@ def capture(
         # strides, which exported views then depend on); training still runs the fastest kernel.
         with (
             sdpa_kernel([SDPBackend.MATH]),
+            _without_stack_traces(),
             indexing,
             without_generation_cache(model),
             warnings.catch_warnings(),
@@ -152,6 +153,19 @@ def capture(
             shape, dtype = captured.input_shapes[d.leaf]
             captured.input_shapes[d.leaf] = (shape[: d.dim - 1] + (d.max_size,) + shape[d.dim :], dtype)
     return captured
+
+
+@contextlib.contextmanager
+def _without_stack_traces() -> Iterator[None]:
+    """Trace without recording each node's Python stack (`node.meta["stack_trace"]`, which rannc never reads and
+    which neither the generated code nor the graph hash contains): a quarter of the capture of a large model went
+    into extracting and symbolising them."""
+    before = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = before
 
 
 def _sequence_dims(captured: CapturedGraph, call: FlatCall, max_seq_len: int) -> list[DynamicDim]:

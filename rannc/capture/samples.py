@@ -3,11 +3,13 @@ FLOPs."""
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils.flop_counter import FlopCounterMode
+import torch.utils._pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .export import CapturedGraph
 from .inputs import FlatCall, tile_rows
@@ -93,3 +95,67 @@ def _run(
             inputs.append(leaf_of[node.name])
     with torch.no_grad(), exact_precision():
         recorder.run(*inputs)
+
+
+def shape_flops(captured: CapturedGraph, rows: int) -> dict[str, float] | None:
+    """Forward FLOPs per op at a batch of `rows` (sequences at their longest), as `record_flops` counts them, from
+    the shapes the capture recorded: only the ops FlopCounterMode can count (those it has a formula for and the
+    composite ones it decomposes into them) run, each alone on meta tensors of its inputs' shapes, instead of the
+    whole graph. None when the graph holds an op this cannot treat alike (a higher-order op): use record_flops."""
+    bindings = {**captured.planning_sizes(), captured.batch_symbol: rows}
+    flops: dict[str, float] = {}
+    known: dict[
+        Any, float
+    ] = {}  # (op, its inputs' shapes and other arguments) -> FLOPs: repeated layers run once
+    with torch.no_grad(), exact_precision():
+        for node in captured.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            target = node.target
+            if not isinstance(target, torch._ops.OpOverload):
+                if target is operator.getitem or getattr(target, "__module__", "").startswith("rannc."):
+                    flops[node.name] = 0.0  # indexing a result, rannc's own wrappers of aten ops (dropout)
+                    continue
+                return None
+            counted = (
+                target._overloadpacket in flop_registry
+                or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd")
+            )
+            if not counted:
+                flops[node.name] = 0.0
+                continue
+            args, kwargs = pytree.tree_map(lambda a: _example_of(a, bindings), (node.args, node.kwargs))
+            key = (target, repr(pytree.tree_map(_describe, (args, kwargs))))
+            if key not in known:
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    target(*args, **kwargs)
+                known[key] = float(counter.get_total_flops())
+            flops[node.name] = known[key]
+    return flops
+
+
+def _describe(value: Any) -> Any:
+    """What an op's FLOPs may depend on in an argument: a tensor's shape, strides and dtype, any other value."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype)
+    return value
+
+
+def _example_of(value: Any, bindings: dict[Any, int]) -> Any:
+    """A node argument as a value: a meta tensor of its recorded shape, strides and dtype at `bindings`, a size
+    as an int; anything else as it is."""
+    if not isinstance(value, fx.Node):
+        return value
+    val = value.meta.get("val")
+    if isinstance(val, torch.SymInt):
+        return int(val.node.expr.xreplace(bindings))
+    if isinstance(val, torch.Tensor):
+
+        def concrete(size: Any) -> int:
+            return int(size.node.expr.xreplace(bindings)) if isinstance(size, torch.SymInt) else int(size)
+
+        shape = [concrete(x) for x in val.shape]
+        stride = [concrete(x) for x in val.stride()]
+        return torch.empty_strided(shape, stride, dtype=val.dtype, device="meta")
+    raise ValueError(f"{value.name} has no recorded value")

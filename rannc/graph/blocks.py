@@ -139,12 +139,19 @@ def coarsen(
     top = max(float(cuts.max()), 1e-30) if cuts.size else 1.0
     cut_at = np.zeros(n + 1)
     cut_at[1:n] = comm_weight * cuts[: n - 1] / top  # penalty of a boundary before unit s
-    span = ((prefix[None, :] - prefix[:, None]) / ideal) ** 2  # span[s, e]: cost of a block of units s..e-1
-    if capped:  # a block of several units over the cap is not allowed
+    if capped:
+        # A block of several units over the cap is not allowed: block ends e start at units s >= first[e] only.
         mass = np.concatenate([[0.0], np.cumsum(held)])
-        over = (mass[None, :] - mass[:, None]) > cap * (1 + 1e-12)
-        several = np.arange(n + 1)[None, :] - np.arange(n + 1)[:, None] > 1
-        span[over & several] = np.inf
+        ends = np.arange(n + 1)
+        first = np.searchsorted(mass, mass - cap * (1 + 1e-12), side="left")
+        first = np.minimum(first, np.maximum(ends - 1, 0))
+        width = int((ends - first).max())
+        if _BANDED and 4 * width < n:  # the same programme over the allowed starts only
+            bounds = _banded_partition(prefix, cut_at, ideal, first, width, k_blocks)
+            return [sum(members[a:b], []) for a, b in zip(bounds, bounds[1:])]
+    span = ((prefix[None, :] - prefix[:, None]) / ideal) ** 2  # span[s, e]: cost of a block of units s..e-1
+    if capped:
+        span[np.arange(n + 1)[:, None] < first[None, :]] = np.inf
     span[np.tril_indices(n + 1)] = np.inf  # need s < e
     best = span[0].copy()  # one block covering units 0..e-1
     choices = []
@@ -170,6 +177,39 @@ def coarsen(
     return [sum(members[a:b], []) for a, b in zip(bounds, bounds[1:])]
 
 
+def _banded_partition(
+    prefix: np.ndarray, cut_at: np.ndarray, ideal: float, first: np.ndarray, width: int, k_blocks: int
+) -> list[int]:
+    """`coarsen`'s dynamic programme when a block ending before unit e may start at units first[e]..e-1 only, at
+    most `width` of them: the same sums and the same choices (ties: the smallest start), over width x units
+    candidates instead of units^2. Returns the block bounds 0 = b0 < b1 < ... < n."""
+    n = len(prefix) - 1
+    ends = np.arange(n + 1)
+    starts = (
+        ends[None, :] - np.arange(width, 0, -1)[:, None]
+    )  # [row][e]: starts ascending, e - width .. e - 1
+    valid = (starts >= first[None, :]) & (starts >= 0)
+    safe = np.maximum(starts, 0)
+    span = np.where(valid, ((prefix[None, :] - prefix[safe]) / ideal) ** 2, np.inf)
+    # one block covering units 0..e-1 (as the whole programme's span[0])
+    best = np.where((first == 0) & (ends >= 1), ((prefix - prefix[0]) / ideal) ** 2, np.inf)
+    columns = np.arange(n + 1)
+    choices = []
+    for _ in range(1, k_blocks):
+        before = best + cut_at
+        total = before[safe] + span
+        picked = np.argmin(total, axis=0)
+        best = total[picked, columns]
+        choices.append(starts[picked, columns])
+    bounds, end = [n], n
+    for choice in reversed(choices):
+        end = int(choice[end])
+        bounds.append(end)
+    bounds.append(0)
+    return sorted(set(bounds))
+
+
+_BANDED = True  # capped blocks: the programme over the allowed starts only (tests compare both)
 _DP_LIMIT = 1500  # units handled exactly; larger graphs are first merged pairwise down to this
 _DP_COLUMNS = 128  # block ends evaluated at once by the dynamic program
 

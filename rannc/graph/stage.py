@@ -86,31 +86,52 @@ def build_stage(
 
     Its outputs are the values that ops outside it, the user or buffer write-back need, plus `extra_outputs`.
     """
+    return _build_stage(_GraphIndex.of(captured), captured, analysis, batch_nodes, extra_roots, extra_outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GraphIndex:
+    """The captured graph's nodes by name and their positions (made once for many stages)."""
+
+    nodes: dict[str, fx.Node]
+    position: dict[str, int]
+    output: fx.Node
+
+    @staticmethod
+    def of(captured: CapturedGraph) -> _GraphIndex:
+        graph = captured.gm.graph
+        nodes = {n.name: n for n in graph.nodes}
+        position = {name: i for i, name in enumerate(nodes)}
+        return _GraphIndex(nodes, position, next(n for n in graph.nodes if n.op == "output"))
+
+
+def _build_stage(
+    index: _GraphIndex,
+    captured: CapturedGraph,
+    analysis: GraphAnalysis,
+    batch_nodes: list[str],
+    extra_roots: Iterable[str] = (),
+    extra_outputs: Iterable[str] = (),
+) -> StageGraph:
     extra_roots = list(extra_roots)
-    graph = captured.gm.graph
-    nodes = {n.name: n for n in graph.nodes}
+    nodes, position, output_node = index.nodes, index.position, index.output
     batch_set = set(batch_nodes)
     members = _closure(nodes, analysis, list(batch_nodes) + list(extra_roots))
-    output_node = next(n for n in graph.nodes if n.op == "output")
+    in_order = [nodes[name] for name in sorted(members, key=position.__getitem__)]
 
     inputs: list[StageInput] = []
     seen: set[str] = set()
-    for node in graph.nodes:
-        if node.name not in members:
-            continue
+    for node in in_order:
         for arg in node.all_input_nodes:
             if arg.name in members or arg.name in seen:
                 continue
             seen.add(arg.name)
             inputs.append(StageInput(arg.name, _input_kind(captured, analysis, arg)))
-    position = {n.name: i for i, n in enumerate(graph.nodes)}
     inputs.sort(key=lambda i: (_INPUT_ORDER[i.kind], position[i.name]))
 
     outputs: list[str] = []
     wanted = set(extra_outputs)
-    for node in graph.nodes:
-        if node.name not in members:
-            continue
+    for node in in_order:
         used_outside = any(
             (user is output_node) or (user.name not in members and analysis.is_batch.get(user.name, False))
             for user in node.users
@@ -124,9 +145,8 @@ def build_stage(
         placeholder = new_graph.placeholder(item.name)
         placeholder.meta = dict(nodes[item.name].meta)
         env[item.name] = placeholder
-    for node in graph.nodes:
-        if node.name in members:
-            env[node.name] = new_graph.node_copy(node, lambda n: env[n.name])
+    for node in in_order:
+        env[node.name] = new_graph.node_copy(node, lambda n: env[n.name])
     new_graph.output(tuple(env[name] for name in outputs))
     module = fx.GraphModule(torch.nn.Module(), new_graph)
     ordered_batch = [n for n in analysis.order if n in batch_set]
@@ -137,7 +157,8 @@ def block_graphs(
     captured: CapturedGraph, analysis: GraphAnalysis, blocks: list[list[str]]
 ) -> list[StageGraph]:
     """One runnable piece per block (to measure or estimate it alone)."""
-    return [build_stage(captured, analysis, nodes) for nodes in blocks]
+    index = _GraphIndex.of(captured)
+    return [_build_stage(index, captured, analysis, nodes) for nodes in blocks]
 
 
 def _input_kind(captured: CapturedGraph, analysis: GraphAnalysis, node: fx.Node) -> InputKind:

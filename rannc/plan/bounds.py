@@ -185,7 +185,13 @@ class PrefixBounds:
 
     def level_tables(self, inflight: int) -> tuple[list[array], list[array]]:
         """(pre_sum, pre_u) by (b, o) when every stage before the suffix holds at least `inflight`
-        microbatches (1F1B: one more than the suffix's stages, fill-drain: P)."""
+        microbatches (1F1B: one more than the suffix's stages, fill-drain: P).
+
+        Made for the largest level of 1, 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5 times them) not above
+        `inflight`: stages holding more microbatches fit no better, so those tables bound them too, and a deep
+        pipeline's search asks for a few levels instead of one per stage count."""
+        if inflight != self._base_level:
+            inflight = max(_level_below(inflight), self._base_level)
         found = self._level_tables.get(inflight)
         if found is not None:
             return found
@@ -256,6 +262,14 @@ class PrefixBounds:
                     bits |= reach[b]
                 row[b] = bits
         return allowed
+
+
+def _level_below(inflight: int) -> int:
+    """The largest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 3 x 2^k) that is at most `inflight` (>= 1)."""
+    if inflight <= 2:
+        return max(inflight, 1)
+    power = 1 << (inflight.bit_length() - 1)
+    return power + power // 2 if inflight >= power + power // 2 else power
 
 
 def _stage_arrays(search: SearchSlice) -> StageBounds:

@@ -401,10 +401,11 @@ def analytic_block_profiles(
     *,
     graphs: list[StageGraph] | None = None,
     fused_attention: bool = True,
+    signatures: Sequence[str] | None = None,
 ) -> list[BlockProfile]:
     """Estimated `BlockProfile`s of every block at each microbatch size, from shapes alone (no device,
     no parameter memory: works on models built under `torch.device("meta")`). Blocks with the same
-    `block_signature` (a model's repeated layers) are estimated once.
+    `block_signature` (a model's repeated layers; `signatures` when already computed) are estimated once.
 
     Example::
 
@@ -418,8 +419,8 @@ def analytic_block_profiles(
     static: dict[str, torch.Tensor] = {}
     found: dict[str, BlockProfile] = {}
     profiles = []
-    for graph in graphs:
-        key = block_signature(captured, graph)
+    keys = signatures if signatures is not None else [block_signature(captured, g) for g in graphs]
+    for graph, key in zip(graphs, keys):
         if key not in found:
             found[key] = _estimate_graph(captured, graph, sizes, profile, dtype, static, fused_attention)
         profiles.append(found[key])

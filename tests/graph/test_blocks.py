@@ -242,3 +242,22 @@ def test_the_capped_partition_is_optimal_against_brute_force(seed: int) -> None:
         counts = [b - a for a, b in zip(bounds, bounds[1:])]
         best = min(best, _objective(counts, costs, cuts, k))
     assert _objective(found, costs, cuts, k) <= best * (1 + 1e-12) + 1e-12
+
+
+def test_the_banded_programme_chooses_as_the_whole_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rannc.graph.blocks as blocks_module
+
+    rng = random.Random(11)
+    for _ in range(60):
+        count = rng.randint(20, 300)
+        units = make_units(count)
+        costs = [rng.choice([0.0, rng.random(), 5 * rng.random()]) for _ in range(count)]
+        cuts = [rng.choice([0.0, 100 * rng.random()]) for _ in range(count)]
+        weights = [rng.choice([0.0, rng.uniform(0, 3)]) for _ in range(count)]
+        cap = rng.uniform(3, 12)
+        max_blocks = rng.randint(1, count // 2)
+        banded = coarsen(units, costs, cuts, max_blocks, weights=weights, cap=cap)
+        monkeypatch.setattr(blocks_module, "_BANDED", False)
+        whole = coarsen(units, costs, cuts, max_blocks, weights=weights, cap=cap)
+        monkeypatch.setattr(blocks_module, "_BANDED", True)
+        assert banded == whole
