@@ -49,6 +49,8 @@ class InputLink(enum.IntEnum):
 
 
 _TERMINAL = Entry(0.0, 0.0, 0.0, -1, 0, None)
+# Entry(...) without the named tuple's own __new__ (a Python call): the search makes hundreds of thousands
+_entry = tuple.__new__
 Lists = list[list[Entry]]  # a state's entries by InputLink
 
 
@@ -359,7 +361,7 @@ class _Run:
                 bucket = candidates.get(key)
                 if bucket is None:
                     bucket = candidates[key] = []
-            bucket.append(Entry(a, x, y, stage.last, stage.replicas, child if k > 1 else None))
+            bucket.append(_entry(Entry, (a, x, y, stage.last, stage.replicas, child if k > 1 else None)))
 
     # ---- step 2: the Pareto front of every state ---------------------------------------------------------
 
