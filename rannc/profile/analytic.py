@@ -297,8 +297,10 @@ def estimate_block(
     floating inputs get gradients, as between stages. An aten op costs max(FLOPs / (peak x matmul eff.),
     bytes / (bandwidth x memory eff.)) + op_overhead (views: 0); backward adds one gradient accumulation
     per parameter. `dtype` prices all floating ops and tensors in that precision (None: each op's own).
-    Activation bytes: distinct storages saved for backward, parameters excluded. Attention is priced as
-    flash attention when `fused_attention`.
+    Activation bytes: distinct storages saved for backward, parameters excluded; workspace: the most bytes live
+    at once beyond the inputs and saved tensors, with the parameters' gradients in their own dtype. Attention is
+    priced as flash attention when `fused_attention` (every device's scaled_dot_product_attention runs a flash or
+    memory-efficient kernel there: O(sequence) memory, no scores).
 
     Example::
 
@@ -348,6 +350,9 @@ def estimate_block(
     input_keys = {_storage_key(x) for x in existing}
     saved_inputs = sum(v for key, v in saved.items() if key in input_keys)  # already in start_bytes
     workspace = max(0.0, live.peak_bytes - live.start_bytes - (activation - saved_inputs))
+    # The parameters' gradients come in the parameters' own dtype (float32 under autocast), not in the compute dtype
+    # `dtype` prices the other tensors in: counted as all live at the peak (the workspace includes them).
+    workspace += sum(max(0.0, p.numel() * (p.element_size() - costs.item(p))) for p in params if p.requires_grad)
     return BlockEstimate(fwd, bwd, activation, tuple(costs.ops), workspace)
 
 

@@ -273,3 +273,18 @@ def test_large_meta_model_uses_little_memory() -> None:
     assert result["grown"] < 2**30
     assert result["seconds"] < 30
     assert result["fwd8"] > 0
+
+
+def test_parameter_gradients_are_priced_in_their_own_dtype() -> None:
+    # A bfloat16 compute dtype prices activations in 2 bytes, but a float32 weight's gradient (autocast) takes 4.
+    weight = torch.empty(256, 64, device="meta", requires_grad=True)
+    inputs = [torch.empty(8, 64, device="meta"), weight]
+
+    def linear(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x @ w.t(),)
+
+    full = estimate_block(linear, inputs, FAKE, "float32", param_indices=frozenset({1}))
+    half = estimate_block(linear, inputs, FAKE, "bfloat16", param_indices=frozenset({1}))
+    assert half.activation_bytes == full.activation_bytes / 2
+    assert half.workspace_bytes >= 256 * 64 * 4  # the weight's float32 gradient
+    assert half.workspace_bytes - 256 * 64 * 4 <= full.workspace_bytes - 256 * 64 * 4 + 1e-9
