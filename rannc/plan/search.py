@@ -17,7 +17,7 @@ allreduce of parameters shared between stages.
 How: one Pareto dynamic programme over stage suffixes per (microbatch count, schedule) (pareto.py),
 pruned with lower bounds (bounds.py) against the best plan so far. Searches run in the order of their
 lower bounds and stop once the bound is above the best plan; the first cutoff comes from uniform plans
-(heuristic.py).
+(heuristic.py) or, without any, from exact runs of the most promising slices under rising cutoffs.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ __all__ = ["Candidate", "minimum_memory_needed", "plan_of_candidate", "plan_stag
 # earlier (analytically cheaper) one by more than SIMULATE_TIE (relative) to be chosen instead.
 SIMULATE_WINDOW = 0.05
 SIMULATE_TIE = 1e-9
+# Without a first cutoff, the exact runs of step 3 raise theirs by at most this factor at a time.
+ESCALATE_STEP = 1.08
 
 
 class Candidate(NamedTuple):
@@ -143,21 +145,36 @@ class _Searches:
             return bound, rank, search
         return None
 
-    def beam_cutoff(self, pending: list[tuple[float, int, SuffixSearch]]) -> None:
-        """Step 3, when no uniform plan exists: a quick beam search of the most promising slices, tight cutoffs
-        first (a failed search under a low cutoff prunes nearly everything)."""
-        for bound, _, search in pending:
-            slack = 0.02
-            while bound * (1 + slack) < self.best:
-                cutoff = bound * (1 + slack) if slack < 8 else math.inf
-                for entries in search.run(
-                    self.stage_counts, relaxed(min(self.best, cutoff)), beam=2
-                ).values():
-                    for entry in entries:
-                        self.best = min(self.best, search.entry_time(entry))
+    def escalate(
+        self, pending: list[tuple[float, int, SuffixSearch]]
+    ) -> list[tuple[float, int, SuffixSearch]]:
+        """Step 3, when no uniform plan gave a first cutoff: exact runs of the most promising slices under rising
+        cutoffs, tight ones first. A run under a low cutoff prunes nearly everything and, finding nothing, proves
+        that its slice has no plan that fast; the first run that finds one has searched its slice exactly (every
+        plan of it up to its best), and gives the other slices their cutoff. The cutoff grows by ESCALATE_STEP at
+        most: past the optimum the states a run keeps multiply. Returns the slices still to run."""
+        rest = list(pending)
+        while rest and math.isinf(self.best):
+            bound, rank, search = rest.pop(0)
+            slack, cutoff = 0.02, bound
+            while math.isinf(self.best):
+                cutoff = min(bound * (1 + slack), cutoff * ESCALATE_STEP)
+                cutoff = cutoff if cutoff < 9 * bound else math.inf  # at last: every plan of the slice
+                self.exact(search, rank, relaxed(cutoff))
                 if cutoff == math.inf:
                     break
                 slack *= 2
+            search.release()
+        return rest
+
+    def exact(self, search: SuffixSearch, rank: int, cutoff: float) -> None:
+        """One exact run of a slice: every plan of it under `cutoff` becomes a candidate (and may lower `best`)."""
+        for count, entries in search.run(self.stage_counts, cutoff).items():
+            for entry in entries:
+                total = search.entry_time(entry)
+                lasts, reps = suffix_key(entry)
+                self.found.append(Candidate(total, count, search.p, rank, lasts, reps, search.schedule))
+                self.best = min(self.best, total)
 
     def run(self) -> list[Candidate]:
         """Steps 1-4: every candidate the exact runs of the slices met (feasible, found under the cutoff of their
@@ -169,8 +186,7 @@ class _Searches:
             rank, first = self._first
             pending = [(first.lower_bound(self.stage_counts), rank, first)]
         else:
-            pending = [item for item in (self.next(), self.next()) if item is not None]
-            self.beam_cutoff(pending)
+            pending = self.escalate([item for item in (self.next(), self.next()) if item is not None])
         while True:  # step 4: the exact runs
             item = pending.pop(0) if pending else self.next()
             if item is None:
@@ -178,14 +194,7 @@ class _Searches:
             bound, rank, search = item
             cutoff = relaxed(self.best)
             if bound <= cutoff:
-                for count, entries in search.run(self.stage_counts, cutoff).items():
-                    for entry in entries:
-                        total = search.entry_time(entry)
-                        lasts, reps = suffix_key(entry)
-                        self.found.append(
-                            Candidate(total, count, search.p, rank, lasts, reps, search.schedule)
-                        )
-                        self.best = min(self.best, total)
+                self.exact(search, rank, cutoff)
             search.release()  # each slice runs once here
         return self.found
 

@@ -352,7 +352,9 @@ def estimate_block(
     workspace = max(0.0, live.peak_bytes - live.start_bytes - (activation - saved_inputs))
     # The parameters' gradients come in the parameters' own dtype (float32 under autocast), not in the compute dtype
     # `dtype` prices the other tensors in: counted as all live at the peak (the workspace includes them).
-    workspace += sum(max(0.0, p.numel() * (p.element_size() - costs.item(p))) for p in params if p.requires_grad)
+    workspace += sum(
+        max(0.0, p.numel() * (p.element_size() - costs.item(p))) for p in params if p.requires_grad
+    )
     return BlockEstimate(fwd, bwd, activation, tuple(costs.ops), workspace)
 
 

@@ -286,3 +286,32 @@ def test_brute_force_enumerates_recompute_vectors() -> None:
     )
     flags = {tuple(f[2][4]) for f in brute_force(problem) if len(f[2][0]) == 2}
     assert flags == {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_the_escalated_first_cutoff_keeps_the_search_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without any uniform plan the first cutoff comes from exact runs under rising cutoffs (search.escalate): the
+    # instances where that happened match brute force, and there are some.
+    from rannc.plan import search as search_module
+
+    escalated = []
+    original = search_module._Searches.escalate
+
+    def counting(self, pending):  # type: ignore[no-untyped-def]
+        escalated.append(len(pending))
+        return original(self, pending)
+
+    monkeypatch.setattr(search_module._Searches, "escalate", counting)
+    feasible = checked = 0
+    for seed in range(250):
+        problem, candidates = random_extended_problem(seed)
+        before = len(escalated)
+        expected = brute_best(problem, candidates)
+        try:
+            plan_stages(problem)
+        except PlanError:
+            assert expected is None
+            continue
+        if len(escalated) > before:
+            checked += 1
+            feasible += check_against_brute(problem, expected, seed)
+    assert checked >= 10 and feasible >= 10

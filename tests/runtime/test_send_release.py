@@ -181,10 +181,16 @@ def _protocol_finishes(
             split = (actions,)
         phases.append([list(part) for part in split if part])
     posted: set[tuple[int, str, int]] = set()  # (receiving virtual stage, kind, microbatch)
-    sent: dict[int, list[tuple[str, int, int]]] = {s: [] for s in range(stages)}  # (kind, microbatch, to), oldest first
-    done: set[tuple[int, str, int]] = set()  # (virtual stage, "F" | "G" (input gradients made) | "W", microbatch)
+    sent: dict[int, list[tuple[str, int, int]]] = {
+        s: [] for s in range(stages)
+    }  # (kind, microbatch, to), oldest first
+    done: set[tuple[int, str, int]] = (
+        set()
+    )  # (virtual stage, "F" | "G" (input gradients made) | "W", microbatch)
     place = [(0, 0)] * stages  # (phase, action index)
-    waiting_room: dict[int, tuple[str, int, int]] = {}  # position -> the send it has computed but not yet started
+    waiting_room: dict[
+        int, tuple[str, int, int]
+    ] = {}  # position -> the send it has computed but not yet started
 
     def virtual(s: int, action: Action) -> int:
         return action.chunk * stages + s
@@ -264,7 +270,7 @@ def test_the_send_window_never_deadlocks_the_schedules(schedule: Schedule, chunk
             except ValueError:
                 continue  # a shape the schedule does not run
             finished = _protocol_finishes(
-                lambda s, *_: actions[s], stages, microbatches, SEND_WINDOW, deferred, chunks
+                lambda s, *_, lists=actions: lists[s], stages, microbatches, SEND_WINDOW, deferred, chunks
             )
             assert finished, (stages, microbatches)
 
