@@ -317,9 +317,9 @@ def _from_program(model: torch.nn.Module, program: Any, call: FlatCall) -> Captu
 
     _copy_constants_where_used(gm)
     dropout_as_native(gm)
-    _drop_assertions(gm)  # recompiles the graph for all three
     if model.training:
-        make_mode_switchable(gm)
+        make_mode_switchable(gm, recompile=False)
+    _drop_assertions(gm)  # recompiles the graph for all four (one code generation of a large graph takes seconds)
     batch_symbol = _batch_symbol(gm, user_inputs)
     return CapturedGraph(
         gm=gm,

@@ -98,13 +98,14 @@ for _op in (
     _SWITCHABLE[_op.default] = _switchable_dropout(_op.default)
 
 
-def make_mode_switchable(gm: fx.GraphModule) -> int:
-    """Point training-only ops at mode-aware versions; returns how many were rewritten."""
+def make_mode_switchable(gm: fx.GraphModule, recompile: bool = True) -> int:
+    """Point training-only ops at mode-aware versions; returns how many were rewritten. `recompile=False`: the
+    caller recompiles `gm`."""
     count = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _SWITCHABLE:
             node.target = _SWITCHABLE[node.target]
             count += 1
-    if count:
+    if count and recompile:
         gm.recompile()
     return count
