@@ -319,7 +319,9 @@ def _from_program(model: torch.nn.Module, program: Any, call: FlatCall) -> Captu
     dropout_as_native(gm)
     if model.training:
         make_mode_switchable(gm, recompile=False)
-    _drop_assertions(gm)  # recompiles the graph for all four (one code generation of a large graph takes seconds)
+    _drop_assertions(
+        gm
+    )  # recompiles the graph for all four (one code generation of a large graph takes seconds)
     batch_symbol = _batch_symbol(gm, user_inputs)
     return CapturedGraph(
         gm=gm,
