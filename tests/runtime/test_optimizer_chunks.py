@@ -147,7 +147,13 @@ def chunked_training(rank: int, world: int, cache: str) -> dict[str, Any]:
     net = model()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, foreach=True)
     wrapped = rannc.RaNNCModule(
-        net, optimizer, partition_num=2, profile_iterations=1, show_progress=False, profile_cache_dir=cache
+        net,
+        optimizer,
+        partition_num=2,
+        profile_iterations=1,
+        show_progress=False,
+        profile_cache_dir=cache,
+        comm_timeout_s=120.0,  # a loaded machine may stall a rank for long
     )
     torch.manual_seed(1)
     for _ in range(3):
