@@ -163,7 +163,8 @@ def chunked_training(rank: int, world: int, cache: str) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad()
     state = wrapped.state_dict()  # a collective: every rank calls it, rank 0 gets the state
-    return {"chunked": wrapped.optimizer_binding.chunked, "state": state if rank == 0 else None}
+    binding = wrapped._job.optimizer_binding  # type: ignore[union-attr]
+    return {"chunked": binding is not None and binding.chunked, "state": state if rank == 0 else None}
 
 
 @pytest.mark.slow
