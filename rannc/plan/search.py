@@ -92,11 +92,13 @@ class _Searches:
         self.problem = problem
         self.stage_counts = stage_counts(problem)
         self.tables = StageTables(model)
+        # Zero bubble's stage memory depends on the pipeline's depth: one slice per stage count.
         self.slices = [
             (rank, search)
             for p in microbatch_counts(problem)
             for rank, schedule in searched_schedules(problem)
-            for search in [SuffixSearch(problem, model, p, schedule, self.tables)]
+            for depth in (self.stage_counts if schedule.splits_backward else [None])
+            for search in [SuffixSearch(problem, model, p, schedule, self.tables, depth)]
             if search.replicas
         ]
         self.best = math.inf  # the least analytic step time found so far
@@ -112,7 +114,7 @@ class _Searches:
     def uniform_cutoff(self) -> None:
         """Step 1: the first cutoff, the best uniform plan (K stages of world / K replicas) of every slice."""
         for index, (rank, search) in enumerate(self.slices):
-            for uniform in uniform_candidates(search, self.stage_counts, self.best):
+            for uniform in uniform_candidates(search, search.stage_counts(self.stage_counts), self.best):
                 if uniform.step_time < self.best:
                     self.best, self._first = uniform.step_time, (rank, search)
             self.release(index)
@@ -120,7 +122,7 @@ class _Searches:
     def queue(self) -> None:
         """Step 2: every slice by its lower bound; equal bounds: more microbatches first (less bubble)."""
         for index, (rank, search) in enumerate(self.slices):
-            bound = search.lower_bound(self.stage_counts, relaxed(self.best))
+            bound = search.lower_bound(search.stage_counts(self.stage_counts), relaxed(self.best))
             self._heap.append((bound, -search.p, rank, index))
             self.release(index)
         heapq.heapify(self._heap)
@@ -137,7 +139,7 @@ class _Searches:
             # Without any plan yet, first make sure one fits in memory (a search that finds
             # nothing under no cutoff can take long).
             if math.isinf(self.best) and not fits(
-                self.problem, self.tables, search.p, search.schedule, self.stage_counts
+                self.problem, self.tables, search.p, search.schedule, self.stage_counts, search.depth
             ):
                 continue
             return bound, rank, search
@@ -151,7 +153,7 @@ class _Searches:
             while bound * (1 + slack) < self.best:
                 cutoff = bound * (1 + slack) if slack < 8 else math.inf
                 for entries in search.run(
-                    self.stage_counts, relaxed(min(self.best, cutoff)), beam=2
+                    search.stage_counts(self.stage_counts), relaxed(min(self.best, cutoff)), beam=2
                 ).values():
                     for entry in entries:
                         self.best = min(self.best, search.entry_time(entry))
@@ -167,7 +169,7 @@ class _Searches:
         pending: list[tuple[float, int, SuffixSearch]] = []
         if self._first is not None:
             rank, first = self._first
-            pending = [(first.lower_bound(self.stage_counts), rank, first)]
+            pending = [(first.lower_bound(first.stage_counts(self.stage_counts)), rank, first)]
         else:
             pending = [item for item in (self.next(), self.next()) if item is not None]
             self.beam_cutoff(pending)
@@ -178,7 +180,7 @@ class _Searches:
             bound, rank, search = item
             cutoff = relaxed(self.best)
             if bound <= cutoff:
-                for count, entries in search.run(self.stage_counts, cutoff).items():
+                for count, entries in search.run(search.stage_counts(self.stage_counts), cutoff).items():
                     for entry in entries:
                         total = search.entry_time(entry)
                         lasts, reps = suffix_key(entry)
@@ -231,8 +233,11 @@ def minimum_memory_needed(problem: PlanProblem) -> float:
     """Smallest per-device memory limit (bytes) with which some plan of `problem` is feasible."""
     check_problem(problem)
     tables = StageTables(CostModel(problem))
-    _, schedule = searched_schedules(problem, memory_only=True)[0]
-    least = least_memory(problem, tables, stage_counts(problem), schedule)
+    counts = stage_counts(problem)
+    least = min(
+        least_memory(problem, tables, counts, schedule)
+        for _, schedule in searched_schedules(problem, memory_only=True)
+    )
     if math.isinf(least):
         raise PlanError(no_plan_message(problem))
     return least
@@ -290,6 +295,7 @@ def plan_of_candidate(
                 memory_bytes=cost.memory,
                 recompute=cost.recompute,
                 shard=cost.shard,
+                bwd_weight_time=cost.bwd_weight,
             )
         )
         rank += cost.replicas
