@@ -199,9 +199,15 @@ def test_plan_zero_bubble_prices_i_and_w(capsys: pytest.CaptureFixture[str]) -> 
         device_memory_bytes=None,
         max_microbatches=8,
     )
-    blocks = result.problem.blocks
-    assert all(0 < b.bwd_weight_at(1) < b.at(b.bwd_time, 1) for b in blocks[1:])  # (block 0: embeddings)
-    assert all(b.deferred_grad_bytes_at(1) > 0 for b in blocks[1:])
+    problem = result.problem
+    with_params = [k for k in range(1, len(problem.blocks)) if problem.range_param_bytes[k][k] > 0]
+    assert with_params
+    for k, block in enumerate(problem.blocks):
+        weight, whole = block.bwd_weight_at(1), block.at(block.bwd_time, 1)
+        if k in with_params:  # (block 0: the embeddings, whose inputs are token ids: W is the whole backward)
+            assert 0 < weight < whole and block.deferred_grad_bytes_at(1) > 0, k
+        elif problem.range_param_bytes[k][k] == 0:  # no parameters: nothing for W
+            assert weight == 0 and block.deferred_grad_bytes_at(1) == 0, k
 
 
 def test_plan_refuses_unknown_schedules(capsys: pytest.CaptureFixture[str]) -> None:

@@ -213,6 +213,8 @@ def _time_weight_pass(
     _, weight_pass = input_grads(_differentiable(outputs), grad_outputs, activations, weights)
     caught = {_storage_key(t): t.untyped_storage().nbytes() for t in weight_pass.caught_tensors()}
     del outputs, step_inputs
+    for param in weights:  # (gradients of earlier timed runs: measuring's own, restored by the caller)
+        param.grad = None
     flush()
     _sync(cuda, device)
     t0 = time.perf_counter()
