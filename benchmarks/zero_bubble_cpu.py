@@ -1,9 +1,11 @@
 """Zero bubble vs 1F1B on CPU, 4 gloo ranks, a pipeline whose 1F1B bubble dominates, in ONE run.
 
-Every row trains the same model (same seed, same weights at step 0) on the same global batches with 4 ranks of
-one intra-op thread each, 4 pipeline stages of one replica (equal layers per stage) and `--microbatches` (4 by
-default: P = S, where 1F1B idles (S - 1) / (P + S - 1) = 3/7 of the step and ZB-H1 leaves (S - 1)(F + I - W)).
-Each system runs in its own local launch, one after the other.
+Every row trains the same model (same seed, same weights at step 0) on the same global batches with `--ranks` (4)
+ranks of one intra-op thread each, as many pipeline stages of one replica, rannc's planner placing the stage
+boundaries (one block per layer) and pipelining using the same ones, and `--microbatches` (4 by default: P = S,
+where 1F1B idles (S - 1) / (P + S - 1) = 3/7 of the step and ZB-H1 leaves (S - 1)(F + I - W)). Each system runs
+in its own local launch, one after the other. With fewer cores than ranks an idle rank lends its core to another,
+which hides bubbles: `--ranks 2` on a 2-core machine shows the schedules with a core per stage.
 
 Rows:
   rannc 1F1B               RaNNCModule(partition_num=4, min_pipeline=max_pipeline=P, schedule="1f1b")
@@ -45,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from rannc.launch import LaunchError, launch_local  # noqa: E402
 
 SEED = 1234
-WORLD_SIZE = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchArgs:
+    ranks: int = 4  # ranks = pipeline stages (one replica each)
     blocks: int = 8
     width: int = 256
     seq_len: int = 32
@@ -149,7 +151,7 @@ def rannc_worker(rank: int, world_size: int, args: BenchArgs, schedule: str, cac
     wrapped = rannc.RaNNCModule(
         model,
         optimizer,
-        partition_num=WORLD_SIZE,
+        partition_num=args.ranks,
         min_pipeline=args.microbatches,
         max_pipeline=args.microbatches,
         schedule=schedule,
@@ -271,7 +273,7 @@ def run(name: str, worker: Any, worker_args: tuple[Any, ...], args: BenchArgs) -
     print(f"[zero_bubble_cpu] running {name} ...", flush=True)
     before = os.getloadavg()[0]
     try:
-        row.results = launch_local(worker, WORLD_SIZE, (args, *worker_args), timeout=args.timeout_s)
+        row.results = launch_local(worker, args.ranks, (args, *worker_args), timeout=args.timeout_s)
     except LaunchError as exc:
         row.error = str(exc)
     except Exception:
@@ -300,7 +302,7 @@ def layer_boundaries(modules: list[list[str]]) -> list[int]:
 def report(rows: list[Row], args: BenchArgs, boundaries: list[int]) -> None:
     print()
     print(
-        f"{WORLD_SIZE} ranks x 1 thread, {args.blocks} residual MLP blocks of width {args.width}, global batch "
+        f"{args.ranks} ranks x 1 thread, {args.blocks} residual MLP blocks of width {args.width}, global batch "
         f"{args.global_batch} x {args.seq_len} tokens, {args.microbatches} microbatches, {args.steps} timed steps "
         f"after {args.warmup} warm-up; stages start at layers 0, {', '.join(map(str, boundaries))}; "
         f"{os.cpu_count()} CPU cores"
@@ -351,8 +353,9 @@ def report(rows: list[Row], args: BenchArgs, boundaries: list[int]) -> None:
     if loads and max(loads) > (os.cpu_count() or 1):
         print(
             f"\nnote: the 1-minute load average reached {max(loads):.1f} on {os.cpu_count()} cores (other work on "
-            "the machine); 4 ranks on fewer cores cannot all compute at once, which hides pipeline bubbles "
-            "(an idle rank lends its core to another): compare rows of one run, as ratios"
+            "the machine): ranks that cannot all compute at once hide pipeline bubbles (an idle rank lends its "
+            "core to another), and the profile the plan was made from was measured under that load too; compare "
+            "rows of one run, as ratios"
         )
 
 
@@ -373,8 +376,8 @@ def parse_args(argv: list[str] | None) -> BenchArgs:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.blocks < WORLD_SIZE or args.global_batch % (WORLD_SIZE * args.microbatches):
-        raise SystemExit(f"need >= {WORLD_SIZE} blocks and a global batch divisible by ranks x microbatches")
+    if args.blocks < args.ranks or args.global_batch % (args.ranks * args.microbatches):
+        raise SystemExit(f"need >= {args.ranks} blocks and a global batch divisible by ranks x microbatches")
     rows = []
     with tempfile.TemporaryDirectory(prefix="rannc-zb-bench-") as cache:
         # 1F1B first: its profile fills the cache the zero-bubble row then reads (the same measured blocks).
@@ -384,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     if planned is not None:
         boundaries = layer_boundaries(planned[0]["modules"])
     else:
-        per = args.blocks // WORLD_SIZE
-        boundaries = [per * k for k in range(1, WORLD_SIZE)]
+        per = args.blocks // args.ranks
+        boundaries = [per * k for k in range(1, args.ranks)]
     rows.append(run("pipelining 1F1B", pipelining_worker, ("1f1b", boundaries), args))
     rows.append(run("pipelining zero bubble", pipelining_worker, ("zero_bubble", boundaries), args))
     report(rows, args, boundaries)
