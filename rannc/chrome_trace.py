@@ -13,7 +13,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["complete_event", "merge_traces", "name_event", "write_trace"]
+from .schedule import Action, ActionKind
+
+__all__ = ["PASS_COLORS", "complete_event", "merge_traces", "name_event", "write_trace"]
+
+# chrome://tracing's reserved colour names ("cname") for the schedule's passes: forwards, whole backwards, and a
+# split backward's input-gradient (I) and weight-gradient (W) passes each in their own colour.
+PASS_COLORS = {
+    ActionKind.FORWARD: "rail_load",
+    ActionKind.BACKWARD: "rail_response",
+    ActionKind.BACKWARD_INPUT: "terrible",
+    ActionKind.BACKWARD_WEIGHT: "yellow",
+}
 
 
 def complete_event(
@@ -25,7 +36,8 @@ def complete_event(
     args: dict[str, Any] | None = None,
     cat: str = "",
 ) -> dict[str, Any]:
-    """One "X" (complete) event; times in seconds become ts/dur in microseconds."""
+    """One "X" (complete) event; times in seconds become ts/dur in microseconds. An event named as a schedule
+    action ("F3", "I3", "W3c1", ...) gets its pass's colour (`PASS_COLORS`)."""
     event: dict[str, Any] = {
         "name": name,
         "ph": "X",
@@ -36,6 +48,10 @@ def complete_event(
     }
     if cat:
         event["cat"] = cat
+    try:
+        event["cname"] = PASS_COLORS[Action.parse(name).kind]
+    except ValueError:
+        pass
     if args:
         event["args"] = args
     return event

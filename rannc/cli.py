@@ -58,6 +58,23 @@ def _count_arg(text: str) -> int:
     return value
 
 
+def _schedules_arg(text: str) -> tuple[str, ...]:
+    """Comma-separated schedule names, the first preferred on a tie; "auto": what schedule="auto" chooses among."""
+    from .problem import AUTO_SCHEDULES  # (the command's imports stay light until a command runs)
+    from .schedule import Schedule
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["auto"]:
+        return tuple(s.value for s in AUTO_SCHEDULES)
+    runnable = ("1f1b", "zero_bubble", "fill_drain")
+    unknown = [name for name in names if name not in runnable]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: name schedules among {', '.join(runnable)} (comma-separated), or auto"
+        )
+    return tuple(Schedule(name).value for name in names)
+
+
 def _margin_arg(text: str) -> float:
     """A fraction in [0, 1): the share of device memory held back."""
     try:
@@ -152,6 +169,13 @@ def _add_plan(commands: Any) -> None:
     plan.add_argument("--out", default=None, help="write the deployment JSON here")
     plan.add_argument("--plot", default=None, help="draw the plan as a PNG here (needs matplotlib)")
     plan.add_argument("--trace", default=None, help="write the simulated step as a Chrome trace here")
+    plan.add_argument(
+        "--schedules",
+        type=_schedules_arg,
+        default=None,
+        help="pipeline schedules to choose among, comma-separated, the first preferred on a tie: 1f1b, "
+        "zero_bubble, fill_drain (default auto: as schedule='auto' does)",
+    )
     plan.add_argument("--no-recompute", action="store_true", help="never recompute activations")
     plan.add_argument("--zero", action="store_true", help="ZeRO-1: shard optimizer state over replicas")
     plan.add_argument(
@@ -196,6 +220,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         gpus_per_node=args.gpus_per_node,
         max_microbatches=args.max_microbatches,
         dtype=args.dtype,
+        **({"schedules": args.schedules} if args.schedules else {}),
         recompute=not args.no_recompute,
         mem_margin=args.mem_margin,
         max_blocks=args.max_blocks,

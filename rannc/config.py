@@ -24,7 +24,7 @@ class Config:
     min_pipeline: int = 1  # smallest number of microbatches tried
     max_pipeline: int = 32  # largest number of microbatches tried
     opt_param_factor: float = 2.0  # optimizer state bytes per parameter byte (2 for Adam)
-    schedule: str = "auto"  # "auto" | "1f1b" | "fill_drain"
+    schedule: str = "auto"  # "auto" | "1f1b" | "fill_drain" | "zero_bubble"
     recompute: str = "never"  # activation recompute: "never", "auto" (planner decides), "always"
     enable_zero: bool = False  # ZeRO-1: shard optimizer state over each parameter's replicas
     # Sharded stages: "none", "auto" (each replicated stage takes the least of zero-1, zero-2, zero-3 with which it
@@ -151,6 +151,10 @@ def load_config(
     return config
 
 
+# The schedule item's values: "auto" (the planner chooses) or a schedule the runtime runs.
+_SCHEDULES = ("auto", "1f1b", "fill_drain", "zero_bubble")
+
+
 def _validate(config: Config) -> None:
     if not 0.0 <= config.mem_margin < 1.0:
         raise ConfigError(f"mem_margin must be in [0, 1), got {config.mem_margin}")
@@ -158,8 +162,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"need 1 <= min_pipeline <= max_pipeline, got {config.min_pipeline} and {config.max_pipeline}"
         )
-    if config.schedule not in ("auto", "1f1b", "fill_drain"):
-        raise ConfigError(f"schedule must be 'auto', '1f1b' or 'fill_drain', got {config.schedule!r}")
+    if config.schedule not in _SCHEDULES:
+        raise ConfigError(
+            f"schedule must be one of {', '.join(repr(s) for s in _SCHEDULES)}, got {config.schedule!r}"
+        )
     if config.recompute not in ("never", "auto", "always"):
         raise ConfigError(f"recompute must be 'never', 'auto' or 'always', got {config.recompute!r}")
     if config.shard_stages not in SHARD_STAGES:

@@ -24,6 +24,7 @@ from .plan import Plan, PlanProblem
 from .plan.simulate import Timeline, simulate_plan
 from .plan.types import Links
 from .problem import (
+    AUTO_SCHEDULES,
     PLAN_KNOBS,
     SearchSpace,
     allowed_schedules,
@@ -113,12 +114,16 @@ def _op_flops(model: torch.nn.Module, captured: CapturedGraph, call: FlatCall) -
 
 
 def memory_split(timeline: Timeline) -> list[dict[str, float]]:
-    """Per stage, peak bytes per rank: parameters, gradients, optimizer, activations, buffers."""
+    """Per stage, peak bytes per rank: parameters, gradients, optimizer, activations, buffers (zero bubble: what
+    a microbatch keeps from its I to its W pass counts as activations)."""
     out = []
-    for timing, inflight in zip(timeline.stages, timeline.peak_inflight):
+    for timing, inflight, peak in zip(timeline.stages, timeline.peak_inflight, timeline.peak_memory):
         parts = dict(timing.memory_parts or {})
+        held = timing.activation_bytes * inflight
+        kept = max(peak - timing.static_bytes - held, 0.0) if timing.deferred_bytes else 0.0
         parts["activations"] = (
-            timing.activation_bytes * inflight
+            held
+            + kept
             + parts.pop("recompute workspace", 0.0)
             + parts.pop("workspace", 0.0)  # transient forward/backward memory of one block
         )
@@ -146,7 +151,7 @@ def plan_offline(
     gpus_per_node: int | None = None,
     max_microbatches: int | None = None,
     dtype: str | torch.dtype | None = None,
-    schedules: Sequence[str] = ("1f1b", "fill_drain"),
+    schedules: Sequence[str] = tuple(s.value for s in AUTO_SCHEDULES),
     recompute: bool = True,
     mem_margin: float = 0.1,
     opt_param_factor: float = 2.0,
@@ -170,7 +175,8 @@ def plan_offline(
     so counts up to the samples per replica are tried. `max_seq_len` > 0 plans a job
     whose sequence length (dim 1 of the inputs) varies up to it (the job sets the same config item).
     `opaque_modules`: submodules captured as one operation each (the config item of that name). `shard`:
-    the config item shard_stages ("none", "auto", "zero-1", "zero-2", "zero-3").
+    the config item shard_stages ("none", "auto", "zero-1", "zero-2", "zero-3"). `schedules`: the pipeline
+    schedules to choose among, the first preferred on a tie (default: those of schedule="auto").
 
     Example::
 

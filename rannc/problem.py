@@ -65,8 +65,9 @@ SIMULATE_CANDIDATES = 16
 COMPACT_WORLD = 64
 COMPACT_MICROBATCHES = 32
 _GIB = 2**30
-# What schedule = "auto" lets the planner choose among (the first preferred on a tie).
-AUTO_SCHEDULES = (Schedule.ONE_F_ONE_B, Schedule.FILL_DRAIN)
+# What schedule = "auto" lets the planner choose among (the first preferred on a tie). Zero bubble takes more
+# memory than 1F1B for a shorter step; fill-drain runs models that return more than one scalar loss.
+AUTO_SCHEDULES = (Schedule.ONE_F_ONE_B, Schedule.ZERO_BUBBLE, Schedule.FILL_DRAIN)
 
 
 # ---- the search space and the links -------------------------------------------------------------------------
@@ -201,14 +202,15 @@ def job_search_space(
 
 
 def allowed_schedules(requested: Sequence[Schedule | str], single_loss: bool) -> tuple[Schedule, ...]:
-    """The requested schedules this model can run, in the order given (the first is preferred): 1F1B computes
-    the loss's gradient inside forward, so it needs a model returning exactly one scalar loss."""
+    """The requested schedules this model can run, in the order given (the first is preferred): 1F1B and zero
+    bubble compute the loss's gradient inside forward, so they need a model returning exactly one scalar loss."""
     schedules = tuple(dict.fromkeys(Schedule(name) for name in requested))
-    allowed = tuple(s for s in schedules if s != Schedule.ONE_F_ONE_B or single_loss)
+    allowed = tuple(s for s in schedules if not s.eager or single_loss)
     if not allowed:
         raise PlanError(
-            f"no schedule of {[s.value for s in schedules]} fits this model: 1F1B needs the model to return "
-            "exactly one scalar loss (computed inside forward) and this model does not; allow fill_drain "
+            f"no schedule of {[s.value for s in schedules]} fits this model: 1F1B (and zero bubble) needs the "
+            "model to return exactly one scalar loss (computed inside forward) and this model does not; allow "
+            "fill_drain "
             "(RaNNCModule: schedule='fill_drain' or 'auto'; plan_offline: schedules=('fill_drain',))"
         )
     return allowed

@@ -222,6 +222,13 @@ class Schedule(enum.StrEnum):
         return self in (Schedule.INTERLEAVED_1F1B, Schedule.ZERO_BUBBLE)
 
     @property
+    def eager(self) -> bool:
+        """Whether a training call runs its backwards inside the forward call, between its forwards (the loss's
+        gradient taken as 1 there and rescaled by the user's backward), as 1F1B-style orders must; such a
+        schedule needs a model that returns exactly one scalar loss."""
+        return self in (Schedule.ONE_F_ONE_B, Schedule.ZERO_BUBBLE)
+
+    @property
     def splits_backward(self) -> bool:
         """Whether backwards run as an I pass and a later W pass."""
         return self is Schedule.ZERO_BUBBLE

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "rannc"
 # Lowest first; a module may import from its own layer and the layers below (docs/design.md draws them).
 LAYERS: list[tuple[str, set[str]]] = [
     ("errors", {"errors"}),
-    ("foundation", {"config", "schedule", "chrome_trace", "host_memory"}),
+    ("foundation", {"config", "schedule", "chrome_trace", "host_memory", "split_backward"}),
     ("planner (a pure solver over plain values)", {"plan"}),
     ("capture", {"capture"}),
     ("graph", {"graph"}),

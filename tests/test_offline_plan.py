@@ -107,11 +107,13 @@ def test_plan_prints_the_table(planned: dict[str, Any]) -> None:
     assert planned["status"] == 0, planned["out"]
     text = planned["out"]
     assert f"on {WORLD} rank(s)" in text
-    for column in ("Modules", "Replicas", "Ranks", "Fwd ms", "Bwd ms", "Params", "Grads", "Optimizer"):
+    for column in ("Modules", "Replicas", "Ranks", "Fwd ms", "Params", "Grads", "Optimizer"):
         assert column in text
+    # a zero-bubble plan shows its backward's I and W passes apart
+    assert ("I ms" in text and "W ms" in text) if "schedule zero_bubble" in text else "Bwd ms" in text
     for column in ("Activations", "I/O buffers", "Memory / rank (limit)", "/ 36.00 GiB"):
         assert column in text
-    assert re.search(r"microbatches \d+, schedule (1f1b|fill_drain), global batch 64", text)
+    assert re.search(r"microbatches \d+, schedule (1f1b|zero_bubble|fill_drain), global batch 64", text)
     assert re.search(r"predicted step time [\d.]+ ms, [\d.]+ samples/s", text)
     assert re.search(r"bubble fraction [\d.]+%", text)
     assert "device profile a100-40gb, dtype bfloat16, 40.00 GiB per device" in text
@@ -155,7 +157,8 @@ def test_plot_and_trace_files(planned: dict[str, Any]) -> None:
     assert planned["plan.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     trace = json.loads(planned["sim.json"].read_text())
     names = {e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"}
-    assert "F0" in names and "B0" in names
+    backward = {"I0", "W0"} if trace["otherData"]["schedule"] == "zero_bubble" else {"B0"}
+    assert {"F0"} | backward <= names
     pids = {e["pid"] for e in trace["traceEvents"]}
     assert pids == set(range(WORLD))  # one trace process per rank
     assert trace["otherData"]["step_time_s"] > 0
@@ -178,6 +181,55 @@ def test_too_little_memory_names_the_minimum() -> None:
         factory, world_size=4, device_memory_bytes=needed * GIB, global_batch=8, device="a100-40gb"
     )
     assert max(s.memory_bytes for s in result.deployment.plan.stages) <= needed * GIB * 0.9
+
+
+def test_plan_zero_bubble_prices_i_and_w(capsys: pytest.CaptureFixture[str]) -> None:
+    """`rannc plan --schedules zero_bubble`: the estimated blocks carry their W share, the plan splits its
+    backwards, and its table shows the I and W passes."""
+    command = ["plan", "test_offline_plan:factory", "--world-size", "4", "--batch-size", "16"]
+    command += ["--device", "a100-40gb", "--schedules", "zero_bubble", "--max-microbatches", "8"]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "schedule zero_bubble" in out and "I ms" in out and "W ms" in out
+    result = plan_offline(
+        factory,
+        world_size=4,
+        global_batch=16,
+        device="a100-40gb",
+        device_memory_bytes=None,
+        max_microbatches=8,
+    )
+    problem = result.problem
+    with_params = [k for k in range(1, len(problem.blocks)) if problem.range_param_bytes[k][k] > 0]
+    assert with_params
+    for k, block in enumerate(problem.blocks):
+        weight, whole = block.bwd_weight_at(1), block.at(block.bwd_time, 1)
+        if k in with_params:  # (block 0: the embeddings, whose inputs are token ids: W is the whole backward)
+            assert 0 < weight < whole and block.deferred_grad_bytes_at(1) > 0, k
+        elif problem.range_param_bytes[k][k] == 0:  # no parameters: nothing for W
+            assert weight == 0 and block.deferred_grad_bytes_at(1) == 0, k
+
+
+def test_plan_refuses_unknown_schedules(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "plan",
+        "no_such_module:factory",
+        "--device",
+        "a100-40gb",
+        "--world-size",
+        "4",
+        "--batch-size",
+        "8",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--schedules", "1f1b,gpipe"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "argument --schedules" in err
+        and "1f1b, zero_bubble, fill_drain" in err
+        and "no_such_module" not in err
+    )
 
 
 def test_helpers() -> None:

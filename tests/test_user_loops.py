@@ -23,6 +23,10 @@ RTOL = 1e-5
 ATOL = 1e-6
 
 PLAIN = ("ddp", "one_process")
+RETURNED = (
+    "returned",
+    "returned_plus_logits",
+)  # the model returns the loss: the global batch's on every rank
 GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
     "w2": (
         2,
@@ -76,6 +80,77 @@ GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
                 "1f1b",
             ),
             LoopCase("batchnorm-4-replicas", "batchnorm", "mse", 1, 1, references=("ddp",)),
+        ],
+    ),
+    # Zero bubble (I and W passes): the model's own loss (eager, backwards inside the forward call) and the loss
+    # plus a term of the logits outside the model (the call replayed), 2, 3 and 4 stages, unequal replicas,
+    # recompute, written buffers, no_sync, delayed allreduce, clipping, ZeRO-1.
+    "zb-w2": (
+        2,
+        [
+            LoopCase("zb-returned-loss-2stages-mb4", "loss_and_logits", "returned", 2, 4, "zero_bubble"),
+            LoopCase(
+                "zb-returned-plus-logits-2stages",
+                "loss_and_logits",
+                "returned_plus_logits",
+                2,
+                3,
+                "zero_bubble",
+            ),
+            LoopCase(
+                "zb-recompute-2stages",
+                "loss_and_logits",
+                "returned",
+                2,
+                4,
+                "zero_bubble",
+                recompute="always",
+            ),
+            LoopCase(
+                "zb-batchnorm-2stages-mb2",
+                "batchnorm_loss",
+                "returned",
+                2,
+                2,
+                "zero_bubble",
+                references=("one_process",),
+                chunks=(8, 8),
+            ),
+        ],
+    ),
+    "zb-w4": (
+        4,
+        [
+            LoopCase(
+                "zb-3stages-unequal-replicas-clip",
+                "loss_and_logits",
+                "returned",
+                3,
+                2,
+                "zero_bubble",
+                clip=True,
+            ),
+            LoopCase("zb-4stages-mb4", "loss_and_logits", "returned", 4, 4, "zero_bubble"),
+            LoopCase(
+                "zb-2x2-zero1-no-sync",
+                "loss_and_logits",
+                "returned",
+                2,
+                2,
+                "zero_bubble",
+                accumulate=2,
+                zero=True,
+            ),
+            LoopCase(
+                "zb-4stages-delay-allreduce-plus-logits",
+                "loss_and_logits",
+                "returned_plus_logits",
+                4,
+                4,
+                "zero_bubble",
+                accumulate=2,
+                delay_allreduce=True,
+            ),
         ],
     ),
 }
@@ -134,11 +209,11 @@ def test_matches_ddp_and_one_process(group: str, index: int) -> None:
         if label == "one process":
             # a float input's gradient: one process's, this rank's rows
             _assert_rows(runs, "input_grad", [ref["input_grad"]], case, world, f"{what}, input gradient")
-        if label == "one process" and case.loss != "returned_plus_logits":  # (its loss is a global mean)
+        if label == "one process" and case.loss not in RETURNED:  # (its loss is a global mean)
             _assert_rows(runs, "eval", ref["eval"], case, world, f"{what}, eval outputs")
         if case.clip:
             assert rannc_run["norms"] == pytest.approx(ref["norms"], rel=RTOL), what
-    if "ddp" in case.references and case.loss != "returned_plus_logits":
+    if "ddp" in case.references and case.loss not in RETURNED:
         # the losses each rank computes from its own rows are DDP's
         for rank in range(world):
             assert runs[rank]["rannc"]["losses"] == pytest.approx(runs[rank]["ddp"]["losses"], rel=RTOL)

@@ -74,9 +74,9 @@ class TwoHeads(nn.Module):
 class LossAndLogits(nn.Module):
     """Returns its own loss and its logits, as Hugging Face models do."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: nn.Module | None = None) -> None:
         super().__init__()
-        self.body = MLP()
+        self.body = MLP() if body is None else body
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.body(x)
@@ -106,6 +106,7 @@ MODELS = {
     "two_heads": TwoHeads,
     "loss_and_logits": LossAndLogits,
     "batchnorm": BatchNormNet,
+    "batchnorm_loss": lambda: LossAndLogits(BatchNormNet()),  # running statistics and a loss inside
 }
 
 
@@ -113,7 +114,9 @@ MODELS = {
 class LoopCase:
     label: str
     model: str
-    loss: str  # "mse", "cross_entropy", "two_losses", "explicit_gradient", "returned_plus_logits"
+    # "mse", "cross_entropy", "two_losses", "explicit_gradient" (outside the model), "returned" (the model's
+    # own loss), "returned_plus_logits" (both)
+    loss: str
     stages: int
     microbatches: int
     schedule: str = "fill_drain"
@@ -126,6 +129,7 @@ class LoopCase:
     shard: str = "none"  # config shard_stages: the level of every replicated stage ("auto": the planner's)
     references: tuple[str, ...] = ("ddp", "one_process")  # what the run must equal
     chunks: tuple[int, ...] = ()  # one process runs each global batch as these row chunks
+    recompute: str = "never"
 
     def overrides(self) -> dict[str, Any]:
         return {
@@ -135,6 +139,7 @@ class LoopCase:
             "schedule": self.schedule,
             "enable_zero": self.zero,
             "shard_stages": self.shard,
+            "recompute": self.recompute,
             "profile_iterations": 1,
             "show_progress": False,
         }
@@ -180,9 +185,9 @@ def backward_through(
         out = model(batch["x"])
         out.backward(batch["out_grad"] / world)
         return float(out.detach().square().sum())
-    if case.loss == "returned_plus_logits":
+    if case.loss in ("returned", "returned_plus_logits"):
         loss, logits = model(batch["x"], batch["labels"])
-        total = loss + 0.1 * logits.square().mean()
+        total = loss + 0.1 * logits.square().mean() if case.loss == "returned_plus_logits" else loss
     else:
         out = model(batch["x"])
         if case.loss == "mse":
@@ -200,7 +205,7 @@ def backward_through(
 
 def eval_outputs(case: LoopCase, model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The model's outputs in eval mode, flattened to a list of tensors."""
-    if case.loss == "returned_plus_logits":
+    if case.loss in ("returned", "returned_plus_logits"):
         return [t.detach().clone() for t in model(batch["x"], batch["labels"])]
     out = model(batch["x"])
     return [t.detach().clone() for t in (out if isinstance(out, tuple) else (out,))]

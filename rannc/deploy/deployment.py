@@ -24,6 +24,7 @@ _STAGE_RENAMES = {
     "bwd_time": "bwd_time_s",
     "comm_time": "comm_time_s",
     "allreduce_time": "allreduce_time_s",
+    "bwd_weight_time": "bwd_weight_time_s",
 }
 _FORMAT_HEAD = re.compile(r'^\s*\{\s*"format"\s*:\s*"' + re.escape(FORMAT) + '"')
 

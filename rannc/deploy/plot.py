@@ -8,6 +8,7 @@ from typing import Any
 
 from ..plan.simulate import EventKind, Timeline
 from ..plan.types import Plan
+from ..schedule import ActionKind
 from .deployment import Deployment
 
 __all__ = ["memory_parts", "plan_figure", "plot_plan"]
@@ -15,6 +16,8 @@ __all__ = ["memory_parts", "plan_figure", "plot_plan"]
 _EVENT_COLORS = {
     EventKind.FORWARD: "#4c72b0",
     EventKind.BACKWARD: "#dd8452",
+    EventKind.BACKWARD_INPUT: "#c44e52",
+    EventKind.BACKWARD_WEIGHT: "#e6b35c",
     EventKind.ALLREDUCE: "#55a868",
     EventKind.ALLREDUCE_SHARED: "#2f7d4a",
     EventKind.UPDATE: "#8c8c3c",
@@ -25,13 +28,15 @@ _EVENT_COLORS = {
 _EVENT_LABELS = {
     EventKind.FORWARD: "forward",
     EventKind.BACKWARD: "backward",
+    EventKind.BACKWARD_INPUT: "input gradients (I)",
+    EventKind.BACKWARD_WEIGHT: "weight gradients (W)",
     EventKind.ALLREDUCE: "gradient allreduce",
     EventKind.ALLREDUCE_SHARED: "shared-weight allreduce",
     EventKind.UPDATE: "optimizer update",
     EventKind.RECV_ACT: "receive activations",
     EventKind.RECV_GRAD: "receive gradients",
 }
-_COMPUTE = (EventKind.FORWARD, EventKind.BACKWARD)
+_COMPUTE = (EventKind.FORWARD, EventKind.BACKWARD, EventKind.BACKWARD_INPUT, EventKind.BACKWARD_WEIGHT)
 # Legends sit right of their plot: inside, they hid the last stage's bars and the step's last events.
 _LEGEND = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
 _MEMORY_COLORS = {
@@ -41,6 +46,7 @@ _MEMORY_COLORS = {
     "buffers": "#937860",
     "activations": "#dd8452",
     "recompute workspace": "#da8bc3",
+    "kept from I to W": "#f0c08a",
     "workspace": "#e6b35c",
     "optimizer + buffers": "#c44e52",
     "total": "#777777",
@@ -51,15 +57,18 @@ _UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
 def memory_parts(plan: Plan | None, timeline: Timeline | None) -> list[dict[str, float]]:
     """Per stage, peak bytes per rank by kind.
 
-    From the timeline's stage `memory_parts` plus activations (activation_bytes x peak in flight) when it has
-    them; else from the plan (parameters, gradients = parameter bytes, activations, and the rest of the
+    From the timeline's stage `memory_parts` plus activations (activation_bytes x peak in flight) and, with
+    split backwards, what the microbatches between their I and W passes keep (the rest of the simulated peak)
+    when it has them; else from the plan (parameters, gradients = parameter bytes, activations, and the rest of the
     predicted memory as "optimizer + buffers"); else the timeline's total peak memory.
     """
     if timeline is not None and all(t.memory_parts for t in timeline.stages):
         out = []
-        for timing, inflight in zip(timeline.stages, timeline.peak_inflight):
+        for timing, inflight, peak in zip(timeline.stages, timeline.peak_inflight, timeline.peak_memory):
             parts = dict(timing.memory_parts or {})
             parts["activations"] = timing.activation_bytes * inflight
+            if timing.deferred_bytes:
+                parts["kept from I to W"] = max(peak - timing.static_bytes - parts["activations"], 0.0)
             out.append(parts)
         return out
     if plan is not None:
@@ -132,17 +141,18 @@ def plan_figure(
     stages = list(range(num_stages))
     labels = [f"stage {s}" for s in stages]
 
-    # Top: seconds per microbatch by phase.
-    phases: dict[str, list[float]] = {
-        "forward": [t.fwd * 1e3 for t in timeline.stages],
-        "backward": [t.bwd * 1e3 for t in timeline.stages],
-        "p2p (fwd+bwd)": [2 * (t.comm_in + t.comm_out) * 1e3 for t in timeline.stages],
-    }
-    colors = {
-        "forward": _EVENT_COLORS[EventKind.FORWARD],
-        "backward": _EVENT_COLORS[EventKind.BACKWARD],
-        "p2p (fwd+bwd)": "#aaaaaa",
-    }
+    # Top: seconds per microbatch by phase (split backwards: the I and W passes apart).
+    phases: dict[str, list[float]] = {"forward": [t.fwd * 1e3 for t in timeline.stages]}
+    colors = {"forward": _EVENT_COLORS[EventKind.FORWARD], "p2p (fwd+bwd)": "#aaaaaa"}
+    if timeline.schedule.splits_backward:
+        for kind in (EventKind.BACKWARD_INPUT, EventKind.BACKWARD_WEIGHT):
+            name = _EVENT_LABELS[kind]
+            phases[name] = [t.duration(ActionKind(kind.value)) * 1e3 for t in timeline.stages]
+            colors[name] = _EVENT_COLORS[kind]
+    else:
+        phases["backward"] = [t.bwd * 1e3 for t in timeline.stages]
+        colors["backward"] = _EVENT_COLORS[EventKind.BACKWARD]
+    phases["p2p (fwd+bwd)"] = [2 * (t.comm_in + t.comm_out) * 1e3 for t in timeline.stages]
     _stacked_bars(time_ax, stages, phases, colors)
     time_ax.set_ylabel("ms / microbatch")
     time_ax.set_title(

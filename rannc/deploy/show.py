@@ -135,7 +135,12 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
         table.add_column("Shard", no_wrap=True)
     table.add_column("Ranks", overflow="fold", min_width=7)
     table.add_column("Fwd ms", justify="right", no_wrap=True)
-    table.add_column("Bwd ms", justify="right", no_wrap=True)
+    split_backward = plan.schedule.splits_backward
+    if split_backward:  # zero bubble: the backward's I and W passes apart
+        table.add_column("I ms", justify="right", no_wrap=True)
+        table.add_column("W ms", justify="right", no_wrap=True)
+    else:
+        table.add_column("Bwd ms", justify="right", no_wrap=True)
     if split is not None:
         for _, title in _PART_COLUMNS:
             table.add_column(title, justify="right", no_wrap=True)
@@ -161,7 +166,14 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
             *([str(stage.shard)] if sharded else []),
             format_ranks(stage.ranks),
             f"{stage.fwd_time * 1e3:.2f}",
-            f"{stage.bwd_time * 1e3:.2f}",
+            *(
+                [
+                    f"{(stage.bwd_time - stage.bwd_weight_time) * 1e3:.2f}",
+                    f"{stage.bwd_weight_time * 1e3:.2f}",
+                ]
+                if split_backward
+                else [f"{stage.bwd_time * 1e3:.2f}"]
+            ),
             *parts,
             memory,
         )
@@ -177,8 +189,14 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
             else ""
         )
     ]
+    if split_backward:
+        lines.append(
+            "zero bubble: each backward is an I pass (input gradients, sent on at once) and a later W pass "
+            "(parameter gradients) that fills the pipeline's bubbles"
+        )
     if any(getattr(stage, "recompute", False) for stage in plan.stages):
-        lines.append("* activations recomputed in backward (Bwd ms includes the extra forward)")
+        column = "I ms" if split_backward else "Bwd ms"
+        lines.append(f"* activations recomputed in backward ({column} includes the extra forward)")
     if sharded:
         lines.append(
             "Shard: how a stage's replicas divide its parameter state (zero-1 optimizer state, zero-2 and "

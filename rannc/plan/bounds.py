@@ -11,6 +11,10 @@ time, and its allreduce at least the cheaper link's. With u_s = (P - 1) t_s + AR
 and both terms are bounded over the plans of blocks 0..b-1 that use at most o ranks: the sum by
 Lagrangian relaxation of the rank budget (min over plans of sum (t_s + lam r_s), minus lam o), the
 largest u_s by thresholds (the fewest ranks with which every u_s <= U is possible).
+
+With split backwards (zero bubble) T = sum max(t_s - 2 W_s, 0) + (P - 1) max t_s + max (AR_s + 2 W_s): the sum
+is bounded over the path terms max(t_s - 2 W_s, 0) (`PrefixBounds.path`) and u_s = (P - 1) t_s + AR_s + 2 W_s.
+Since each path term is at most t_s and T >= P max t_s still, the other bounds hold as they are.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ class StageBounds(NamedTuple):
     allreduce: np.ndarray  # end-of-step lower bounds
     block: np.ndarray  # [block][r index]: each block's compute time alone
     monotone: bool  # stage times grow with their blocks and are >= 0 (the search's breaks rely on it)
+    weight2: np.ndarray  # 2 W_s: twice the seconds of the stage's W passes (split backwards)
+    fits_split: (
+        np.ndarray
+    )  # `fits` with split backwards: at least one microbatch keeps its deferred gradients
+    fits_split_again: np.ndarray  # the same with recompute (and its rebuilt activations)
 
 
 class PrefixBounds:
@@ -58,12 +67,20 @@ class PrefixBounds:
         self.block = shared.block
         self.allreduce = shared.allreduce
         self.plain, self.again = shared.plain, shared.again
+        self.split = search.split
         self.fits, self.fits_again = shared.fits, shared.fits_again
+        if self.split:
+            self.fits, self.fits_again = shared.fits_split, shared.fits_split_again
+        self.weight2 = shared.weight2
         # Single-level tables: every stage holds at least one microbatch (fill-drain: P).
-        self._base_level = search.schedule.inflight(search.p, 1)
+        self._base_level = search.inflight(1)
         self.time = self.at_level(self._base_level)
+        self.path = self._path(self.time)
         self.u = self._u(self.time)
         self._whole: float | None = None
+        # whole()'s parts depend on the stage tables and the level only: slices of one microbatch count that
+        # hold the same level (zero bubble's of every depth >= P) share them.
+        self._whole_key = (search.shared_key, self.split, self._base_level)
         self.pre_max: list[array] = []
         self._reach: list[int] | None = None
 
@@ -77,7 +94,15 @@ class PrefixBounds:
 
     def _u(self, time: np.ndarray) -> np.ndarray:
         finite = np.isfinite(time)
-        return np.where(finite, self.weight * np.where(finite, time, 0.0) + self.allreduce, np.inf)
+        end = self.allreduce + self.weight2 * (1 - _SLACK) if self.split else self.allreduce
+        return np.where(finite, self.weight * np.where(finite, time, 0.0) + end, np.inf)
+
+    def _path(self, time: np.ndarray) -> np.ndarray:
+        """Lower bounds on the stages' terms of the summed part: t_s, or max(t_s - 2 W_s, 0) when split."""
+        if not self.split:
+            return time
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isfinite(time), np.maximum(time - self.weight2 * (1 + _SLACK), 0.0), time)
 
     def _fewest_ranks(self, thresholds: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
         """[g][b]: fewest ranks of a plan of blocks 0..b-1 with every u_s <= thresholds[g]
@@ -100,8 +125,9 @@ class PrefixBounds:
         return _chain(least, 0, _BIG)
 
     def _lagrange(self, lams: np.ndarray, time: np.ndarray | None = None) -> np.ndarray:
-        """[l][b]: least sum over stages of (t_s + lams[l] r_s) of a plan of blocks 0..b-1."""
-        time = self.time if time is None else time
+        """[l][b]: least sum over stages of (t_s + lams[l] r_s) of a plan of blocks 0..b-1 (`time`: the
+        stages' path terms, `self.path` by default)."""
+        time = self.path if time is None else time
         out = []
         step = max(1, 400_000 // max(1, time.size))
         for start in range(0, len(lams), step):
@@ -131,12 +157,24 @@ class PrefixBounds:
         cutoff it may stop refining."""
         if self._whole is not None:
             return self._whole
+        parts = self.search.tables.whole_parts.get(self._whole_key)
+        if parts is None:
+            parts = self.search.tables.whole_parts[self._whole_key] = self._whole_parts(cutoff)
+        sums, largest = parts
+        if np.isinf(sums):
+            self._whole = np.inf  # no plan at all
+            return self._whole
+        mean = self.weight * sums / max(stage_counts)
+        self._whole = sums + max(largest, mean)
+        return self._whole
+
+    def _whole_parts(self, cutoff: float) -> tuple[float, float]:
+        """(lower bound on the summed part, on the largest u_s) of every plan; (inf, inf): no plan at all."""
         world = self.world
         finite = self.u[np.isfinite(self.u)]
         top = float(finite.max()) if finite.size else 0.0
         if finite.size == 0 or self._fewest_ranks(np.array([top]))[0, -1] > world:
-            self._whole = np.inf  # no plan at all
-            return self._whole
+            return np.inf, np.inf
         # Sum of stage times: the best Lagrange multiplier (the bound is concave in it).
         lams = self._lambda_grid()
         sums = 0.0
@@ -145,15 +183,13 @@ class PrefixBounds:
             best = int(values.argmax())
             sums = max(sums, float(values.max()))
             lams = np.linspace(lams[max(best - 1, 0)], lams[min(best + 1, len(lams) - 1)], 10)
-        mean = self.weight * sums / max(stage_counts)
         # Largest u_s: the largest threshold with which no plan fits in the world.
         largest = self._threshold(lambda grid: self._fewest_ranks(grid)[:, -1] <= world, top, cutoff - sums)
-        self._whole = sums + max(largest, mean)
-        return self._whole
+        return sums, largest
 
     def _lambda_grid(self) -> np.ndarray:
         """Multipliers from far below to above the largest useful one (time per rank)."""
-        finite = self.time[np.isfinite(self.time)]
+        finite = self.path[np.isfinite(self.path)]
         if not finite.size:
             return np.zeros(1)
         low = max(float(finite.min()) / max(1, int(self.ranks[-1])) * 1e-3, 1e-300)
@@ -208,7 +244,7 @@ class PrefixBounds:
         sums = np.zeros((num_blocks + 1, world + 1))
         if np.isfinite(time).any():
             lams = self._lambda_grid()
-            for lam, h in zip(lams.tolist(), self._lagrange(lams, time)):
+            for lam, h in zip(lams.tolist(), self._lagrange(lams, self._path(time))):
                 np.maximum(sums, _minus(h[:, None], lam * offsets[None, :]), out=sums)
         # Largest u_s: thresholds on a grid, fine near the cutoff and coarse below it.
         finite_u = u[np.isfinite(u)]
@@ -296,6 +332,7 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
     fits, fits_again = np.full(plain.shape, np.inf), np.zeros(plain.shape)
     # Lower bounds over the shard levels a stage may use (its own level's when it may not shard).
     floors = [tables.sharded_floors(r) for r in replicas]
+    fits_split, fits_split_again = fits, fits_again
     if limit is not None:
         base = np.stack([floor[0] for floor in floors]) if replicas else np.zeros(plain.shape)
         ins, act = stack("in"), stack("act")
@@ -309,8 +346,12 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
         end = np.stack([floor[1] for floor in floors]) if replicas else np.zeros(plain.shape)
         room = np.where(end <= limit * (1 + 1e-9), room, -np.inf)  # the optimizer step alone does not fit
         fits = _most_inflight(room - ins, act + outs)
+        # Split backwards: at least one microbatch keeps its deferred gradients (and, recomputed, activations).
+        deferred = stack("dfr")
+        fits_split = _most_inflight(room - ins - deferred, act + outs)
         if problem.allow_recompute:
             fits_again = _most_inflight(room - act - (ins + outs), ins)
+            fits_split_again = _most_inflight(room - act - deferred - (ins + outs), ins)
     allreduce = np.zeros(plain.shape)
     if replicas:
         allreduce = np.stack([floor[2] for floor in floors]) * keep
@@ -319,7 +360,10 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
     # Stage times grow with their blocks and are >= 0 (the search's breaks rely on it).
     monotone = all(min(f + b, default=0.0) >= 0.0 for f, b, _ in values)
     monotone = monotone and tables.boundaries_nonnegative
-    return StageBounds(plain, again, fits, fits_again, allreduce, block, monotone)
+    weight2 = 2.0 * stack("wgt")
+    return StageBounds(
+        plain, again, fits, fits_again, allreduce, block, monotone, weight2, fits_split, fits_split_again
+    )
 
 
 def _most_inflight(room: np.ndarray, per_microbatch: np.ndarray) -> np.ndarray:

@@ -51,28 +51,33 @@ def stage_counts(problem: PlanProblem) -> list[int]:
 
 
 def searched_schedules(problem: PlanProblem, memory_only: bool = False) -> list[tuple[int, Schedule]]:
-    """Schedules worth searching, with their tie-break rank (lower wins).
+    """Schedules worth searching, with their tie-break rank (their place in `problem.schedules`; lower wins).
 
-    With the same stages both schedules have the same step time and fill-drain holds at least the
-    memory of 1F1B, so a later schedule only loses tie-breaks to the first one, except 1F1B after
-    fill-drain under a memory limit (it may fit where fill-drain does not). For the least memory
-    needed only 1F1B matters when it is allowed.
+    With the same stages 1F1B and fill-drain have the same step time and fill-drain holds at least the
+    memory of 1F1B, so of the two only the one listed first is searched, and 1F1B after fill-drain under a
+    memory limit (it may fit where fill-drain does not). Zero bubble (a shorter step, more memory) is always
+    searched. For the least memory needed: 1F1B when it is allowed (it holds the least), otherwise every
+    allowed schedule.
     """
     known = {schedule.value for schedule in Schedule}
     unknown = [name for name in problem.schedules if name not in known]
     if unknown:
         raise PlanError(f"unknown schedule {unknown[0]!r}; use one of {sorted(known)}")
     allowed = list(dict.fromkeys(Schedule(name) for name in problem.schedules))
-    one_f_one_b = Schedule.ONE_F_ONE_B
+    one_f_one_b, fill_drain = Schedule.ONE_F_ONE_B, Schedule.FILL_DRAIN
     if memory_only:
-        return [(0, one_f_one_b if one_f_one_b in allowed else allowed[0])]
-    ordered = [(0, allowed[0])]
-    if (
-        allowed[0] == Schedule.FILL_DRAIN
-        and one_f_one_b in allowed
-        and problem.memory_limit_bytes is not None
-    ):
-        ordered.append((1, one_f_one_b))
+        if one_f_one_b in allowed:
+            return [(allowed.index(one_f_one_b), one_f_one_b)]
+        return list(enumerate(allowed))
+    both = one_f_one_b in allowed and fill_drain in allowed
+    fill_drain_first = both and allowed.index(fill_drain) < allowed.index(one_f_one_b)
+    ordered = []
+    for rank, schedule in enumerate(allowed):
+        if schedule == fill_drain and both and not fill_drain_first:
+            continue  # 1F1B: the same step times in less memory, and it wins their ties
+        if schedule == one_f_one_b and fill_drain_first and problem.memory_limit_bytes is None:
+            continue  # fill-drain: the same step times, and it wins their ties
+        ordered.append((rank, schedule))
     return ordered
 
 
@@ -84,7 +89,7 @@ def check_problem(problem: PlanProblem) -> None:
     if world < 1:
         raise PlanError(f"world size is {world}; need at least one rank")
     if not problem.schedules:
-        raise PlanError("no pipeline schedule allowed; allow '1f1b' or 'fill_drain'")
+        raise PlanError("no pipeline schedule allowed; allow '1f1b', 'zero_bubble' or 'fill_drain'")
     searched_schedules(problem)
     batch = problem.global_batch
     if batch < 1:

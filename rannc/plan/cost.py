@@ -34,14 +34,38 @@ class StageCost:
     workspace_bytes: float = 0.0  # held once: max over its blocks of workspace + later blocks' gradients
     update: float = 0.0  # the optimizer update's part of `allreduce`
     shard: ShardLevel = ShardLevel.NONE  # how the replicas divide parameter state (plan/sharding.py)
+    # Split backwards (zero bubble): the W pass's seconds within bwd, the gradients one microbatch keeps from
+    # its I to its W, and how many microbatches keep them at the peak (0: the stage runs whole backwards).
+    bwd_weight: float = 0.0
+    deferred_bytes: float = 0.0
+    pending: int = 0
 
     @property
     def peak_activation_bytes(self) -> float:
         """Activation bytes held at the peak: per microbatch x in flight, or with recompute the
-        boundary inputs of the microbatches in flight plus one microbatch's activations."""
+        boundary inputs of the microbatches in flight plus one microbatch's activations; with split backwards
+        also what the microbatches between their I and W keep (with recompute: their rebuilt activations)."""
+        if self.pending:
+            if self.recompute:
+                return (
+                    self.in_bytes * self.inflight
+                    + (self.activation_bytes + self.deferred_bytes) * self.pending
+                )
+            return self.activation_bytes * self.inflight + self.deferred_bytes * self.pending
         if self.recompute:
             return self.in_bytes * self.inflight + self.activation_bytes
         return self.activation_bytes * self.inflight
+
+    @property
+    def path_time(self) -> float:
+        """The stage's term of the step's summed part (see `step_time`): t_s, or with split backwards
+        max(t_s - 2 W_s, 0) (zero bubble: each W fills a bubble of the fill and of the drain)."""
+        return split_path(self.time, self.bwd_weight) if self.pending else self.time
+
+    @property
+    def tail_time(self) -> float:
+        """The stage's term of the step's end: AR_s, or with split backwards AR_s + 2 W_s."""
+        return split_tail(self.allreduce, self.bwd_weight) if self.pending else self.allreduce
 
 
 def microbatch_rows(global_batch: int, microbatches: int) -> int:
@@ -174,6 +198,8 @@ class RangeCost(NamedTuple):
     out_inter: float  # the same across nodes
     workspace_bytes: float  # the largest block workspace plus the parameter gradients of the blocks after it
     held_bytes: float  # held once per stage beyond parameter state: send/receive buffers + workspace
+    bwd_weight: float = 0.0  # seconds of bwd spent on parameter gradients (a split backward's W pass)
+    deferred_bytes: float = 0.0  # gradients one microbatch keeps from its I pass to its W pass
 
 
 class CostModel:
@@ -184,6 +210,7 @@ class CostModel:
         self.num_blocks = len(problem.blocks)
         self._block_values: dict[int, tuple[list[float], list[float], list[float]]] = {}
         self._workspace: dict[int, list[float]] = {}
+        self._split: dict[int, tuple[list[float], list[float]]] = {}
         # Without any workspace figures (older profiles, synthetic problems) the stage workspace is not modelled.
         self.has_workspace = any(block.workspace_bytes for block in problem.blocks)
         self._rows: dict[tuple[int, int, int], list[RangeCost]] = {}
@@ -200,6 +227,17 @@ class CostModel:
                 [interpolate(b.activation_bytes, m) for b in blocks],
             )
             self._block_values[m] = values
+        return values
+
+    def split_values(self, m: int) -> tuple[list[float], list[float]]:
+        """W-pass seconds and deferred gradient bytes of every block at microbatch size m (0 where unknown)."""
+        values = self._split.get(m)
+        if values is None:
+            blocks = self.problem.blocks
+            values = self._split[m] = (
+                [b.bwd_weight_at(m) for b in blocks],
+                [b.deferred_grad_bytes_at(m) for b in blocks],
+            )
         return values
 
     def workspace_values(self, m: int) -> list[float]:
@@ -221,18 +259,21 @@ class CostModel:
             return row
         problem = self.problem
         fwd, bwd, act = self.block_values(m)
+        weight, deferred = self.split_values(m)
         workspace = self.workspace_values(m)
         in_table = problem.range_in_bytes_per_sample[first]
         out_table = problem.range_out_bytes_per_sample[first]
         param_table = problem.range_param_bytes[first]
         state_factor = 2 + problem.opt_param_factor / shards  # ZeRO-1 divides optimizer state by replicas
         row = []
-        f_sum = b_sum = a_sum = 0.0
+        f_sum = b_sum = a_sum = w_sum = d_sum = 0.0
         reach = -math.inf
         for j in range(first, self.num_blocks):
             f_sum += fwd[j]
             b_sum += bwd[j]
             a_sum += act[j]
+            w_sum += weight[j]
+            d_sum += deferred[j]
             # While block k runs its backward, the parameter gradients of blocks k+1..j (this microbatch's,
             # not yet accumulated) are live too, and this microbatch's activations of blocks k+1..j are freed
             # already: max over k of workspace_k + params(k+1..j) - act(k+1..j), on top of the activations.
@@ -255,6 +296,8 @@ class CostModel:
                     out_inter=2 * p2p_time(problem, out_bytes, True),
                     workspace_bytes=ws_max,
                     held_bytes=held_bytes(in_bytes, out_bytes, ws_max),
+                    bwd_weight=w_sum,
+                    deferred_bytes=d_sum,
                 )
             )
         self._rows[key] = row
@@ -292,9 +335,11 @@ class CostModel:
         recompute: bool = False,
         links: tuple[bool, bool, bool] = (False, False, False),
         shard: ShardLevel = ShardLevel.NONE,
+        pending: int = 0,
     ) -> StageCost:
         """Full cost breakdown of one stage; links: (inputs, outputs, allreduce) cross nodes; `shard`: how its
-        replicas divide parameter state (ignored with one replica)."""
+        replicas divide parameter state (ignored with one replica); `pending` > 0: it runs split backwards and
+        that many microbatches keep their deferred gradients at its peak."""
         problem = self.problem
         m = replica_microbatch_size(problem.global_batch, microbatches, replicas)
         row = self.row(first, m, replicas)[last - first]
@@ -308,11 +353,13 @@ class CostModel:
             state = sharded_state(problem, first, last, replicas, shard, recompute, links[2])
             base = state.bytes + problem.input_bytes
             comm += state.gather_seconds
-        memory = (
-            recompute_memory(base, a_sum, in_bytes, inflight, io)
-            if recompute
-            else stage_memory(base, a_sum, inflight, io)
-        ) + sent_bytes(in_bytes, out_bytes, microbatches, inflight, recompute)
+        if pending:
+            memory = split_memory(base, a_sum, row.deferred_bytes, in_bytes, inflight, pending, io, recompute)
+        elif recompute:
+            memory = recompute_memory(base, a_sum, in_bytes, inflight, io)
+        else:
+            memory = stage_memory(base, a_sum, inflight, io)
+        memory += sent_bytes(in_bytes, out_bytes, microbatches, inflight, recompute)
         # The optimizer step runs after the activations are freed: the peak is the larger of the two phases.
         if shard == ShardLevel.NONE:
             memory = max(memory, base + optimizer_transient_bytes(problem, first, last, replicas))
@@ -343,6 +390,9 @@ class CostModel:
             workspace_bytes=row.workspace_bytes,
             update=update,
             shard=shard,
+            bwd_weight=row.bwd_weight if pending else 0.0,
+            deferred_bytes=row.deferred_bytes if pending else 0.0,
+            pending=pending,
         )
 
     def fitting(
@@ -353,6 +403,7 @@ class CostModel:
         microbatches: int,
         inflight: int,
         links: tuple[bool, bool, bool] = (False, False, False),
+        pending: int = 0,
     ) -> StageCost | None:
         """The stage as the search runs it: without recompute if some level fits, the first of the problem's
         shard levels (least sharding first) with which it fits in memory; else recomputing (when allowed) at the
@@ -360,7 +411,9 @@ class CostModel:
         limit = self.problem.memory_limit_bytes
         for recompute in (False, True) if self.problem.allow_recompute else (False,):
             for shard in stage_levels(self.problem, replicas):
-                cost = self.stage(first, last, replicas, microbatches, inflight, recompute, links, shard)
+                cost = self.stage(
+                    first, last, replicas, microbatches, inflight, recompute, links, shard, pending
+                )
                 if limit is None or cost.memory <= limit:
                     return cost
         return None
@@ -406,9 +459,62 @@ def recompute_memory(base: float, activation: float, in_bytes: float, inflight: 
     return base + in_bytes * inflight + activation + io
 
 
-def step_time(times: list[float], allreduces: list[float], microbatches: int) -> float:
-    """T = sum t_s + (P - 1) * max t_s + max AR_s."""
-    return sum(times) + (microbatches - 1) * max(times) + max(allreduces)
+def split_memory(
+    base: float,
+    activation: float,
+    deferred: float,
+    in_bytes: float,
+    inflight: int,
+    pending: int,
+    io: float,
+    recompute: bool,
+) -> float:
+    """Peak bytes per rank of a stage running split backwards: parameter state + the activations of the
+    microbatches in flight (recomputed: their boundary inputs) + what the `pending` microbatches between their
+    I and W passes keep: their deferred gradients (recomputed: and their activations, rebuilt in I for W) +
+    `io`. Each part is counted at its own peak (an upper bound on their sum's)."""
+    if recompute:
+        return base + in_bytes * inflight + (activation + deferred) * pending + io
+    return base + activation * inflight + deferred * pending + io
+
+
+def split_path(time: float, bwd_weight: float) -> float:
+    """A zero-bubble stage's term of the step's summed part: max(t_s - 2 W_s, 0) (ZB-H1: the W passes fill
+    (S - 1)(F + I - W) of what 1F1B leaves as the bubble (S - 1)(F + B))."""
+    return max(time - 2.0 * bwd_weight, 0.0)
+
+
+def split_tail(allreduce: float, bwd_weight: float) -> float:
+    """A zero-bubble stage's term of the step's end: AR_s + 2 W_s."""
+    return allreduce + 2.0 * bwd_weight
+
+
+def held_counts(schedule: Schedule, microbatches: int, num_stages: int, stage: int) -> tuple[int, int]:
+    """(microbatches whose activations stage `stage` of `num_stages` holds at its peak, microbatches that keep
+    their deferred gradients there: with split backwards position s defers s W passes, so at most
+    min(P, s + 1) lie between their I and W; 0 with whole backwards)."""
+    inflight = schedule.inflight(microbatches, num_stages - stage, num_stages)
+    return inflight, min(microbatches, stage + 1) if schedule.splits_backward else 0
+
+
+def step_time(
+    times: list[float], allreduces: list[float], microbatches: int, paths: list[float] | None = None
+) -> float:
+    """T = sum t_s + (P - 1) * max t_s + max AR_s.
+
+    With split backwards (zero bubble, ZB-H1) the summed part uses `paths` (max(t_s - 2 W_s, 0)) and
+    `allreduces` are AR_s + 2 W_s: for S equal stages P (F + B) + (S - 1)(F + I - W) + AR, the closed form of
+    Qi et al., against 1F1B's P (F + B) + (S - 1)(F + B) + AR."""
+    return sum(times if paths is None else paths) + (microbatches - 1) * max(times) + max(allreduces)
+
+
+def plan_step_time(costs: list[StageCost], microbatches: int) -> float:
+    """`step_time` of a candidate's stage costs (zero bubble when its stages run split backwards)."""
+    if any(c.pending for c in costs):
+        return step_time(
+            [c.time for c in costs], [c.tail_time for c in costs], microbatches, [c.path_time for c in costs]
+        )
+    return step_time([c.time for c in costs], [c.allreduce for c in costs], microbatches)
 
 
 def stage_cost(
@@ -429,8 +535,10 @@ def stage_cost(
         raise ValueError(f"bad block range [{first_block}, {last_block}]")
     if replicas < 1 or microbatches < 1 or not 0 <= stage_index < num_stages:
         raise ValueError("replicas, microbatches must be >= 1 and 0 <= stage_index < num_stages")
-    inflight = Schedule(schedule).inflight(microbatches, num_stages - stage_index)
-    return CostModel(problem).stage(first_block, last_block, replicas, microbatches, inflight, recompute)
+    inflight, pending = held_counts(Schedule(schedule), microbatches, num_stages, stage_index)
+    return CostModel(problem).stage(
+        first_block, last_block, replicas, microbatches, inflight, recompute, pending=pending
+    )
 
 
 def stage_ranges(lasts: list[int] | tuple[int, ...]) -> list[tuple[int, int]]:
@@ -511,24 +619,24 @@ def evaluate(
     num_stages = len(ranges)
     costs = []
     for s, ((first, last), r, links) in enumerate(zip(ranges, replicas, stage_links(problem, replicas))):
-        inflight = schedule.inflight(microbatches, num_stages - s)
+        inflight, pending = held_counts(schedule, microbatches, num_stages, s)
         levels = stage_levels(problem, r) if shard is None else (shard[s],)
         if recompute is not None:
             found = [
-                model.stage(first, last, r, microbatches, inflight, recompute[s], links, q) for q in levels
+                model.stage(first, last, r, microbatches, inflight, recompute[s], links, q, pending)
+                for q in levels
             ]
             fit = [c for c in found if limit is None or c.memory <= limit]
             cost = (fit or found)[0]
         elif shard is None:
-            cost = model.fitting(first, last, r, microbatches, inflight, links) or model.stage(
-                first, last, r, microbatches, inflight, problem.allow_recompute, links, levels[-1]
+            cost = model.fitting(first, last, r, microbatches, inflight, links, pending) or model.stage(
+                first, last, r, microbatches, inflight, problem.allow_recompute, links, levels[-1], pending
             )
         else:
-            cost = model.stage(first, last, r, microbatches, inflight, False, links, levels[0])
+            cost = model.stage(first, last, r, microbatches, inflight, False, links, levels[0], pending)
             if limit is not None and cost.memory > limit and problem.allow_recompute:
-                cost = model.stage(first, last, r, microbatches, inflight, True, links, levels[0])
+                cost = model.stage(first, last, r, microbatches, inflight, True, links, levels[0], pending)
         if limit is not None and cost.memory > limit:
             return None
         costs.append(cost)
-    total = step_time([c.time for c in costs], [c.allreduce for c in costs], microbatches)
-    return total, costs
+    return plan_step_time(costs, microbatches), costs

@@ -36,8 +36,10 @@ def uniform_candidates(
         if world % count or world // count not in search.replicas or count > num_blocks:
             continue
         ri = search.replicas.index(world // count)
-        # T >= (K + P - 1) * the mean stage time >= (K + P - 1) / K * the summed block times.
-        if (count + search.p - 1) / count * float(bounds.block[:, ri].sum()) > cap:
+        # T >= (K + P - 1) * the mean stage time >= (K + P - 1) / K * the summed block times (split backwards:
+        # T >= P max t_s >= P / K * the summed block times).
+        stretch = search.p if search.split else count + search.p - 1
+        if stretch / count * float(bounds.block[:, ri].sum()) > cap:
             continue
         lasts = _min_max_partition(search, ri, count)
         if lasts is None:
@@ -60,7 +62,7 @@ def _min_max_partition(search: SuffixSearch, ri: int, count: int) -> list[int] |
     choices = []
     time, level = plain, -1
     for n in range(1, count + 1):
-        inflight = search.schedule.inflight(search.p, n)
+        inflight = search.inflight(n)
         if inflight != level:
             time = np.where(inflight <= fits, plain, np.where(inflight <= fits_again, again, np.inf))
             level = inflight

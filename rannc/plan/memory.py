@@ -18,10 +18,16 @@ from .types import PlanProblem
 
 
 def stage_memories(
-    problem: PlanProblem, tables: StageTables, microbatches: int, replicas: list[int], inflight: int
+    problem: PlanProblem,
+    tables: StageTables,
+    microbatches: int,
+    replicas: list[int],
+    inflight: int,
+    pending: int = 0,
 ) -> np.ndarray:
     """[r index][first][last]: least peak bytes per rank of every stage (recomputing when allowed
-    and smaller), with `inflight` microbatches in flight; inf below the diagonal."""
+    and smaller), with `inflight` microbatches in flight (and, with split backwards, `pending` of them keeping
+    their deferred gradients); inf below the diagonal."""
     rows = microbatch_rows(problem.global_batch, microbatches)
     num_blocks = len(problem.blocks)
     upper = np.arange(num_blocks)[None, :] >= np.arange(num_blocks)[:, None]
@@ -29,13 +35,19 @@ def stage_memories(
     for ri, r in enumerate(replicas):
         table = tables.compute(-(-rows // r))
         io, ins, outs = table["io"], table["in"], table["out"]
+        act, deferred = table["act"], table["dfr"]
         sent = sent_bytes(ins, outs, microbatches, inflight)
         again_sent = sent_bytes(ins, outs, microbatches, inflight, recompute=True)
         least = np.full(upper.shape, np.inf)
         for base, step_end in tables.level_states(r):  # every shard level the stage may use
-            plain = base + table["act"] * inflight + io + sent  # summed in cost.stage's order
+            if pending:  # cost.split_memory's order
+                plain = base + act * inflight + deferred * pending + io + sent
+                again = base + ins * inflight + (act + deferred) * pending + io + again_sent
+            else:
+                plain = base + act * inflight + io + sent  # summed in cost.stage's order
+                again = base + ins * inflight + act + io + again_sent
             if problem.allow_recompute:
-                plain = np.minimum(plain, base + ins * inflight + table["act"] + io + again_sent)
+                plain = np.minimum(plain, again)
             least = np.minimum(least, np.maximum(plain, step_end))
         out[ri] = np.where(upper, least, np.inf)
     return out
@@ -100,6 +112,39 @@ class _Reach:
         return False
 
 
+def _layer_levels(
+    problem: PlanProblem,
+    tables: StageTables,
+    microbatches: int,
+    replicas: list[int],
+    schedule: Schedule,
+    depth: int | None,
+    most: int,
+) -> tuple[tuple[tuple[int, int], ...], list[np.ndarray]]:
+    """The (in flight, pending) counts of the stages k = 1, 2, ... from the end and their stage memories: layer k
+    uses entry min(k, len) - 1 (trailing repeats dropped). 1F1B holds min(P, k); fill-drain P; zero bubble in a
+    pipeline of `depth` stages min(P, depth), min(P, depth - k + 1) of them keeping deferred gradients."""
+    if depth is None:
+        keys = [(schedule.inflight(microbatches, k), 0) for k in range(1, most + 1)]
+    else:
+        keys = [(min(microbatches, depth), min(microbatches, depth - k + 1)) for k in range(1, depth + 1)]
+    while len(keys) > 1 and keys[-1] == keys[-2]:
+        keys.pop()
+    found: dict[tuple[int, int], np.ndarray] = {}
+    for key in keys:
+        if key not in found:
+            found[key] = stage_memories(problem, tables, microbatches, replicas, *key)
+    return tuple(keys), [found[key] for key in keys]
+
+
+def _depths(schedule: Schedule, stage_counts: list[int]) -> list[tuple[int | None, list[int]]]:
+    """(depth, stage counts) of the slices a schedule's plans fall into: one for every count, or (split
+    backwards, whose memory depends on the depth) one per count."""
+    if schedule.splits_backward:
+        return [(count, [count]) for count in stage_counts]
+    return [(None, stage_counts)]
+
+
 def least_memory(
     problem: PlanProblem, tables: StageTables, stage_counts: list[int], schedule: Schedule
 ) -> float:
@@ -111,39 +156,44 @@ def least_memory(
         replicas = replica_counts(problem, p)
         if not replicas:
             continue
-        inflights = sorted({schedule.inflight(p, k) for k in range(1, most + 1)})
-        key = (microbatch_rows(problem.global_batch, p), tuple(replicas), tuple(inflights))
-        if key in done:
-            continue
-        done.add(key)
-        # Layer k holds min(p, k) microbatches with 1F1B (levels by k), p with fill-drain.
-        levels = [stage_memories(problem, tables, p, replicas, q) for q in inflights]
-        if schedule != Schedule.ONE_F_ONE_B:
-            levels = levels[:1]
-        reach = _Reach(problem, replicas, levels, stage_counts)
-        values = np.unique(np.concatenate([level[np.isfinite(level) & (level < best)] for level in levels]))
-        if values.size == 0 or not reach.feasible(float(values[-1])):
-            continue
-        low, high = 0, values.size - 1  # values[high] is feasible
-        while low < high:
-            middle = (low + high) // 2
-            if reach.feasible(float(values[middle])):
-                high = middle
-            else:
-                low = middle + 1
-        best = float(values[high])
+        for depth, counts in _depths(schedule, stage_counts):
+            keys, levels = _layer_levels(problem, tables, p, replicas, schedule, depth, most)
+            key = (microbatch_rows(problem.global_batch, p), tuple(replicas), keys, tuple(counts))
+            if key in done:
+                continue
+            done.add(key)
+            reach = _Reach(problem, replicas, levels, counts)
+            finite = [level[np.isfinite(level) & (level < best)] for level in levels]
+            values = np.unique(np.concatenate(finite))
+            if values.size == 0 or not reach.feasible(float(values[-1])):
+                continue
+            low, high = 0, values.size - 1  # values[high] is feasible
+            while low < high:
+                middle = (low + high) // 2
+                if reach.feasible(float(values[middle])):
+                    high = middle
+                else:
+                    low = middle + 1
+            best = float(values[high])
     return best
 
 
 def fits(
-    problem: PlanProblem, tables: StageTables, microbatches: int, schedule: Schedule, stage_counts: list[int]
+    problem: PlanProblem,
+    tables: StageTables,
+    microbatches: int,
+    schedule: Schedule,
+    stage_counts: list[int],
+    depth: int | None = None,
 ) -> bool:
-    """Whether some plan with this microbatch count and schedule fits in the memory limit."""
+    """Whether some plan with this microbatch count and schedule (split backwards: of `depth` stages) fits in
+    the memory limit."""
     limit = problem.memory_limit_bytes
     replicas = replica_counts(problem, microbatches)
     if limit is None or not replicas:
         return bool(replicas)
-    most = max(stage_counts)
-    inflights = sorted({schedule.inflight(microbatches, k) for k in range(1, most + 1)})
-    levels = [stage_memories(problem, tables, microbatches, replicas, q) for q in inflights]
-    return _Reach(problem, replicas, levels, stage_counts).feasible(limit)
+    counts = stage_counts if depth is None else [c for c in stage_counts if c == depth]
+    if not counts:
+        return False
+    _, levels = _layer_levels(problem, tables, microbatches, replicas, schedule, depth, max(counts))
+    return _Reach(problem, replicas, levels, counts).feasible(limit)

@@ -122,6 +122,7 @@ class _Stage(NamedTuple):
     comm: tuple[float, float, float, float]  # p2p seconds: inputs intra, inter; outputs intra, inter
     allreduce: tuple[float, float]  # AR seconds within a node, across nodes
     gather: tuple[float, float] = (0.0, 0.0)  # ZeRO-3 gathers per microbatch, replicas within a node / across
+    weight2: float = 0.0  # split backwards: 2 W_s, taken off the summed part and added to the end
 
 
 class _Run:
@@ -148,6 +149,7 @@ class _Run:
         self.shards = problem.shard_levels != (ShardLevel.NONE,)
         self.none_first = problem.shard_levels[0] == ShardLevel.NONE
         self.window = min(search.p, SEND_WINDOW)  # microbatches whose sends the runtime holds at most
+        self.split_backward = search.split
         self.node = problem.gpus_per_node
         self.spread = self.node is not None  # placement decides the links
         # Only a different inter-node link makes the lists by InputLink differ.
@@ -175,9 +177,9 @@ class _Run:
         Returns: the candidates of layer k, not yet reduced to their Pareto fronts.
         """
         search = self.search
-        inflight = search.schedule.inflight(search.p, k)
+        inflight, pending = search.inflight(k), search.pending(k)
         # Stages before this suffix hold at least this many microbatches.
-        level = self.bounds.level_tables(search.schedule.inflight(search.p, k + 1))
+        level = self.bounds.level_tables(search.inflight(k + 1))
         stage_cap = self.cutoff * (1 + ROUNDING) / search.p
         candidates: dict[tuple[int, int, int], list[Entry]] = {}
         for c, groups in below.items():
@@ -189,56 +191,63 @@ class _Run:
                         if self.bounds.monotone:
                             break  # and so is every stage that starts earlier
                         continue
-                    stage = self._stage_time(inflight, ri, b, j)
+                    stage = self._stage_time(inflight, pending, ri, b, j)
                     if stage is not None:
                         self._place(k, stage, groups, c == self.num_blocks, level, candidates)
         return candidates
 
-    def _stage_time(self, inflight: int, ri: int, b: int, j: int) -> _Stage | None:
-        """Blocks b..j on replicas[ri] ranks holding `inflight` microbatches: its compute time per microbatch,
-        with recompute exactly when it must to fit in memory; None when it does not fit."""
-        f, bw, act, in_b, out_b, cin, cinx, cout, coutx, io = self.columns[ri][j][b]
+    def _stage_time(self, inflight: int, pending: int, ri: int, b: int, j: int) -> _Stage | None:
+        """Blocks b..j on replicas[ri] ranks holding `inflight` microbatches (and, with split backwards, the
+        deferred gradients of `pending`): its compute time per microbatch, with recompute exactly when it must to
+        fit in memory; None when it does not fit."""
+        f, bw, act, in_b, out_b, cin, cinx, cout, coutx, io, wgt, dfr = self.columns[ri][j][b]
         fb = f + bw
         r = self.search.replicas[ri]
         shards = self.shards and r > 1  # this stage may shard its parameter state
         if shards and not self.none_first:
-            return self._sharded_stage(inflight, r, b, j)
+            return self._sharded_stage(inflight, pending, r, b, j)
         if self.limit is None:
             time = fb
         else:
             base = self.bases[ri][j][b]
             if self.ends[ri][j][b] > self.limit:  # the optimizer step does not fit
-                return self._sharded_stage(inflight, r, b, j) if shards else None
-            window = self.window  # cost.sent_bytes, in cost.stage's order
-            if (
-                base + act * inflight + io + (window * in_b + min(self.search.p, inflight + 1) * out_b)
-                <= self.limit
-            ):
+                return self._sharded_stage(inflight, pending, r, b, j) if shards else None
+            window = self.window  # cost.sent_bytes, in cost.stage's order (cost.split_memory when split)
+            sent = window * in_b + min(self.search.p, inflight + 1) * out_b
+            again_sent = window * in_b + window * out_b
+            if pending:
+                plain = base + act * inflight + dfr * pending + io + sent
+                again = base + in_b * inflight + (act + dfr) * pending + io + again_sent
+            else:
+                plain = base + act * inflight + io + sent
+                again = base + in_b * inflight + act + io + again_sent
+            if plain <= self.limit:
                 time = fb
             elif shards:  # a sharded level may fit (and, the first that does, wins over recompute)
-                return self._sharded_stage(inflight, r, b, j)
-            elif (
-                self.recompute
-                and base + in_b * inflight + act + io + (window * in_b + window * out_b) <= self.limit
-            ):
+                return self._sharded_stage(inflight, pending, r, b, j)
+            elif self.recompute and again <= self.limit:
                 time = f + (bw + f)
             else:
                 return None
         allreduce = (self.ar_intra[ri][j][b], self.ar_inter[ri][j][b])
-        return _Stage(b, j, r, time, (cin, cinx, cout, coutx), allreduce)
+        weight2 = 2.0 * wgt if pending else 0.0
+        return _Stage(b, j, r, time, (cin, cinx, cout, coutx), allreduce, weight2=weight2)
 
-    def _sharded_stage(self, inflight: int, r: int, b: int, j: int) -> _Stage | None:
+    def _sharded_stage(self, inflight: int, pending: int, r: int, b: int, j: int) -> _Stage | None:
         """`_stage_time` where the stage's replicas may shard its parameter state: the cost model's choice
         (`CostModel.fitting`), priced for both links of its replicas (gathers and step end)."""
         model, p = self.search.model, self.search.p
-        cost = model.fitting(b, j, r, p, inflight)
+        cost = model.fitting(b, j, r, p, inflight, pending=pending)
         if cost is None:
             return None
-        f, _, _, _, _, cin, cinx, cout, coutx, _ = self.columns[self.search.replicas.index(r)][j][b]
-        spanning = model.stage(b, j, r, p, inflight, cost.recompute, (False, False, True), cost.shard)
+        f, _, _, _, _, cin, cinx, cout, coutx, *_ = self.columns[self.search.replicas.index(r)][j][b]
+        spanning = model.stage(
+            b, j, r, p, inflight, cost.recompute, (False, False, True), cost.shard, pending
+        )
         gather = (cost.comm - (cin + cout), spanning.comm - (cin + cout))
         allreduce = (cost.allreduce, spanning.allreduce)
-        return _Stage(b, j, r, cost.fwd + cost.bwd, (cin, cinx, cout, coutx), allreduce, gather)
+        weight2 = 2.0 * cost.bwd_weight if pending else 0.0
+        return _Stage(b, j, r, cost.fwd + cost.bwd, (cin, cinx, cout, coutx), allreduce, gather, weight2)
 
     def _place(
         self,
@@ -262,11 +271,17 @@ class _Run:
         ar_intra, ar_inter = stage.allreduce
         # Least t and AR of this stage whatever its placement: with the bounds on the stages before, which only
         # grow as their ranks shrink, they stop the loop over groups (more ranks for the suffix, fewer before).
+        # Split backwards: its summed part max(t - 2W, 0) and end AR + 2W (`cost.split_path`, `split_tail`).
         gather_intra, gather_inter = stage.gather
         t_least = (stage.time + (gather_intra if gather_intra < gather_inter else gather_inter)) + (
             (cin if cin < cinx else cinx) + (cout if cout < coutx else coutx)
         )
         ar_least = ar_intra if ar_intra < ar_inter else ar_inter
+        w2 = stage.weight2
+        path_least = t_least
+        if self.split_backward:
+            path_least = max(t_least - w2, 0.0)
+            ar_least = ar_least + w2
         for dc, lists in groups:
             o = self.world - dc - r
             if o < 0:
@@ -274,7 +289,7 @@ class _Run:
             floor, before_max, before_u = sums_b[o], maxes_b[o], us_b[o]
             bx = t_least if t_least > before_max else before_max
             z = weight * bx + ar_least
-            if t_least + floor + (z if z > before_u else before_u) > cutoff and monotone:
+            if path_least + floor + (z if z > before_u else before_u) > cutoff and monotone:
                 break
             if allowed_b[o] != "1":
                 continue
@@ -287,9 +302,12 @@ class _Run:
                 key = (b, self.world - o, kind)
                 for children, out_comm in outputs:
                     if children:
-                        self._attach(
-                            k, stage, compute + (in_comm + out_comm), ar, children, bound, key, candidates
-                        )
+                        t = compute + (in_comm + out_comm)
+                        if self.split_backward:
+                            terms = (t, max(t - w2, 0.0), ar + w2)
+                        else:
+                            terms = (t, t, ar)
+                        self._attach(k, stage, terms, children, bound, key, candidates)
 
     def _placement(
         self, o: int, r: int, terminal: bool, lists: Lists, comm: tuple[float, float, float, float]
@@ -322,26 +340,27 @@ class _Run:
         self,
         k: int,
         stage: _Stage,
-        t: float,
-        ar: float,
+        terms: tuple[float, float, float],
         children: list[Entry],
         bound: _PrefixBound,
         key: tuple[int, int, int],
         candidates: dict[tuple[int, int, int], list[Entry]],
     ) -> None:
-        """The entries of `stage` (t seconds per microbatch, ar at the step's end) in front of `children`
-        (sorted by summed time) whose plans may stay under the cutoff, added to candidates[key]."""
+        """The entries of `stage` in front of `children` (sorted by summed time) whose plans may stay under the
+        cutoff, added to candidates[key]. `terms`: the stage's t (seconds per microbatch), its term of the
+        summed part (t, or max(t - 2W, 0) with split backwards) and of the step's end (AR, or AR + 2W)."""
+        t, path, ar = terms
         weight, cutoff = self.search.weight, self.cutoff
         floor = bound.floor
         # Bound the whole group by its first (least summed) child first.
-        if bound.above(children[0].time_sum + t + floor, t, ar, weight, cutoff):
+        if bound.above(children[0].time_sum + path + floor, t, ar, weight, cutoff):
             return
         bucket = None
         # Children whose largest t and AR this stage covers all give (sum + t, t, ar): the first one beats the rest
         # clearly (by more than the tie tolerance, so that _pareto would drop them too), near-ties aside.
         covered = -1.0
         for child in children:
-            a = child.time_sum + t
+            a = child.time_sum + path
             x = child.time_max
             y = child.allreduce_max
             if x <= t and y <= ar:

@@ -94,11 +94,13 @@ class _Searches:
         self.problem = problem
         self.stage_counts = stage_counts(problem)
         self.tables = StageTables(model)
+        # Zero bubble's stage memory depends on the pipeline's depth: one slice per stage count.
         self.slices = [
             (rank, search)
             for p in microbatch_counts(problem)
             for rank, schedule in searched_schedules(problem)
-            for search in [SuffixSearch(problem, model, p, schedule, self.tables)]
+            for depth in (self.stage_counts if schedule.splits_backward else [None])
+            for search in [SuffixSearch(problem, model, p, schedule, self.tables, depth)]
             if search.replicas
         ]
         self.best = math.inf  # the least analytic step time found so far
@@ -114,7 +116,7 @@ class _Searches:
     def uniform_cutoff(self) -> None:
         """Step 1: the first cutoff, the best uniform plan (K stages of world / K replicas) of every slice."""
         for index, (rank, search) in enumerate(self.slices):
-            for uniform in uniform_candidates(search, self.stage_counts, self.best):
+            for uniform in uniform_candidates(search, search.stage_counts(self.stage_counts), self.best):
                 if uniform.step_time < self.best:
                     self.best, self._first = uniform.step_time, (rank, search)
             self.release(index)
@@ -122,7 +124,7 @@ class _Searches:
     def queue(self) -> None:
         """Step 2: every slice by its lower bound; equal bounds: more microbatches first (less bubble)."""
         for index, (rank, search) in enumerate(self.slices):
-            bound = search.lower_bound(self.stage_counts, relaxed(self.best))
+            bound = search.lower_bound(search.stage_counts(self.stage_counts), relaxed(self.best))
             self._heap.append((bound, -search.p, rank, index))
             self.release(index)
         heapq.heapify(self._heap)
@@ -139,7 +141,7 @@ class _Searches:
             # Without any plan yet, first make sure one fits in memory (a search that finds
             # nothing under no cutoff can take long).
             if math.isinf(self.best) and not fits(
-                self.problem, self.tables, search.p, search.schedule, self.stage_counts
+                self.problem, self.tables, search.p, search.schedule, self.stage_counts, search.depth
             ):
                 continue
             return bound, rank, search
@@ -169,7 +171,7 @@ class _Searches:
 
     def exact(self, search: SuffixSearch, rank: int, cutoff: float) -> None:
         """One exact run of a slice: every plan of it under `cutoff` becomes a candidate (and may lower `best`)."""
-        for count, entries in search.run(self.stage_counts, cutoff).items():
+        for count, entries in search.run(search.stage_counts(self.stage_counts), cutoff).items():
             for entry in entries:
                 total = search.entry_time(entry)
                 lasts, reps = suffix_key(entry)
@@ -184,7 +186,7 @@ class _Searches:
         pending: list[tuple[float, int, SuffixSearch]] = []
         if self._first is not None:
             rank, first = self._first
-            pending = [(first.lower_bound(self.stage_counts), rank, first)]
+            pending = [(first.lower_bound(first.stage_counts(self.stage_counts)), rank, first)]
         else:
             pending = self.escalate([item for item in (self.next(), self.next()) if item is not None])
         while True:  # step 4: the exact runs
@@ -240,8 +242,11 @@ def minimum_memory_needed(problem: PlanProblem) -> float:
     """Smallest per-device memory limit (bytes) with which some plan of `problem` is feasible."""
     check_problem(problem)
     tables = StageTables(CostModel(problem))
-    _, schedule = searched_schedules(problem, memory_only=True)[0]
-    least = least_memory(problem, tables, stage_counts(problem), schedule)
+    counts = stage_counts(problem)
+    least = min(
+        least_memory(problem, tables, counts, schedule)
+        for _, schedule in searched_schedules(problem, memory_only=True)
+    )
     if math.isinf(least):
         raise PlanError(no_plan_message(problem))
     return least
@@ -299,6 +304,7 @@ def plan_of_candidate(
                 memory_bytes=cost.memory,
                 recompute=cost.recompute,
                 shard=cost.shard,
+                bwd_weight_time=cost.bwd_weight,
             )
         )
         rank += cost.replicas

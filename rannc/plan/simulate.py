@@ -10,8 +10,11 @@ from ..schedule import Action, ActionKind, Schedule, held_microbatches, virtual_
 from .cost import (
     CostModel,
     allreduce_time,
+    held_counts,
     p2p_time,
     sent_bytes,
+    split_path,
+    split_tail,
     stage_links,
     step_time,
 )
@@ -62,6 +65,9 @@ class StageTiming:
     # Fraction of the rest that hides behind the backward (the device's allreduce_overlap).
     overlap: float = 1.0
     bwd_weight: float = 0.0  # seconds of the backward spent on parameter gradients (a W pass)
+    # Bytes one microbatch keeps from its I pass to its W pass beyond activation_bytes (the deferred gradients;
+    # with recompute also the activations I rebuilt).
+    deferred_bytes: float = 0.0
 
     def duration(self, kind: ActionKind) -> float:
         """Seconds of compute of one microbatch's `kind` pass through this stage."""
@@ -190,16 +196,24 @@ def peak_inflight(actions: list[Action]) -> int:
     return held_microbatches(actions)
 
 
-def peak_activation_bytes(actions: list[Action], chunk_bytes: Sequence[float]) -> float:
+def peak_activation_bytes(
+    actions: list[Action], chunk_bytes: Sequence[float], deferred_bytes: Sequence[float] | None = None
+) -> float:
     """Most activation bytes held at once while running `actions`, one microbatch of chunk c holding
-    `chunk_bytes[c]` from its forward until the pass that releases it."""
+    `chunk_bytes[c]` from its forward until the pass that releases it, and `deferred_bytes[c]` more from its I
+    pass until its W pass."""
     held = peak = 0.0
     for action in actions:
         if action.kind == ActionKind.FORWARD:
             held += chunk_bytes[action.chunk]
             peak = max(peak, held)
+        elif action.kind == ActionKind.BACKWARD_INPUT and deferred_bytes is not None:
+            held += deferred_bytes[action.chunk]
+            peak = max(peak, held)
         elif action.kind.releases:
             held -= chunk_bytes[action.chunk]
+            if action.kind == ActionKind.BACKWARD_WEIGHT and deferred_bytes is not None:
+                held -= deferred_bytes[action.chunk]
     return peak
 
 
@@ -270,13 +284,15 @@ def simulate(
     ]
     ends = _end_step(per_position, events, shared_positions)
     peaks = [peak_inflight(actions) for actions in lists]
-    memory = [
-        timing.static_bytes
-        + peak_activation_bytes(
-            actions, [stage_times[virtual_stage(s, c, positions)].activation_bytes for c in range(chunks)]
+    memory = []
+    for s, (timing, actions) in enumerate(zip(per_position, lists)):
+        own = [stage_times[virtual_stage(s, c, positions)] for c in range(chunks)]
+        memory.append(
+            timing.static_bytes
+            + peak_activation_bytes(
+                actions, [t.activation_bytes for t in own], [t.deferred_bytes for t in own]
+            )
         )
-        for s, (timing, actions) in enumerate(zip(per_position, lists))
-    ]
     return Timeline(
         schedule=schedule,
         microbatches=microbatches,
@@ -406,10 +422,12 @@ def _end_step(
 _GRADIENT_PASSES = (EventKind.BACKWARD, EventKind.BACKWARD_WEIGHT)
 
 
-def bubble_bound(stage_times: list[StageTiming], microbatches: int, *, rendezvous: bool = True) -> float:
+def bubble_bound(
+    stage_times: list[StageTiming], microbatches: int, *, rendezvous: bool = True, split: bool = False
+) -> float:
     """A lower bound on `simulate(...).step_time` for any one-chunk schedule with whole backwards (each stage runs
-    every F and B once; a split backward's W passes can end a stage after its gradients left, which this drain
-    argument does not cover).
+    every F and B once), or with `split` backwards (a W pass can end a stage after its gradients left, so the
+    drain through earlier stages below is not counted then).
 
     For each stage s: its first forward cannot compute before microbatch 0 went through the stages before it
     (head_s = sum_{k<s} fwd_k + sum_{0<k<=s} comm_in_k); from then on it computes P forwards and P backwards
@@ -431,7 +449,7 @@ def bubble_bound(stage_times: list[StageTiming], microbatches: int, *, rendezvou
         if rendezvous:
             work += (p - 1) * recv_in + p * recv_grad
         tail, drain = t.exposed_tail, 0.0
-        for k in range(s - 1, -1, -1):
+        for k in range(s - 1, -1, -1) if not split else ():
             drain += _receive_time(stage_times, k, ActionKind.BACKWARD) + stage_times[k].bwd
             tail = max(tail, drain + stage_times[k].exposed_tail)
         best = max(best, head + work + tail)
@@ -439,9 +457,14 @@ def bubble_bound(stage_times: list[StageTiming], microbatches: int, *, rendezvou
     return best
 
 
-def analytic_step_time(stage_times: list[StageTiming], microbatches: int) -> float:
-    """The cost model's T = sum t_s + (P-1) max t_s + max AR_s with t_s = fwd + bwd + 2 (comm_in + comm_out)."""
-    return step_time([t.analytic_time for t in stage_times], [t.tail for t in stage_times], microbatches)
+def analytic_step_time(stage_times: list[StageTiming], microbatches: int, *, split: bool = False) -> float:
+    """The cost model's T = sum t_s + (P-1) max t_s + max AR_s with t_s = fwd + bwd + 2 (comm_in + comm_out);
+    with `split` backwards (zero bubble) sum max(t_s - 2 W_s, 0) + (P-1) max t_s + max (AR_s + 2 W_s)."""
+    times = [t.analytic_time for t in stage_times]
+    if not split:
+        return step_time(times, [t.tail for t in stage_times], microbatches)
+    paths = [split_path(t.analytic_time, t.bwd_weight) for t in stage_times]
+    return step_time(times, [split_tail(t.tail, t.bwd_weight) for t in stage_times], microbatches, paths)
 
 
 def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
@@ -461,7 +484,7 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
     timings = []
     for s, stage in enumerate(plan.stages):
         recompute = bool(getattr(stage, "recompute", False))
-        inflight = plan.schedule.inflight(plan.microbatches, num_stages - s)
+        inflight, pending = held_counts(plan.schedule, plan.microbatches, num_stages, s)
         cost = model.stage(
             stage.first_block,
             stage.last_block,
@@ -471,6 +494,7 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
             recompute,
             links[s],
             stage.shard,
+            pending=pending,
         )
         state = sharded_state(
             problem, stage.first_block, stage.last_block, stage.replicas, cost.shard, recompute, links[s][2]
@@ -486,7 +510,7 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
             parts["inputs"] = problem.input_bytes
         if cost.workspace_bytes:
             parts["workspace"] = cost.workspace_bytes
-        if recompute:
+        if recompute and not pending:  # (split backwards: counted in deferred_bytes, per pending microbatch)
             parts["recompute workspace"] = cost.activation_bytes
         timings.append(
             StageTiming(
@@ -508,6 +532,9 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
                 activation_bytes=cost.in_bytes if recompute else cost.activation_bytes,
                 static_bytes=sum(parts.values()),
                 memory_parts=parts,
+                bwd_weight=cost.bwd_weight,
+                deferred_bytes=cost.deferred_bytes
+                + (cost.activation_bytes if recompute and pending else 0.0),
             )
         )
     return timings

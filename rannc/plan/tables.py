@@ -14,7 +14,22 @@ from .sharding import GATHERED_UNITS, stage_levels
 from .types import ShardLevel
 
 # Fields of a compute table, in order.
-FIELDS = ("fwd", "bwd", "act", "in", "out", "in_intra", "in_inter", "out_intra", "out_inter", "io")
+# wgt: seconds of bwd spent on parameter gradients (a split backward's W pass); dfr: the gradients one microbatch
+# keeps from its I pass to its W pass.
+FIELDS = (
+    "fwd",
+    "bwd",
+    "act",
+    "in",
+    "out",
+    "in_intra",
+    "in_inter",
+    "out_intra",
+    "out_inter",
+    "io",
+    "wgt",
+    "dfr",
+)
 
 
 class StageTables:
@@ -41,6 +56,7 @@ class StageTables:
         self._allreduce: dict[tuple[int, bool], np.ndarray] = {}
         self._columns: dict[int, list[list[float]]] = {}
         self.shared: dict[tuple, tuple] = {}  # per (replica counts, sizes): arrays of the bounds
+        self.whole_parts: dict[tuple, tuple[float, float]] = {}  # bounds.PrefixBounds.whole, per level
 
     def _running(self, values: list[float]) -> np.ndarray:
         """[i][j] = values[i] + ... + values[j] summed left to right (as CostModel.row does)."""
@@ -56,6 +72,7 @@ class StageTables:
         table = self._compute.get(m)
         if table is None:
             fwd, bwd, act = self.model.block_values(m)
+            weight, deferred = self.model.split_values(m)
             in_bytes = self._in * m
             out_bytes = self._out * m
             block_ws = np.array(self.model.workspace_values(m), dtype=np.float64)[None, :]
@@ -74,6 +91,8 @@ class StageTables:
                 "out_intra": self._p2p(out_bytes, False),
                 "out_inter": self._p2p(out_bytes, True),
                 "io": held_bytes(in_bytes, out_bytes, workspace),
+                "wgt": self._running(weight),
+                "dfr": self._running(deferred),
             }
             self._compute[m] = table
         return table

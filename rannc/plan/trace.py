@@ -12,6 +12,8 @@ __all__ = ["timeline_to_trace"]
 _CATEGORY = {
     EventKind.FORWARD: "compute",
     EventKind.BACKWARD: "compute",
+    EventKind.BACKWARD_INPUT: "compute",
+    EventKind.BACKWARD_WEIGHT: "compute",
     EventKind.RECV_ACT: "p2p",
     EventKind.RECV_GRAD: "p2p",
     EventKind.ALLREDUCE: "allreduce",
@@ -22,8 +24,8 @@ _CATEGORY = {
 
 def timeline_to_trace(timeline: Timeline, stage_ranks: list[list[int]] | None = None) -> dict[str, Any]:
     """A trace of the simulated step: one process per rank (every replica of a stage gets the stage's events)
-    when `stage_ranks` is given, else one process per stage; one thread; events named "F3", "B3",
-    "recv_act3", "recv_grad3", "allreduce"."""
+    when `stage_ranks` is given, else one process per stage; one thread; events named "F3", "B3" (zero bubble:
+    "I3" and "W3"), "recv_act3", "recv_grad3", "allreduce"."""
     if stage_ranks is not None and len(stage_ranks) != timeline.num_stages:
         raise ValueError(f"{len(stage_ranks)} rank lists for {timeline.num_stages} stages")
     events: list[dict[str, Any]] = []

@@ -25,6 +25,11 @@ class BlockProfile:
     # (temporaries, incoming and outgoing gradients; parameter gradients excluded): held once per stage, not
     # per microbatch in flight. Empty: not known (counted as 0).
     workspace_bytes: dict[int, float] = dataclasses.field(default_factory=dict)
+    # Split backwards (zero bubble): seconds of bwd_time spent on parameter gradients (the W pass; the I pass
+    # takes the rest), and the bytes of the gradients an I pass keeps for its W (caught where the parameters'
+    # way meets the inputs' path). Empty: not known (W counted as 0 seconds and 0 bytes).
+    bwd_weight: dict[int, float] = dataclasses.field(default_factory=dict)
+    deferred_grad_bytes: dict[int, float] = dataclasses.field(default_factory=dict)
 
     def at(self, table: dict[int, float], m: int) -> float:
         return interpolate(table, m)
@@ -32,14 +37,25 @@ class BlockProfile:
     def workspace_at(self, m: int) -> float:
         return interpolate(self.workspace_bytes, m) if self.workspace_bytes else 0.0
 
+    def bwd_weight_at(self, m: int) -> float:
+        """Seconds of the W pass at microbatch size m (0 when not known), at most the whole backward's."""
+        if not self.bwd_weight:
+            return 0.0
+        return min(interpolate(self.bwd_weight, m), interpolate(self.bwd_time, m))
+
+    def deferred_grad_bytes_at(self, m: int) -> float:
+        return interpolate(self.deferred_grad_bytes, m) if self.deferred_grad_bytes else 0.0
+
     def to_json(self) -> dict[str, Any]:
         data = {
             "fwd_time": {str(k): v for k, v in self.fwd_time.items()},
             "bwd_time": {str(k): v for k, v in self.bwd_time.items()},
             "activation_bytes": {str(k): v for k, v in self.activation_bytes.items()},
         }
-        if self.workspace_bytes:
-            data["workspace_bytes"] = {str(k): v for k, v in self.workspace_bytes.items()}
+        for name in ("workspace_bytes", "bwd_weight", "deferred_grad_bytes"):
+            table = getattr(self, name)
+            if table:
+                data[name] = {str(k): v for k, v in table.items()}
         return data
 
     @staticmethod
@@ -49,6 +65,8 @@ class BlockProfile:
             bwd_time={int(k): float(v) for k, v in data["bwd_time"].items()},
             activation_bytes={int(k): float(v) for k, v in data["activation_bytes"].items()},
             workspace_bytes={int(k): float(v) for k, v in data.get("workspace_bytes", {}).items()},
+            bwd_weight={int(k): float(v) for k, v in data.get("bwd_weight", {}).items()},
+            deferred_grad_bytes={int(k): float(v) for k, v in data.get("deferred_grad_bytes", {}).items()},
         )
 
 
@@ -225,6 +243,7 @@ class StagePlan:
     memory_bytes: float  # predicted peak per rank
     recompute: bool = False  # activations recomputed in backward (bwd_time includes the extra forward)
     shard: ShardLevel = ShardLevel.NONE  # how the replicas divide parameter state (1 replica: NONE)
+    bwd_weight_time: float = 0.0  # of bwd_time, the seconds of the W passes (zero bubble; 0: whole backwards)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shard", ShardLevel(self.shard))  # ValueError for an unknown level

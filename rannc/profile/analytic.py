@@ -19,6 +19,7 @@ from ..capture.modes import exact_precision
 from ..graph.analysis import GraphAnalysis
 from ..graph.stage import InputKind, StageGraph, build_stage
 from ..plan.types import BlockProfile
+from ..split_backward import input_grads
 from .devices import DeviceProfile
 from .measure import BlockRunner
 from .memtrack import PeakMemory
@@ -66,6 +67,10 @@ class BlockEstimate:
     # Most bytes live at once beyond the inputs and the tensors saved for backward: temporaries, incoming and
     # outgoing gradients and this microbatch's parameter gradients (the runtime accumulates them afterwards).
     workspace_bytes: float = 0.0
+    # The backward split as a zero-bubble stage runs it: seconds of its parameter-gradient (W) pass, and the
+    # gradients its input-gradient (I) pass keeps for W.
+    bwd_weight_time: float = 0.0
+    deferred_grad_bytes: float = 0.0
 
     def total(self, field: str, phase: str) -> float:
         """Sum of `field` ("flops", "bytes", "time") over the ops of `phase` ("fwd", "bwd")."""
@@ -296,7 +301,10 @@ def estimate_block(
     Inputs at `param_indices` are parameters/buffers/constants (parameters keep requires_grad); other
     floating inputs get gradients, as between stages. An aten op costs max(FLOPs / (peak x matmul eff.),
     bytes / (bandwidth x memory eff.)) + op_overhead (views: 0); backward adds one gradient accumulation
-    per parameter. `dtype` prices all floating ops and tensors in that precision (None: each op's own).
+    per parameter. The backward is priced a second time split as a zero-bubble stage runs it
+    (`rannc.split_backward`): the ops of its parameter-gradient pass (and the accumulations) are
+    `bwd_weight_time` (at most `bwd_time`), the gradients its input-gradient pass keeps for it
+    `deferred_grad_bytes`. `dtype` prices all floating ops and tensors in that precision (None: each op's own).
     Activation bytes: distinct storages saved for backward, parameters excluded; workspace: the most bytes live
     at once beyond the inputs and saved tensors, with the parameters' gradients in their own dtype. Attention is
     priced as flash attention when `fused_attention` (every device's scaled_dot_product_attention runs a flash or
@@ -355,7 +363,39 @@ def estimate_block(
     workspace += sum(
         max(0.0, p.numel() * (p.element_size() - costs.item(p))) for p in params if p.requires_grad
     )
-    return BlockEstimate(fwd, bwd, activation, tuple(costs.ops), workspace)
+    weight, deferred = _split_estimate(
+        module, args, params, param_indices, profile, costs.dtype, fused_attention
+    )
+    return BlockEstimate(fwd, bwd, activation, tuple(costs.ops), workspace, min(weight, bwd), deferred)
+
+
+def _split_estimate(
+    module: Callable[..., Any],
+    args: list[Any],
+    params: list[Any],
+    param_indices: frozenset[int],
+    profile: DeviceProfile,
+    dtype: str | None,
+    fused_attention: bool,
+) -> tuple[float, float]:
+    """(seconds of the W pass, bytes I keeps for W) of one forward's backward split as zero bubble runs it."""
+    costs = _Costs(profile, dtype)
+    runner = _MetaRunner(module, costs, fused_attention) if isinstance(module, fx.GraphModule) else None
+    inputs = [x for i, x in enumerate(args) if i not in param_indices and _is_tensor(x) and x.requires_grad]
+    weights = [p for p in params if p.requires_grad]
+    with torch.enable_grad(), exact_precision(), costs:
+        outputs = runner.run(*args) if runner is not None else module(*args)
+        outs = [t for t in pytree.tree_leaves(outputs) if _is_tensor(t) and t.requires_grad]
+        if not outs or not weights:
+            return 0.0, 0.0
+        costs.phase = "bwd_input"
+        _, weight_pass = input_grads(outs, [torch.empty_like(t) for t in outs], inputs, weights)
+        caught = {_storage_key(t): costs.nbytes(t) for t in weight_pass.caught_tensors()}
+        costs.phase = "bwd_weight"
+        weight_pass.compute()
+    for p in weights:  # param.grad += this microbatch's gradient (in W)
+        costs.record("grad_accumulate", 0.0, 3 * costs.nbytes(p), [p])
+    return sum(op.time for op in costs.ops if op.phase == "bwd_weight"), float(sum(caught.values()))
 
 
 def estimate_runner(
@@ -444,7 +484,7 @@ def _estimate_graph(
     fused_attention: bool,
 ) -> BlockProfile:
     indices = frozenset(i for i, x in enumerate(graph.inputs) if x.kind.is_state)
-    fwd, bwd, act, workspace = {}, {}, {}, {}
+    fwd, bwd, act, workspace, weight, deferred = {}, {}, {}, {}, {}, {}
     for m in sizes:
         inputs = block_meta_inputs(captured, graph, m, static)
         est = estimate_block(
@@ -456,7 +496,15 @@ def _estimate_graph(
             est.activation_bytes,
             est.workspace_bytes,
         )
-    return BlockProfile(fwd_time=fwd, bwd_time=bwd, activation_bytes=act, workspace_bytes=workspace)
+        weight[m], deferred[m] = est.bwd_weight_time, est.deferred_grad_bytes
+    return BlockProfile(
+        fwd_time=fwd,
+        bwd_time=bwd,
+        activation_bytes=act,
+        workspace_bytes=workspace,
+        bwd_weight=weight,
+        deferred_grad_bytes=deferred,
+    )
 
 
 def block_signature(captured: CapturedGraph, graph: StageGraph) -> str:

@@ -26,11 +26,12 @@ __all__ = ["profile_blocks"]
 
 logger = logging.getLogger(__name__)
 
-_CACHE_FORMAT = "rannc-block-profiles/2"  # 2: with workspace bytes
-_FIELDS = ("fwd", "bwd", "activation", "workspace")
+_CACHE_FORMAT = "rannc-block-profiles/3"  # 2: with workspace bytes; 3: with the split backward's W pass
+_FIELDS = ("fwd", "bwd", "activation", "workspace", "bwd_weight", "deferred")
 
 Task = tuple[int, int]  # (block index, microbatch size)
-Entry = dict[str, float]  # {"fwd": s, "bwd": s, "activation": bytes, "workspace": bytes}
+# {"fwd": s, "bwd": s, "activation": bytes, "workspace": bytes, "bwd_weight": s, "deferred": bytes}
+Entry = dict[str, float]
 
 
 def profile_blocks(
@@ -210,6 +211,8 @@ def _measure_tasks(
                 "bwd": float(profile.bwd_time[m]),
                 "activation": float(profile.activation_bytes[m]),
                 "workspace": float(profile.workspace_bytes.get(m, 0.0)),
+                "bwd_weight": float(profile.bwd_weight.get(m, 0.0)),
+                "deferred": float(profile.deferred_grad_bytes.get(m, 0.0)),
             }
             progress.advance(bar)
     return measured, None
@@ -243,4 +246,6 @@ def _profile_of(entries: dict[str, Entry], block: int, sizes: list[int]) -> Bloc
         bwd_time={m: row["bwd"] for m, row in rows.items()},
         activation_bytes={m: row["activation"] for m, row in rows.items()},
         workspace_bytes={m: row["workspace"] for m, row in rows.items()},
+        bwd_weight={m: row["bwd_weight"] for m, row in rows.items()},
+        deferred_grad_bytes={m: row["deferred"] for m, row in rows.items()},
     )

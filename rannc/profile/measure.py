@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..plan.types import BlockProfile
+from ..split_backward import input_grads
 from .memtrack import PeakMemory
 
 __all__ = ["BlockRunner", "measure_block"]
@@ -53,7 +54,10 @@ def measure_block(
 
     Floating-point activation inputs require grad (as between pipeline stages); backward runs over the
     floating-point outputs that require grad with fixed-seed random gradients. Activation bytes are the
-    unique storages saved for backward, not counting storages of parameter inputs. Workspace bytes are the
+    unique storages saved for backward, not counting storages of parameter inputs. The backward is also run
+    split as a zero-bubble stage runs it (`rannc.split_backward`: input gradients, then parameter gradients) on
+    a forward of its own, both passes timed: `bwd_weight` is the median seconds of the parameter-gradient pass
+    and `deferred_grad_bytes` what the first pass keeps for the second. Workspace bytes are the
     most bytes live at once during a forward+backward beyond the inputs and those saved tensors, the
     microbatch's parameter gradients included (counted by `PeakMemory`; on CUDA also from the allocator's
     peak of the timed runs). `flush` evicts the caches before each timed run (default: a `cache_flusher` of
@@ -69,15 +73,31 @@ def measure_block(
     sizes = sorted(set(microbatch_sizes))
     if not sizes or sizes[0] < 1:
         raise ValueError(f"microbatch sizes must be positive integers, got {list(microbatch_sizes)}")
-    fwd: dict[int, float] = {}
-    bwd: dict[int, float] = {}
-    activation: dict[int, float] = {}
-    workspace: dict[int, float] = {}
+    found: dict[int, _Measured] = {}
     if flush is None and device is not None:
         flush = cache_flusher(device)
     for m in sizes:
-        fwd[m], bwd[m], activation[m], workspace[m] = _measure_size(runner, m, iterations, device, flush)
-    return BlockProfile(fwd_time=fwd, bwd_time=bwd, activation_bytes=activation, workspace_bytes=workspace)
+        found[m] = _measure_size(runner, m, iterations, device, flush)
+    return BlockProfile(
+        fwd_time={m: v.fwd for m, v in found.items()},
+        bwd_time={m: v.bwd for m, v in found.items()},
+        activation_bytes={m: v.activation for m, v in found.items()},
+        workspace_bytes={m: v.workspace for m, v in found.items()},
+        bwd_weight={m: v.bwd_weight for m, v in found.items()},
+        deferred_grad_bytes={m: v.deferred for m, v in found.items()},
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Measured:
+    """One block at one microbatch size (seconds, bytes)."""
+
+    fwd: float
+    bwd: float
+    activation: float
+    workspace: float
+    bwd_weight: float
+    deferred: float
 
 
 def _measure_size(
@@ -86,7 +106,7 @@ def _measure_size(
     iterations: int,
     device: torch.device | None,
     flush: Callable[[], None] | None,
-) -> tuple[float, float, float, float]:
+) -> _Measured:
     inputs = list(runner.make_inputs(m))
     if device is None:
         device = _infer_device(inputs)
@@ -112,7 +132,7 @@ def _measure_prepared(
     iterations: int,
     device: torch.device,
     flush: Callable[[], None],
-) -> tuple[float, float, float, float]:
+) -> _Measured:
     cuda = device.type == "cuda"
     param_storages = {_storage_key(p) for p in params}
     saved: dict[int, int] = {}
@@ -143,9 +163,12 @@ def _measure_prepared(
         start_bytes = torch.cuda.memory_allocated(device)
     fwd_times: list[float] = []
     bwd_times: list[float] = []
+    weight_times: list[tuple[float, float]] = []  # (W seconds, deferred bytes) per run
     # In a pipeline step a block's weights and inputs are not in the CPU caches (other blocks and microbatches
     # ran since), so each timed run starts cold; otherwise small microbatches look cheaper than they are.
     for _ in range(iterations):
+        if grad_outputs and any(_wants_grad(p) for p in params):  # (no parameters: no W pass)
+            weight_times.append(_time_weight_pass(runner, inputs, params, grad_outputs, flush, cuda, device))
         step_inputs = _fresh_activations(inputs, runner.param_input_indices)
         flush()
         _sync(cuda, device)
@@ -165,7 +188,39 @@ def _measure_prepared(
         peak = torch.cuda.max_memory_allocated(device) - start_bytes  # .grad of the parameters included
         workspace = max(workspace, float(peak) - activation)
     bwd_time = statistics.median(bwd_times) if bwd_times else 0.0
-    return statistics.median(fwd_times), bwd_time, activation, workspace
+    bwd_weight = min(statistics.median([t for t, _ in weight_times]), bwd_time) if weight_times else 0.0
+    deferred = weight_times[-1][1] if weight_times else 0.0
+    return _Measured(statistics.median(fwd_times), bwd_time, activation, workspace, bwd_weight, deferred)
+
+
+def _time_weight_pass(
+    runner: BlockRunner,
+    inputs: list[Any],
+    params: list[torch.Tensor],
+    grad_outputs: list[torch.Tensor],
+    flush: Callable[[], None],
+    cuda: bool,
+    device: torch.device,
+) -> tuple[float, float]:
+    """The backward split as a zero-bubble stage runs it, on a forward of its own: (seconds of the W pass, bytes
+    of the gradients the I pass keeps for it)."""
+    step_inputs = _fresh_activations(inputs, runner.param_input_indices)
+    outputs = runner.module(*step_inputs)
+    activations = [
+        x for i, x in enumerate(step_inputs) if i not in runner.param_input_indices and _wants_grad(x)
+    ]
+    weights = [p for p in params if _wants_grad(p)]
+    _, weight_pass = input_grads(_differentiable(outputs), grad_outputs, activations, weights)
+    caught = {_storage_key(t): t.untyped_storage().nbytes() for t in weight_pass.caught_tensors()}
+    del outputs, step_inputs
+    for param in weights:  # (gradients of earlier timed runs: measuring's own, restored by the caller)
+        param.grad = None
+    flush()
+    _sync(cuda, device)
+    t0 = time.perf_counter()
+    weight_pass.compute()
+    _sync(cuda, device)
+    return time.perf_counter() - t0, float(sum(caught.values()))
 
 
 CACHE_FLUSH_BYTES = 64 * 2**20  # larger than the last-level cache of the CPUs this runs on (32 MiB here)
@@ -238,6 +293,10 @@ def _storage_key(tensor: torch.Tensor) -> int | None:
     if tensor.device.type == "meta" or storage.nbytes() == 0:
         return None
     return storage.data_ptr()
+
+
+def _wants_grad(value: Any) -> bool:
+    return _is_tensor(value) and value.requires_grad
 
 
 def _is_tensor(value: Any) -> bool:

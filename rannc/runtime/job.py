@@ -26,7 +26,6 @@ from ..deploy import Deployment
 from ..errors import InputError, RanncError
 from ..graph.analysis import GraphAnalysis
 from ..plan import Plan
-from ..schedule import Schedule
 from . import calls, failures
 from . import dist as rdist
 from .build import Layout, build_local_stage, shard_stage, stage_layout
@@ -208,7 +207,7 @@ class Job:
         if not torch.is_grad_enabled():
             mode = PipelineMode.INFERENCE
         else:
-            mode = PipelineMode.EAGER if plan.schedule == Schedule.ONE_F_ONE_B else PipelineMode.DEFERRED
+            mode = PipelineMode.EAGER if plan.schedule.eager else PipelineMode.DEFERRED
         return PipelineCall(
             self.stage,
             batch,

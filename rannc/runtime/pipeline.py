@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from ..capture.inputs import concrete_shape, sequence_sizes, symint_value
 from ..capture.modes import exact_precision, training_mode
 from ..graph.stage import InputKind
 from ..schedule import Action, ActionKind, Schedule, actions_for, backwards_before, forward_only
+from ..split_backward import WeightGrads, input_grads
 from .failures import guarded, wait_all
 from .gather import GlobalBatch
 from .grad_sync import OverlappedReduce
@@ -148,12 +149,14 @@ class PipelineCall:
             stage.route_of[i.name] for i in stage.graph.inputs if i.kind not in _LOCAL_INPUTS
         ]
         self.grad_routes = [route for route in stage.produced if route.carries_grad]
-        backwards = [
+        # The microbatch of the step's last parameter-gradient pass (B, or W of a split backward).
+        passes = [
             a.microbatch
             for a in actions_for(schedule, stage.index, stage.num_stages, microbatches)
-            if a.kind == ActionKind.BACKWARD
+            if a.kind.releases
         ]
-        self.last_backward = backwards[-1] if backwards else -1
+        self.last_backward = passes[-1] if passes else -1
+        self.weights: dict[int, WeightGrads | None] = {}  # split backwards: what each I leaves for its W
         self.overlapped: OverlappedReduce | None = None  # the gradient reduce started in the last backward
         self.replay = replay  # a second pass over an eager call's microbatches (see `replay_backward`)
         # An eager call keeps what its forwards started from, to replay them if other outputs get gradients.
@@ -173,11 +176,9 @@ class PipelineCall:
         tracer = current_tracer()  # RANNC_TRACE: one trace file per rank per step (no-op when unset)
         actions = self.actions()
         for k, action in enumerate(actions):
-            self._post_receives(actions[k + 1 : k + 2])
+            self._post_receives(actions[k + 1 :])
             with tracer.span(str(action)):
-                self._forward(action.microbatch) if action.kind == ActionKind.FORWARD else self._backward(
-                    action.microbatch
-                )
+                self._run(action)
         with tracer.span("wait_sends"):
             self.transfer.wait_sends()
         if self.training and not self.replay:
@@ -204,12 +205,12 @@ class PipelineCall:
         actions = [
             a
             for a in actions_for(self.schedule, self.stage.index, self.stage.num_stages, self.microbatches)
-            if a.kind == ActionKind.BACKWARD
+            if a.kind != ActionKind.FORWARD
         ]
         for k, action in enumerate(actions):
-            self._post_receives(actions[k + 1 : k + 2])
+            self._post_receives(actions[k + 1 :])
             with tracer.span(str(action)):
-                self._backward(action.microbatch)
+                self._run(action)
         with tracer.span("wait_sends"):
             self.transfer.wait_sends()
         with tracer.span("finish_backward"):
@@ -282,15 +283,27 @@ class PipelineCall:
             with current_tracer().span("grad_sync"):
                 self.stage.sync_grads(overlapped, scale)
 
+    def _run(self, action: Action) -> None:
+        if action.kind == ActionKind.FORWARD:
+            self._forward(action.microbatch)
+        elif action.kind == ActionKind.BACKWARD_WEIGHT:
+            self._backward_weight(action.microbatch)
+        else:
+            self._backward(action)
+
     def _post_receives(self, upcoming: list[Action]) -> None:
-        """Post the receives of the next action before running this one, so that its inputs (or output
-        gradients) arrive while this rank computes instead of when it asks for them."""
+        """Post the receives of the next action that receives anything (a W pass receives nothing) before
+        running this one, so that its inputs (or output gradients) arrive while this rank computes instead of
+        when it asks for them."""
         s = self.stage
         for action in upcoming:
             if action.kind == ActionKind.FORWARD:
                 self.transfer.post_activations(self.received_routes, s.index, s.replica, action.microbatch)
-            elif self.mode != PipelineMode.INFERENCE:
-                self.transfer.post_grads(self.grad_routes, s.replica, action.microbatch)
+                return
+            if action.kind.sends_grad:
+                if self.mode != PipelineMode.INFERENCE:
+                    self.transfer.post_grads(self.grad_routes, s.replica, action.microbatch)
+                return
 
     # ---- one microbatch ----------------------------------------------------------------------------
     def _forward(self, i: int) -> None:
@@ -346,8 +359,11 @@ class PipelineCall:
                 rng,
             )
 
-    def _backward(self, i: int) -> None:
+    def _backward(self, action: Action) -> None:
+        """B: every gradient of microbatch `action.microbatch`; I: only those of its inputs (sent on at once),
+        leaving its parameter gradients to its W (`_backward_weight`), which reuses this pass's graph."""
         s = self.stage
+        i = action.microbatch
         grad_inputs, outs, rows, args, rng = self.stash.pop(i)
         if outs is None:  # recompute: the same forward again, with the same random numbers, keeping graphs
             # enable_grad: deferred backwards run inside autograd's backward, where grad mode is off
@@ -382,13 +398,45 @@ class PipelineCall:
                 seed(tensor, (torch.ones_like(tensor) * scale * (rows / self.batch.size)).to(tensor.dtype))
             elif spec.kind == "rows" and self.mode == PipelineMode.DEFERRED and k in self.out_grads:
                 seed(tensor, self.out_grads[k].narrow(spec.batch_dim, lo, hi - lo))
-        params = list(s.grad_params.items())
-        wrt = [p for _, p in params] + [t for _, _, t in grad_inputs] + s.grad_anchors
+        params = list(s.grad_params.items())  # (ZeRO-3: its parameters are reached through s.grad_anchors)
+        inputs = [t for _, _, t in grad_inputs]
         targets = [t for t, _ in seeds.values()]
+        grads = [g for _, g in seeds.values()]
+        if action.kind == ActionKind.BACKWARD_INPUT:
+            if targets:
+                found, weights = input_grads(targets, grads, inputs, [p for _, p in params], s.grad_anchors)
+            else:
+                found, weights = [None] * len(inputs), None
+            self.weights[i] = weights
+            self._deliver_input_grads(grad_inputs, found, i, lo, hi)
+            return
+        wrt = [p for _, p in params] + inputs + s.grad_anchors
+        with self._reducing(action, params) as reduced:
+            if targets and wrt:
+                results = torch.autograd.grad(targets, wrt, grads, allow_unused=True)
+            else:
+                results = [None] * len(wrt)
+        s.backward_done(self.param_grads)
+        self._add_param_grads(params, results[: len(params)], reduced)
+        self._deliver_input_grads(grad_inputs, results[len(params) :], i, lo, hi)
+
+    def _backward_weight(self, i: int) -> None:
+        """W: the parameter gradients of microbatch `i` from what its I pass caught (and then its graph goes)."""
+        weights = self.weights.pop(i)
+        params = list(self.stage.grad_params.items())
+        with self._reducing(Action(ActionKind.BACKWARD_WEIGHT, i), params) as reduced:
+            results = weights.compute() if weights is not None else [None] * len(params)
+        self.stage.backward_done(self.param_grads)  # (ZeRO-3: the units W reached were reduced in it)
+        self._add_param_grads(params, results, reduced)
+
+    @contextlib.contextmanager
+    def _reducing(self, action: Action, params: list[tuple[str, torch.Tensor]]) -> Iterator[frozenset[str]]:
+        """Around the step's last parameter-gradient pass: start the reduce of the gradients this stage shares
+        with its replicas, fed by hooks as that pass makes each final. Yields the names it reduces."""
         hooks = []
-        if i == self.last_backward and self.sync_grads and self.mode != PipelineMode.INFERENCE:
-            # the gradients are final as this backward produces them: reduce them while it goes on
-            self.overlapped = s.start_overlapped_reduce(self.param_grads)
+        if action.microbatch == self.last_backward and action.kind.releases and self.sync_grads:
+            # the gradients are final as this pass produces them: reduce them while it goes on
+            self.overlapped = self.stage.start_overlapped_reduce(self.param_grads)
             if self.overlapped is not None:
                 hooks = [
                     param.register_hook(functools.partial(self.overlapped.ready, name))
@@ -396,22 +444,36 @@ class PipelineCall:
                     if name in self.overlapped.names
                 ]
         try:
-            if targets and wrt:
-                results = torch.autograd.grad(targets, wrt, [g for _, g in seeds.values()], allow_unused=True)
-            else:
-                results = [None] * len(wrt)
+            yield self.overlapped.names if hooks and self.overlapped is not None else frozenset()
         finally:
             for hook in hooks:
                 hook.remove()
-        s.backward_done(self.param_grads)
-        reduced = self.overlapped.names if hooks else frozenset()
-        for (name, _param), g in zip(params, results[: len(params)]):
+
+    def _add_param_grads(
+        self,
+        params: list[tuple[str, torch.Tensor]],
+        results: Sequence[torch.Tensor | None],
+        reduced: frozenset[str],
+    ) -> None:
+        """Add one microbatch's parameter gradients to the call's (those being reduced went to the reduce)."""
+        for (name, _param), g in zip(params, results):
             if g is not None and name not in reduced:
                 if name in self.param_grads:
                     self.param_grads[name].add_(g)
                 else:
                     self.param_grads[name] = g.detach().clone()
-        for (kind, name, tensor), g in zip(grad_inputs, results[len(params) :]):
+
+    def _deliver_input_grads(
+        self,
+        grad_inputs: list[tuple[InputKind, str, torch.Tensor]],
+        results: Sequence[torch.Tensor | None],
+        i: int,
+        lo: int,
+        hi: int,
+    ) -> None:
+        """Send the gradients of received inputs back to their producers; add those of the user's inputs up."""
+        s = self.stage
+        for (kind, name, tensor), g in zip(grad_inputs, results):
             g = torch.zeros_like(tensor) if g is None else g
             if kind == InputKind.BOUNDARY:
                 self.transfer.send_grad(s.route_of[name], g, s.index, s.replica, i)

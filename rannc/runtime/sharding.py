@@ -187,8 +187,9 @@ class StageSharding:
         self.names = frozenset(name for unit in units for name in unit.names)
         self.mine = frozenset(name for unit in units for name in unit.segments[self.position])
         self.device = device
-        # ZeRO-3: a leaf every gather hangs from, so that each backward reaches every unit it used
-        self.anchor = torch.zeros((), device=device, requires_grad=True)
+        # ZeRO-3: a leaf per unit its gathers hang from, so that each backward reaches every unit it used (one per
+        # unit: a zero-bubble W pass reaches each unit's from that unit's own uses, not through the others)
+        self.anchors = [torch.zeros((), device=device, requires_grad=True) for _ in units]
         self._live: dict[int, tuple[int, weakref.ref[torch.Tensor]]] = {}
         self._cache: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
         self._reduces: collections.deque[tuple[int, torch.Tensor, list[Any]]] = collections.deque()
@@ -273,7 +274,7 @@ class StageSharding:
     # ---- ZeRO-3: the forward's gathers and autograd's saved parameters -----------------------------------
     def gathered_for_graph(self, index: int) -> tuple[torch.Tensor, ...]:
         """The unit's parameters for the stage graph, gathered now; their gradients are reduced in backward."""
-        return _GatherUnit.apply(self.anchor, self, index)
+        return _GatherUnit.apply(self.anchors[index], self, index)
 
     def saving(self) -> torch.autograd.graph.saved_tensors_hooks:
         """Around a ZeRO-3 forward that keeps graphs: autograd keeps handles, not gathered parameters."""

@@ -79,7 +79,7 @@ class LocalStage:
         gathered = sharding.names if sharding.gathers else frozenset()
         # parameters autograd differentiates directly (ZeRO-3's reach their owners through the gathers)
         self.grad_params = {n: p for n, p in self.trainable.items() if n not in gathered}
-        self.grad_anchors = [sharding.anchor] if sharding.gathers else []
+        self.grad_anchors = list(sharding.anchors) if sharding.gathers else []
 
     def run_graph(self, args: list[Any]) -> Any:
         """The stage graph on one microbatch's arguments (ZeRO-3: gathering its parameters unit by unit)."""

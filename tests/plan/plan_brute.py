@@ -42,11 +42,11 @@ def brute_force(problem: PlanProblem, ignore_memory: bool = False):
     limit = problem.memory_limit_bytes
     cache: dict = {}
 
-    def stage(first, last, r, p, inflight, recompute, links):
-        key = (first, last, r, p, inflight, recompute, links)
+    def stage(first, last, r, p, inflight, recompute, links, pending):
+        key = (first, last, r, p, inflight, recompute, links, pending)
         cost = cache.get(key)
         if cost is None:
-            cost = cache[key] = model.stage(first, last, r, p, inflight, recompute, links)
+            cost = cache[key] = model.stage(first, last, r, p, inflight, recompute, links, pending=pending)
         return cost
 
     flags = [False, True] if problem.allow_recompute else [False]
@@ -64,23 +64,68 @@ def brute_force(problem: PlanProblem, ignore_memory: bool = False):
                     if any(r not in allowed for r in replicas):
                         continue
                     for rank, schedule in enumerate(problem.schedules):
-                        inflights = [Schedule(schedule).inflight(p, count - s) for s in range(count)]
+                        held = [held_by_definition(schedule, p, count, s) for s in range(count)]
                         for recompute in itertools.product(flags, repeat=count):
                             costs = [
-                                stage(i, j, r, p, q, c, link)
-                                for (i, j), r, q, c, link in zip(
-                                    ranges, replicas, inflights, recompute, links
+                                stage(i, j, r, p, q, c, link, pending)
+                                for (i, j), r, (q, pending), c, link in zip(
+                                    ranges, replicas, held, recompute, links
                                 )
                             ]
                             memory = max(c.memory for c in costs)
                             if limit is not None and memory > limit:
                                 continue
-                            total = cost_module.step_time(
-                                [c.time for c in costs], [c.allreduce for c in costs], p
+                            total = step_by_definition(
+                                schedule,
+                                [c.time for c in costs],
+                                [c.allreduce for c in costs],
+                                [c.bwd_weight for c in costs],
+                                p,
                             )
                             key = (count, p, rank, ranges, replicas, recompute)
                             out.append((total, key, (ranges, replicas, p, schedule, list(recompute)), memory))
     return out
+
+
+def held_by_definition(schedule: str, p: int, stages: int, s: int) -> tuple[int, int]:
+    """(microbatches in flight at stage s's peak, microbatches keeping deferred gradients there): 1F1B holds
+    those of the stages from s on, fill-drain all, zero bubble (ZB-H1) 1F1B's first stage's at every stage and
+    defers s W passes at stage s."""
+    if schedule == "1f1b":
+        return min(p, stages - s), 0
+    if schedule == "zero_bubble":
+        return min(p, stages), min(p, s + 1)
+    return p, 0
+
+
+def step_by_definition(
+    schedule: str, times: list[float], allreduces: list[float], weights: list[float], p: int
+) -> float:
+    """T = sum t_s + (P - 1) max t_s + max AR_s; zero bubble: sum max(t_s - 2 W_s, 0) + (P - 1) max t_s +
+    max (AR_s + 2 W_s)."""
+    if schedule != "zero_bubble":
+        return sum(times) + (p - 1) * max(times) + max(allreduces)
+    paths = [max(t - 2.0 * w, 0.0) for t, w in zip(times, weights)]
+    return sum(paths) + (p - 1) * max(times) + max(a + 2.0 * w for a, w in zip(allreduces, weights))
+
+
+def with_zero_bubble(problem: PlanProblem, seed: int) -> PlanProblem:
+    """Half the time: `problem` with zero bubble among its schedules (at a random place) and W-pass seconds and
+    deferred gradient bytes on its blocks. Its own generator: the instance's other draws stay as they were."""
+    rng = random.Random(777_000 + seed)
+    if rng.random() < 0.5:
+        return problem
+    blocks = [
+        dataclasses.replace(
+            b,
+            bwd_weight={m: t * rng.choice([0.0, 0.3, rng.uniform(0, 1)]) for m, t in b.bwd_time.items()},
+            deferred_grad_bytes=random_table(rng, 5e6) if rng.random() < 0.7 else {},
+        )
+        for b in problem.blocks
+    ]
+    schedules = list(problem.schedules)
+    schedules.insert(rng.randint(0, len(schedules)), Schedule.ZERO_BUBBLE)
+    return dataclasses.replace(problem, blocks=blocks, schedules=tuple(schedules))
 
 
 def brute_best(problem: PlanProblem, candidates: list | None = None):
@@ -150,6 +195,7 @@ def random_problem(seed: int) -> PlanProblem:
         schedules=schedules,
         num_stages=rng.choice([None, None, None, rng.randint(1, 5)]),
     )
+    problem = with_zero_bubble(problem, seed)
     if rng.random() < 0.7:
         candidates = brute_force(problem, ignore_memory=True)
         if candidates:
@@ -194,13 +240,20 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         return problem.p2p_latency + n / problem.p2p_bandwidth
 
     limit = problem.memory_limit_bytes
-    times, allreduces = [], []
+    times, allreduces, weights = [], [], []
     for s, ((i, j), r) in enumerate(zip(ranges, replicas)):
         m = math.ceil(math.ceil(batch / p) / r)
         blocks = problem.blocks[i : j + 1]
         fwd = sum(interpolate(b.fwd_time, m) for b in blocks)
         bwd = sum(interpolate(b.bwd_time, m) for b in blocks)
         act = sum(interpolate(b.activation_bytes, m) for b in blocks)
+        weight = sum(
+            min(interpolate(b.bwd_weight, m), interpolate(b.bwd_time, m)) if b.bwd_weight else 0.0
+            for b in blocks
+        )
+        deferred = sum(
+            interpolate(b.deferred_grad_bytes, m) if b.deferred_grad_bytes else 0.0 for b in blocks
+        )
         # Block k's workspace, plus the parameter gradients of the stage's blocks after k (alive until the
         # stage's backward of the microbatch ends), less the microbatch's activations of those blocks (freed by
         # their backward); not modelled when no block has workspace figures.
@@ -223,7 +276,7 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         in_inter = s > 0 and node(starts[s - 1]) != node(starts[s + 1] - 1)
         out_inter = s < stages - 1 and node(starts[s]) != node(starts[s + 2] - 1)
         params = problem.range_param_bytes[i][j]
-        inflight = min(p, stages - s) if schedule == "1f1b" else p
+        inflight, pending = held_by_definition(schedule, p, stages, s)
         shards = r if problem.zero_optimizer else 1
         # Receive buffers (the current action's and one posted ahead) and workspace, plus the sends still held: the
         # input gradients of at most 2 microbatches (the runtime's send window), the outputs of as many when
@@ -233,8 +286,15 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
             params * (2 + problem.opt_param_factor / shards) + problem.input_bytes,
             2 * (ins + outs) + workspace,
         )
-        plain = base + act * inflight + io + (window * ins + min(p, inflight + 1) * outs)
-        again = base + ins * inflight + act + io + (window * ins + window * outs)
+        sent = window * ins + min(p, inflight + 1) * outs
+        again_sent = window * ins + window * outs
+        if pending:  # zero bubble: the microbatches between their I and W keep their deferred gradients
+            plain = base + act * inflight + deferred * pending + io + sent
+            # and I's rebuilt activations
+            again = base + ins * inflight + (act + deferred) * pending + io + again_sent
+        else:
+            plain = base + act * inflight + io + sent
+            again = base + ins * inflight + act + io + again_sent
         # The optimizer step's temporaries come after the activations are freed: the larger phase counts.
         largest = problem.range_largest_param_bytes[i][j] if problem.range_largest_param_bytes else 0.0
         updated = (
@@ -252,6 +312,7 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
         if limit is not None and memory > limit:
             return None
         times.append(fwd + bwd + (fwd if redo else 0.0) + 2 * (send(ins, in_inter) + send(outs, out_inter)))
+        weights.append(weight)
         update = params * (problem.update_seconds_per_param_byte / shards)
         if r == 1:
             allreduces.append(0.0 + update)
@@ -263,7 +324,7 @@ def reference_cost(problem: PlanProblem, ranges, replicas, p: int, schedule: str
             if spans and problem.allreduce_inter_bandwidth is not None:
                 bw = problem.allreduce_inter_bandwidth
             allreduces.append(lat + 2 * (r - 1) / r * params / bw + update)
-    return sum(times) + (p - 1) * max(times) + max(allreduces)
+    return step_by_definition(schedule, times, allreduces, weights, p)
 
 
 def medium_problem(seed: int) -> PlanProblem:

@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import random
 
-from plan_brute import brute_force, random_table
+from plan_brute import brute_force, random_table, with_zero_bubble
 
 from rannc.plan import BlockProfile, PlanProblem
 
@@ -87,6 +87,7 @@ def random_extended_problem(seed: int) -> tuple[PlanProblem, list]:
     )
     if random.Random(40_000 + seed).random() < 0.25:  # every microbatch count up to the batch (sends held)
         problem = dataclasses.replace(problem, max_microbatches=batch)
+    problem = with_zero_bubble(problem, 10_000 + seed)
     candidates = brute_force(problem)
     if candidates and rng.random() < 0.8:
         # Half the time a limit that some recomputing candidate meets (recompute often needed).
@@ -134,6 +135,7 @@ def medium_extended_problem(seed: int) -> tuple[PlanProblem, list]:
         inter_node_bandwidth=rng.choice([2e8, 1e9]),
         allreduce_inter_bandwidth=rng.choice([None, 2e8]),
     )
+    problem = with_zero_bubble(problem, 20_000 + seed)
     candidates = brute_force(problem)
     memories = sorted(f[3] for f in candidates)
     limit = memories[int(len(memories) * rng.choice([0.01, 0.03, 0.1, 0.3]))]

@@ -34,19 +34,20 @@ def test_search_matches_brute_force_extended(chunk: int) -> None:
 
 
 def test_extended_instances_cover_the_features() -> None:
-    """The random instances really exercise recompute, placement and infeasibility."""
-    recompute = multinode = infeasible = 0
+    """The random instances really exercise recompute, placement, zero bubble and infeasibility."""
+    recompute = multinode = infeasible = zero_bubble = 0
     for seed in range(250):
         problem, candidates = random_extended_problem(seed)
         expected = brute_best(problem, candidates)
         if expected is None:
             infeasible += 1
             continue
-        _, (_, _, (ranges, replicas, _, _, flags), _) = expected
+        _, (_, _, (ranges, replicas, _, schedule, flags), _) = expected
         recompute += any(flags)
+        zero_bubble += schedule == "zero_bubble" and len(ranges) > 1
         node = problem.gpus_per_node
         multinode += node is not None and len(ranges) > 1 and any(r % node or node > 1 for r in replicas)
-    assert recompute >= 20 and multinode >= 40 and 20 <= infeasible <= 150
+    assert recompute >= 20 and multinode >= 40 and 20 <= infeasible <= 150 and zero_bubble >= 20
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -99,7 +100,7 @@ def test_tables_are_bit_identical_to_the_cost_model() -> None:
                     for offset, row in enumerate(model.row(first, m, r)):
                         last = first + offset
                         values = [table[name][first, last] for name in FIELDS]
-                        assert values == [row[i] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 11)]
+                        assert values == [row[i] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13)]
                         assert base[first, last] == row[5]
                         for inter in (False, True):
                             assert tables.allreduce(r, inter)[first, last] == model.allreduce(

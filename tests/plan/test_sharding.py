@@ -8,14 +8,13 @@ import dataclasses
 import itertools
 
 import pytest
-from plan_brute import compositions, random_problem
+from plan_brute import compositions, held_by_definition, random_problem, step_by_definition
 
 from rannc.deploy.deployment import Deployment, deployment_from_json, deployment_to_json
 from rannc.errors import PlanError
 from rannc.plan import BlockProfile, PlanProblem, ShardLevel, plan_stages
 from rannc.plan import cost as cost_module
 from rannc.plan.sharding import sharded_state
-from rannc.schedule import Schedule
 
 ALL = tuple(ShardLevel)
 
@@ -38,14 +37,19 @@ def brute_by_rule(problem: PlanProblem) -> float | None:
                     if any(r not in cost_module.replica_counts(problem, p) for r in replicas):
                         continue
                     for schedule in problem.schedules:
+                        held = [held_by_definition(schedule, p, count, s) for s in range(count)]
                         costs = [
-                            model.fitting(i, j, r, p, Schedule(schedule).inflight(p, count - s), link)
-                            for s, ((i, j), r, link) in enumerate(zip(ranges, replicas, links))
+                            model.fitting(i, j, r, p, inflight, link, pending)
+                            for ((i, j), r, link, (inflight, pending)) in zip(ranges, replicas, links, held)
                         ]
                         if any(c is None for c in costs):
                             continue
-                        total = cost_module.step_time(
-                            [c.time for c in costs], [c.allreduce for c in costs], p
+                        total = step_by_definition(
+                            schedule,
+                            [c.time for c in costs],
+                            [c.allreduce for c in costs],
+                            [c.bwd_weight for c in costs],
+                            p,
                         )
                         best = total if best is None else min(best, total)
     return best
