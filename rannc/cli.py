@@ -58,6 +58,19 @@ def _count_arg(text: str) -> int:
     return value
 
 
+def _schedules_arg(text: str) -> tuple[str, ...]:
+    from .schedule import Schedule
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    known = [schedule.value for schedule in Schedule]
+    unknown = [name for name in names if name not in known]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of schedules; use some of {', '.join(known)}"
+        )
+    return names
+
+
 def _margin_arg(text: str) -> float:
     """A fraction in [0, 1): the share of device memory held back."""
     try:
@@ -159,6 +172,19 @@ def _add_plan(commands: Any) -> None:
         "with which it fits; a level forces it on every replicated stage (default none)",
     )
     plan.add_argument(
+        "--schedules",
+        type=_schedules_arg,
+        default=None,
+        help="comma-separated schedules searched, the first preferred on a tie: 1f1b, fill_drain, "
+        "interleaved_1f1b (default: those of the config item schedule='auto')",
+    )
+    plan.add_argument(
+        "--chunks",
+        type=_count_arg,
+        default=None,
+        help="interleaved_1f1b: model chunks per pipeline position (default: the planner chooses)",
+    )
+    plan.add_argument(
         "--max-seq-len",
         type=_count_arg,
         default=None,
@@ -200,6 +226,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         shard=args.shard,
         max_seq_len=args.max_seq_len or 0,
         opaque_modules=tuple(args.opaque_module),
+        **({"schedules": args.schedules} if args.schedules else {}),
+        chunks=args.chunks,
     )
     show_deployment(result.deployment)
     if args.out:

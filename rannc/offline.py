@@ -24,6 +24,7 @@ from .plan import Plan, PlanProblem
 from .plan.simulate import Timeline, simulate_plan
 from .plan.types import Links
 from .problem import (
+    AUTO_SCHEDULES,
     PLAN_KNOBS,
     SearchSpace,
     allowed_schedules,
@@ -109,12 +110,20 @@ def _op_flops(model: torch.nn.Module, captured: CapturedGraph, call: FlatCall) -
 
 
 def memory_split(timeline: Timeline) -> list[dict[str, float]]:
-    """Per stage, peak bytes per rank: parameters, gradients, optimizer, activations, buffers."""
+    """Per position (stage, with one chunk per position), peak bytes per rank: parameters, gradients, optimizer,
+    activations, buffers. A position's chunks add up; its activations are what it holds at its peak."""
     out = []
-    for timing, inflight in zip(timeline.stages, timeline.peak_inflight):
-        parts = dict(timing.memory_parts or {})
+    positions = timeline.num_stages
+    for s in range(positions):
+        own = timeline.stages[s::positions]  # its chunks' virtual stages
+        parts: dict[str, float] = {}
+        for timing in own:
+            for name, value in (timing.memory_parts or {}).items():
+                parts[name] = parts.get(name, 0.0) + value
+        static = sum(timing.static_bytes for timing in own)
         parts["activations"] = (
-            timing.activation_bytes * inflight
+            timeline.peak_memory[s]
+            - static
             + parts.pop("recompute workspace", 0.0)
             + parts.pop("workspace", 0.0)  # transient forward/backward memory of one block
         )
@@ -142,7 +151,8 @@ def plan_offline(
     gpus_per_node: int | None = None,
     max_microbatches: int = 64,
     dtype: str | torch.dtype | None = None,
-    schedules: Sequence[str] = ("1f1b", "fill_drain"),
+    schedules: Sequence[str] = tuple(AUTO_SCHEDULES),
+    chunks: int | None = None,
     recompute: bool = True,
     mem_margin: float = 0.1,
     opt_param_factor: float = 2.0,
@@ -164,7 +174,9 @@ def plan_offline(
     real job of the same model and shapes loads it with load_deployment=True. `max_seq_len` > 0 plans a job
     whose sequence length (dim 1 of the inputs) varies up to it (the job sets the same config item).
     `opaque_modules`: submodules captured as one operation each (the config item of that name). `shard`:
-    the config item shard_stages ("none", "auto", "zero-1", "zero-2", "zero-3").
+    the config item shard_stages ("none", "auto", "zero-1", "zero-2", "zero-3"). `schedules`: the ones searched
+    (default: what RaNNCModule's schedule="auto" searches); `chunks` forces the model chunks per position of
+    interleaved 1F1B (None: the planner chooses).
 
     Example::
 
@@ -195,6 +207,7 @@ def plan_offline(
         opt_param_factor=opt_param_factor,
         gpus_per_node=gpus,
         shard_stages=shard,
+        chunks=chunks,
     )
     flops = _op_flops(model, captured, FlatCall.of(args, kwargs))
     links = profile.planner_links(gpus)
@@ -301,14 +314,18 @@ def _plan_report(
     report.update(simulated_step_time_s=step, samples_per_s=space.global_batch / step if step > 0 else 0.0)
     report.update(bubble_fraction=timeline.bubble_fraction, planning_time_s=dict(timings))
     report["warnings"] = []  # capture traces attention with the math kernel: one graph on every device
-    report["stages"] = [
-        {
-            "memory": parts,
-            "total_bytes": sum(parts.values()),
-            "peak_inflight": inflight,
+    split, positions = memory_split(timeline), plan.positions
+    report["stages"] = []
+    for k, stage in enumerate(plan.stages):
+        position, chunk = k % positions, k // positions
+        entry: dict[str, Any] = {
+            "memory": split[position] if chunk == 0 else {},  # a position's memory, on its first chunk
+            "total_bytes": sum(split[position].values()) if chunk == 0 else 0.0,
+            "peak_inflight": timeline.peak_inflight[position],
             "recompute": stage.recompute,
             "shard": str(stage.shard),
         }
-        for parts, inflight, stage in zip(memory_split(timeline), timeline.peak_inflight, plan.stages)
-    ]
+        if plan.chunks > 1:
+            entry.update(position=position, chunk=chunk)
+        report["stages"].append(entry)
     return report

@@ -51,21 +51,25 @@ def stage_counts(problem: PlanProblem) -> list[int]:
 
 
 def searched_schedules(problem: PlanProblem, memory_only: bool = False) -> list[tuple[int, Schedule]]:
-    """Schedules worth searching, with their tie-break rank (lower wins).
+    """Schedules worth searching by the stage search, with their tie-break rank (lower wins).
 
     With the same stages both schedules have the same step time and fill-drain holds at least the
     memory of 1F1B, so a later schedule only loses tie-breaks to the first one, except 1F1B after
     fill-drain under a memory limit (it may fit where fill-drain does not). For the least memory
-    needed only 1F1B matters when it is allowed.
+    needed only 1F1B matters when it is allowed (and stands for interleaved 1F1B when that is the only one).
+    Interleaved 1F1B has a search of its own (interleave.py); empty when it is the only schedule.
     """
     known = {schedule.value for schedule in Schedule}
     unknown = [name for name in problem.schedules if name not in known]
     if unknown:
         raise PlanError(f"unknown schedule {unknown[0]!r}; use one of {sorted(known)}")
-    allowed = list(dict.fromkeys(Schedule(name) for name in problem.schedules))
+    requested = list(dict.fromkeys(Schedule(name) for name in problem.schedules))
+    allowed = [s for s in requested if s != Schedule.INTERLEAVED_1F1B]
     one_f_one_b = Schedule.ONE_F_ONE_B
     if memory_only:
-        return [(0, one_f_one_b if one_f_one_b in allowed else allowed[0])]
+        return [(0, one_f_one_b if one_f_one_b in allowed or not allowed else allowed[0])]
+    if not allowed:
+        return []
     ordered = [(0, allowed[0])]
     if (
         allowed[0] == Schedule.FILL_DRAIN
@@ -84,7 +88,7 @@ def check_problem(problem: PlanProblem) -> None:
     if world < 1:
         raise PlanError(f"world size is {world}; need at least one rank")
     if not problem.schedules:
-        raise PlanError("no pipeline schedule allowed; allow '1f1b' or 'fill_drain'")
+        raise PlanError("no pipeline schedule allowed; allow '1f1b', 'fill_drain' or 'interleaved_1f1b'")
     searched_schedules(problem)
     batch = problem.global_batch
     if batch < 1:
