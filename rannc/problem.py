@@ -40,11 +40,10 @@ from .plan.types import (
     default_replica_choices,
 )
 from .profile.devices import DeviceProfile, optimizer_transient
-from .schedule import Schedule
+from .schedule import EAGER_SCHEDULES, Schedule
 
 __all__ = [
     "AUTO_SCHEDULES",
-    "EAGER_SCHEDULES",
     "JOB_KNOBS",
     "PLAN_KNOBS",
     "Knobs",
@@ -68,8 +67,6 @@ COMPACT_MICROBATCHES = 32
 _GIB = 2**30
 # What schedule = "auto" lets the planner choose among (the first preferred on a tie).
 AUTO_SCHEDULES = (Schedule.ONE_F_ONE_B, Schedule.FILL_DRAIN)
-# Schedules that run a call's backwards inside its forward (the loss's gradient taken as 1, rescaled later).
-EAGER_SCHEDULES = (Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B)
 
 
 # ---- the search space and the links -------------------------------------------------------------------------

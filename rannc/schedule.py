@@ -22,6 +22,7 @@ import re
 from typing import NamedTuple
 
 __all__ = [
+    "EAGER_SCHEDULES",
     "Action",
     "ActionKind",
     "Schedule",
@@ -251,6 +252,11 @@ class Schedule(enum.StrEnum):
                 raise ValueError("zero_bubble's in-flight count needs num_stages (the pipeline's depth)")
             return min(microbatches, num_stages)
         return microbatches
+
+
+# Schedules that run a call's backwards inside its forward (the loss's gradient taken as 1, rescaled by the user's
+# backward): they need the model to return one scalar loss.
+EAGER_SCHEDULES = (Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B)
 
 
 def actions_for(

@@ -100,8 +100,60 @@ class BatchNormNet(nn.Module):
         return self.fc3(h)
 
 
+class WithLoss(nn.Module):
+    """A body whose loss is computed inside forward (what the eager schedules, 1F1B and interleaved 1F1B, need)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.body(x), target)
+
+
+class SkipNet(nn.Module):
+    """Every layer adds the first layer's output (skip connections into every later stage or chunk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(8, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(5))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = torch.tanh(self.first(x))
+        h = h0
+        for layer in self.layers:
+            h = torch.tanh(layer(h)) + h0
+        return self.head(h)
+
+
+class TiedNet(nn.Module):
+    """Weights used at both ends and in the middle (tied across chunks: `square` in layers 1, 3 and 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.square = nn.Linear(16, 16)
+        self.other = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.square(h))
+        h = torch.tanh(self.other[0](h))
+        h = torch.tanh(self.square(h))
+        h = torch.tanh(self.other[1](h))
+        h = torch.tanh(self.square(h))
+        return self.out(h) + F.linear(x, self.out.weight @ self.inp.weight)  # both ends' weights again
+
+
 MODELS = {
     "mlp": MLP,
+    "mlp_loss": lambda: WithLoss(MLP()),
+    "skip_loss": lambda: WithLoss(SkipNet()),
+    "tied_loss": lambda: WithLoss(TiedNet()),
+    "batchnorm_loss": lambda: WithLoss(BatchNormNet()),
     "cnn": SmallCNN,
     "two_heads": TwoHeads,
     "loss_and_logits": LossAndLogits,
@@ -113,7 +165,7 @@ MODELS = {
 class LoopCase:
     label: str
     model: str
-    loss: str  # "mse", "cross_entropy", "two_losses", "explicit_gradient", "returned_plus_logits"
+    loss: str  # "mse", "cross_entropy", "two_losses", "explicit_gradient", "returned_plus_logits", "returned"
     stages: int
     microbatches: int
     schedule: str = "fill_drain"
@@ -126,6 +178,7 @@ class LoopCase:
     shard: str = "none"  # config shard_stages: the level of every replicated stage ("auto": the planner's)
     references: tuple[str, ...] = ("ddp", "one_process")  # what the run must equal
     chunks: tuple[int, ...] = ()  # one process runs each global batch as these row chunks
+    model_chunks: int = 0  # interleaved 1F1B: model chunks per position (`stages` positions)
 
     def overrides(self) -> dict[str, Any]:
         return {
@@ -137,6 +190,7 @@ class LoopCase:
             "shard_stages": self.shard,
             "profile_iterations": 1,
             "show_progress": False,
+            **({"chunks": self.model_chunks} if self.model_chunks else {}),
         }
 
 
@@ -183,6 +237,8 @@ def backward_through(
     if case.loss == "returned_plus_logits":
         loss, logits = model(batch["x"], batch["labels"])
         total = loss + 0.1 * logits.square().mean()
+    elif case.loss == "returned":  # the model's own loss
+        total = model(batch["x"], batch["target"])
     else:
         out = model(batch["x"])
         if case.loss == "mse":
@@ -202,6 +258,8 @@ def eval_outputs(case: LoopCase, model: Any, batch: dict[str, torch.Tensor]) -> 
     """The model's outputs in eval mode, flattened to a list of tensors."""
     if case.loss == "returned_plus_logits":
         return [t.detach().clone() for t in model(batch["x"], batch["labels"])]
+    if case.loss == "returned":
+        return [model(batch["x"], batch["target"]).detach().clone()]
     out = model(batch["x"])
     return [t.detach().clone() for t in (out if isinstance(out, tuple) else (out,))]
 
@@ -278,8 +336,10 @@ def run_rannc(case: LoopCase, rank: int, world: int) -> dict[str, Any]:
     out = {
         "losses": result["losses"],
         "norms": result["norms"],
-        "stages": [len(stage.ranks) for stage in plan.stages],
+        "stages": [len(stage.ranks) for stage in plan.stages[: plan.positions]],  # replicas per position
         "shards": [str(stage.shard) for stage in plan.stages],
+        "chunks": plan.chunks,
+        "holders": {name: stages for name, stages in wrapped._job.layout.holders.items()},
         "microbatches": plan.microbatches,
         "schedule": str(plan.schedule),
         "state": _snapshot(state) if rank == 0 else None,

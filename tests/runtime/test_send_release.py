@@ -45,8 +45,8 @@ def held_sends(rank: int, world: int, schedule: str, cache: str) -> dict[str, An
     most = {"act": 0, "grad": 0}
     original = transfer_module.Transfer._start
 
-    def counting_start(self: Any, ops: Any, kind: str, microbatch: int) -> None:
-        original(self, ops, kind, microbatch)
+    def counting_start(self: Any, ops: Any, kind: str, microbatch: int, *rest: Any) -> None:
+        original(self, ops, kind, microbatch, *rest)
         for name in most:
             held = {entry[3] for entry in self.pending if entry[2] == name}
             most[name] = max(most[name], len(held))
