@@ -239,9 +239,9 @@ def _run_plan(args: argparse.Namespace) -> int:
         plot_plan(result.deployment, result.timeline, args.plot)
         print(f"wrote {args.plot}")
     if args.trace:
-        ranks = (
-            [s.ranks for s in result.deployment.plan.stages] if args.world_size <= _TRACE_PER_RANK else None
-        )
+        plan = result.deployment.plan
+        positions = plan.stages[: plan.positions]  # chunked plans: one process per position's rank
+        ranks = [s.ranks for s in positions] if args.world_size <= _TRACE_PER_RANK else None
         write_trace(args.trace, timeline_to_trace(result.timeline, ranks))
         print(f"wrote {args.trace}")
     return 0

@@ -3,6 +3,8 @@ Face GPT-2 (tied embeddings, residual connections across chunks) against one pro
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import rannc
 from rannc.config import load_config
 from rannc.errors import PlanError
 from rannc.problem import AUTO_SCHEDULES, allowed_schedules, job_schedules
-from rannc.schedule import Schedule
+from rannc.schedule import Schedule, actions_for
 
 STEPS, BATCH, LR = 4, 8, 1e-2
 INTERLEAVED = dict(partition_num=2, chunks=2, schedule="interleaved_1f1b", min_pipeline=2, max_pipeline=2)
@@ -160,3 +162,33 @@ def test_schedules_a_job_allows() -> None:
     with pytest.raises(PlanError, match="interleaved 1F1B need"):
         allowed_schedules([Schedule.INTERLEAVED_1F1B], single_loss=False)
     assert allowed_schedules(AUTO_SCHEDULES, single_loss=False) == (Schedule.FILL_DRAIN,)
+
+
+def traced_worker(rank: int, world: int, cache: str, trace_dir: str) -> dict[str, Any]:
+    os.environ["RANNC_TRACE"] = trace_dir
+    try:
+        opt, wrapped = _wrap(0, cache, INTERLEAVED, "mlp", sgd=True)
+        batch = models.make_batches("mlp", 0, 1, BATCH)[0]
+        models.call(wrapped, models.local_slice(batch, rank, world)).backward()
+        opt.step()
+        return {"position": wrapped.deployment.plan.stage_of_rank(rank)}
+    finally:
+        os.environ.pop("RANNC_TRACE", None)
+
+
+@pytest.mark.slow
+def test_runtime_trace_names_each_chunk(tmp_path: Path) -> None:
+    """RANNC_TRACE on an interleaved job: each rank's step lists its position's actions, chunk by chunk."""
+    trace_dir = tmp_path / "traces"
+    results = run_workers(traced_worker, 2, str(tmp_path / "c"), str(trace_dir), timeout=300)
+    for rank, result in enumerate(results):
+        data = json.loads((trace_dir / f"rank{rank}_step0.json").read_text())
+        actions = [e for e in data["traceEvents"] if e["ph"] == "X" and e["name"][0] in "FB"]
+        position = result["position"]
+        assert [e["name"] for e in actions] == [
+            str(a) for a in actions_for("interleaved_1f1b", position, 2, 2, 2)
+        ]
+        assert {(e["args"]["chunk"], e["args"]["stage"]) for e in actions} == {
+            (0, position),
+            (1, position + 2),
+        }

@@ -442,3 +442,14 @@ def test_chunked_stage_on_other_ranks_is_refused() -> None:
     assert any("virtual stage 3 has ranks [0, 1], but it runs on position 1" in p for p in bad.problems())
     odd = dataclasses.replace(deployment, plan=dataclasses.replace(deployment.plan, chunks=3))
     assert odd.problems() == ["4 stages do not make 3 chunks per position"]
+
+
+def test_show_lists_positions_and_chunks() -> None:
+    console = Console(file=io.StringIO(), width=200)
+    text = show_deployment(chunked_deployment(), console=console)
+    assert "2 position(s) x 2 chunks = 4 virtual stages on 4 rank(s)" in text
+    assert "Position.chunk" in text and "interleaved_1f1b (2 chunks per position)" in text
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    # by position, then chunk: virtual stages 0, 2 (position 0) and 1, 3 (position 1)
+    assert [row.split("│")[1].strip() for row in rows] == ["0", "2", "1", "3"]
+    assert "(position 0)" in rows[1] and "(position 1)" in rows[3]

@@ -1,5 +1,5 @@
 """Interleaved 1F1B plans: the cut search against brute force, the memory model against its definition, the
-closed form of the interleaved step, and the choice against the other schedules."""
+closed form of the interleaved step, the choice against the other schedules, and how plans are drawn."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import random
 import pytest
 from plan_brute import compositions, random_table
 
+from rannc.deploy.plot import memory_parts, plan_figure, plot_plan
 from rannc.errors import PlanError
-from rannc.plan import BlockProfile, PlanProblem, interpolate, plan_stages
+from rannc.plan import BlockProfile, Plan, PlanProblem, interpolate, plan_stages
 from rannc.plan import interleave as il
 from rannc.plan.cost import CostModel
 from rannc.plan.simulate import simulate, simulate_plan, stage_timings
+from rannc.plan.trace import timeline_to_trace
 from rannc.schedule import ActionKind, Schedule
 
 INTERLEAVED = Schedule.INTERLEAVED_1F1B
@@ -301,3 +303,47 @@ def test_simulated_memory_counts_every_chunk() -> None:
         static = sum(t.static_bytes for t in timings[s::2])
         assert timeline.peak_memory[s] > static
     assert list(itertools.chain.from_iterable(e for e in timeline.events))  # events per position
+
+
+def _chunked_plan() -> tuple[PlanProblem, Plan]:
+    problem = uniform_problem(8, 4, 16, num_stages=2, chunks=2, max_microbatches=4, min_microbatches=4)
+    problem = dataclasses.replace(problem, schedules=(INTERLEAVED,))
+    return problem, plan_stages(problem)
+
+
+def test_plot_draws_positions_as_rows_and_chunks_apart(tmp_path) -> None:
+    problem, plan = _chunked_plan()
+    timeline = simulate_plan(problem, plan)
+    parts = memory_parts(plan, timeline)
+    assert len(parts) == 2  # per position
+    assert [sum(p.values()) for p in parts] == pytest.approx(timeline.peak_memory, rel=1e-12)
+    figure = plan_figure(plan, timeline, memory_limit=max(timeline.peak_memory) * 1.1)
+    time_ax, memory_ax, gantt_ax = figure.get_axes()
+    assert [t.get_text() for t in time_ax.get_xticklabels()] == [
+        "p0.c0\n(stage 0)",
+        "p0.c1\n(stage 2)",
+        "p1.c0\n(stage 1)",
+        "p1.c1\n(stage 3)",
+    ]
+    assert [t.get_text() for t in gantt_ax.get_yticklabels()] == ["position 0", "position 1"]
+    legend = [t.get_text() for t in gantt_ax.get_legend().get_texts()]
+    assert "forward, chunk 1" in legend and "backward, chunk 1" in legend
+    # chunk 1's boxes are lighter than chunk 0's
+    colors = {tuple(c.get_facecolor()[0]) for c in gantt_ax.collections}
+    assert len(colors) > len({k for k in legend if "chunk" not in k})
+    assert plot_plan(plan, timeline, tmp_path / "plan.png").stat().st_size > 10_000
+
+
+def test_simulated_trace_names_chunks() -> None:
+    problem, plan = _chunked_plan()
+    timeline = simulate_plan(problem, plan)
+    trace = timeline_to_trace(timeline, [s.ranks for s in plan.stages[: plan.positions]])
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    rank2 = [e for e in events if e["pid"] == 2 and e["name"][0] in "FB"]
+    assert [e["name"] for e in rank2] == [str(a) for a in INTERLEAVED.actions(1, 2, 4, 2)]
+    assert {e["args"]["chunk"] for e in rank2} == {0, 1}
+    assert {e["args"]["stage"] for e in rank2} == {1, 3}
+    assert {e["cat"] for e in rank2} == {"compute chunk 0", "compute chunk 1"}
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"}
+    assert names[2] == "rank 2 (position 1): stages 1, 3"
+    assert trace["otherData"]["chunks"] == 2
