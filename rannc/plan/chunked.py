@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..schedule import Action, ActionKind
-from .cost import CostModel, RangeCost, allreduce_time, replica_microbatch_size
+from .cost import CostModel, RangeCost, allreduce_time, replica_microbatch_size, sent_bytes
 from .types import PlanProblem
 
 __all__ = [
@@ -198,7 +198,7 @@ def position_memory(
     shards = replicas if problem.zero_optimizer else 1
     params = sum(p.params for p in pieces)
     buffers = sum(
-        2 * (p.in_bytes + p.out_bytes) + min(microbatches, h + 1) * (p.in_bytes + p.out_bytes)
+        2 * (p.in_bytes + p.out_bytes) + sent_bytes(p.in_bytes, p.out_bytes, microbatches, h)
         for p, h in zip(pieces, held)
     )
     parts = {

@@ -23,6 +23,7 @@ is compared with the other schedules' best plan by `plan_stages`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ from .cost import (
     microbatch_counts,
     replica_counts,
     replica_microbatch_size,
+    sent_bytes,
     update_seconds_per_byte,
 )
 from .simulate import simulate_plan
@@ -59,12 +61,14 @@ __all__ = [
     "position_counts",
 ]
 
+logger = logging.getLogger(__name__)
+
 SCHEDULE = Schedule.INTERLEAVED_1F1B
 # Depth-first nodes one CutSearch may visit over all its thresholds. A threshold whose search runs out is counted
 # as infeasible and the result marked inexact (`CutSearch.exact`): proving that no cut fits can take exponentially
 # many nodes when memory binds everywhere (T5 11B without recompute on 32 x 40 GiB); a cut that fits is found
 # in a few nodes per virtual stage.
-NODE_BUDGET = 20_000
+NODE_BUDGET = 5_000
 # A plan must beat the best one before it by more than this (relative) to replace it.
 TIE = 1e-9
 
@@ -143,6 +147,7 @@ class CutSearch:
         self.held = [[int(h) for h in profile.max(axis=0)] for profile in self.profiles]
         self.limit = problem.memory_limit_bytes
         self._aggregate_tables()
+        self._floor_tables()
         self.exact = True  # False once a threshold's search ran out of NODE_BUDGET
         self.nodes = 0  # depth-first nodes visited so far
         self._pieces: dict[tuple[int, int, int], PieceCost] = {}
@@ -203,7 +208,7 @@ class CutSearch:
         io = cost.in_bytes + cost.out_bytes
         out = vector.copy()
         out[0] += cost.state
-        out[1] += 2 * io + min(self.config.microbatches, held + 1) * io
+        out[1] += 2 * io + sent_bytes(cost.in_bytes, cost.out_bytes, self.config.microbatches, held)
         out[2] = max(out[2], cost.workspace)
         out[3] = max(out[3], cost.recompute_workspace)
         out[4] += cost.params
@@ -255,6 +260,45 @@ class CutSearch:
                 )
             )
 
+    def _floor_tables(self) -> None:
+        """floor[k][s]: the least that position s's chunks from virtual stage k on add to its holding whatever
+        their ranges: each takes at least one block (the lightest block's state, parameters and activation) and
+        holds the buffers of the lightest boundary its place allows (virtual stage j starts at block j or later
+        and ends early enough for the ones after it)."""
+        problem, config = self.problem, self.config
+        s_count, v, p = config.positions, config.chunks, config.microbatches
+        factor = 2 + problem.opt_param_factor / (config.replicas if problem.zero_optimizer else 1)
+        singles = [self.model.row(b, self.m, config.replicas)[0] for b in range(self.n)]
+        least_state = min(problem.range_param_bytes[b][b] for b in range(self.n))
+        least_act = min((row.in_bytes if config.recompute else row.activation_bytes) for row in singles)
+        io = np.full((self.n, self.n), math.inf)  # [first][last] boundary bytes in + out per microbatch
+        for i in range(self.n):
+            for j, row in enumerate(self.model.row(i, self.m, config.replicas), start=i):
+                io[i, j] = row.in_bytes + row.out_bytes
+        slots = np.zeros((self.count, self._FIELDS + v))
+        for k in range(self.count):
+            s, c = k % s_count, k // s_count
+            region = io[k : self.n - self.count + k + 1, : self.n - self.count + k + 1]
+            least_io = float(region.min()) if region.size and np.isfinite(region).any() else 0.0
+            slots[k, 0] = least_state * factor
+            slots[k, 1] = 2 * least_io + sent_bytes(least_io, 0.0, p, self.held[s][c])
+            slots[k, 4] = least_state
+            slots[k, self._FIELDS + c] = least_act
+        self.floor = np.zeros((self.count + 1, s_count, self._FIELDS + v))
+        for k in range(self.count - 1, -1, -1):
+            self.floor[k] = self.floor[k + 1]
+            self.floor[k, k % s_count] += slots[k]
+
+    def fits_at_all(self) -> bool:
+        """Whether every position could hold even the lightest chunks (False: no cut of this slice fits)."""
+        if self.limit is None:
+            return True
+        empty = np.zeros((self.config.positions, self._FIELDS + self.config.chunks))
+        low = empty + self.floor[0]
+        return all(
+            self._memory(q, low[q]) <= self.limit for q in range(self.config.positions)
+        ) and not self._over(0, 0, empty)
+
     def _over(self, k: int, b: int, states: np.ndarray) -> bool:
         """Whether no completion of the first k virtual stages (ending before block b) fits in memory.
 
@@ -271,6 +315,7 @@ class CutSearch:
             self.problem.input_bytes
             + rows[:, 0]
             + rows[:, 1]
+            + self.floor[k, live, 1]  # the buffers of their chunks to come, at the least
             + (rows[:, self._FIELDS :] * self.weights[live]).sum(axis=1)
         )
         state, act = self.block_state[b], self.block_act[b]
@@ -286,6 +331,8 @@ class CutSearch:
     # ---- search ------------------------------------------------------------------------------------------
     def run(self) -> list[tuple[int, int]] | None:
         """Block ranges of the virtual stages of the least-t_max cut that fits in memory (None: none fits)."""
+        if not self.fits_at_all():
+            return None
         values = self.thresholds()
         low, high = 0, len(values) - 1
         best = self._cut(float(values[high]))
@@ -343,8 +390,8 @@ class CutSearch:
             tried = False
             for j in sorted(ok.tolist(), key=lambda j: (abs(j - ideal), j)):
                 vector = self._added(states[s], k, self.piece(k, b, j))
-                if self.limit is not None and self._memory(s, vector) > self.limit:
-                    continue
+                if self.limit is not None and self._memory(s, vector + self.floor[k + 1, s]) > self.limit:
+                    continue  # over even if its later chunks take the lightest ranges
                 tried = True
                 after = states.copy()
                 after[s] = vector
@@ -457,7 +504,12 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
             break
         if limit is not None and state_lower_bound(problem, config) > limit:
             continue
-        ranges = CutSearch(problem, model, config).run()
+        search = CutSearch(problem, model, config)
+        ranges = search.run()
+        if not search.exact:
+            logger.info(
+                "interleaved slice %s: the cut search ran out of nodes; counted as not fitting", config
+            )
         if ranges is None:
             continue
         plan = interleaved_plan(problem, model, config, ranges)
