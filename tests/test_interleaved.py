@@ -3,6 +3,7 @@ Face GPT-2 (tied embeddings, residual connections across chunks) against one pro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -192,3 +193,64 @@ def test_runtime_trace_names_each_chunk(tmp_path: Path) -> None:
             (0, position),
             (1, position + 2),
         }
+
+
+def skip_tied_factory() -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """tests/models.py's skip_tied model on the meta device (what the job builds for real)."""
+    with torch.device("meta"):
+        model = models.build("skip_tied", 0)
+    batch = models.make_batches("skip_tied", 0, 1, 2)[0]
+    return model, tuple(v.to("meta") for v in batch["args"]), {}
+
+
+def unequal_worker(rank: int, world: int, path: str) -> dict[str, Any]:
+    model = models.build("skip_tied", 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    wrapped = rannc.RaNNCModule(
+        model, optimizer, load_deployment=True, deployment_file=path, show_progress=False
+    )
+    _train(optimizer, wrapped, models.make_batches("skip_tied", 0, 2, 12), rank, world)
+    plan = wrapped.deployment.plan
+    state = wrapped.state_dict()
+    return {
+        "replicas": [s.replicas for s in plan.stages],
+        "state": {k: v.clone() for k, v in state.items()} if rank == 0 else None,
+    }
+
+
+@pytest.mark.slow
+def test_unequal_replicas_across_positions(tmp_path: Path) -> None:
+    """The runtime runs any chunked layout, not only the planner's uniform one: an interleaved plan (2 positions
+    x 2 chunks, from rannc plan) given 1 replica on position 0 and 2 on position 1 trains 3 ranks exactly as one
+    process."""
+    from rannc.deploy import load_deployment, save_deployment
+    from rannc.offline import plan_offline
+
+    result = plan_offline(
+        f"{__name__}:skip_tied_factory",
+        world_size=4,
+        device_memory_bytes=None,
+        global_batch=12,
+        device="cpu",
+        num_stages=2,
+        schedules=("interleaved_1f1b",),
+        chunks=2,
+        max_microbatches=2,
+        min_microbatches=2,
+    )
+    deployment = result.deployment
+    ranks = [[0], [1, 2]]
+    stages = [
+        dataclasses.replace(stage, ranks=ranks[k % 2], replicas=len(ranks[k % 2]))
+        for k, stage in enumerate(deployment.plan.stages)
+    ]
+    plan = dataclasses.replace(deployment.plan, stages=stages, world_size=3)
+    path = tmp_path / "unequal.json"
+    save_deployment(dataclasses.replace(deployment, plan=plan, world_size=3), path)
+    assert load_deployment(path).plan.chunks == 2
+    got = run_workers(unequal_worker, 3, str(path), timeout=300)
+    assert got[0]["replicas"] == [1, 2, 1, 2]
+    reference = models.build("skip_tied", 0)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    _train(opt, reference, models.make_batches("skip_tied", 0, 2, 12), 0, 1)
+    _assert_state(got[0]["state"], reference)
