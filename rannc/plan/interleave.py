@@ -58,6 +58,7 @@ __all__ = [
     "interleaved_microbatch_counts",
     "interleaved_plan",
     "interleaved_step_time",
+    "no_interleaved_message",
     "position_counts",
 ]
 
@@ -120,6 +121,19 @@ def interleaved_configs(problem: PlanProblem) -> list[ChunkedConfig]:
         for p in interleaved_microbatch_counts(problem, s)
         for recompute in flags
     ]
+
+
+def no_interleaved_message(problem: PlanProblem) -> str:
+    """Why the choice set of interleaved plans is empty (for a problem that allows no other schedule)."""
+    forced = f" (forced: {problem.num_stages} positions)" if problem.num_stages is not None else ""
+    chunks = f", {problem.chunks} chunks forced" if problem.chunks is not None else ""
+    return (
+        f"no interleaved 1F1B plan exists for {problem.world_size} rank(s) and {len(problem.blocks)} blocks{forced}"
+        f"{chunks}: it needs at least 2 positions that divide the world size, 2 (or the forced) chunks per "
+        "position with positions x chunks <= blocks, and a microbatch count >= positions that is a multiple of "
+        "its rounds (microbatches // positions) with every replica given a sample; allow '1f1b', cut the model "
+        "into more blocks (max_partition_num, rannc plan --max-blocks) or change the positions or chunks"
+    )
 
 
 def interleaved_step_time(

@@ -40,7 +40,7 @@ from .cost import CostModel, evaluate, microbatch_counts, stage_ranges
 from .front import TIE as _TIE
 from .front import suffix_key
 from .heuristic import uniform_candidates
-from .interleave import best_interleaved
+from .interleave import best_interleaved, interleaved_configs, no_interleaved_message
 from .memory import fits, least_memory
 from .pareto import SuffixSearch, relaxed
 from .simulate import simulate_plan
@@ -268,6 +268,8 @@ def plan_stages(problem: PlanProblem) -> Plan:
         if interleaved is not None:
             plan = interleaved
     if plan is None:
+        if not searched_schedules(problem) and not interleaved_configs(problem):
+            raise PlanError(no_interleaved_message(problem))
         raise PlanError(memory_error_message(problem, minimum_memory_needed(problem)))
     return plan
 

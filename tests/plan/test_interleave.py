@@ -279,7 +279,9 @@ def test_microbatches_follow_the_schedules_rule() -> None:
 
 def test_only_interleaved_without_a_cut_says_so() -> None:
     problem = uniform_problem(3, 4, 32, schedules=(INTERLEAVED,))  # 3 blocks: no 2 x 2 cut
-    with pytest.raises(PlanError):
+    with pytest.raises(
+        PlanError, match="no interleaved 1F1B plan exists for 4 rank.* and 3 blocks.*max_partition"
+    ):
         plan_stages(problem)
 
 
