@@ -66,11 +66,11 @@ def _schedules_arg(text: str) -> tuple[str, ...]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if names == ["auto"]:
         return tuple(s.value for s in AUTO_SCHEDULES)
-    runnable = ("1f1b", "zero_bubble", "fill_drain")
-    unknown = [name for name in names if name not in runnable]
+    known = [schedule.value for schedule in Schedule]
+    unknown = [name for name in names if name not in known]
     if not names or unknown:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: name schedules among {', '.join(runnable)} (comma-separated), or auto"
+            f"{text!r}: name schedules among {', '.join(known)} (comma-separated), or auto"
         )
     return tuple(Schedule(name).value for name in names)
 
@@ -174,7 +174,7 @@ def _add_plan(commands: Any) -> None:
         type=_schedules_arg,
         default=None,
         help="pipeline schedules to choose among, comma-separated, the first preferred on a tie: 1f1b, "
-        "zero_bubble, fill_drain (default auto: as schedule='auto' does)",
+        "zero_bubble, fill_drain, interleaved_1f1b (default auto: as schedule='auto' does)",
     )
     plan.add_argument("--no-recompute", action="store_true", help="never recompute activations")
     plan.add_argument("--zero", action="store_true", help="ZeRO-1: shard optimizer state over replicas")
@@ -184,6 +184,12 @@ def _add_plan(commands: Any) -> None:
         default="none",
         help="sharded stages (config shard_stages): 'auto' lets each replicated stage take the least ZeRO level "
         "with which it fits; a level forces it on every replicated stage (default none)",
+    )
+    plan.add_argument(
+        "--chunks",
+        type=_count_arg,
+        default=None,
+        help="interleaved_1f1b: model chunks per pipeline position (default: the planner chooses)",
     )
     plan.add_argument(
         "--max-seq-len",
@@ -228,6 +234,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         shard=args.shard,
         max_seq_len=args.max_seq_len or 0,
         opaque_modules=tuple(args.opaque_module),
+        chunks=args.chunks,
     )
     show_deployment(result.deployment)
     if args.out:
@@ -239,9 +246,9 @@ def _run_plan(args: argparse.Namespace) -> int:
         plot_plan(result.deployment, result.timeline, args.plot)
         print(f"wrote {args.plot}")
     if args.trace:
-        ranks = (
-            [s.ranks for s in result.deployment.plan.stages] if args.world_size <= _TRACE_PER_RANK else None
-        )
+        plan = result.deployment.plan
+        positions = plan.stages[: plan.positions]  # chunked plans: one process per position's rank
+        ranks = [s.ranks for s in positions] if args.world_size <= _TRACE_PER_RANK else None
         write_trace(args.trace, timeline_to_trace(result.timeline, ranks))
         print(f"wrote {args.trace}")
     return 0

@@ -24,7 +24,10 @@ class Config:
     min_pipeline: int = 1  # smallest number of microbatches tried
     max_pipeline: int = 32  # largest number of microbatches tried
     opt_param_factor: float = 2.0  # optimizer state bytes per parameter byte (2 for Adam)
-    schedule: str = "auto"  # "auto" | "1f1b" | "fill_drain" | "zero_bubble"
+    schedule: str = "auto"  # "auto" | "1f1b" | "fill_drain" | "zero_bubble" | "interleaved_1f1b"
+    # Interleaved 1F1B: model chunks per pipeline position ("auto": the planner chooses; an integer >= 2 forces it;
+    # 1: no interleaving, so "auto" leaves interleaved_1f1b out).
+    chunks: str = "auto"
     recompute: str = "never"  # activation recompute: "never", "auto" (planner decides), "always"
     enable_zero: bool = False  # ZeRO-1: shard optimizer state over each parameter's replicas
     # Sharded stages: "none", "auto" (each replicated stage takes the least of zero-1, zero-2, zero-3 with which it
@@ -71,6 +74,11 @@ class Config:
         if device_total_bytes is not None:
             limit = device_total_bytes if limit is None else min(limit, device_total_bytes)
         return None if limit is None else limit * (1.0 - self.mem_margin)
+
+    @property
+    def forced_chunks(self) -> int | None:
+        """The `chunks` item as a number (None: "auto")."""
+        return None if self.chunks == "auto" else int(self.chunks)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -152,7 +160,7 @@ def load_config(
 
 
 # The schedule item's values: "auto" (the planner chooses) or a schedule the runtime runs.
-_SCHEDULES = ("auto", "1f1b", "fill_drain", "zero_bubble")
+_SCHEDULES = ("auto", "1f1b", "fill_drain", "zero_bubble", "interleaved_1f1b")
 
 
 def _validate(config: Config) -> None:
@@ -165,6 +173,14 @@ def _validate(config: Config) -> None:
     if config.schedule not in _SCHEDULES:
         raise ConfigError(
             f"schedule must be one of {', '.join(repr(s) for s in _SCHEDULES)}, got {config.schedule!r}"
+        )
+    if config.chunks != "auto" and not (config.chunks.isdigit() and int(config.chunks) >= 1):
+        raise ConfigError(
+            f"chunks must be 'auto' or an integer >= 1 (model chunks per position), got {config.chunks!r}"
+        )
+    if config.schedule == "interleaved_1f1b" and config.chunks == "1":
+        raise ConfigError(
+            "schedule 'interleaved_1f1b' with chunks = 1 is plain 1F1B: use schedule '1f1b', or chunks 'auto' or >= 2"
         )
     if config.recompute not in ("never", "auto", "always"):
         raise ConfigError(f"recompute must be 'never', 'auto' or 'always', got {config.recompute!r}")

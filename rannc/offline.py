@@ -114,16 +114,21 @@ def _op_flops(model: torch.nn.Module, captured: CapturedGraph, call: FlatCall) -
 
 
 def memory_split(timeline: Timeline) -> list[dict[str, float]]:
-    """Per stage, peak bytes per rank: parameters, gradients, optimizer, activations, buffers (zero bubble: what
-    a microbatch keeps from its I to its W pass counts as activations)."""
+    """Per position (stage, with one chunk per position), peak bytes per rank: parameters, gradients, optimizer,
+    activations, buffers. A position's chunks add up; its activations are what it holds at its peak (zero bubble:
+    what a microbatch keeps from its I to its W pass counts as activations)."""
     out = []
-    for timing, inflight, peak in zip(timeline.stages, timeline.peak_inflight, timeline.peak_memory):
-        parts = dict(timing.memory_parts or {})
-        held = timing.activation_bytes * inflight
-        kept = max(peak - timing.static_bytes - held, 0.0) if timing.deferred_bytes else 0.0
+    positions = timeline.num_stages
+    for s in range(positions):
+        own = timeline.stages[s::positions]  # its chunks' virtual stages
+        parts: dict[str, float] = {}
+        for timing in own:
+            for name, value in (timing.memory_parts or {}).items():
+                parts[name] = parts.get(name, 0.0) + value
+        static = sum(timing.static_bytes for timing in own)
         parts["activations"] = (
-            held
-            + kept
+            timeline.peak_memory[s]
+            - static
             + parts.pop("recompute workspace", 0.0)
             + parts.pop("workspace", 0.0)  # transient forward/backward memory of one block
         )
@@ -150,8 +155,10 @@ def plan_offline(
     device: str | DeviceProfile,
     gpus_per_node: int | None = None,
     max_microbatches: int | None = None,
+    min_microbatches: int = 1,
     dtype: str | torch.dtype | None = None,
     schedules: Sequence[str] = tuple(s.value for s in AUTO_SCHEDULES),
+    chunks: int | None = None,
     recompute: bool = True,
     mem_margin: float = 0.1,
     opt_param_factor: float = 2.0,
@@ -176,7 +183,8 @@ def plan_offline(
     whose sequence length (dim 1 of the inputs) varies up to it (the job sets the same config item).
     `opaque_modules`: submodules captured as one operation each (the config item of that name). `shard`:
     the config item shard_stages ("none", "auto", "zero-1", "zero-2", "zero-3"). `schedules`: the pipeline
-    schedules to choose among, the first preferred on a tie (default: those of schedule="auto").
+    schedules to choose among, the first preferred on a tie (default: those of schedule="auto"); `chunks` forces
+    the model chunks per position of interleaved 1F1B (None: the planner chooses).
 
     Example::
 
@@ -202,12 +210,14 @@ def plan_offline(
         memory_limit_bytes=usable,
         schedules=allowed_schedules(schedules, has_single_loss(captured, analysis)),
         max_microbatches=max_microbatches,
+        min_microbatches=min_microbatches,
         num_stages=num_stages,
         allow_recompute=recompute,
         zero_optimizer=zero,
         opt_param_factor=opt_param_factor,
         gpus_per_node=gpus,
         shard_stages=shard,
+        chunks=chunks,
     )
     flops = _op_flops(model, captured, FlatCall.of(args, kwargs))
     links = profile.planner_links(gpus)
@@ -316,14 +326,18 @@ def _plan_report(
     report.update(simulated_step_time_s=step, samples_per_s=space.global_batch / step if step > 0 else 0.0)
     report.update(bubble_fraction=timeline.bubble_fraction, planning_time_s=dict(timings))
     report["warnings"] = []  # capture traces attention with the math kernel: one graph on every device
-    report["stages"] = [
-        {
-            "memory": parts,
-            "total_bytes": sum(parts.values()),
-            "peak_inflight": inflight,
+    split, positions = memory_split(timeline), plan.positions
+    report["stages"] = []
+    for k, stage in enumerate(plan.stages):
+        position, chunk = k % positions, k // positions
+        entry: dict[str, Any] = {
+            "memory": split[position] if chunk == 0 else {},  # a position's memory, on its first chunk
+            "total_bytes": sum(split[position].values()) if chunk == 0 else 0.0,
+            "peak_inflight": timeline.peak_inflight[position],
             "recompute": stage.recompute,
             "shard": str(stage.shard),
         }
-        for parts, inflight, stage in zip(memory_split(timeline), timeline.peak_inflight, plan.stages)
-    ]
+        if plan.chunks > 1:
+            entry.update(position=position, chunk=chunk)
+        report["stages"].append(entry)
     return report

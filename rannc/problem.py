@@ -92,6 +92,7 @@ class SearchSpace:
     opt_param_factor: float = 2.0
     overlap_grad_sync: bool = True
     shard_levels: tuple[ShardLevel, ...] = (ShardLevel.NONE,)  # see PlanProblem.shard_levels
+    chunks: int | None = None  # interleaved 1F1B: force the chunks per position (None: the planner chooses)
 
     def microbatch_sizes(self) -> list[int]:
         """Every per-replica microbatch size the search may ask a block's cost at, ascending."""
@@ -133,6 +134,7 @@ def search_space(
     overlap_grad_sync: bool = True,
     gpus_per_node: int | None = None,
     shard_stages: str = "none",
+    chunks: int | None = None,
 ) -> SearchSpace:
     """The SearchSpace of a job: every replica and microbatch count on small problems, the compact sets of
     `default_replica_choices` (worlds of more than COMPACT_WORLD ranks) and `default_microbatch_choices` (more than
@@ -157,6 +159,7 @@ def search_space(
         opt_param_factor=opt_param_factor,
         overlap_grad_sync=overlap_grad_sync,
         shard_levels=shard_levels_of(shard_stages),
+        chunks=chunks,
     )
 
 
@@ -170,8 +173,11 @@ def shard_levels_of(shard_stages: str) -> tuple[ShardLevel, ...]:
 
 def job_schedules(config: Config, single_loss: bool) -> tuple[Schedule, ...]:
     """The schedules a RaNNCModule job's configuration allows for its model (`single_loss`: the model returns
-    exactly one scalar loss, which 1F1B needs); "auto" prefers 1F1B."""
+    exactly one scalar loss, which 1F1B and interleaved 1F1B need); "auto" prefers 1F1B, and leaves interleaving
+    out when the config item `chunks` is 1."""
     requested = AUTO_SCHEDULES if config.schedule == "auto" else (Schedule(config.schedule),)
+    if config.forced_chunks == 1:
+        requested = tuple(s for s in requested if s != Schedule.INTERLEAVED_1F1B)
     return allowed_schedules(requested, single_loss)
 
 
@@ -198,20 +204,22 @@ def job_search_space(
         overlap_grad_sync=config.overlap_grad_sync,
         gpus_per_node=gpus_per_node,
         shard_stages=config.shard_stages,
+        chunks=config.forced_chunks if config.forced_chunks != 1 else None,
     )
 
 
 def allowed_schedules(requested: Sequence[Schedule | str], single_loss: bool) -> tuple[Schedule, ...]:
-    """The requested schedules this model can run, in the order given (the first is preferred): 1F1B and zero
-    bubble compute the loss's gradient inside forward, so they need a model returning exactly one scalar loss."""
+    """The requested schedules this model can run, in the order given (the first is preferred): 1F1B, zero bubble
+    and interleaved 1F1B compute the loss's gradient inside forward (Schedule.eager), so they need a model
+    returning exactly one scalar loss."""
     schedules = tuple(dict.fromkeys(Schedule(name) for name in requested))
     allowed = tuple(s for s in schedules if not s.eager or single_loss)
     if not allowed:
         raise PlanError(
-            f"no schedule of {[s.value for s in schedules]} fits this model: 1F1B (and zero bubble) needs the "
-            "model to return exactly one scalar loss (computed inside forward) and this model does not; allow "
-            "fill_drain "
-            "(RaNNCModule: schedule='fill_drain' or 'auto'; plan_offline: schedules=('fill_drain',))"
+            f"no schedule of {[s.value for s in schedules]} fits this model: 1F1B, zero bubble and interleaved "
+            "1F1B need the model to return exactly one scalar loss (computed inside forward) and this model does "
+            "not; allow fill_drain (RaNNCModule: schedule='fill_drain' or 'auto'; plan_offline: "
+            "schedules=('fill_drain',))"
         )
     return allowed
 
@@ -290,6 +298,7 @@ def assemble_problem(
         range_largest_param_bytes=largest,
         optimizer_chunk_bytes=OPTIMIZER_CHUNK_BYTES if chunked_optimizer else 0.0,
         shared_params=shared,
+        chunks=space.chunks,
         simulate_candidates=SIMULATE_CANDIDATES,
     )
 

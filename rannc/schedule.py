@@ -226,7 +226,7 @@ class Schedule(enum.StrEnum):
         """Whether a training call runs its backwards inside the forward call, between its forwards (the loss's
         gradient taken as 1 there and rescaled by the user's backward), as 1F1B-style orders must; such a
         schedule needs a model that returns exactly one scalar loss."""
-        return self in (Schedule.ONE_F_ONE_B, Schedule.ZERO_BUBBLE)
+        return self in (Schedule.ONE_F_ONE_B, Schedule.ZERO_BUBBLE, Schedule.INTERLEAVED_1F1B)
 
     @property
     def splits_backward(self) -> bool:
@@ -260,6 +260,8 @@ class Schedule(enum.StrEnum):
         return microbatches
 
 
+# Schedules that run a call's backwards inside its forward (the loss's gradient taken as 1, rescaled by the user's
+# backward): they need the model to return one scalar loss.
 def actions_for(
     schedule: Schedule | str, stage: int, num_stages: int, microbatches: int, chunks: int = 1
 ) -> list[Action]:

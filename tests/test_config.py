@@ -117,6 +117,9 @@ def test_bad_bool(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"min_pipeline": 8, "max_pipeline": 4}, "min_pipeline <= max_pipeline"),
         ({"schedule": "gpipe"}, "schedule must be"),
         ({"partition_num": -1}, "partition_num must be >= 0"),
+        ({"chunks": "two"}, "chunks must be 'auto' or an integer >= 1"),
+        ({"chunks": 0}, "chunks must be 'auto' or an integer >= 1"),
+        ({"schedule": "interleaved_1f1b", "chunks": 1}, "chunks = 1 is plain 1F1B"),
     ],
 )
 def test_contradictory_values(changes: dict[str, object], message: str) -> None:
@@ -149,3 +152,11 @@ def test_config_is_frozen_and_replace_works() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.mem_limit_gb = 1.0  # type: ignore[misc]
     assert config.replace(mem_limit_gb=2.0).mem_limit_gb == 2.0
+
+
+def test_chunks_and_the_interleaved_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_config().forced_chunks is None
+    monkeypatch.setenv("RANNC_CHUNKS", "3")
+    config = load_config(schedule="interleaved_1f1b")
+    assert config.chunks == "3" and config.forced_chunks == 3 and config.schedule == "interleaved_1f1b"
+    assert load_config(chunks=2).forced_chunks == 2

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from distributed_helpers import run_workers
-from user_loops import LoopCase, local_sizes, run_loop_cases, train_one_process
+from user_loops import LoopCase, local_sizes, returns_logits, run_loop_cases, train_one_process
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -27,6 +27,7 @@ RETURNED = (
     "returned",
     "returned_plus_logits",
 )  # the model returns the loss: the global batch's on every rank
+INTERLEAVED = "interleaved_1f1b"
 GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
     "w2": (
         2,
@@ -108,7 +109,7 @@ GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
             ),
             LoopCase(
                 "zb-batchnorm-2stages-mb2",
-                "batchnorm_loss",
+                "batchnorm_loss_logits",
                 "returned",
                 2,
                 2,
@@ -150,6 +151,59 @@ GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
                 "zero_bubble",
                 accumulate=2,
                 delay_allreduce=True,
+            ),
+        ],
+    ),
+    # Interleaved 1F1B: `stages` positions x `model_chunks` chunks (virtual stage k on position k % stages).
+    "interleaved-w2": (
+        2,
+        [
+            LoopCase("interleaved-2x2", "mlp_loss", "returned", 2, 2, INTERLEAVED, model_chunks=2),
+            # the first layer's output feeds every later chunk: other positions' and this position's own
+            LoopCase("interleaved-2x3-skips", "skip_loss", "returned", 2, 4, INTERLEAVED, model_chunks=3),
+            LoopCase("interleaved-2x2-tied", "tied_loss", "returned", 2, 2, INTERLEAVED, model_chunks=2),
+            LoopCase(
+                "interleaved-2x2-batchnorm",
+                "batchnorm_loss",
+                "returned",
+                2,
+                2,
+                INTERLEAVED,
+                references=("one_process",),
+                chunks=(8, 8),
+                model_chunks=2,
+            ),
+            # other outputs get gradients too: the call's forwards are replayed and backpropagated after it
+            LoopCase(
+                "interleaved-returned-plus-logits",
+                "loss_and_logits",
+                "returned_plus_logits",
+                2,
+                2,
+                INTERLEAVED,
+                model_chunks=2,
+            ),
+        ],
+    ),
+    "interleaved-w4": (
+        4,
+        [
+            LoopCase(
+                "interleaved-2x2-2-replicas", "skip_loss", "returned", 2, 2, INTERLEAVED, model_chunks=2
+            ),
+            LoopCase(
+                "interleaved-zero1", "tied_loss", "returned", 2, 2, INTERLEAVED, model_chunks=2, zero=True
+            ),
+            LoopCase(
+                "interleaved-clip-no-sync-accumulation",
+                "tied_loss",
+                "returned",
+                2,
+                2,
+                INTERLEAVED,
+                model_chunks=2,
+                clip=True,
+                accumulate=2,
             ),
         ],
     ),
@@ -196,6 +250,7 @@ def test_matches_ddp_and_one_process(group: str, index: int) -> None:
         rannc_run
     )
     assert rannc_run["schedule"] == case.schedule
+    assert rannc_run["chunks"] == (case.model_chunks or 1)
     references = {}
     if "ddp" in case.references:
         references["DDP"] = runs[0]["ddp"]
@@ -209,11 +264,20 @@ def test_matches_ddp_and_one_process(group: str, index: int) -> None:
         if label == "one process":
             # a float input's gradient: one process's, this rank's rows
             _assert_rows(runs, "input_grad", [ref["input_grad"]], case, world, f"{what}, input gradient")
-        if label == "one process" and case.loss not in RETURNED:  # (its loss is a global mean)
+        if label == "one process" and case.loss == "returned" and not returns_logits(case):
+            # the model's loss is the global batch's mean on every rank
+            for rank in range(world):
+                assert_close(dict(enumerate(runs[rank]["rannc"]["eval"])), dict(enumerate(ref["eval"])), what)
+        elif label == "one process" and case.loss not in RETURNED:  # (its loss is a global mean)
             _assert_rows(runs, "eval", ref["eval"], case, world, f"{what}, eval outputs")
         if case.clip:
             assert rannc_run["norms"] == pytest.approx(ref["norms"], rel=RTOL), what
-    if "ddp" in case.references and case.loss not in RETURNED:
+    if "ddp" in case.references and case.loss == "returned":
+        # the model's own loss is the global batch's: the mean of DDP's ranks' losses (equal local batches)
+        mean = [sum(values) / world for values in zip(*(runs[r]["ddp"]["losses"] for r in range(world)))]
+        for rank in range(world):
+            assert runs[rank]["rannc"]["losses"] == pytest.approx(mean, rel=RTOL)
+    elif "ddp" in case.references and case.loss not in RETURNED:
         # the losses each rank computes from its own rows are DDP's
         for rank in range(world):
             assert runs[rank]["rannc"]["losses"] == pytest.approx(runs[rank]["ddp"]["losses"], rel=RTOL)

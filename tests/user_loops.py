@@ -100,13 +100,66 @@ class BatchNormNet(nn.Module):
         return self.fc3(h)
 
 
+class WithLoss(nn.Module):
+    """A body whose loss is computed inside forward (what the eager schedules, 1F1B and interleaved 1F1B, need)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.body(x), target)
+
+
+class SkipNet(nn.Module):
+    """Every layer adds the first layer's output (skip connections into every later stage or chunk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(8, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(5))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = torch.tanh(self.first(x))
+        h = h0
+        for layer in self.layers:
+            h = torch.tanh(layer(h)) + h0
+        return self.head(h)
+
+
+class TiedNet(nn.Module):
+    """Weights used at both ends and in the middle (tied across chunks: `square` in layers 1, 3 and 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.square = nn.Linear(16, 16)
+        self.other = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.square(h))
+        h = torch.tanh(self.other[0](h))
+        h = torch.tanh(self.square(h))
+        h = torch.tanh(self.other[1](h))
+        h = torch.tanh(self.square(h))
+        return self.out(h) + F.linear(x, self.out.weight @ self.inp.weight)  # both ends' weights again
+
+
 MODELS = {
     "mlp": MLP,
+    "mlp_loss": lambda: WithLoss(MLP()),
+    "skip_loss": lambda: WithLoss(SkipNet()),
+    "tied_loss": lambda: WithLoss(TiedNet()),
+    "batchnorm_loss": lambda: WithLoss(BatchNormNet()),
     "cnn": SmallCNN,
     "two_heads": TwoHeads,
-    "loss_and_logits": LossAndLogits,
+    "loss_and_logits": LossAndLogits,  # (loss, logits), as Hugging Face models return
     "batchnorm": BatchNormNet,
-    "batchnorm_loss": lambda: LossAndLogits(BatchNormNet()),  # running statistics and a loss inside
+    # running statistics and a loss inside, returned with the logits
+    "batchnorm_loss_logits": lambda: LossAndLogits(BatchNormNet()),
 }
 
 
@@ -115,7 +168,7 @@ class LoopCase:
     label: str
     model: str
     # "mse", "cross_entropy", "two_losses", "explicit_gradient" (outside the model), "returned" (the model's
-    # own loss), "returned_plus_logits" (both)
+    # own loss), "returned_plus_logits" (the model's loss and a term of its logits)
     loss: str
     stages: int
     microbatches: int
@@ -130,6 +183,7 @@ class LoopCase:
     references: tuple[str, ...] = ("ddp", "one_process")  # what the run must equal
     chunks: tuple[int, ...] = ()  # one process runs each global batch as these row chunks
     recompute: str = "never"
+    model_chunks: int = 0  # interleaved 1F1B: model chunks per position (`stages` positions)
 
     def overrides(self) -> dict[str, Any]:
         return {
@@ -142,6 +196,7 @@ class LoopCase:
             "recompute": self.recompute,
             "profile_iterations": 1,
             "show_progress": False,
+            **({"chunks": self.model_chunks} if self.model_chunks else {}),
         }
 
 
@@ -175,6 +230,11 @@ def slice_batch(batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, t
     return {k: v[lo:hi] for k, v in batch.items()}
 
 
+def returns_logits(case: LoopCase) -> bool:
+    """Whether the case's model returns (its loss, its logits) and takes labels, rather than only its loss."""
+    return case.model in ("loss_and_logits", "batchnorm_loss_logits")
+
+
 def backward_through(
     case: LoopCase, model: Any, batch: dict[str, torch.Tensor], weight: float = 1.0, world: int = 1
 ) -> float:
@@ -185,9 +245,11 @@ def backward_through(
         out = model(batch["x"])
         out.backward(batch["out_grad"] / world)
         return float(out.detach().square().sum())
-    if case.loss in ("returned", "returned_plus_logits"):
+    if case.loss in ("returned", "returned_plus_logits") and returns_logits(case):
         loss, logits = model(batch["x"], batch["labels"])
         total = loss + 0.1 * logits.square().mean() if case.loss == "returned_plus_logits" else loss
+    elif case.loss == "returned":  # the model's own loss
+        total = model(batch["x"], batch["target"])
     else:
         out = model(batch["x"])
         if case.loss == "mse":
@@ -205,8 +267,10 @@ def backward_through(
 
 def eval_outputs(case: LoopCase, model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The model's outputs in eval mode, flattened to a list of tensors."""
-    if case.loss in ("returned", "returned_plus_logits"):
+    if case.loss in ("returned", "returned_plus_logits") and returns_logits(case):
         return [t.detach().clone() for t in model(batch["x"], batch["labels"])]
+    if case.loss == "returned":
+        return [model(batch["x"], batch["target"]).detach().clone()]
     out = model(batch["x"])
     return [t.detach().clone() for t in (out if isinstance(out, tuple) else (out,))]
 
@@ -283,8 +347,10 @@ def run_rannc(case: LoopCase, rank: int, world: int) -> dict[str, Any]:
     out = {
         "losses": result["losses"],
         "norms": result["norms"],
-        "stages": [len(stage.ranks) for stage in plan.stages],
+        "stages": [len(stage.ranks) for stage in plan.stages[: plan.positions]],  # replicas per position
         "shards": [str(stage.shard) for stage in plan.stages],
+        "chunks": plan.chunks,
+        "holders": {name: stages for name, stages in wrapped._job.layout.holders.items()},
         "microbatches": plan.microbatches,
         "schedule": str(plan.schedule),
         "state": _snapshot(state) if rank == 0 else None,

@@ -93,12 +93,23 @@ class Deployment:
                 found.append(f"stage {index} has {stage.replicas} replicas but ranks {stage.ranks}")
         if self.block_names and len(self.block_names) != self.num_blocks:
             found.append(f"{self.num_blocks} blocks but {len(self.block_names)} block names")
-        all_ranks = sorted(rank for stage in plan.stages for rank in stage.ranks)
+        if plan.chunks < 1 or len(plan.stages) % plan.chunks:
+            found.append(f"{len(plan.stages)} stages do not make {plan.chunks} chunks per position")
+            return found
+        positions = plan.positions
+        all_ranks = sorted(rank for stage in plan.stages[:positions] for rank in stage.ranks)
         if all_ranks != list(range(self.world_size)):
             found.append(
-                f"the stages' ranks {[stage.ranks for stage in plan.stages]} do not partition "
-                f"range({self.world_size}) (every rank must belong to exactly one stage)"
+                f"the {'positions' if plan.chunks > 1 else 'stages'}' ranks "
+                f"{[stage.ranks for stage in plan.stages[:positions]]} do not partition range({self.world_size}) "
+                f"(every rank must belong to exactly one {'position' if plan.chunks > 1 else 'stage'})"
             )
+        for index, stage in enumerate(plan.stages[positions:], start=positions):
+            if stage.ranks != plan.stages[index % positions].ranks:
+                found.append(
+                    f"virtual stage {index} has ranks {stage.ranks}, but it runs on position {index % positions}, "
+                    f"whose ranks are {plan.stages[index % positions].ranks}"
+                )
         if plan.microbatches < 1 or plan.global_batch < 1:
             found.append(
                 f"microbatches ({plan.microbatches}) and global batch ({plan.global_batch}) must be >= 1"
@@ -148,6 +159,7 @@ def deployment_to_json(deployment: Deployment) -> dict[str, Any]:
         "global_batch": plan.global_batch,
         "microbatches": plan.microbatches,
         "schedule": plan.schedule,
+        "chunks": plan.chunks,
         "predicted_step_time_s": plan.predicted_step_time,
         "analytic_step_time_s": plan.analytic_step_time,
         "block_names": list(deployment.block_names),
@@ -313,6 +325,7 @@ def deployment_from_json(data: Any, path: str = "<memory>") -> Deployment:
             if "analytic_step_time_s" in data
             else None
         ),
+        chunks=reader.get(data, "chunks", "int") if "chunks" in data else 1,
     )
     deployment = Deployment(
         plan=plan,

@@ -55,38 +55,58 @@ _UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
 
 
 def memory_parts(plan: Plan | None, timeline: Timeline | None) -> list[dict[str, float]]:
-    """Per stage, peak bytes per rank by kind.
+    """Per stage (per position, when chunked), peak bytes per rank by kind.
 
-    From the timeline's stage `memory_parts` plus activations (activation_bytes x peak in flight) and, with
-    split backwards, what the microbatches between their I and W passes keep (the rest of the simulated peak)
-    when it has them; else from the plan (parameters, gradients = parameter bytes, activations, and the rest of the
-    predicted memory as "optimizer + buffers"); else the timeline's total peak memory.
+    From the timeline's stage `memory_parts` plus activations (what the position holds at its peak) when it has
+    them, a position's chunks added up, and with split backwards what the microbatches between their I and W
+    passes keep apart; else from the plan (parameters, gradients = parameter bytes, activations, and the rest of
+    the predicted memory as "optimizer + buffers"); else the timeline's total peak memory.
     """
     if timeline is not None and all(t.memory_parts for t in timeline.stages):
         out = []
-        for timing, inflight, peak in zip(timeline.stages, timeline.peak_inflight, timeline.peak_memory):
-            parts = dict(timing.memory_parts or {})
-            parts["activations"] = timing.activation_bytes * inflight
-            if timing.deferred_bytes:
-                parts["kept from I to W"] = max(peak - timing.static_bytes - parts["activations"], 0.0)
+        positions = timeline.num_stages
+        for s in range(positions):
+            own = timeline.stages[s::positions]
+            parts: dict[str, float] = {}
+            for timing in own:
+                for name, value in (timing.memory_parts or {}).items():
+                    parts[name] = parts.get(name, 0.0) + value
+            held = timeline.peak_memory[s] - sum(t.static_bytes for t in own)
+            if len(own) == 1 and own[0].deferred_bytes:
+                parts["activations"] = own[0].activation_bytes * timeline.peak_inflight[s]
+                parts["kept from I to W"] = max(held - parts["activations"], 0.0)
+            else:
+                parts["activations"] = held
             out.append(parts)
         return out
     if plan is not None:
         out = []
-        for stage in plan.stages:
-            known = 2 * stage.param_bytes + stage.activation_bytes
+        positions = plan.positions
+        for s in range(positions):
+            own = plan.stages[s::positions]
+            params = sum(stage.param_bytes for stage in own)
+            activations = sum(stage.activation_bytes for stage in own)
             out.append(
                 {
-                    "parameters": stage.param_bytes,
-                    "gradients": stage.param_bytes,
-                    "optimizer + buffers": max(stage.memory_bytes - known, 0.0),
-                    "activations": stage.activation_bytes,
+                    "parameters": params,
+                    "gradients": params,
+                    "optimizer + buffers": max(own[0].memory_bytes - 2 * params - activations, 0.0),
+                    "activations": activations,
                 }
             )
         return out
     if timeline is not None:
         return [{"total": memory} for memory in timeline.peak_memory]
     raise ValueError("need a plan or a timeline to draw memory")
+
+
+def _shade(color: str, chunk: int) -> str:
+    """`color` for model chunk 0, lighter for each later chunk (interleaved plans: chunks tell apart)."""
+    if chunk == 0:
+        return color
+    red, green, blue = (int(color[k : k + 2], 16) for k in (1, 3, 5))
+    mix = min(0.22 * chunk, 0.75)
+    return "#" + "".join(f"{round(c + (255 - c) * mix):02x}" for c in (red, green, blue))
 
 
 def _unit(largest: float) -> tuple[float, str]:
@@ -131,35 +151,45 @@ def plan_figure(
             memory_limit = deployment_or_plan.device_memory_bytes
     else:
         plan = deployment_or_plan
-    num_stages = timeline.num_stages
-    if plan is not None and len(plan.stages) != num_stages:
-        raise ValueError(f"the plan has {len(plan.stages)} stages but the timeline {num_stages}")
+    num_stages = timeline.num_stages  # positions: the rows of the Gantt chart and the memory bars
+    chunks = timeline.chunks
+    if plan is not None and len(plan.stages) != len(timeline.stages):
+        raise ValueError(f"the plan has {len(plan.stages)} stages but the timeline {len(timeline.stages)}")
 
     figure = Figure(figsize=(12.5, 9.5), layout="constrained")
     FigureCanvasAgg(figure)
     time_ax, memory_ax, gantt_ax = figure.subplots(3, 1, height_ratios=[1, 1, 1.3])
     stages = list(range(num_stages))
-    labels = [f"stage {s}" for s in stages]
+    labels = [f"stage {s}" for s in stages] if chunks == 1 else [f"position {s}" for s in stages]
 
-    # Top: seconds per microbatch by phase (split backwards: the I and W passes apart).
-    phases: dict[str, list[float]] = {"forward": [t.fwd * 1e3 for t in timeline.stages]}
+    # Top: seconds per microbatch by phase, per (virtual) stage; chunked: by position, its chunks side by side;
+    # split backwards: the I and W passes apart.
+    order = sorted(range(len(timeline.stages)), key=lambda k: (k % num_stages, k // num_stages))
+    slots = list(range(len(order)))
+    ordered = [timeline.stages[k] for k in order]
+    phases: dict[str, list[float]] = {"forward": [t.fwd * 1e3 for t in ordered]}
     colors = {"forward": _EVENT_COLORS[EventKind.FORWARD], "p2p (fwd+bwd)": "#aaaaaa"}
     if timeline.schedule.splits_backward:
         for kind in (EventKind.BACKWARD_INPUT, EventKind.BACKWARD_WEIGHT):
             name = _EVENT_LABELS[kind]
-            phases[name] = [t.duration(ActionKind(kind.value)) * 1e3 for t in timeline.stages]
+            phases[name] = [t.duration(ActionKind(kind.value)) * 1e3 for t in ordered]
             colors[name] = _EVENT_COLORS[kind]
     else:
-        phases["backward"] = [t.bwd * 1e3 for t in timeline.stages]
+        phases["backward"] = [t.bwd * 1e3 for t in ordered]
         colors["backward"] = _EVENT_COLORS[EventKind.BACKWARD]
-    phases["p2p (fwd+bwd)"] = [2 * (t.comm_in + t.comm_out) * 1e3 for t in timeline.stages]
-    _stacked_bars(time_ax, stages, phases, colors)
+    phases["p2p (fwd+bwd)"] = [2 * (t.comm_in + t.comm_out) * 1e3 for t in ordered]
+    _stacked_bars(time_ax, slots, phases, colors)
     time_ax.set_ylabel("ms / microbatch")
+    layout = f"{num_stages} stage(s)" if chunks == 1 else f"{num_stages} positions x {chunks} chunks"
     time_ax.set_title(
-        f"{num_stages} stage(s), {timeline.microbatches} microbatches, {timeline.schedule}: simulated step "
+        f"{layout}, {timeline.microbatches} microbatches, {timeline.schedule}: simulated step "
         f"{timeline.step_time * 1e3:.2f} ms, bubble {timeline.bubble_fraction:.0%}"
         + (f" (planner predicted {plan.predicted_step_time * 1e3:.2f} ms)" if plan is not None else "")
     )
+    if chunks == 1:
+        time_ax.set_xticks(slots, labels)
+    else:
+        time_ax.set_xticks(slots, [f"p{k % num_stages}.c{k // num_stages}\n(stage {k})" for k in order])
 
     # Middle: memory per rank by kind.
     parts = memory_parts(plan, timeline)
@@ -175,14 +205,13 @@ def plan_figure(
         memory_ax.legend(**_LEGEND)
     memory_ax.set_ylabel(f"peak {unit} / rank")
 
-    for ax in (time_ax, memory_ax):
-        ax.set_xticks(stages, labels)
+    memory_ax.set_xticks(stages, labels)
 
     # Bottom: Gantt chart of the step.
     boxes = sum(1 for events in timeline.events for e in events if e.kind in _COMPUTE)
     for s, events in enumerate(timeline.events):
         for event in events:
-            color = _EVENT_COLORS.get(event.kind, "#cccccc")
+            color = _shade(_EVENT_COLORS.get(event.kind, "#cccccc"), event.chunk)
             gantt_ax.broken_barh(
                 [(event.start * 1e3, event.duration * 1e3)],
                 (s - 0.4, 0.8),
@@ -205,9 +234,12 @@ def plan_figure(
     gantt_ax.set_xlim(0, max(timeline.step_time * 1e3, 1e-9))
     gantt_ax.set_xlabel("ms")
     kinds_seen = [k for k in _EVENT_COLORS if any(e.kind == k for ev in timeline.events for e in ev)]
-    gantt_ax.legend(
-        handles=[Patch(color=_EVENT_COLORS[k], label=_EVENT_LABELS[k]) for k in kinds_seen], **_LEGEND
-    )
+    handles = [Patch(color=_EVENT_COLORS[k], label=_EVENT_LABELS[k]) for k in kinds_seen]
+    for chunk in range(1, chunks):  # later chunks in lighter shades of their pass's colour
+        for kind in (EventKind.FORWARD, EventKind.BACKWARD):
+            label = f"{_EVENT_LABELS[kind]}, chunk {chunk}"
+            handles.append(Patch(color=_shade(_EVENT_COLORS[kind], chunk), label=label))
+    gantt_ax.legend(handles=handles, **_LEGEND)
     return figure
 
 

@@ -118,15 +118,20 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
     plan = deployment.plan
     limit = deployment.device_memory_bytes
     split = _report_stages(deployment)
+    chunked = plan.chunks > 1
+    what = (
+        f"{plan.positions} position(s) x {plan.chunks} chunks = {len(plan.stages)} virtual stages"
+        if chunked
+        else f"{len(plan.stages)} stage(s)"
+    )
     table = Table(
-        title=(
-            f"rannc deployment: {len(plan.stages)} stage(s) on {deployment.world_size} rank(s), "
-            f"graph {deployment.graph_hash[:12]}"
-        ),
+        title=f"rannc deployment: {what} on {deployment.world_size} rank(s), graph {deployment.graph_hash[:12]}",
         title_justify="left",
     )
     # Figures never wrap or shrink to an ellipsis; only module names and rank lists fold when space is short.
     table.add_column("Stage", justify="right", no_wrap=True)
+    if chunked:
+        table.add_column("Position.chunk", justify="right", no_wrap=True)
     table.add_column("Blocks", no_wrap=True)
     table.add_column("Modules", overflow="fold", min_width=12)
     table.add_column("Replicas", justify="right", no_wrap=True)
@@ -145,19 +150,29 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
         for _, title in _PART_COLUMNS:
             table.add_column(title, justify="right", no_wrap=True)
     table.add_column("Memory / rank (limit)", justify="right", no_wrap=True)
-    for index, stage in enumerate(plan.stages):
+    # A chunked plan's rows go by position, its chunks in order; a position's memory shows on its first chunk.
+    order = sorted(range(len(plan.stages)), key=lambda k: (k % plan.positions, k // plan.positions))
+    for index in order:
+        stage = plan.stages[index]
+        first_chunk = index < plan.positions
         memory = Text(format_bytes(stage.memory_bytes))
         if limit is not None and stage.memory_bytes > limit:
             memory.stylize("bold red")
         memory.append(f" / {format_bytes(limit) if limit is not None else 'unlimited'}")
+        if not first_chunk:
+            memory = Text(f"(position {index % plan.positions})")
         recompute = bool(getattr(stage, "recompute", False))
         parts = (
-            [format_bytes(float(split[index]["memory"].get(key, 0.0))) for key, _ in _PART_COLUMNS]
+            [
+                format_bytes(float(split[index]["memory"].get(key, 0.0))) if first_chunk else ""
+                for key, _ in _PART_COLUMNS
+            ]
             if split is not None
             else []
         )
         table.add_row(
             f"{index}*" if recompute else str(index),
+            *([f"{index % plan.positions}.{index // plan.positions}"] if chunked else []),
             str(stage.first_block)
             if stage.first_block == stage.last_block
             else f"{stage.first_block}-{stage.last_block}",
@@ -180,8 +195,9 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
     _fit_figures(table)
     step = plan.predicted_step_time
     rate = f"{plan.global_batch / step:.1f} samples/s" if step > 0 else "n/a samples/s"
+    schedule = f"{plan.schedule} ({plan.chunks} chunks per position)" if chunked else str(plan.schedule)
     lines = [
-        f"microbatches {plan.microbatches}, schedule {plan.schedule}, global batch {plan.global_batch}, "
+        f"microbatches {plan.microbatches}, schedule {schedule}, global batch {plan.global_batch}, "
         f"predicted step time {step * 1e3:.2f} ms, {rate}"
         + (
             f" (simulated; the cost model's sum formula gives {plan.analytic_step_time * 1e3:.2f} ms)"
@@ -193,6 +209,11 @@ def _table_and_summary(deployment: Deployment) -> tuple[Table, Text]:
         lines.append(
             "zero bubble: each backward is an I pass (input gradients, sent on at once) and a later W pass "
             "(parameter gradients) that fills the pipeline's bubbles"
+        )
+    if chunked:
+        lines.append(
+            f"virtual stage k runs on position k % {plan.positions}; rows by position, then chunk "
+            "(Position.chunk); a position's memory is on its first chunk's row"
         )
     if any(getattr(stage, "recompute", False) for stage in plan.stages):
         column = "I ms" if split_backward else "Bwd ms"

@@ -51,24 +51,27 @@ def stage_counts(problem: PlanProblem) -> list[int]:
 
 
 def searched_schedules(problem: PlanProblem, memory_only: bool = False) -> list[tuple[int, Schedule]]:
-    """Schedules worth searching, with their tie-break rank (their place in `problem.schedules`; lower wins).
+    """Schedules worth searching by the stage search, with their tie-break rank (their place in
+    `problem.schedules`, interleaved 1F1B left out; lower wins).
 
     With the same stages 1F1B and fill-drain have the same step time and fill-drain holds at least the
     memory of 1F1B, so of the two only the one listed first is searched, and 1F1B after fill-drain under a
     memory limit (it may fit where fill-drain does not). Zero bubble (a shorter step, more memory) is always
-    searched. For the least memory needed: 1F1B when it is allowed (it holds the least), otherwise every
-    allowed schedule.
+    searched. For the least memory needed: 1F1B when it is allowed (it holds the least, and stands for
+    interleaved 1F1B when that is the only one), otherwise every allowed schedule. Interleaved 1F1B has a
+    search of its own (interleave.py): empty when it is the only schedule.
     """
     known = {schedule.value for schedule in Schedule}
     unknown = [name for name in problem.schedules if name not in known]
     if unknown:
         raise PlanError(f"unknown schedule {unknown[0]!r}; use one of {sorted(known)}")
-    allowed = list(dict.fromkeys(Schedule(name) for name in problem.schedules))
+    requested = list(dict.fromkeys(Schedule(name) for name in problem.schedules))
+    allowed = [s for s in requested if s != Schedule.INTERLEAVED_1F1B]
     one_f_one_b, fill_drain = Schedule.ONE_F_ONE_B, Schedule.FILL_DRAIN
     if memory_only:
         if one_f_one_b in allowed:
             return [(allowed.index(one_f_one_b), one_f_one_b)]
-        return list(enumerate(allowed))
+        return list(enumerate(allowed)) if allowed else [(0, one_f_one_b)]
     both = one_f_one_b in allowed and fill_drain in allowed
     fill_drain_first = both and allowed.index(fill_drain) < allowed.index(one_f_one_b)
     ordered = []
@@ -89,7 +92,9 @@ def check_problem(problem: PlanProblem) -> None:
     if world < 1:
         raise PlanError(f"world size is {world}; need at least one rank")
     if not problem.schedules:
-        raise PlanError("no pipeline schedule allowed; allow '1f1b', 'zero_bubble' or 'fill_drain'")
+        raise PlanError(
+            "no pipeline schedule allowed; allow '1f1b', 'zero_bubble', 'fill_drain' or 'interleaved_1f1b'"
+        )
     searched_schedules(problem)
     batch = problem.global_batch
     if batch < 1:

@@ -40,6 +40,7 @@ from .cost import CostModel, evaluate, microbatch_counts, stage_ranges
 from .front import TIE as _TIE
 from .front import suffix_key
 from .heuristic import uniform_candidates
+from .interleave import best_interleaved, interleaved_configs, no_interleaved_message
 from .memory import fits, least_memory
 from .pareto import SuffixSearch, relaxed
 from .simulate import simulate_plan
@@ -253,22 +254,37 @@ def minimum_memory_needed(problem: PlanProblem) -> float:
 
 
 def plan_stages(problem: PlanProblem) -> Plan:
-    """The plan of least predicted step time; PlanError when no plan satisfies the constraints."""
+    """The plan of least predicted step time; PlanError when no plan satisfies the constraints.
+
+    With interleaved 1F1B among the problem's schedules, its best plan (interleave.py) replaces the other
+    schedules' when its simulated step time is shorter (the other plan is simulated for the comparison)."""
     check_problem(problem)
     model = CostModel(problem)
     searches = _Searches(problem, model)
     found = searches.run()
-    if not found:
+    plan: Plan | None = None
+    step = math.inf  # the simulated step time of `plan`
+    if found:
+        best = searches.best
+        if problem.simulate_candidates > 0:
+            chosen, step = _simulated_choice(problem, model, found, best)
+            plan = dataclasses.replace(
+                chosen, predicted_step_time=step, analytic_step_time=chosen.predicted_step_time
+            )
+        else:
+            plan = _analytic_choice(found, best).plan(problem, model)
+            if plan is None:  # pragma: no cover - the search only returns feasible candidates
+                raise PlanError("internal error: the chosen plan is not feasible")
+    if Schedule.INTERLEAVED_1F1B in problem.schedules:
+        if plan is not None and math.isinf(step):
+            step = simulate_plan(problem, plan).step_time
+        interleaved = best_interleaved(problem, model, step)
+        if interleaved is not None:
+            plan = interleaved
+    if plan is None:
+        if not searched_schedules(problem) and not interleaved_configs(problem):
+            raise PlanError(no_interleaved_message(problem))
         raise PlanError(memory_error_message(problem, minimum_memory_needed(problem)))
-    best = searches.best
-    if problem.simulate_candidates > 0:
-        plan, step = _simulated_choice(problem, model, found, best)
-        return dataclasses.replace(
-            plan, predicted_step_time=step, analytic_step_time=plan.predicted_step_time
-        )
-    plan = _analytic_choice(found, best).plan(problem, model)
-    if plan is None:  # pragma: no cover - the search only returns feasible candidates
-        raise PlanError("internal error: the chosen plan is not feasible")
     return plan
 
 

@@ -7,16 +7,19 @@ import enum
 from collections.abc import Sequence
 
 from ..schedule import Action, ActionKind, Schedule, held_microbatches, virtual_stage
+from .chunked import chunk_links, chunk_peaks, peak_activation_bytes, piece_cost, position_memory
 from .cost import (
     CostModel,
     allreduce_time,
     held_counts,
     p2p_time,
+    replica_microbatch_size,
     sent_bytes,
     split_path,
     split_tail,
     stage_links,
     step_time,
+    update_seconds_per_byte,
 )
 from .sharding import sharded_state
 from .types import Plan, PlanProblem
@@ -194,27 +197,6 @@ def peak_inflight(actions: list[Action]) -> int:
     """Most microbatches forwarded but not yet released (B, or W after a split backward) at once while running
     `actions` in order."""
     return held_microbatches(actions)
-
-
-def peak_activation_bytes(
-    actions: list[Action], chunk_bytes: Sequence[float], deferred_bytes: Sequence[float] | None = None
-) -> float:
-    """Most activation bytes held at once while running `actions`, one microbatch of chunk c holding
-    `chunk_bytes[c]` from its forward until the pass that releases it, and `deferred_bytes[c]` more from its I
-    pass until its W pass."""
-    held = peak = 0.0
-    for action in actions:
-        if action.kind == ActionKind.FORWARD:
-            held += chunk_bytes[action.chunk]
-            peak = max(peak, held)
-        elif action.kind == ActionKind.BACKWARD_INPUT and deferred_bytes is not None:
-            held += deferred_bytes[action.chunk]
-            peak = max(peak, held)
-        elif action.kind.releases:
-            held -= chunk_bytes[action.chunk]
-            if action.kind == ActionKind.BACKWARD_WEIGHT and deferred_bytes is not None:
-                held -= deferred_bytes[action.chunk]
-    return peak
 
 
 def _check(stage_times: list[StageTiming], microbatches: int) -> None:
@@ -478,6 +460,8 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
     recomputed stage, the one microbatch of activations rebuilt for its backward; what scales with the
     microbatches in flight is activation_bytes (the stashed boundary inputs when recomputing).
     """
+    if plan.chunks > 1:
+        return chunked_stage_timings(problem, plan)
     num_stages = len(plan.stages)
     model = CostModel(problem)
     links = stage_links(problem, [stage.replicas for stage in plan.stages])
@@ -540,18 +524,81 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
     return timings
 
 
+def chunked_stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
+    """StageTimings of the virtual stages of a chunked `plan` (`rannc.plan.chunked`'s pricing).
+
+    What a position holds or does once is put on its chunk 0 (the simulator adds a position's chunks up): its
+    gradient allreduce (one, over its chunks' parameters together, as the runtime reduces them), the step's user
+    inputs, the largest workspace of its chunks and, recomputing, the largest rebuilt microbatch; the rest is per
+    chunk (parameter state, receive buffers and held sends)."""
+    positions, chunks, p = plan.positions, plan.chunks, plan.microbatches
+    model = CostModel(problem)
+    replicas = [stage.replicas for stage in plan.stages[:positions]]
+    links = chunk_links(problem, replicas, chunks)
+    pieces = []
+    for k, stage in enumerate(plan.stages):
+        m = replica_microbatch_size(problem.global_batch, p, stage.replicas)
+        pieces.append(
+            piece_cost(
+                model, stage.first_block, stage.last_block, m, stage.replicas, stage.recompute, links[k]
+            )
+        )
+    timings: list[StageTiming | None] = [None] * len(pieces)
+    for s in range(positions):
+        own = list(range(s, len(pieces), positions))  # the position's virtual stages, chunk order
+        r = replicas[s]
+        actions = plan.schedule.actions(s, positions, p, chunks)
+        memory = position_memory(problem, [pieces[k] for k in own], actions, p, r)
+        held = chunk_peaks(actions, chunks)
+        params = sum(pieces[k].params for k in own)
+        inter = links[s][2]
+        first = plan.stages[s]
+        for c, k in enumerate(own):
+            piece = pieces[k]
+            io = piece.in_bytes + piece.out_bytes
+            parts = {
+                "parameters": piece.params,
+                "gradients": piece.params,
+                "optimizer": piece.params * problem.opt_param_factor / (r if problem.zero_optimizer else 1),
+                "buffers": 2 * io + sent_bytes(piece.in_bytes, piece.out_bytes, p, held[c]),
+            }
+            if c == 0:
+                once = ("inputs", "workspace", "recompute workspace")
+                parts.update({name: value for name, value in memory.parts.items() if name in once})
+            timings[k] = StageTiming(
+                fwd=piece.fwd,
+                bwd=piece.bwd,
+                comm_in=piece.comm_in,
+                comm_out=piece.comm_out,
+                allreduce=allreduce_time(problem, params, r, inter) if c == 0 else 0.0,
+                update=piece.params * update_seconds_per_byte(problem, r),
+                allreduce_exposed=(
+                    allreduce_time(
+                        problem, problem.range_param_bytes[first.first_block][first.first_block], r, inter
+                    )
+                    if problem.overlap_grad_sync and c == 0
+                    else None
+                ),
+                overlap=problem.allreduce_overlap,
+                activation_bytes=piece.activation,
+                static_bytes=sum(parts.values()),
+                memory_parts=parts,
+            )
+    return [t for t in timings if t is not None]
+
+
 def shared_allreduces(problem: PlanProblem, plan: Plan) -> list[tuple[float, tuple[int, ...]]]:
-    """(seconds, stages) of the gradient allreduce of every parameter the plan puts on several stages: over
-    every rank of those stages, beyond what each stage's own allreduce among its replicas already moved."""
+    """(seconds, stages) of the gradient allreduce of every parameter the plan puts on several stages (of several
+    positions, when chunked): over every rank of those stages, beyond what each stage's own allreduce among its replicas already moved."""
     stage_of_block = {
         b: s for s, st in enumerate(plan.stages) for b in range(st.first_block, st.last_block + 1)
     }
     found = []
     for nbytes, blocks in problem.shared_params:
         holders = tuple(sorted({stage_of_block[b] for b in blocks}))
-        if len(holders) < 2:
+        if len({s % plan.positions for s in holders}) < 2:  # one position's chunks: its own allreduce
             continue
-        ranks = [rank for s in holders for rank in plan.stages[s].ranks]
+        ranks = sorted({rank for s in holders for rank in plan.stages[s].ranks})
         g = problem.gpus_per_node
         inter = g is not None and len({rank // g for rank in ranks}) > 1
         seconds = allreduce_time(problem, nbytes, len(ranks), inter)
@@ -567,6 +614,7 @@ def simulate_plan(problem: PlanProblem, plan: Plan, *, rendezvous: bool = True) 
         stage_timings(problem, plan),
         plan.microbatches,
         plan.schedule,
+        chunks=plan.chunks,
         rendezvous=rendezvous,
         shared=shared_allreduces(problem, plan),
     )

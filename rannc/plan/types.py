@@ -211,6 +211,10 @@ class PlanProblem:
     # different stages, every rank holding the parameter joins one gradient allreduce; the simulator and the
     # report charge it (the search does not).
     shared_params: tuple[tuple[float, tuple[int, ...]], ...] = ()
+    # Interleaved 1F1B (a schedule in `schedules`): force the chunks (model chunks per position, >= 2; None: every
+    # count from 2 up to the blocks per position, at most max_chunks).
+    chunks: int | None = None
+    max_chunks: int = 8
     # Final choice by the simulator: the search finds the least analytic step time exactly, then simulates up
     # to this many of the distinct candidates it met within SIMULATE_WINDOW of that optimum (cheapest first)
     # and returns the one of least simulated step time (rendezvous waits, unbalanced bubbles, shared-parameter
@@ -240,7 +244,7 @@ class StagePlan:
     allreduce_time: float
     param_bytes: float
     activation_bytes: float  # activations held at peak (per microbatch x microbatches in flight)
-    memory_bytes: float  # predicted peak per rank
+    memory_bytes: float  # predicted peak per rank (chunked plans: the position's, on each of its chunks)
     recompute: bool = False  # activations recomputed in backward (bwd_time includes the extra forward)
     shard: ShardLevel = ShardLevel.NONE  # how the replicas divide parameter state (1 replica: NONE)
     bwd_weight_time: float = 0.0  # of bwd_time, the seconds of the W passes (zero bubble; 0: whole backwards)
@@ -258,15 +262,32 @@ class Plan:
     global_batch: int
     world_size: int
     analytic_step_time: float | None = None  # the cost model's sum formula, when the simulator predicted
+    # Model chunks per pipeline position (interleaved 1F1B). `stages` are then the virtual stages in pipeline
+    # order, positions * chunks of them; virtual stage k runs on the ranks of position k % positions, so every
+    # chunk of a position has the same ranks (`rannc.schedule.virtual_stage`).
+    chunks: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", Schedule(self.schedule))  # ValueError for an unknown name
 
+    @property
+    def positions(self) -> int:
+        """Pipeline positions (rank groups): the stages when there is one chunk per position."""
+        return len(self.stages) // self.chunks
+
     def stage_of_rank(self, rank: int) -> int:
+        """The first (virtual) stage `rank` runs: its position's chunk 0, whose index is the position's."""
         for index, stage in enumerate(self.stages):
             if rank in stage.ranks:
                 return index
         raise KeyError(f"rank {rank} has no stage in this plan")
+
+    def stages_of_rank(self, rank: int) -> list[int]:
+        """Every (virtual) stage `rank` runs, in pipeline order: one per chunk of its position."""
+        found = [index for index, stage in enumerate(self.stages) if rank in stage.ranks]
+        if not found:
+            raise KeyError(f"rank {rank} has no stage in this plan")
+        return found
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

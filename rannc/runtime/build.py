@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from ..capture import CapturedGraph
-from ..errors import CaptureError
+from ..errors import CaptureError, RanncError
 from ..graph.analysis import GraphAnalysis, ValueKind
 from ..graph.stage import InputKind, StageGraph, build_stage
 from ..plan.types import StagePlan
@@ -21,7 +21,7 @@ from .sharding import (
     sharded_graph_module,
     stage_units,
 )
-from .stage import LocalStage
+from .stage import LocalStage, StageChunk
 
 BUFFERS = "buffers"  # process groups of replicated stages that average written buffers (GroupCache purpose)
 
@@ -36,9 +36,10 @@ class Layout:
     owner: dict[str, int]  # canonical tensor name -> the stage whose copy is authoritative
 
     def rank_sets(self, stage_ranks: list[list[int]]) -> dict[str, tuple[int, ...]]:
-        """Canonical tensor name -> the sorted ranks holding it (every replica of every stage using it)."""
+        """Canonical tensor name -> the sorted ranks holding it (every replica of every stage using it; a rank
+        running several chunks that use it counts once)."""
         return {
-            name: tuple(sorted(r for s in stages for r in stage_ranks[s]))
+            name: tuple(sorted({r for s in stages for r in stage_ranks[s]}))
             for name, stages in self.holders.items()
         }
 
@@ -119,8 +120,11 @@ def build_local_stage(
     device: torch.device,
     groups: GroupCache,
 ) -> LocalStage:
-    """`tensors` maps canonical names to the user's parameters and buffers (already on `device`)."""
-    index = next(s for s, ranks in enumerate(stage_ranks) if rank in ranks)
+    """`tensors` maps canonical names to the user's parameters and buffers (already on `device`). `stage_ranks`
+    lists the ranks of every (virtual) stage; the rank builds every stage it is in (with interleaved 1F1B, one per
+    model chunk of its position, whose stages all have the same ranks)."""
+    mine = [s for s, ranks in enumerate(stage_ranks) if rank in ranks]
+    index = mine[0]
     graphs = layout.graphs
     consumers: dict[str, list[int]] = {}
     for s, graph in enumerate(graphs):
@@ -144,7 +148,47 @@ def build_local_stage(
                 dim_order=info.dim_order,
             )
         )
-    graph = graphs[index]
+    chunks = [_chunk(captured, graphs[s], s, routes, tensors, device) for s in mine]
+    params = set(captured.params.values())
+    rank_sets: dict[tuple[int, ...], list[str]] = {}
+    for name, ranks in layout.rank_sets(stage_ranks).items():
+        if name in params:
+            rank_sets.setdefault(ranks, []).append(name)
+    grad_groups = [(ranks, sorted(names)) for ranks, names in rank_sets.items()]
+    # Replicas write buffers from their own rows; a group per replicated stage averages them (created by every
+    # rank in the same order, as new_group requires).
+    replicated = list(dict.fromkeys(tuple(ranks) for ranks in stage_ranks if len(ranks) > 1))
+    if captured.buffer_mutations:
+        groups.create_all(replicated, BUFFERS)
+    buffer_group = (
+        groups.get(tuple(stage_ranks[index]), BUFFERS)
+        if any(chunk.mutations for chunk in chunks) and tuple(stage_ranks[index]) in replicated
+        else None
+    )
+    return LocalStage(
+        chunks=chunks,
+        replica=stage_ranks[index].index(rank),
+        stage_ranks=stage_ranks,
+        routes=routes,
+        outputs=output_specs(captured, analysis, layout.stage_of_node, len(stage_ranks) - 1),
+        user_inputs=captured.user_inputs,
+        batch_symbol=captured.batch_symbol,
+        grad_sync=GradSync(grad_groups, groups, rank),
+        device=device,
+        buffer_group=buffer_group,
+        dynamic_dims=captured.dynamic_dims,
+    )
+
+
+def _chunk(
+    captured: CapturedGraph,
+    graph: StageGraph,
+    index: int,
+    routes: list[Route],
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
+) -> StageChunk:
+    """(Virtual) stage `index` on this rank: its graph's parameters, buffers and constants bound to tensors."""
     state: dict[str, torch.Tensor] = {}
     param_names: dict[str, str] = {}
     for item in graph.inputs:
@@ -158,43 +202,17 @@ def build_local_stage(
     mutations = {
         node: tensors[fqn] for node, fqn in captured.buffer_mutations.items() if node in graph.outputs
     }
-    params = set(captured.params.values())
-    rank_sets: dict[tuple[int, ...], list[str]] = {}
-    for name, ranks in layout.rank_sets(stage_ranks).items():
-        if name in params:
-            rank_sets.setdefault(ranks, []).append(name)
-    grad_groups = [(ranks, sorted(names)) for ranks, names in rank_sets.items()]
     symints = {
         item.name: _meta(captured, item.name) for item in graph.inputs if item.kind == InputKind.SYMINT
     }
-    # Replicas write buffers from their own rows; a group per replicated stage averages them (created by every
-    # rank in the same order, as new_group requires).
-    replicated = [tuple(ranks) for ranks in stage_ranks if len(ranks) > 1]
-    if captured.buffer_mutations:
-        groups.create_all(replicated, BUFFERS)
-    buffer_group = (
-        groups.get(tuple(stage_ranks[index]), BUFFERS)
-        if mutations and tuple(stage_ranks[index]) in replicated
-        else None
-    )
-    return LocalStage(
+    return StageChunk(
         index=index,
-        replica=stage_ranks[index].index(rank),
-        num_stages=len(stage_ranks),
-        stage_ranks=stage_ranks,
         graph=graph,
         routes=routes,
-        outputs=output_specs(captured, analysis, layout.stage_of_node, len(stage_ranks) - 1),
         state=state,
         param_names=param_names,
         mutations=mutations,
         symints=symints,
-        user_inputs=captured.user_inputs,
-        batch_symbol=captured.batch_symbol,
-        grad_sync=GradSync(grad_groups, groups, rank),
-        device=device,
-        buffer_group=buffer_group,
-        dynamic_dims=captured.dynamic_dims,
     )
 
 
@@ -209,11 +227,17 @@ def shard_stage(
     names = {n for n in stage.trainable if n in shards.levels}
     if not plan.shard.shards_gradients or not names:
         return
+    if len(stage.chunks) != 1:
+        raise RanncError(
+            f"a sharded stage (ZeRO-2/3) cannot run {len(stage.chunks)} model chunks on one rank; plan interleaved "
+            "1F1B without sharding (shard_stages 'none' or 'zero-1') or shard a plan of one chunk per rank"
+        )
+    chunk = stage.chunks[0]
     placeholders: dict[str, list[str]] = {}
-    for placeholder, name in stage.param_names.items():
+    for placeholder, name in chunk.param_names.items():
         if name in names:
             placeholders.setdefault(name, []).append(placeholder)
-    order = first_use_order(stage.graph.module, placeholders)
+    order = first_use_order(chunk.graph.module, placeholders)
     params = {name: stage.trainable[name] for name in order}
     total = sum(shapes[n].numel() * params[n].dtype.itemsize for n in order)
     ranks = stage.stage_ranks[stage.index]
@@ -222,7 +246,7 @@ def shard_stage(
     )
     group = groups.get(tuple(sorted(ranks)), GRADIENTS)
     sharding = StageSharding(plan.shard, units, ranks, stage.rank, group, params, shapes, stage.device)
-    module = sharded_graph_module(stage.graph.module, placeholders, sharding) if sharding.gathers else None
+    module = sharded_graph_module(chunk.graph.module, placeholders, sharding) if sharding.gathers else None
     stage.shard(sharding, module)
 
 

@@ -90,7 +90,18 @@ class OverlappedReduce:
         if name in self.finals:  # a hook fires once per backward; a second backward pass is not ours
             return
         total = self.accumulated.pop(name, None)  # owned by the call: safe to add to in place
-        self.finals[name] = grad.detach().clone() if total is None else total.add_(grad)
+        self._done(name, grad.detach().clone() if total is None else total.add_(grad))
+
+    def final(self, name: str) -> None:
+        """`name` gets no more gradient in this step (a model chunk whose backwards are over): its accumulated
+        sum (or zeros) is final."""
+        if name in self.finals:
+            return
+        total = self.accumulated.pop(name, None)
+        self._done(name, torch.zeros_like(self.params[name]) if total is None else total)
+
+    def _done(self, name: str, grad: torch.Tensor) -> None:
+        self.finals[name] = grad
         k = self.bucket_of[name]
         self.missing[k] -= 1
         while len(self.launched) < len(self.buckets) and self.missing[len(self.launched)] == 0:

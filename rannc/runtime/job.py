@@ -93,7 +93,8 @@ class Job:
         layout = stage_layout(captured, analysis, deployment.stage_nodes)
         model = ModelTensors.whole(module, rank, world_size, device)
         my_stage = plan.stage_of_rank(rank)
-        local = {name for name, stages in layout.holders.items() if my_stage in stages}
+        mine = set(plan.stages_of_rank(rank))  # one per model chunk of its position (interleaved 1F1B)
+        local = {name for name, stages in layout.holders.items() if mine & set(stages)}
         if meta:  # this rank's tensors get storage (filled below from the weights given), the rest none
             materialise(module, optimizer, model.tensors, local, device)
         _place(model.tensors, local, layout, device)
@@ -101,7 +102,8 @@ class Job:
         stage = build_local_stage(
             captured, analysis, layout, stage_ranks, rank, model.tensors, device, groups
         )
-        stage.recompute = plan.stages[my_stage].recompute or config.recompute == "always"
+        for chunk in stage.chunks:
+            chunk.recompute = plan.stages[chunk.index].recompute or config.recompute == "always"
         stage.overlap_grad_sync = config.overlap_grad_sync
         rank_sets = layout.rank_sets(stage_ranks)
         params = {name for name, _ in module.named_parameters()}

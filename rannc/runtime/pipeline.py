@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..capture.inputs import concrete_shape, sequence_sizes, symint_value
 from ..capture.modes import exact_precision, training_mode
 from ..graph.stage import InputKind
-from ..schedule import Action, ActionKind, Schedule, actions_for, backwards_before, forward_only
+from ..schedule import Action, ActionKind, Schedule, actions_for
 from ..split_backward import WeightGrads, input_grads
 from .failures import guarded, wait_all
 from .gather import GlobalBatch
@@ -23,7 +23,7 @@ from .grad_sync import OverlappedReduce
 from .layout import SampleLayout
 from .stage import LocalStage
 from .trace import current_tracer
-from .transfer import Transfer
+from .transfer import Progress, Transfer
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -90,13 +90,6 @@ class PipelineMode(enum.StrEnum):
     INFERENCE = "inference"  # none: forwards only, no graphs kept
 
 
-def _backwards_before(
-    schedule: Schedule, num_stages: int, microbatches: int, stage: int, microbatch: int
-) -> Callable[[int], bool]:
-    """Which microbatches' backwards `stage` runs before its forward of `microbatch` (its schedule's order)."""
-    return backwards_before(schedule, stage, num_stages, microbatches, microbatch).__contains__
-
-
 class PipelineCall:
     """State of one forward (and its backward): stashed activations, accumulated outputs and gradients.
 
@@ -120,64 +113,86 @@ class PipelineCall:
         self.sync_grads = sync_grads  # all-reduce gradients after this call's backward
         self.batch = batch
         self.mode = PipelineMode(mode)
-        self.schedule = schedule = Schedule(schedule)
-        self.world = len([r for ranks in stage.stage_ranks for r in ranks])
+        self.schedule = Schedule(schedule)
+        self.world = len({r for ranks in stage.stage_ranks for r in ranks})
         replicas = tuple(len(r) for r in stage.stage_ranks)
         self.layout = SampleLayout(batch.size, microbatches, replicas)
         self.microbatches = microbatches
         self.sizes = sequence_sizes(batch.leaves, stage.dynamic_dims)  # this call's sequence lengths
+        # What every position runs in this call, in order: the other positions' progress frees our sends.
+        lists = [self._ordered(position) for position in range(stage.positions)]
         self.transfer = Transfer(
-            self.layout, stage.stage_ranks, len(stage.routes), stage.batch_symbol, stage.device, self.sizes
-        )
-        # A plain function of the schedule (a bound method would make the transfer and this call a reference
-        # cycle, keeping a finished step's tensors alive until the garbage collector runs).
-        self.transfer.backwards_before = functools.partial(
-            _backwards_before, schedule, stage.num_stages, microbatches
+            self.layout,
+            stage.stage_ranks,
+            len(stage.routes),
+            stage.batch_symbol,
+            stage.device,
+            self.sizes,
+            rank=stage.rank,
+            progress=Progress(lists, stage.positions),
         )
         self.inputs = dict(zip(stage.user_inputs, batch.leaves))
         self.wants_grad = dict(zip(stage.user_inputs, batch.requires_grad))
-        self.stash: dict[
-            int, tuple[list[tuple[InputKind, str, torch.Tensor]], dict[str, torch.Tensor], int]
-        ] = {}
+        self.stash: dict[tuple[int, int], Any] = {}  # (microbatch, chunk) -> what its backward needs
         self.out_acc: dict[int, torch.Tensor] = {}
         self.out_grads: dict[int, torch.Tensor] = {}
         self.param_grads: dict[str, torch.Tensor] = {}
         self.input_grads: dict[str, torch.Tensor] = {}
         self.grad_leaf_names: list[str] = []  # leaves that require grad on this rank, set by the caller
-        # Routes whose values this stage receives (graph input order) and whose gradients it receives back.
+        # Per chunk: routes whose values it receives (graph input order) and whose gradients it receives back.
         self.received_routes = [
-            stage.route_of[i.name] for i in stage.graph.inputs if i.kind not in _LOCAL_INPUTS
+            [stage.route_of[i.name] for i in chunk.graph.inputs if i.kind not in _LOCAL_INPUTS]
+            for chunk in stage.chunks
         ]
-        self.grad_routes = [route for route in stage.produced if route.carries_grad]
-        # The microbatch of the step's last parameter-gradient pass (B, or W of a split backward).
-        passes = [
-            a.microbatch
-            for a in actions_for(schedule, stage.index, stage.num_stages, microbatches)
-            if a.kind.releases
+        self.grad_routes = [
+            [route for route in chunk.produced if route.carries_grad] for chunk in stage.chunks
         ]
-        self.last_backward = passes[-1] if passes else -1
-        self.weights: dict[int, WeightGrads | None] = {}  # split backwards: what each I leaves for its W
+        # The (microbatch, chunk) of the step's last parameter-gradient pass (B, or W of a split backward).
+        passes = [(a.microbatch, a.chunk) for a in self._schedule_actions(stage.index) if a.kind.releases]
+        self.last_backward = passes[-1] if passes else None
+        # Split backwards: what each I leaves for its W, by (microbatch, chunk).
+        self.weights: dict[tuple[int, int], WeightGrads | None] = {}
         self.overlapped: OverlappedReduce | None = None  # the gradient reduce started in the last backward
         self.replay = replay  # a second pass over an eager call's microbatches (see `replay_backward`)
         # An eager call keeps what its forwards started from, to replay them if other outputs get gradients.
         self.start = CallStart.take(stage) if self.mode == PipelineMode.EAGER else None
 
     # ---- schedule ----------------------------------------------------------------------------------
-    def actions(self) -> list[Action]:
+    def _schedule_actions(self, position: int) -> list[Action]:
+        """The schedule's actions of `position` (every chunk of it)."""
         s = self.stage
+        return actions_for(self.schedule, position, s.positions, self.microbatches, len(s.chunks))
+
+    def _ordered(self, position: int) -> list[Action]:
+        """What `position` runs in this call, in order: the schedule's actions, or its forwards and then (when
+        autograd asks) its backwards."""
+        acts = self._schedule_actions(position)
+        if self.mode == PipelineMode.EAGER:
+            return acts
+        forwards = [a for a in acts if a.kind == ActionKind.FORWARD]
         if self.mode == PipelineMode.INFERENCE:
-            return forward_only(self.microbatches)
-        acts = actions_for(self.schedule, s.index, s.num_stages, self.microbatches)
-        if self.mode == PipelineMode.DEFERRED:
-            return [a for a in acts if a.kind == ActionKind.FORWARD]
-        return acts
+            return forwards
+        return forwards + [a for a in acts if a.kind != ActionKind.FORWARD]
+
+    def actions(self) -> list[Action]:
+        """The actions of this call's forward: every action (eager), or the forwards."""
+        acts = self._schedule_actions(self.stage.index)
+        if self.mode == PipelineMode.EAGER:
+            return acts
+        return [a for a in acts if a.kind == ActionKind.FORWARD]
+
+    def _chunk_args(self, action: Action) -> dict[str, int]:
+        """Trace span args of an action of a rank running several chunks: the chunk and its (virtual) stage."""
+        if len(self.stage.chunks) == 1:
+            return {}
+        return {"chunk": action.chunk, "stage": self.stage.chunks[action.chunk].index}
 
     def run_forward(self) -> list[torch.Tensor]:
         tracer = current_tracer()  # RANNC_TRACE: one trace file per rank per step (no-op when unset)
         actions = self.actions()
         for k, action in enumerate(actions):
             self._post_receives(actions[k + 1 :])
-            with tracer.span(str(action)):
+            with tracer.span(str(action), **self._chunk_args(action)):
                 self._run(action)
         with tracer.span("wait_sends"):
             self.transfer.wait_sends()
@@ -202,14 +217,10 @@ class PipelineCall:
         tracer = current_tracer()
         with tracer.span("spread_output_grads"):
             self._spread_output_grads(grads)
-        actions = [
-            a
-            for a in actions_for(self.schedule, self.stage.index, self.stage.num_stages, self.microbatches)
-            if a.kind != ActionKind.FORWARD
-        ]
+        actions = [a for a in self._schedule_actions(self.stage.index) if a.kind != ActionKind.FORWARD]
         for k, action in enumerate(actions):
             self._post_receives(actions[k + 1 :])
-            with tracer.span(str(action)):
+            with tracer.span(str(action), **self._chunk_args(action)):
                 self._run(action)
         with tracer.span("wait_sends"):
             self.transfer.wait_sends()
@@ -285,9 +296,9 @@ class PipelineCall:
 
     def _run(self, action: Action) -> None:
         if action.kind == ActionKind.FORWARD:
-            self._forward(action.microbatch)
+            self._forward(action.microbatch, action.chunk)
         elif action.kind == ActionKind.BACKWARD_WEIGHT:
-            self._backward_weight(action.microbatch)
+            self._backward_weight(action.microbatch, action.chunk)
         else:
             self._backward(action)
 
@@ -297,26 +308,29 @@ class PipelineCall:
         when it asks for them."""
         s = self.stage
         for action in upcoming:
+            index = s.chunks[action.chunk].index
             if action.kind == ActionKind.FORWARD:
-                self.transfer.post_activations(self.received_routes, s.index, s.replica, action.microbatch)
+                routes = self.received_routes[action.chunk]
+                self.transfer.post_activations(routes, index, s.replica, action.microbatch)
                 return
             if action.kind.sends_grad:
                 if self.mode != PipelineMode.INFERENCE:
-                    self.transfer.post_grads(self.grad_routes, s.replica, action.microbatch)
+                    routes = self.grad_routes[action.chunk]
+                    self.transfer.post_grads(routes, s.replica, action.microbatch, index)
                 return
 
     # ---- one microbatch ----------------------------------------------------------------------------
-    def _forward(self, i: int) -> None:
-        s = self.stage
-        lo, hi = self.layout.rows(s.index, i, s.replica)
+    def _forward(self, i: int, c: int = 0) -> None:
+        s, chunk = self.stage, self.stage.chunks[c]
+        lo, hi = self.layout.rows(chunk.index, i, s.replica)
         grad = self.mode != PipelineMode.INFERENCE
         args: list[Any] = []
         grad_inputs: list[tuple[InputKind, str, torch.Tensor]] = []
-        received = iter(self.transfer.recv_activations(self.received_routes, s.index, s.replica, i))
-        for item in s.graph.inputs:
+        received = iter(self.transfer.recv_activations(self.received_routes[c], chunk.index, s.replica, i))
+        for item in chunk.graph.inputs:
             if item.kind.is_state:
-                value = s.state[item.name]
-                if grad and item.name in s.mutated_state:
+                value = chunk.state[item.name]
+                if grad and item.name in chunk.mutated_state:
                     # autograd (and a recompute) keeps what this forward read; the write-back below must not
                     # change it
                     value = value.clone()
@@ -330,7 +344,7 @@ class PipelineCall:
                         grad_inputs.append((InputKind.USER, item.name, value))
                 args.append(value)
             elif item.kind == InputKind.SYMINT:
-                args.append(symint_value(s.symints[item.name], s.batch_symbol, hi - lo, self.sizes))
+                args.append(symint_value(chunk.symints[item.name], s.batch_symbol, hi - lo, self.sizes))
             else:
                 route = s.route_of[item.name]
                 value = next(received)
@@ -338,20 +352,20 @@ class PipelineCall:
                     value.requires_grad_(True)
                     grad_inputs.append((InputKind.BOUNDARY, item.name, value))
                 args.append(value)
-        recompute = grad and s.recompute
+        recompute = grad and chunk.recompute
         rng = _rng_state(s.device) if recompute else None
         # A recomputed stage keeps only its inputs now and runs the forward again in backward.
         with torch.set_grad_enabled(grad and not recompute), training_mode(self.training), exact_precision():
-            outs = dict(zip(s.graph.outputs, s.run_graph(args)))
-        for route in s.produced:
+            outs = dict(zip(chunk.graph.outputs, s.run_graph(chunk, args)))
+        for route in chunk.produced:
             self.transfer.send_activation(route, outs[route.value], s.replica, i)
         if self.training:
             with torch.no_grad():
-                for node, buffer in s.mutations.items():
+                for node, buffer in chunk.mutations.items():
                     buffer.copy_(outs[node])
-        self._contribute_outputs(outs, i, lo, hi)
+        self._contribute_outputs(outs, chunk.index, i, lo, hi)
         if grad:
-            self.stash[i] = (
+            self.stash[i, c] = (
                 grad_inputs,
                 None if recompute else outs,
                 hi - lo,
@@ -360,11 +374,12 @@ class PipelineCall:
             )
 
     def _backward(self, action: Action) -> None:
-        """B: every gradient of microbatch `action.microbatch`; I: only those of its inputs (sent on at once),
-        leaving its parameter gradients to its W (`_backward_weight`), which reuses this pass's graph."""
-        s = self.stage
-        i = action.microbatch
-        grad_inputs, outs, rows, args, rng = self.stash.pop(i)
+        """B: every gradient of microbatch `action.microbatch` through its chunk; I: only those of its inputs
+        (sent on at once), leaving its parameter gradients to its W (`_backward_weight`), which reuses this
+        pass's graph."""
+        i, c = action.microbatch, action.chunk
+        s, chunk = self.stage, self.stage.chunks[c]
+        grad_inputs, outs, rows, args, rng = self.stash.pop((i, c))
         if outs is None:  # recompute: the same forward again, with the same random numbers, keeping graphs
             # enable_grad: deferred backwards run inside autograd's backward, where grad mode is off
             with (
@@ -373,8 +388,8 @@ class PipelineCall:
                 training_mode(self.training),
                 exact_precision(),
             ):
-                outs = dict(zip(s.graph.outputs, s.run_graph(args)))
-        lo, hi = self.layout.rows(s.index, i, s.replica)
+                outs = dict(zip(chunk.graph.outputs, s.run_graph(chunk, args)))
+        lo, hi = self.layout.rows(chunk.index, i, s.replica)
         seeds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def seed(tensor: torch.Tensor, grad: torch.Tensor) -> None:
@@ -383,10 +398,11 @@ class PipelineCall:
             key = id(tensor)
             seeds[key] = (tensor, grad if key not in seeds else seeds[key][1] + grad)
 
-        for route, grad in zip(self.grad_routes, self.transfer.recv_grads(self.grad_routes, s.replica, i)):
+        routes = self.grad_routes[c]
+        for route, grad in zip(routes, self.transfer.recv_grads(routes, s.replica, i, chunk.index)):
             seed(outs[route.value], grad)
         for k, spec in enumerate(s.outputs):
-            if spec.producer != s.index or spec.node is None:
+            if spec.producer != chunk.index or spec.node is None:
                 continue
             tensor = outs[spec.node]
             if spec.kind == "mean" and tensor.is_floating_point():
@@ -398,7 +414,8 @@ class PipelineCall:
                 seed(tensor, (torch.ones_like(tensor) * scale * (rows / self.batch.size)).to(tensor.dtype))
             elif spec.kind == "rows" and self.mode == PipelineMode.DEFERRED and k in self.out_grads:
                 seed(tensor, self.out_grads[k].narrow(spec.batch_dim, lo, hi - lo))
-        params = list(s.grad_params.items())  # (ZeRO-3: its parameters are reached through s.grad_anchors)
+        # (ZeRO-3: its parameters are reached through s.grad_anchors)
+        params = list(chunk.grad_params.items())
         inputs = [t for _, _, t in grad_inputs]
         targets = [t for t, _ in seeds.values()]
         grads = [g for _, g in seeds.values()]
@@ -407,8 +424,8 @@ class PipelineCall:
                 found, weights = input_grads(targets, grads, inputs, [p for _, p in params], s.grad_anchors)
             else:
                 found, weights = [None] * len(inputs), None
-            self.weights[i] = weights
-            self._deliver_input_grads(grad_inputs, found, i, lo, hi)
+            self.weights[i, c] = weights
+            self._deliver_input_grads(grad_inputs, found, action, lo, hi)
             return
         wrt = [p for _, p in params] + inputs + s.grad_anchors
         with self._reducing(action, params) as reduced:
@@ -418,13 +435,14 @@ class PipelineCall:
                 results = [None] * len(wrt)
         s.backward_done(self.param_grads)
         self._add_param_grads(params, results[: len(params)], reduced)
-        self._deliver_input_grads(grad_inputs, results[len(params) :], i, lo, hi)
+        self._deliver_input_grads(grad_inputs, results[len(params) :], action, lo, hi)
 
-    def _backward_weight(self, i: int) -> None:
-        """W: the parameter gradients of microbatch `i` from what its I pass caught (and then its graph goes)."""
-        weights = self.weights.pop(i)
-        params = list(self.stage.grad_params.items())
-        with self._reducing(Action(ActionKind.BACKWARD_WEIGHT, i), params) as reduced:
+    def _backward_weight(self, i: int, c: int = 0) -> None:
+        """W: the parameter gradients of microbatch `i` through chunk `c` from what its I pass caught (and then
+        its graph goes)."""
+        weights = self.weights.pop((i, c))
+        params = list(self.stage.chunks[c].grad_params.items())
+        with self._reducing(Action(ActionKind.BACKWARD_WEIGHT, i, c), params) as reduced:
             results = weights.compute() if weights is not None else [None] * len(params)
         self.stage.backward_done(self.param_grads)  # (ZeRO-3: the units W reached were reduced in it)
         self._add_param_grads(params, results, reduced)
@@ -434,10 +452,14 @@ class PipelineCall:
         """Around the step's last parameter-gradient pass: start the reduce of the gradients this stage shares
         with its replicas, fed by hooks as that pass makes each final. Yields the names it reduces."""
         hooks = []
-        if action.microbatch == self.last_backward and action.kind.releases and self.sync_grads:
+        last = (action.microbatch, action.chunk) == self.last_backward and action.kind.releases
+        if last and self.sync_grads and self.mode != PipelineMode.INFERENCE:
             # the gradients are final as this pass produces them: reduce them while it goes on
             self.overlapped = self.stage.start_overlapped_reduce(self.param_grads)
             if self.overlapped is not None:
+                # the other chunks ran their last backwards already: their gradients are final now
+                for name in self.overlapped.names - self.stage.chunks[action.chunk].trainable.keys():
+                    self.overlapped.final(name)
                 hooks = [
                     param.register_hook(functools.partial(self.overlapped.ready, name))
                     for name, param in params
@@ -467,25 +489,27 @@ class PipelineCall:
         self,
         grad_inputs: list[tuple[InputKind, str, torch.Tensor]],
         results: Sequence[torch.Tensor | None],
-        i: int,
+        action: Action,
         lo: int,
         hi: int,
     ) -> None:
         """Send the gradients of received inputs back to their producers; add those of the user's inputs up."""
-        s = self.stage
+        s, i = self.stage, action.microbatch
         for (kind, name, tensor), g in zip(grad_inputs, results):
             g = torch.zeros_like(tensor) if g is None else g
             if kind == InputKind.BOUNDARY:
-                self.transfer.send_grad(s.route_of[name], g, s.index, s.replica, i)
+                self.transfer.send_grad(s.route_of[name], g, s.chunks[action.chunk].index, s.replica, i)
             else:
                 total = self.input_grads.setdefault(name, torch.zeros_like(self.inputs[name]))
                 total.narrow(0, lo, hi - lo).add_(g)
 
     # ---- outputs -------------------------------------------------------------------------------------
-    def _contribute_outputs(self, outs: dict[str, torch.Tensor], i: int, lo: int, hi: int) -> None:
+    def _contribute_outputs(
+        self, outs: dict[str, torch.Tensor], producer: int, i: int, lo: int, hi: int
+    ) -> None:
         s = self.stage
         for k, spec in enumerate(s.outputs):
-            if spec.producer != s.index or spec.node is None:
+            if spec.producer != producer or spec.node is None:
                 continue
             value = outs[spec.node].detach()
             if spec.kind == "rows":

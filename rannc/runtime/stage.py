@@ -17,29 +17,18 @@ from .sharding import StageSharding
 
 
 @dataclasses.dataclass
-class LocalStage:
-    """Everything the runtime needs on this rank; built once from the plan, read on every step."""
+class StageChunk:
+    """One (virtual) stage this rank runs: its graph and local tensors. A rank runs one per model chunk of its
+    position (interleaved 1F1B), one in every other plan."""
 
-    index: int
-    replica: int
-    num_stages: int
-    stage_ranks: list[list[int]]
+    index: int  # the (virtual) stage, in pipeline order
     graph: StageGraph
-    routes: list[Route]  # every route of the deployment, same order on all ranks
-    outputs: list[OutputSpec]  # every flat user output, same order on all ranks
+    routes: list[Route]  # every route of the deployment (producers and consumers are virtual stages)
     state: dict[str, torch.Tensor]  # placeholder name -> local tensor (parameters are the user's objects)
     param_names: dict[str, str]  # parameter placeholder -> canonical name
     mutations: dict[str, torch.Tensor]  # node name -> buffer it is written back into
     symints: dict[str, Any]  # node name -> SymInt meta value (recomputed from the local row count)
-    user_inputs: list[str]  # placeholder per flat call leaf
-    batch_symbol: Any
-    grad_sync: GradSync
-    device: torch.device
-    dynamic_dims: list[DynamicDim] = dataclasses.field(default_factory=list)  # sequence dims of the inputs
-    buffer_group: Any = None  # process group of this stage's replicas, to average written buffers (or None)
     recompute: bool = False  # keep only stage inputs per microbatch; run the forward again in backward
-    overlap_grad_sync: bool = True  # reduce replica-shared gradients during the step's last backward
-    sharding: StageSharding | None = None  # ZeRO-2/3: this stage's parameters and gradients divided (`shard`)
 
     def __post_init__(self) -> None:
         self.route_of = {r.value: r for r in self.routes}
@@ -51,14 +40,70 @@ class LocalStage:
                 unique.setdefault(canonical, tensor)
         self.trainable = unique  # canonical -> Parameter, deduplicated (tied weights appear once)
         self.grad_params = unique  # the parameters backward differentiates (all but ZeRO-3's, see `shard`)
-        self.grad_anchors: list[torch.Tensor] = []  # more leaves backward differentiates (ZeRO-3's gathers)
+        self.sharded_module: Any = None  # ZeRO-3: the graph that gathers its parameters unit by unit
         written = [id(buffer) for buffer in self.mutations.values()]
         # buffer placeholders the forward writes back into (BatchNorm's running statistics, counters)
         self.mutated_state = frozenset(name for name, tensor in self.state.items() if id(tensor) in written)
+
+
+@dataclasses.dataclass
+class LocalStage:
+    """Everything the runtime needs on this rank; built once from the plan, read on every step.
+
+    The rank runs `chunks` (one stage, or with interleaved 1F1B one virtual stage per model chunk of its
+    position); what it shares with its replicas (gradients, written buffers) is synced for all chunks at once."""
+
+    chunks: list[StageChunk]  # chunk order (pipeline order)
+    replica: int
+    stage_ranks: list[list[int]]  # per (virtual) stage
+    routes: list[Route]  # every route of the deployment, same order on all ranks
+    outputs: list[OutputSpec]  # every flat user output, same order on all ranks
+    user_inputs: list[str]  # placeholder per flat call leaf
+    batch_symbol: Any
+    grad_sync: GradSync
+    device: torch.device
+    dynamic_dims: list[DynamicDim] = dataclasses.field(default_factory=list)  # sequence dims of the inputs
+    buffer_group: Any = None  # process group of this stage's replicas, to average written buffers (or None)
+    overlap_grad_sync: bool = True  # reduce replica-shared gradients during the step's last backward
+    sharding: StageSharding | None = None  # ZeRO-2/3: this stage's parameters and gradients divided (`shard`)
+
+    def __post_init__(self) -> None:
+        self.route_of = {r.value: r for r in self.routes}
+        self.grad_anchors: list[torch.Tensor] = []  # more leaves backward differentiates (ZeRO-3's gathers)
+        unique: dict[str, torch.Tensor] = {}
+        for chunk in self.chunks:
+            for name, param in chunk.trainable.items():
+                unique.setdefault(name, param)
+        self.trainable = unique  # canonical -> Parameter over every chunk (tied weights appear once)
+        self.mutations = {node: buffer for chunk in self.chunks for node, buffer in chunk.mutations.items()}
         self.pending: dict[str, torch.Tensor] = {}  # gradients computed here and not yet all-reduced
         self.after_sync: Any = None  # called once after the next gradient sync (verification mode)
-        # (group, buckets) of the gradients shared with exactly this stage's replicas; None: there are none
+        # (group, buckets) of the gradients shared with exactly this position's replicas; None: there are none
         self._overlap_plan = self.grad_sync.overlapped(tuple(self.stage_ranks[self.index]), self.trainable)
+
+    @property
+    def index(self) -> int:
+        """The rank's first (virtual) stage, whose index is its position's."""
+        return self.chunks[0].index
+
+    @property
+    def num_stages(self) -> int:
+        """(Virtual) stages of the pipeline."""
+        return len(self.stage_ranks)
+
+    @property
+    def positions(self) -> int:
+        """Pipeline positions (rank groups): the stages, with one chunk per position."""
+        return self.num_stages // len(self.chunks)
+
+    @property
+    def recompute(self) -> bool:
+        return any(chunk.recompute for chunk in self.chunks)
+
+    @recompute.setter
+    def recompute(self, value: bool) -> None:
+        for chunk in self.chunks:
+            chunk.recompute = value
 
     def start_overlapped_reduce(self, accumulated: dict[str, torch.Tensor]) -> OverlappedReduce | None:
         """A reduce of the gradients this stage shares with its replicas only, to be fed by gradient hooks
@@ -72,23 +117,24 @@ class LocalStage:
         return OverlappedReduce(group, buckets, self.trainable, accumulated)
 
     def shard(self, sharding: StageSharding, module: Any) -> None:
-        """Run as a ZeRO-2/3 stage (`module`: the graph that gathers parameters, for ZeRO-3; else None)."""
+        """Run as a ZeRO-2/3 stage (`module`: the graph that gathers parameters, for ZeRO-3; else None); only a
+        rank of one chunk (`build.shard_stage` refuses the others)."""
+        (chunk,) = self.chunks
         self.sharding = sharding
-        if module is not None:
-            self._sharded_module = module
+        chunk.sharded_module = module
         gathered = sharding.names if sharding.gathers else frozenset()
         # parameters autograd differentiates directly (ZeRO-3's reach their owners through the gathers)
-        self.grad_params = {n: p for n, p in self.trainable.items() if n not in gathered}
+        chunk.grad_params = {n: p for n, p in chunk.trainable.items() if n not in gathered}
         self.grad_anchors = list(sharding.anchors) if sharding.gathers else []
 
-    def run_graph(self, args: list[Any]) -> Any:
-        """The stage graph on one microbatch's arguments (ZeRO-3: gathering its parameters unit by unit)."""
+    def run_graph(self, chunk: StageChunk, args: list[Any]) -> Any:
+        """`chunk`'s graph on one microbatch's arguments (ZeRO-3: gathering its parameters unit by unit)."""
         if self.sharding is None or not self.sharding.gathers:
-            return self.graph.module(*args)
+            return chunk.graph.module(*args)
         if not torch.is_grad_enabled():
-            return self._sharded_module(*args)
+            return chunk.sharded_module(*args)
         with self.sharding.saving():
-            return self._sharded_module(*args)
+            return chunk.sharded_module(*args)
 
     def backward_done(self, param_grads: dict[str, torch.Tensor]) -> None:
         """After one microbatch's backward: add ZeRO-3's reduced gradients (this rank's owned) to `param_grads`."""
@@ -152,7 +198,7 @@ class LocalStage:
         if not floating:
             return
         flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in floating])
-        what = f"averaging the written buffers of stage {self.index} over its replicas"
+        what = f"averaging the written buffers of stage {self.index} over its replicas"  # every chunk's
         with guarded(lambda: what):
             work = dist.all_reduce(flat, group=self.buffer_group, async_op=True)
         wait_all([work], lambda: what)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ..capture.inputs import concrete_shape
 from ..plan.cost import SEND_WINDOW
+from ..schedule import Action, ActionKind
 from .failures import guarded, wait_all
 from .layout import SampleLayout
 from .routes import Route
@@ -20,8 +21,61 @@ def _tag(route: Route, microbatch: int, num_routes: int, backward: bool) -> int:
     return ((microbatch * num_routes + route.index) * 2 + int(backward)) % (2**31 - 1)
 
 
+class _Send(NamedTuple):
+    """Sends started together, whose buffers stay referenced until released."""
+
+    works: list[Any]
+    ops: list[dist.P2POp]
+    kind: str  # "act" | "grad"
+    microbatch: int
+    peers: frozenset[int]
+    needs: list[tuple[int, int]]  # (peer, index of the action that consumes the send in the peer's list)
+    stage: int  # the (virtual) stage that sent them
+
+
+class Progress:
+    """How far each position's ranks have provably got in their action lists, from the messages received.
+
+    A rank runs its list in order and waits for an action's inputs before computing it, so a message it sent
+    from action X means that it has received everything its actions up to X consumed. `lists[p]` is position
+    p's actions in the order they run in this call (the forwards, then the backwards, when the backwards run
+    later); a forward is known by ("F", microbatch, chunk) and the backward pass that sends input gradients (B
+    or I) by ("G", microbatch, chunk)."""
+
+    def __init__(self, lists: list[list[Action]], positions: int) -> None:
+        self.positions = positions
+        self.index: list[dict[tuple[str, int, int], int]] = []
+        for actions in lists:
+            found: dict[tuple[str, int, int], int] = {}
+            for k, action in enumerate(actions):
+                if action.kind == ActionKind.FORWARD:
+                    found[("F", action.microbatch, action.chunk)] = k
+                elif action.kind.sends_grad:
+                    found[("G", action.microbatch, action.chunk)] = k
+            self.index.append(found)
+        self.done: dict[int, int] = {}  # rank -> index of its last action known done
+
+    def at(self, pass_: str, microbatch: int, stage: int) -> tuple[int, int]:
+        """(position, index in its list) of the pass ("F" or "G") of `microbatch` through (virtual) `stage`;
+        index -1 when the position does not run it in this call (e.g. no backwards in inference)."""
+        position, chunk = stage % self.positions, stage // self.positions
+        return position, self.index[position].get((pass_, microbatch, chunk), -1)
+
+    def heard(self, rank: int, pass_: str, microbatch: int, stage: int) -> None:
+        """`rank` sent what its pass through `stage` of `microbatch` produced."""
+        _, index = self.at(pass_, microbatch, stage)
+        self.done[rank] = max(self.done.get(rank, -1), index)
+
+    def has(self, rank: int, index: int) -> bool:
+        """Whether `rank` has provably finished the action at `index` of its list."""
+        return index >= 0 and self.done.get(rank, -1) >= index
+
+
 class Transfer:
-    """Sends and receives the pieces of each route; pieces are the overlaps of replicas' row ranges."""
+    """Sends and receives the pieces of each route; pieces are the overlaps of replicas' row ranges.
+
+    Stages are the plan's (virtual) stages. A piece whose sender and receiver are this rank (two chunks of one
+    position, interleaved 1F1B) is handed over in memory instead of being sent."""
 
     def __init__(
         self,
@@ -31,6 +85,8 @@ class Transfer:
         symbol: Any,
         device: torch.device,
         sizes: dict[Any, int] | None = None,
+        rank: int = -1,
+        progress: Progress | None = None,
     ) -> None:
         self.layout = layout
         self.stage_ranks = stage_ranks
@@ -38,15 +94,17 @@ class Transfer:
         self.symbol = symbol
         self.sizes = sizes or {}  # this call's sequence lengths (symbols other than the batch)
         self.device = device
-        # Sends in flight: (works, ops, "act" | "grad", microbatch, peer ranks); their buffers stay referenced
-        # until they complete (release_completed), `release` learns that the peers have them, a newer send needs
-        # the room (at most SEND_WINDOW microbatches of each kind are held) or wait_sends at the step's end.
-        self.pending: list[tuple[list[Any], list[dist.P2POp], str, int, frozenset[int]]] = []
-        # Receives posted ahead of need: ("act" | "grad", microbatch) -> (works, buffers, describe, peers)
-        self.posted: dict[tuple[str, int], Any] = {}
-        # (producer stage, microbatch j) -> which microbatches' backwards that stage ran before its forward of j
-        # (set by the pipeline from its schedule; None: gradient sends are kept until wait_sends).
-        self.backwards_before: Callable[[int, int], Callable[[int], bool]] | None = None
+        self.rank = rank
+        # Which other ranks have provably received what (None: sends are kept until wait_sends).
+        self.progress = progress
+        # Sends in flight; their buffers stay referenced until they complete (release_completed), the progress
+        # shows that every peer has them, a newer send needs the room (at most SEND_WINDOW (microbatch, stage)
+        # pairs of each kind are held) or wait_sends at the step's end.
+        self.pending: list[_Send] = []
+        # Receives posted ahead of need: ("act" | "grad", microbatch, stage) -> (works, buffers, describe, heard)
+        self.posted: dict[tuple[str, int, int], Any] = {}
+        # Pieces handed over on this rank: (tag, first global row) -> tensor
+        self.local: dict[tuple[int, int], torch.Tensor] = {}
 
     def _empty(self, route: Route, rows: int) -> torch.Tensor:
         shape = concrete_shape(route.shape, self.symbol, rows, self.sizes)
@@ -56,30 +114,34 @@ class Transfer:
         """Post the receives of this replica's rows of every route's value for `microbatch` now (all at once, so
         a sender serves them together); `recv_activations` waits for them. Posting ahead of need lets the data
         arrive while this rank still computes."""
-        key = ("act", microbatch)
+        key = ("act", microbatch, stage)
         if key in self.posted or not routes:
             return
         ops: list[dist.P2POp] = []
-        parts: list[tuple[Route, list[torch.Tensor]]] = []
-        producers: set[int] = set()
+        parts: list[tuple[Route, list[torch.Tensor | tuple[int, int]]]] = []
+        heard: list[tuple[int, str, int, int]] = []  # (peer, pass, microbatch, stage) the data proves done
         for route in routes:
             pieces = [p for p in self.layout.pieces(route.producer, stage, microbatch) if p[1] == replica]
             tag = _tag(route, microbatch, self.num_routes, False)
-            buffers = []
+            buffers: list[torch.Tensor | tuple[int, int]] = []
             for jp, _, (a, b) in pieces:
+                peer = self.stage_ranks[route.producer][jp]
+                if peer == self.rank:
+                    buffers.append((tag, a))  # handed over by this rank's own send_activation
+                    continue
                 shape = route.packed_shape(concrete_shape(route.shape, self.symbol, b - a, self.sizes))
                 buf = torch.empty(shape, dtype=route.dtype, device=self.device)
-                peer = self.stage_ranks[route.producer][jp]
                 ops.append(dist.P2POp(dist.irecv, buf, peer, tag=tag))
-                producers.add(peer)
+                heard.append((peer, "F", microbatch, route.producer))
                 buffers.append(buf)
             parts.append((route, buffers))
+        producers = sorted({op.peer for op in ops})
 
         def describe() -> str:
             names = ", ".join(r.value for r in routes)
-            return f"receiving {names} for microbatch {microbatch} from rank(s) {sorted(producers)}"
+            return f"receiving {names} for microbatch {microbatch} from rank(s) {producers}"
 
-        self.posted[key] = (_post(ops, describe), parts, describe, frozenset(op.peer for op in ops))
+        self.posted[key] = (_post(ops, describe), parts, describe, heard)
 
     def recv_activations(
         self, routes: list[Route], stage: int, replica: int, microbatch: int
@@ -88,28 +150,30 @@ class Transfer:
         if not routes:
             return []
         self.post_activations(routes, stage, replica, microbatch)
-        works, parts, describe, peers = self.posted.pop(("act", microbatch))
+        works, parts, describe, heard = self.posted.pop(("act", microbatch, stage))
         _wait(works, f"recv_act{microbatch}", describe)
-        if self.backwards_before is not None:  # the producers ran those backwards: our gradients reached them
-            for producer in {route.producer for route in routes}:
-                ranks = set(peers) & set(self.stage_ranks[producer])
-                self.release("grad", ranks, self.backwards_before(producer, microbatch))
+        self._heard(heard)
         lo, hi = self.layout.rows(stage, microbatch, replica)
         results = []
         while parts:  # popped: a received buffer that unpacking copied is freed at once
             route, buffers = parts.pop(0)
-            packed = buffers[0] if len(buffers) == 1 else torch.cat(buffers, dim=route.packed_batch_dim)
+            pieces = [self.local.pop(b) if isinstance(b, tuple) else b for b in buffers]
             del buffers
+            packed = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=route.packed_batch_dim)
+            del pieces
             result = route.unpack(packed)  # the producer's memory layout: exported views depend on strides
             del packed
             assert result.shape[route.batch_dim] == hi - lo
             results.append(result)
         return results
 
-    def _consumer_pieces(self, route: Route, replica: int, microbatch: int) -> list[tuple[int, int, int]]:
-        """(consumer rank, first row, end row) of every piece of this producer replica's rows of `route`."""
+    def _consumer_pieces(
+        self, route: Route, replica: int, microbatch: int
+    ) -> list[tuple[int, int, int, int]]:
+        """(consumer rank, first row, end row, consumer stage) of every piece of this producer replica's rows of
+        `route`."""
         return [
-            (self.stage_ranks[consumer][jc], a, b)
+            (self.stage_ranks[consumer][jc], a, b, consumer)
             for consumer in route.consumers
             for jp, jc, (a, b) in self.layout.pieces(route.producer, consumer, microbatch)
             if jp == replica
@@ -118,37 +182,56 @@ class Transfer:
     def send_activation(self, route: Route, value: torch.Tensor, replica: int, microbatch: int) -> None:
         lo, _ = self.layout.rows(route.producer, microbatch, replica)
         tag = _tag(route, microbatch, self.num_routes, False)
-        ops = []
-        for peer, a, b in self._consumer_pieces(route, replica, microbatch):
+        ops, needs = [], []
+        for peer, a, b, consumer in self._consumer_pieces(route, replica, microbatch):
             piece = route.pack(value.detach().narrow(route.batch_dim, a - lo, b - a))
+            if peer == self.rank:
+                self.local[tag, a] = piece.clone()  # its own tensor, as a received one would be
+                continue
             ops.append(dist.P2POp(dist.isend, piece, peer, tag=tag))
-        self._start(ops, "act", microbatch)
+            needs.append((peer, self._consumer_index("F", microbatch, consumer)))
+        self._start(ops, "act", microbatch, needs, route.producer)
 
     def send_grad(self, route: Route, grad: torch.Tensor, stage: int, replica: int, microbatch: int) -> None:
         lo, _ = self.layout.rows(stage, microbatch, replica)
         tag = _tag(route, microbatch, self.num_routes, True)
-        ops = []
+        ops, needs = [], []
         for jp, jc, (a, b) in self.layout.pieces(route.producer, stage, microbatch):
             if jc == replica:
                 piece = grad.narrow(route.batch_dim, a - lo, b - a).contiguous()
-                ops.append(dist.P2POp(dist.isend, piece, self.stage_ranks[route.producer][jp], tag=tag))
-        self._start(ops, "grad", microbatch)
+                peer = self.stage_ranks[route.producer][jp]
+                if peer == self.rank:
+                    self.local[tag, a] = piece.clone()
+                    continue
+                ops.append(dist.P2POp(dist.isend, piece, peer, tag=tag))
+                needs.append((peer, self._consumer_index("G", microbatch, route.producer)))
+        self._start(ops, "grad", microbatch, needs, stage)
 
-    def post_grads(self, routes: list[Route], replica: int, microbatch: int) -> None:
+    def _consumer_index(self, pass_: str, microbatch: int, stage: int) -> int:
+        """Index of the action consuming a send in its receiver's list (-1: unknown, kept until wait_sends)."""
+        return self.progress.at(pass_, microbatch, stage)[1] if self.progress is not None else -1
+
+    def post_grads(self, routes: list[Route], replica: int, microbatch: int, stage: int) -> None:
         """Post the receives of the gradients every consumer sends back for this replica's rows of each route's
-        value for `microbatch` (all at once); `recv_grads` waits for them and sums."""
-        key = ("grad", microbatch)
+        value for `microbatch` (all at once; `stage` produced the routes); `recv_grads` waits for them and
+        sums."""
+        key = ("grad", microbatch, stage)
         if key in self.posted or not routes:
             return
         ops: list[dist.P2POp] = []
-        parts: list[tuple[Route, list[tuple[torch.Tensor, int]]]] = []
+        parts: list[tuple[Route, list[tuple[torch.Tensor | tuple[int, int], int]]]] = []
+        heard: list[tuple[int, str, int, int]] = []
         for route in routes:
             lo, _ = self.layout.rows(route.producer, microbatch, replica)
             tag = _tag(route, microbatch, self.num_routes, True)
-            received = []
-            for peer, a, b in self._consumer_pieces(route, replica, microbatch):
+            received: list[tuple[torch.Tensor | tuple[int, int], int]] = []
+            for peer, a, b, consumer in self._consumer_pieces(route, replica, microbatch):
+                if peer == self.rank:
+                    received.append(((tag, a), a - lo))
+                    continue
                 buf = self._empty(route, b - a)
                 ops.append(dist.P2POp(dist.irecv, buf, peer, tag=tag))
+                heard.append((peer, "G", microbatch, consumer))
                 received.append((buf, a - lo))
             parts.append((route, received))
 
@@ -157,18 +240,19 @@ class Transfer:
             consumers = sorted({c for r in routes for c in r.consumers})
             return f"receiving the gradients of {names} for microbatch {microbatch} from stage(s) {consumers}"
 
-        self.posted[key] = (_post(ops, describe), parts, describe, frozenset(op.peer for op in ops))
+        self.posted[key] = (_post(ops, describe), parts, describe, heard)
 
-    def recv_grads(self, routes: list[Route], replica: int, microbatch: int) -> list[torch.Tensor]:
+    def recv_grads(
+        self, routes: list[Route], replica: int, microbatch: int, stage: int
+    ) -> list[torch.Tensor]:
         """For each route: the sum of the gradients every consumer sends back for this replica's rows of the
         value (posting the receives unless done)."""
         if not routes:
             return []
-        self.post_grads(routes, replica, microbatch)
-        works, parts, describe, peers = self.posted.pop(("grad", microbatch))
+        self.post_grads(routes, replica, microbatch, stage)
+        works, parts, describe, heard = self.posted.pop(("grad", microbatch, stage))
         _wait(works, f"recv_grad{microbatch}", describe)
-        # Those consumers ran this microbatch's forward (and every earlier one): they have our activations.
-        self.release("act", set(peers), lambda sent: sent <= microbatch)
+        self._heard(heard)
         totals = []
         for route, received in parts:
             lo, hi = self.layout.rows(route.producer, microbatch, replica)
@@ -178,60 +262,66 @@ class Transfer:
                 device=self.device,
             )
             for buf, offset in received:
-                total.narrow(route.batch_dim, offset, buf.shape[route.batch_dim]).add_(buf)
+                piece = self.local.pop(buf) if isinstance(buf, tuple) else buf
+                total.narrow(route.batch_dim, offset, piece.shape[route.batch_dim]).add_(piece)
             totals.append(total)
         return totals
 
-    def _start(self, ops: list[dist.P2POp], kind: str, microbatch: int) -> None:
+    def _heard(self, heard: list[tuple[int, str, int, int]]) -> None:
+        """Received data proves how far its senders got: release the sends they have consumed."""
+        if self.progress is None or not heard:
+            return
+        for peer, pass_, microbatch, stage in heard:
+            self.progress.heard(peer, pass_, microbatch, stage)
+        progress = self.progress
+        self._wait_for([s for s in self.pending if all(progress.has(peer, index) for peer, index in s.needs)])
+
+    def _start(
+        self, ops: list[dist.P2POp], kind: str, microbatch: int, needs: list[tuple[int, int]], stage: int
+    ) -> None:
         if ops:
             self.release_completed()
-            self._make_room(kind, microbatch)
+            self._make_room(kind, microbatch, stage)
             with guarded(lambda: _sending(ops)):
                 works = dist.batch_isend_irecv(ops)
-            self.pending.append((works, ops, kind, microbatch, frozenset(op.peer for op in ops)))
+            peers = frozenset(op.peer for op in ops)
+            self.pending.append(_Send(works, ops, kind, microbatch, peers, needs, stage))
 
-    def _make_room(self, kind: str, microbatch: int) -> None:
-        """Before sending `kind` for a new microbatch, wait for the oldest sends of that kind until those of fewer
-        than SEND_WINDOW microbatches are held, so that what a rank holds in sends is bounded whatever the number
-        of microbatches (the planner charges SEND_WINDOW microbatches: plan.cost.sent_bytes). The receivers post
-        their receives one action ahead, so in the pipelined schedules the wait is for a receive already posted."""
-        held = sorted({m for _, _, k, m, _ in self.pending if k == kind and m != microbatch})
+    def _make_room(self, kind: str, microbatch: int, stage: int) -> None:
+        """Before sending `kind` for a new (microbatch, stage), wait for the oldest sends of that kind until those
+        of fewer than SEND_WINDOW (microbatch, stage) pairs are held, so that what a rank holds in sends is bounded
+        whatever the number of microbatches (the planner charges SEND_WINDOW microbatches: plan.cost.sent_bytes).
+        The receivers post their receives one action ahead, so in the pipelined schedules the wait is for a
+        receive already posted (tests/runtime/test_send_release.py checks the protocol for every schedule)."""
+        held = sorted(
+            {(s.microbatch, s.stage) for s in self.pending if s.kind == kind} - {(microbatch, stage)}
+        )
         if len(held) < SEND_WINDOW:
             return
         oldest = set(held[: len(held) - SEND_WINDOW + 1])
-        kept = []
         with current_tracer().span(f"wait_send_{kind}"):
-            for entry in self.pending:
-                works, ops, sent_kind, sent, _ = entry
-                if sent_kind == kind and sent in oldest:
-                    wait_all(works, lambda ops=ops: _sending(ops))
-                else:
-                    kept.append(entry)
-        self.pending = kept
+            self._wait_for([s for s in self.pending if s.kind == kind and (s.microbatch, s.stage) in oldest])
+
+    def _wait_for(self, sends: list[_Send]) -> None:
+        """Wait for `sends` (their receivers have them or will at once) and drop their buffers."""
+        if not sends:
+            return
+        for send in sends:
+            wait_all(send.works, lambda ops=send.ops: _sending(ops))
+        dropped = {id(s) for s in sends}
+        self.pending = [s for s in self.pending if id(s) not in dropped]
 
     def release_completed(self) -> None:
         """Drop the sends that have completed (the backend says so without waiting: NCCL does, gloo's sends report
         completion only once waited for)."""
-        if any(all(work.is_completed() for work in entry[0]) for entry in self.pending):
-            self.pending = [entry for entry in self.pending if not all(w.is_completed() for w in entry[0])]
-
-    def release(self, kind: str, peers: set[int], microbatches: Callable[[int], bool]) -> None:
-        """Drop the sends of `kind` whose microbatch satisfies `microbatches` and whose every peer is in `peers`:
-        the caller knows those peers have received them (so waiting returns at once) and their buffers can go.
-        Call it only with that knowledge: a send still waiting for its receiver would block here."""
-        kept = []
-        for entry in self.pending:
-            works, ops, sent_kind, microbatch, to = entry
-            if sent_kind == kind and to <= peers and microbatches(microbatch):
-                wait_all(works, lambda ops=ops: _sending(ops))
-            else:
-                kept.append(entry)
-        self.pending = kept
+        if any(all(work.is_completed() for work in s.works) for s in self.pending):
+            self.pending = [s for s in self.pending if not all(w.is_completed() for w in s.works)]
 
     def wait_sends(self) -> None:
-        for works, ops, *_ in self.pending:
-            wait_all(works, lambda ops=ops: _sending(ops))
+        for send in self.pending:
+            wait_all(send.works, lambda ops=send.ops: _sending(ops))
         self.pending.clear()
+        self.local.clear()
 
 
 def _sending(ops: list[dist.P2POp]) -> str:

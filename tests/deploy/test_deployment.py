@@ -394,3 +394,62 @@ def test_show_deployment_never_cuts_a_figure(terminal: bool) -> None:
     if not terminal:
         row0 = next(line for line in text.splitlines() if "transformer.wte .. transformer.h.0" in line)
         assert "300.0 MiB / 2.00 GiB" in row0 and "0-1" in row0
+
+
+def chunked_deployment() -> Deployment:
+    """2 positions x 2 chunks: virtual stages 0 and 2 on ranks 0-1, 1 and 3 on ranks 2-3."""
+    stages = [
+        make_stage(0, 0, [0, 1]),
+        make_stage(1, 1, [2, 3]),
+        make_stage(2, 2, [0, 1]),
+        make_stage(3, 3, [2, 3]),
+    ]
+    plan = Plan(
+        stages=stages,
+        microbatches=4,
+        schedule="interleaved_1f1b",
+        predicted_step_time=0.5,
+        global_batch=16,
+        world_size=4,
+        chunks=2,
+    )
+    return make_deployment(
+        plan=plan,
+        stage_nodes=[["embedding"], ["layer_0"], ["layer_1"], ["lm_head", "loss"]],
+        stage_module_ranges=[],
+    )
+
+
+def test_chunked_round_trip(tmp_path: Path) -> None:
+    original = chunked_deployment()
+    assert original.problems() == []
+    path = tmp_path / "d.json"
+    save_deployment(original, path)
+    assert json.loads(path.read_text())["chunks"] == 2
+    loaded = load_deployment(path)
+    assert loaded == original
+    assert loaded.plan.positions == 2 and loaded.plan.stages_of_rank(2) == [1, 3]
+    edit(path, lambda data: data.pop("chunks"))  # without the key: one chunk per stage, so ranks repeat
+    with pytest.raises(DeploymentError, match="do not partition"):
+        load_deployment(path)
+
+
+def test_chunked_stage_on_other_ranks_is_refused() -> None:
+    deployment = chunked_deployment()
+    stages = list(deployment.plan.stages)
+    stages[3] = make_stage(3, 3, [0, 1])
+    bad = dataclasses.replace(deployment, plan=dataclasses.replace(deployment.plan, stages=stages))
+    assert any("virtual stage 3 has ranks [0, 1], but it runs on position 1" in p for p in bad.problems())
+    odd = dataclasses.replace(deployment, plan=dataclasses.replace(deployment.plan, chunks=3))
+    assert odd.problems() == ["4 stages do not make 3 chunks per position"]
+
+
+def test_show_lists_positions_and_chunks() -> None:
+    console = Console(file=io.StringIO(), width=200)
+    text = show_deployment(chunked_deployment(), console=console)
+    assert "2 position(s) x 2 chunks = 4 virtual stages on 4 rank(s)" in text
+    assert "Position.chunk" in text and "interleaved_1f1b (2 chunks per position)" in text
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    # by position, then chunk: virtual stages 0, 2 (position 0) and 1, 3 (position 1)
+    assert [row.split("│")[1].strip() for row in rows] == ["0", "2", "1", "3"]
+    assert "(position 0)" in rows[1] and "(position 1)" in rows[3]

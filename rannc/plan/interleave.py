@@ -1,0 +1,536 @@
+"""Interleaved 1F1B plans (Narayanan et al., SC 2021): the blocks cut into positions x chunks virtual stages.
+
+The choice set, for a problem whose `schedules` include interleaved_1f1b:
+
+* positions S >= 2 that divide the world, each with world / S replicas (uniform: a position's chunks share its
+  ranks, and an interleaved pipeline runs at the pace of its slowest position, so the replicas that would speed
+  up one stage of a plain pipeline would idle here; it also keeps the search to one replica vector per S);
+* chunks v >= 2 per position (`problem.chunks` forces one), S * v <= blocks, v <= `problem.max_chunks`;
+* microbatch counts P the schedule accepts (P >= S and a multiple of its rounds, `rannc.schedule`) among the
+  problem's, each replica getting a sample of every microbatch;
+* every cut of the blocks into S * v contiguous virtual stages (virtual stage k on position k % S);
+* activation recompute for every virtual stage or none (when the problem allows recompute).
+
+For each (S, v, P, recompute) `CutSearch` finds exactly the cut of least t_max, the largest virtual stage time
+(compute, recompute and p2p both ways), among the cuts whose every position fits in memory (`position_memory`:
+its chunks' parameter state plus the (microbatch, chunk) activations interleaved 1F1B holds at once, weighted by
+chunk). The interleaved step is then at most (P v + S - 1) t_max + the allreduce: P v t_max of work and the
+bubble (S - 1) t_max, 1 / v of 1F1B's. Candidates are taken in the order of a lower bound (every position
+computes P microbatches of 1 / S of the model at least) and simulated (`simulate_plan`); the least simulated step
+is compared with the other schedules' best plan by `plan_stages`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from ..schedule import Schedule
+from .chunked import (
+    PieceCost,
+    chunk_links,
+    held_profile,
+    piece_allreduce,
+    piece_cost,
+    position_memory,
+)
+from .cost import (
+    CostModel,
+    microbatch_counts,
+    replica_counts,
+    replica_microbatch_size,
+    sent_bytes,
+    update_seconds_per_byte,
+)
+from .simulate import simulate_plan
+from .types import Plan, PlanProblem, StagePlan
+
+__all__ = [
+    "ChunkedConfig",
+    "best_interleaved",
+    "CutSearch",
+    "chunk_counts",
+    "interleaved_configs",
+    "interleaved_microbatch_counts",
+    "interleaved_plan",
+    "interleaved_step_time",
+    "no_interleaved_message",
+    "position_counts",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEDULE = Schedule.INTERLEAVED_1F1B
+# Depth-first nodes one CutSearch may visit over all its thresholds. A threshold whose search runs out is counted
+# as infeasible and the result marked inexact (`CutSearch.exact`): proving that no cut fits can take exponentially
+# many nodes when memory binds everywhere (T5 11B without recompute on 32 x 40 GiB); a cut that fits is found
+# in a few nodes per virtual stage.
+NODE_BUDGET = 5_000
+# A plan must beat the best one before it by more than this (relative) to replace it.
+TIE = 1e-9
+
+
+class ChunkedConfig(NamedTuple):
+    """One slice of the interleaved choice set."""
+
+    positions: int
+    chunks: int
+    microbatches: int
+    replicas: int  # per position
+    recompute: bool
+
+
+def position_counts(problem: PlanProblem) -> list[int]:
+    """Positions S searched: the forced stage count, or every S >= 2 dividing the world with 2 S <= blocks."""
+    num_blocks, world = len(problem.blocks), problem.world_size
+    if problem.num_stages is not None:
+        forced = problem.num_stages
+        return [forced] if forced >= 2 and world % forced == 0 and 2 * forced <= num_blocks else []
+    return [s for s in range(2, min(world, num_blocks // 2) + 1) if world % s == 0]
+
+
+def chunk_counts(problem: PlanProblem, positions: int) -> list[int]:
+    """Chunks v searched for S positions: the forced count, or 2 .. min(max_chunks, blocks / S)."""
+    most = len(problem.blocks) // positions
+    if problem.chunks is not None:
+        return [problem.chunks] if 2 <= problem.chunks <= most else []
+    return list(range(2, min(problem.max_chunks, most) + 1))
+
+
+def interleaved_microbatch_counts(problem: PlanProblem, positions: int) -> list[int]:
+    """Microbatch counts P of the problem the interleaved schedule accepts for S positions, replicas world / S."""
+    replicas = problem.world_size // positions
+    return [
+        p
+        for p in microbatch_counts(problem)
+        if p >= positions and p % (p // positions) == 0 and replicas in replica_counts(problem, p)
+    ]
+
+
+def interleaved_configs(problem: PlanProblem) -> list[ChunkedConfig]:
+    """Every slice of the choice set (see the module's docstring)."""
+    flags = [False, True] if problem.allow_recompute else [False]
+    return [
+        ChunkedConfig(s, v, p, problem.world_size // s, recompute)
+        for s in position_counts(problem)
+        for v in chunk_counts(problem, s)
+        for p in interleaved_microbatch_counts(problem, s)
+        for recompute in flags
+    ]
+
+
+def no_interleaved_message(problem: PlanProblem) -> str:
+    """Why the choice set of interleaved plans is empty (for a problem that allows no other schedule)."""
+    forced = f" (forced: {problem.num_stages} positions)" if problem.num_stages is not None else ""
+    chunks = f", {problem.chunks} chunks forced" if problem.chunks is not None else ""
+    return (
+        f"no interleaved 1F1B plan exists for {problem.world_size} rank(s) and {len(problem.blocks)} blocks{forced}"
+        f"{chunks}: it needs at least 2 positions that divide the world size, 2 (or the forced) chunks per "
+        "position with positions x chunks <= blocks, and a microbatch count >= positions that is a multiple of "
+        "its rounds (microbatches // positions) with every replica given a sample; allow '1f1b', cut the model "
+        "into more blocks (max_partition_num, rannc plan --max-blocks) or change the positions or chunks"
+    )
+
+
+def interleaved_step_time(
+    pieces: list[PieceCost], positions: int, microbatches: int, tails: list[float]
+) -> float:
+    """The interleaved cost model: P max_s W_s + (S - 1) t_max + max tail, W_s the summed t_k of position s's
+    chunks (its work per microbatch) and `tails` the positions' allreduce + update. With equal t_k this is
+    (P v + S - 1) t: the bubble (S - 1) t is 1 / v of 1F1B's (S - 1) v t."""
+    work = [sum(p.time for p in pieces[s::positions]) for s in range(positions)]
+    return microbatches * max(work) + (positions - 1) * max(p.time for p in pieces) + max(tails)
+
+
+class CutSearch:
+    """The exact least-t_max cut of one ChunkedConfig (see the module's docstring); `run()` returns it."""
+
+    def __init__(self, problem: PlanProblem, model: CostModel, config: ChunkedConfig) -> None:
+        self.problem, self.model, self.config = problem, model, config
+        s, v, p, r = config.positions, config.chunks, config.microbatches, config.replicas
+        self.n = len(problem.blocks)
+        self.count = s * v
+        self.m = replica_microbatch_size(problem.global_batch, p, r)
+        self.links = chunk_links(problem, [r] * s, v)
+        self.actions = [SCHEDULE.actions(q, s, p, v) for q in range(s)]
+        self.profiles = [held_profile(actions, v) for actions in self.actions]
+        self.held = [[int(h) for h in profile.max(axis=0)] for profile in self.profiles]
+        self.limit = problem.memory_limit_bytes
+        self._aggregate_tables()
+        self._floor_tables()
+        self.exact = True  # False once a threshold's search ran out of NODE_BUDGET
+        self.nodes = 0  # depth-first nodes visited so far
+        self._pieces: dict[tuple[int, int, int], PieceCost] = {}
+        self._times = self._time_tables()
+
+    # ---- tables ------------------------------------------------------------------------------------------
+    def piece(self, k: int, first: int, last: int) -> PieceCost:
+        """Virtual stage k covering blocks first..last."""
+        key = (k, first, last)
+        cost = self._pieces.get(key)
+        if cost is None:
+            cost = self._pieces[key] = piece_cost(
+                self.model, first, last, self.m, self.config.replicas, self.config.recompute, self.links[k]
+            )
+        return cost
+
+    def _time_tables(self) -> dict[tuple[bool, bool], np.ndarray]:
+        """[i][j] -> t of blocks i..j for each (inputs inter-node, outputs inter-node) link pair used (inf below
+        the diagonal). First and last virtual stages see no transfer in or out (their rows carry zero bytes)."""
+        tables = {}
+        for in_link, out_link, _ in set(self.links):
+            table = np.full((self.n, self.n), math.inf)
+            for i in range(self.n):
+                for j, row in enumerate(self.model.row(i, self.m, self.config.replicas), start=i):
+                    fwd, bwd = row.fwd, row.bwd + (row.fwd if self.config.recompute else 0.0)
+                    comm = (row.in_inter if in_link else row.in_intra) + (
+                        row.out_inter if out_link else row.out_intra
+                    )
+                    table[i, j] = fwd + bwd + comm
+            tables[in_link, out_link] = table
+        return tables
+
+    def times(self, k: int) -> np.ndarray:
+        link = self.links[k]
+        return self._times[link[0], link[1]]
+
+    def thresholds(self) -> np.ndarray:
+        values = np.concatenate([t[np.isfinite(t)] for t in self._times.values()])
+        return np.unique(values)
+
+    def coverable(self, tau: float) -> np.ndarray:
+        """[q][b]: whether blocks b.. can be the last q virtual stages with every t_k <= tau."""
+        can = np.zeros((self.count + 1, self.n + 1), dtype=bool)
+        can[0, self.n] = True
+        for q in range(1, self.count + 1):
+            ok = self.times(self.count - q) <= tau  # [b][j]
+            can[q, : self.n] = (ok & can[q - 1, 1:][None, :]).any(axis=1)
+        return can
+
+    # ---- memory ------------------------------------------------------------------------------------------
+    _FIELDS = (
+        6  # state, buffers, workspace max, recompute workspace max, params, largest max; then a per chunk
+    )
+
+    def _added(self, vector: np.ndarray, k: int, cost: PieceCost) -> np.ndarray:
+        s, c = k % self.config.positions, k // self.config.positions
+        held = self.held[s][c]
+        io = cost.in_bytes + cost.out_bytes
+        out = vector.copy()
+        out[0] += cost.state
+        out[1] += 2 * io + sent_bytes(cost.in_bytes, cost.out_bytes, self.config.microbatches, held)
+        out[2] = max(out[2], cost.workspace)
+        out[3] = max(out[3], cost.recompute_workspace)
+        out[4] += cost.params
+        out[5] = max(out[5], cost.largest)
+        out[self._FIELDS + c] = cost.activation
+        return out
+
+    def _memory(self, s: int, vector: np.ndarray) -> float:
+        """Position s's peak with the chunks in `vector` (absent ones zero): exact when all are there, a lower
+        bound otherwise (every term grows with more chunks)."""
+        problem = self.problem
+        shards = self.config.replicas if problem.zero_optimizer else 1
+        peak = float((self.profiles[s] @ vector[self._FIELDS :]).max())
+        forward = problem.input_bytes + vector[0] + vector[1] + vector[2] + vector[3] + peak
+        per_param, per_largest = problem.optimizer_transient
+        step_end = problem.input_bytes + vector[0] + vector[4] / shards * per_param + vector[5] * per_largest
+        return max(forward, step_end)
+
+    def _aggregate_tables(self) -> None:
+        """What the aggregate bound (`_over`) needs: every block's state and activation bytes, and a weight per
+        (position, chunk) slot: its held count at the position's fullest moment (a position's activation peak is
+        at least that row of `held_profile` times its chunks' bytes); per virtual stage k, the positions with
+        chunks from k on and those slots."""
+        problem, r = self.problem, self.config.replicas
+        s_count, v = self.config.positions, self.config.chunks
+        shards = r if problem.zero_optimizer else 1
+        factor = 2 + problem.opt_param_factor / shards
+        state = np.array([problem.range_param_bytes[b][b] * factor for b in range(self.n)])
+        whole = np.array([problem.range_param_bytes[b][-1] * factor for b in range(self.n)])
+        suffix = np.cumsum(state[::-1])[::-1]
+        # the range's state is at most the blocks' summed state (shared weights): scale them down to it
+        self.block_state = [
+            state[b:] * (whole[b] / suffix[b] if suffix[b] > 0 else 0.0) for b in range(self.n)
+        ]
+        # recomputing, a chunk keeps its inputs per held microbatch: bounded below by 0 here
+        acts = np.zeros(self.n) if self.config.recompute else np.array(self.model.block_values(self.m)[2])
+        self.block_act = [acts[b:] for b in range(self.n)]
+        self.weights = np.array([profile[int(profile.sum(axis=1).argmax())] for profile in self.profiles])
+        self.live, self.slot_index, self.slot_weight, self.lightest = [], [], [], []
+        for k in range(self.count):
+            live = [q for q in range(s_count) if (v - 1) * s_count + q >= k]
+            slots = range(k, self.count)
+            self.live.append(np.array(live))
+            self.slot_index.append(np.array([live.index(j % s_count) for j in slots]))
+            self.slot_weight.append(np.array([self.weights[j % s_count, j // s_count] for j in slots]))
+            self.lightest.append(
+                np.array(
+                    [min(self.weights[q, j // s_count] for j in slots if j % s_count == q) for q in live]
+                )
+            )
+
+    def _floor_tables(self) -> None:
+        """floor[k][s]: the least that position s's chunks from virtual stage k on add to its holding whatever
+        their ranges: each takes at least one block (the lightest block's state, parameters and activation) and
+        holds the buffers of the lightest boundary its place allows (virtual stage j starts at block j or later
+        and ends early enough for the ones after it)."""
+        problem, config = self.problem, self.config
+        s_count, v, p = config.positions, config.chunks, config.microbatches
+        factor = 2 + problem.opt_param_factor / (config.replicas if problem.zero_optimizer else 1)
+        singles = [self.model.row(b, self.m, config.replicas)[0] for b in range(self.n)]
+        least_state = min(problem.range_param_bytes[b][b] for b in range(self.n))
+        least_act = min((row.in_bytes if config.recompute else row.activation_bytes) for row in singles)
+        io = np.full((self.n, self.n), math.inf)  # [first][last] boundary bytes in + out per microbatch
+        for i in range(self.n):
+            for j, row in enumerate(self.model.row(i, self.m, config.replicas), start=i):
+                io[i, j] = row.in_bytes + row.out_bytes
+        slots = np.zeros((self.count, self._FIELDS + v))
+        for k in range(self.count):
+            s, c = k % s_count, k // s_count
+            region = io[k : self.n - self.count + k + 1, : self.n - self.count + k + 1]
+            least_io = float(region.min()) if region.size and np.isfinite(region).any() else 0.0
+            slots[k, 0] = least_state * factor
+            slots[k, 1] = 2 * least_io + sent_bytes(least_io, 0.0, p, self.held[s][c])
+            slots[k, 4] = least_state
+            slots[k, self._FIELDS + c] = least_act
+        self.floor = np.zeros((self.count + 1, s_count, self._FIELDS + v))
+        for k in range(self.count - 1, -1, -1):
+            self.floor[k] = self.floor[k + 1]
+            self.floor[k, k % s_count] += slots[k]
+
+    def fits_at_all(self) -> bool:
+        """Whether every position could hold even the lightest chunks (False: no cut of this slice fits)."""
+        if self.limit is None:
+            return True
+        empty = np.zeros((self.config.positions, self._FIELDS + self.config.chunks))
+        low = empty + self.floor[0]
+        return all(
+            self._memory(q, low[q]) <= self.limit for q in range(self.config.positions)
+        ) and not self._over(0, 0, empty)
+
+    def _over(self, k: int, b: int, states: np.ndarray) -> bool:
+        """Whether no completion of the first k virtual stages (ending before block b) fits in memory.
+
+        For any weights lam_s >= 0 of the positions with chunks to come, sum_s lam_s memory_s <= limit sum_s
+        lam_s if they all fit; and sum_s lam_s memory_s is at least what they hold now (state, buffers, weighted
+        activations) plus, for every block from b on, its state and activation in the slot still to come where
+        that costs least. Two choices of lam: equal, and the inverse of an average block's cost in each
+        position's lightest slot (so the bound counts how many blocks each position can still take)."""
+        if self.limit is None or b >= self.n:
+            return False
+        live = self.live[k]
+        rows = states[live]
+        held = (
+            self.problem.input_bytes
+            + rows[:, 0]
+            + rows[:, 1]
+            + self.floor[k, live, 1]  # the buffers of their chunks to come, at the least
+            + (rows[:, self._FIELDS :] * self.weights[live]).sum(axis=1)
+        )
+        state, act = self.block_state[b], self.block_act[b]
+        index, weights = self.slot_index[k], self.slot_weight[k]
+        average = float(state.mean()) + self.lightest[k] * float(act.mean())
+        for lam in (np.ones(len(live)), 1.0 / np.maximum(average, 1e-30)):
+            slot_lam = lam[index]
+            cost = np.outer(state, slot_lam) + np.outer(act, slot_lam * weights)  # [block][slot]
+            if float(lam @ held) + float(cost.min(axis=1).sum()) > self.limit * float(lam.sum()):
+                return True
+        return False
+
+    # ---- search ------------------------------------------------------------------------------------------
+    def run(self) -> list[tuple[int, int]] | None:
+        """Block ranges of the virtual stages of the least-t_max cut that fits in memory (None: none fits)."""
+        if not self.fits_at_all():
+            return None
+        values = self.thresholds()
+        low, high = 0, len(values) - 1
+        best = self._cut(float(values[high]))
+        if best is None:
+            return None
+        while low < high:  # values[high] has a cut; find the least that does
+            middle = (low + high) // 2
+            found = self._cut(float(values[middle]))
+            if found is None:
+                low = middle + 1
+            else:
+                best, high = found, middle
+        return best
+
+    def _cut(self, tau: float) -> list[tuple[int, int]] | None:
+        """A cut with every t_k <= tau and every position in memory, or None.
+
+        Depth-first over the virtual stages in pipeline order, pruned by memory (each position's lower bound, and
+        `_over`) and by failures met before: a node (virtual stage k from block b) that failed with the
+        positions holding at most what they hold now fails again; when every range of virtual stage k was over
+        its own position's memory, that position's holding alone decides it (a local failure)."""
+        can = self.coverable(tau)
+        if not can[self.count, 0]:
+            return None
+        s_count, v = self.config.positions, self.config.chunks
+        states = np.zeros((s_count, self._FIELDS + v))
+        # (k, b) -> the holdings (one row each) with which that node failed: per position (`local`) or all
+        failed: dict[tuple[int, int], np.ndarray] = {}
+        local: dict[tuple[int, int], np.ndarray] = {}
+        lasts: list[int] = []
+
+        def dominated(memo: dict[tuple[int, int], np.ndarray], key: tuple[int, int], now: np.ndarray) -> bool:
+            seen = memo.get(key)
+            return seen is not None and bool((seen <= now.reshape(-1)).all(axis=1).any())
+
+        def remember(memo: dict[tuple[int, int], np.ndarray], key: tuple[int, int], now: np.ndarray) -> None:
+            row = now.reshape(1, -1)
+            memo[key] = row if key not in memo else np.vstack([memo[key], row])
+
+        def search(k: int, b: int, states: np.ndarray) -> bool:
+            if k == self.count:
+                return b == self.n
+            self.nodes += 1
+            if self.nodes > NODE_BUDGET:
+                self.exact = False
+                return False
+            key, s = (k, b), k % s_count
+            if self.limit is not None and (
+                dominated(local, key, states[s]) or dominated(failed, key, states) or self._over(k, b, states)
+            ):
+                return False
+            remaining = self.count - k
+            ok = np.flatnonzero((self.times(k)[b] <= tau) & can[remaining - 1, 1:])
+            ideal = b + (self.n - b) / remaining - 1
+            tried = False
+            for j in sorted(ok.tolist(), key=lambda j: (abs(j - ideal), j)):
+                vector = self._added(states[s], k, self.piece(k, b, j))
+                if self.limit is not None and self._memory(s, vector + self.floor[k + 1, s]) > self.limit:
+                    continue  # over even if its later chunks take the lightest ranges
+                tried = True
+                after = states.copy()
+                after[s] = vector
+                if search(k + 1, j + 1, after):
+                    lasts.append(j)
+                    return True
+                if self.nodes > NODE_BUDGET:
+                    return False
+            if self.limit is not None:
+                if not tried:  # every range was over position s's memory: only its holding matters
+                    remember(local, key, states[s])
+                else:  # positions without chunks to come cannot change what follows: compare the others
+                    live = states.copy()
+                    live[[q for q in range(s_count) if (v - 1) * s_count + q < k]] = 0.0
+                    remember(failed, key, live)
+            return False
+
+        if not search(0, 0, states):
+            return None
+        lasts.reverse()
+        firsts = [0] + [j + 1 for j in lasts[:-1]]
+        return list(zip(firsts, lasts))
+
+
+def interleaved_plan(
+    problem: PlanProblem, model: CostModel, config: ChunkedConfig, ranges: list[tuple[int, int]]
+) -> Plan:
+    """The Plan of `config` cut at `ranges` (the virtual stages' block ranges, pipeline order), with the cost
+    model's figures; predicted_step_time is the interleaved cost model's (`interleaved_step_time`)."""
+    s_count, v, p, r = config.positions, config.chunks, config.microbatches, config.replicas
+    m = replica_microbatch_size(problem.global_batch, p, r)
+    links = chunk_links(problem, [r] * s_count, v)
+    pieces = [
+        piece_cost(model, first, last, m, r, config.recompute, links[k])
+        for k, (first, last) in enumerate(ranges)
+    ]
+    actions = [SCHEDULE.actions(q, s_count, p, v) for q in range(s_count)]
+    memories = [position_memory(problem, pieces[q::s_count], actions[q], p, r).peak for q in range(s_count)]
+    tails = []
+    for q in range(s_count):
+        params = sum(piece.params for piece in pieces[q::s_count])
+        tails.append(
+            piece_allreduce(problem, params, r, links[q][2]) + params * update_seconds_per_byte(problem, r)
+        )
+    stages = []
+    for k, piece in enumerate(pieces):
+        q, c = k % s_count, k // s_count
+        held = int(held_profile(actions[q], v)[:, c].max())
+        stages.append(
+            StagePlan(
+                first_block=piece.first,
+                last_block=piece.last,
+                replicas=r,
+                ranks=list(range(q * r, (q + 1) * r)),
+                microbatch_size=m,
+                fwd_time=piece.fwd,
+                bwd_time=piece.bwd,
+                comm_time=2 * (piece.comm_in + piece.comm_out),
+                allreduce_time=piece_allreduce(problem, piece.params, r, links[k][2]),
+                param_bytes=piece.params,
+                activation_bytes=piece.activation * held + piece.recompute_workspace,
+                memory_bytes=memories[q],
+                recompute=config.recompute,
+            )
+        )
+    return Plan(
+        stages=stages,
+        microbatches=p,
+        schedule=SCHEDULE,
+        predicted_step_time=interleaved_step_time(pieces, s_count, p, tails),
+        global_batch=problem.global_batch,
+        world_size=problem.world_size,
+        chunks=v,
+    )
+
+
+def work_lower_bound(problem: PlanProblem, model: CostModel, config: ChunkedConfig) -> float:
+    """No step of `config` is shorter: every position computes P microbatches through its chunks, which hold
+    1 / S of the model's forward and backward work on average (recomputing: one more forward)."""
+    m = replica_microbatch_size(problem.global_batch, config.microbatches, config.replicas)
+    whole = model.row(0, m, config.replicas)[-1]
+    work = whole.fwd * (2 if config.recompute else 1) + whole.bwd
+    return config.microbatches * work / config.positions
+
+
+def state_lower_bound(problem: PlanProblem, config: ChunkedConfig) -> float:
+    """No position of `config` holds less: its share of the model's parameter state (positions hold it all)."""
+    shards = config.replicas if problem.zero_optimizer else 1
+    params = problem.range_param_bytes[0][-1]
+    return params * (2 + problem.opt_param_factor / shards) / config.positions + problem.input_bytes
+
+
+def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = math.inf) -> Plan | None:
+    """The interleaved plan of least simulated step time under `cutoff` (seconds; the other schedules' best), or
+    None. Its predicted_step_time is the simulated one, analytic_step_time the interleaved cost model's.
+
+    Slices are taken in the order of `work_lower_bound` and the rest skipped once the bound is above the best
+    step found; a slice whose share of the parameter state alone is over the memory limit is skipped."""
+    limit = problem.memory_limit_bytes
+    ranked = sorted(
+        (
+            (work_lower_bound(problem, model, config), index, config)
+            for index, config in enumerate(interleaved_configs(problem))
+        ),
+    )
+    best: Plan | None = None
+    best_step = cutoff
+    for bound, _, config in ranked:
+        if bound >= best_step:
+            break
+        if limit is not None and state_lower_bound(problem, config) > limit:
+            continue
+        search = CutSearch(problem, model, config)
+        ranges = search.run()
+        if not search.exact:
+            logger.info(
+                "interleaved slice %s: the cut search ran out of nodes; counted as not fitting", config
+            )
+        if ranges is None:
+            continue
+        plan = interleaved_plan(problem, model, config, ranges)
+        step = simulate_plan(problem, plan).step_time
+        if step < best_step * (1 - TIE):
+            best = dataclasses.replace(
+                plan, predicted_step_time=step, analytic_step_time=plan.predicted_step_time
+            )
+            best_step = step
+    return best

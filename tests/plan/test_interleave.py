@@ -1,0 +1,351 @@
+"""Interleaved 1F1B plans: the cut search against brute force, the memory model against its definition, the
+closed form of the interleaved step, the choice against the other schedules, and how plans are drawn."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import random
+
+import pytest
+from plan_brute import compositions, random_table
+
+from rannc.deploy.plot import memory_parts, plan_figure, plot_plan
+from rannc.errors import PlanError
+from rannc.plan import BlockProfile, Plan, PlanProblem, interpolate, plan_stages
+from rannc.plan import interleave as il
+from rannc.plan.cost import CostModel
+from rannc.plan.simulate import simulate, simulate_plan, stage_timings
+from rannc.plan.trace import timeline_to_trace
+from rannc.schedule import ActionKind, Schedule
+
+INTERLEAVED = Schedule.INTERLEAVED_1F1B
+
+
+def chunked_problem(seed: int) -> PlanProblem:
+    """Up to 8 blocks and 4 ranks, node placement, workspace, ZeRO-1, recompute and a memory limit that binds."""
+    rng = random.Random(20_000 + seed)
+    num_blocks, world = rng.randint(4, 8), rng.choice([2, 2, 4, 4, 3])
+    batch = rng.choice([8, 12, 16, 24])
+    blocks = []
+    for _ in range(num_blocks):
+        blocks.append(
+            BlockProfile(
+                fwd_time=random_table(rng, 1e-3),
+                bwd_time=random_table(rng, 2e-3),
+                activation_bytes=random_table(rng, 1e7),
+                workspace_bytes=random_table(rng, 2e7) if rng.random() < 0.5 else {},
+            )
+        )
+    per_block = [rng.uniform(0, rng.choice([1e6, 1e7])) for _ in range(num_blocks)]
+    boundary = [rng.choice([0.0, rng.uniform(0, 1e5), rng.uniform(0, 1e6)]) for _ in range(num_blocks + 1)]
+    params = [[0.0] * num_blocks for _ in range(num_blocks)]
+    largest = [[0.0] * num_blocks for _ in range(num_blocks)]
+    ins = [[0.0] * num_blocks for _ in range(num_blocks)]
+    outs = [[0.0] * num_blocks for _ in range(num_blocks)]
+    for i in range(num_blocks):
+        for j in range(i, num_blocks):
+            params[i][j] = sum(per_block[i : j + 1]) * rng.uniform(0.8, 1.0)
+            largest[i][j] = max(per_block[i : j + 1]) * 0.5
+            ins[i][j] = 0.0 if i == 0 else boundary[i] + rng.choice([0.0, 100.0])
+            outs[i][j] = 0.0 if j == num_blocks - 1 else boundary[j + 1]
+    problem = PlanProblem(
+        blocks=blocks,
+        range_param_bytes=params,
+        range_in_bytes_per_sample=ins,
+        range_out_bytes_per_sample=outs,
+        world_size=world,
+        global_batch=batch,
+        opt_param_factor=rng.choice([0.0, 2.0]),
+        zero_optimizer=rng.random() < 0.3,
+        p2p_bandwidth=rng.uniform(1e9, 2e10),
+        p2p_latency=rng.uniform(0, 1e-4),
+        allreduce_bandwidth=rng.uniform(1e9, 2e10),
+        max_microbatches=rng.choice([4, 8, 12]),
+        schedules=(Schedule.ONE_F_ONE_B, INTERLEAVED),
+        input_bytes=rng.choice([0.0, 1e5]),
+        allow_recompute=rng.random() < 0.5,
+        gpus_per_node=rng.choice([None, 1, 2]),
+        inter_node_bandwidth=rng.uniform(1e8, 1e9),
+        optimizer_transient=rng.choice([(0.0, 0.0), (1.0, 2.0)]),
+        range_largest_param_bytes=largest,
+        update_seconds_per_param_byte=rng.choice([0.0, 1e-10]),
+        simulate_candidates=8,
+    )
+    if rng.random() < 0.8:  # a limit somewhere among the memories cuts need
+        memories = sorted(
+            m for config in il.interleaved_configs(problem) for _, m in brute_cuts(problem, config)
+        )
+        if memories:
+            # (slightly above one cut's memory: summation orders differ in the last bits)
+            problem = dataclasses.replace(
+                problem, memory_limit_bytes=memories[len(memories) // 3] * (1 + 1e-9)
+            )
+    return problem
+
+
+def brute_cuts(problem: PlanProblem, config: il.ChunkedConfig) -> list[tuple[float, float]]:
+    """(t_max, largest position memory) of every cut of `config`, from the definitions (not CutSearch)."""
+    out = []
+    for sizes in compositions(len(problem.blocks), config.positions * config.chunks):
+        ranges, first = [], 0
+        for size in sizes:
+            ranges.append((first, first + size - 1))
+            first += size
+        out.append(reference_cut(problem, config, ranges))
+    return out
+
+
+def reference_cut(problem: PlanProblem, config: il.ChunkedConfig, ranges: list[tuple[int, int]]):
+    """t_max and the largest position memory of one cut, written out from the definitions."""
+    s_count, v, p, r = config.positions, config.chunks, config.microbatches, config.replicas
+    m = math.ceil(math.ceil(problem.global_batch / p) / r)
+    shards = r if problem.zero_optimizer else 1
+    g = problem.gpus_per_node
+
+    def nodes(position: int) -> set[int]:
+        ranks = range(position * r, (position + 1) * r)
+        return {0} if g is None else {rank // g for rank in ranks}
+
+    def send(nbytes: float, inter: bool) -> float:
+        if nbytes == 0:
+            return 0.0
+        if inter:
+            return problem.p2p_latency + nbytes / problem.inter_node_bandwidth
+        return problem.p2p_latency + nbytes / problem.p2p_bandwidth
+
+    times, memory = [], []
+    count = s_count * v
+    for k, (i, j) in enumerate(ranges):
+        blocks = problem.blocks[i : j + 1]
+        fwd = sum(interpolate(b.fwd_time, m) for b in blocks)
+        bwd = sum(interpolate(b.bwd_time, m) for b in blocks) + (fwd if config.recompute else 0.0)
+        s = k % s_count
+        in_inter = k > 0 and len(nodes(s) | nodes((k - 1) % s_count)) > 1
+        out_inter = k < count - 1 and len(nodes(s) | nodes((k + 1) % s_count)) > 1
+        ins = problem.range_in_bytes_per_sample[i][j] * m
+        outs = problem.range_out_bytes_per_sample[i][j] * m
+        times.append(fwd + bwd + 2 * (send(ins, in_inter) + send(outs, out_inter)))
+    for s in range(s_count):
+        actions = INTERLEAVED.actions(s, s_count, p, v)
+        own = ranges[s::s_count]
+        # what each chunk keeps per held microbatch, and the most it holds at once
+        acts, rebuilt, work = [], [], []
+        state = params = buffers = 0.0
+        held_most = [0] * v
+        held_now = [0] * v
+        for action in actions:
+            if action.kind == ActionKind.FORWARD:
+                held_now[action.chunk] += 1
+                held_most[action.chunk] = max(held_most[action.chunk], held_now[action.chunk])
+            elif action.kind.releases:
+                held_now[action.chunk] -= 1
+        for c, (i, j) in enumerate(own):
+            cost = CostModel(problem).row(i, m, r)[j - i]  # workspace figures of the range (tested elsewhere)
+            a = sum(interpolate(b.activation_bytes, m) for b in problem.blocks[i : j + 1])
+            ins = problem.range_in_bytes_per_sample[i][j] * m
+            outs = problem.range_out_bytes_per_sample[i][j] * m
+            acts.append(ins if config.recompute else a)
+            rebuilt.append(a if config.recompute else 0.0)
+            work.append(cost.workspace_bytes)
+            params += problem.range_param_bytes[i][j]
+            state += problem.range_param_bytes[i][j] * (2 + problem.opt_param_factor / shards)
+            buffers += 2 * (ins + outs) + min(p, held_most[c] + 1) * (ins + outs)
+        peak = held = 0.0
+        for action in actions:
+            if action.kind == ActionKind.FORWARD:
+                held += acts[action.chunk]
+                peak = max(peak, held)
+            elif action.kind.releases:
+                held -= acts[action.chunk]
+        forward = problem.input_bytes + state + buffers + max(work) + max(rebuilt) + peak
+        largest = max(problem.range_largest_param_bytes[i][j] for i, j in own)
+        per_param, per_largest = problem.optimizer_transient
+        step_end = problem.input_bytes + state + params / shards * per_param + largest * per_largest
+        memory.append(max(forward, step_end))
+    return max(times), max(memory)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_cut_search_is_exact(seed: int) -> None:
+    """For every (positions, chunks, microbatches, recompute) of the choice set: the cut CutSearch returns fits
+    and has the least t_max of all cuts that fit (brute force over every cut), or none fits."""
+    problem = chunked_problem(seed)
+    limit = problem.memory_limit_bytes
+    model = CostModel(problem)
+    configs = il.interleaved_configs(problem)
+    for config in configs:
+        search = il.CutSearch(problem, model, config)
+        found = search.run()
+        assert search.exact
+        fitting = [t for t, m in brute_cuts(problem, config) if limit is None or m <= limit]
+        if not fitting:
+            assert found is None, config
+            continue
+        assert found is not None, config
+        t_max, memory = reference_cut(problem, config, found)
+        assert limit is None or memory <= limit * (1 + 1e-12)
+        assert t_max == pytest.approx(min(fitting), rel=1e-12), config
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_plan_memory_and_timings_match_the_definitions(seed: int) -> None:
+    """The plan of a cut: every virtual stage's memory is its position's peak from the definitions, the
+    simulator's positions hold the same (without the optimizer step's temporaries), and the chosen plan beats
+    every other interleaved slice's cut and the other schedules' plan in simulated step time."""
+    problem = chunked_problem(seed)
+    model = CostModel(problem)
+    for config in il.interleaved_configs(problem)[:6]:
+        found = il.CutSearch(problem, model, config).run()
+        if found is None:
+            continue
+        plan = il.interleaved_plan(problem, model, config, found)
+        assert plan.chunks == config.chunks and plan.positions == config.positions
+        _, memory = reference_cut(problem, config, found)
+        assert max(stage.memory_bytes for stage in plan.stages) == pytest.approx(memory, rel=1e-9)
+        timeline = simulate_plan(problem, plan)
+        assert timeline.num_stages == config.positions and timeline.chunks == config.chunks
+        for s, peak in enumerate(timeline.peak_memory):
+            assert peak <= plan.stages[s].memory_bytes * (1 + 1e-9)
+        for k, stage in enumerate(plan.stages):
+            assert stage.ranks == plan.stages[k % config.positions].ranks
+    try:
+        chosen = plan_stages(problem)
+    except PlanError:
+        return
+    step = simulate_plan(problem, chosen).step_time
+    assert chosen.predicted_step_time == pytest.approx(step)
+    others = dataclasses.replace(problem, schedules=(Schedule.ONE_F_ONE_B,))
+    try:
+        plain = plan_stages(others)
+        assert step <= simulate_plan(others, plain).step_time * (1 + 1e-9)
+    except PlanError:
+        assert chosen.schedule == INTERLEAVED
+    for config in il.interleaved_configs(problem):
+        found = il.CutSearch(problem, CostModel(problem), config).run()
+        if found is not None:
+            other = il.interleaved_plan(problem, CostModel(problem), config, found)
+            assert step <= simulate_plan(problem, other).step_time * (1 + 1e-9), config
+
+
+def uniform_problem(num_blocks: int, world: int, batch: int, **kwargs) -> PlanProblem:
+    blocks = [
+        BlockProfile(fwd_time={1: 1e-3, 8: 8e-3}, bwd_time={1: 2e-3, 8: 16e-3}, activation_bytes={1: 1e6})
+        for _ in range(num_blocks)
+    ]
+    params = [[1e6 * (j - i + 1) for j in range(num_blocks)] for i in range(num_blocks)]
+    zeros = [[0.0] * num_blocks for _ in range(num_blocks)]
+    settings = dict(schedules=(Schedule.ONE_F_ONE_B, INTERLEAVED), simulate_candidates=8)
+    settings.update(kwargs)
+    return PlanProblem(blocks, params, zeros, zeros, world_size=world, global_batch=batch, **settings)
+
+
+def test_interleaving_equal_blocks_meets_the_closed_form() -> None:
+    """Equal blocks, no transfers: S positions x v chunks of one block each run P microbatches in
+    (P v + S - 1) t (Megatron-LM's bubble (S - 1) t, 1 / v of 1F1B's); the planner takes it over 1F1B's
+    (P + S - 1) v t."""
+    problem = uniform_problem(16, 4, 32, num_stages=4, max_microbatches=8, min_microbatches=8)
+    plan = plan_stages(problem)
+    assert plan.schedule == INTERLEAVED and plan.chunks == 4 and plan.microbatches == 8
+    t = 3e-3 * 4  # forward + backward of one block at 4 samples
+    assert plan.predicted_step_time == pytest.approx((8 * 4 + 4 - 1) * t)
+    plain = plan_stages(dataclasses.replace(problem, schedules=(Schedule.ONE_F_ONE_B,)))
+    assert plain.predicted_step_time == pytest.approx((8 + 4 - 1) * 4 * t)
+    assert [(s.first_block, s.last_block) for s in plan.stages] == [(b, b) for b in range(16)]
+    timeline = simulate_plan(problem, plan)
+    assert timeline.bubble_fraction == pytest.approx((4 - 1) / (8 * 4 + 4 - 1))
+
+
+def test_forced_chunks_and_positions() -> None:
+    problem = uniform_problem(12, 4, 32, num_stages=2, chunks=3, max_microbatches=4, min_microbatches=4)
+    plan = plan_stages(dataclasses.replace(problem, schedules=(INTERLEAVED,)))
+    assert plan.chunks == 3 and plan.positions == 2 and len(plan.stages) == 6
+    assert [s.ranks for s in plan.stages] == [[0, 1], [2, 3]] * 3
+    assert plan.stages_of_rank(3) == [1, 3, 5] and plan.stage_of_rank(3) == 1
+
+
+def test_microbatches_follow_the_schedules_rule() -> None:
+    """Interleaving needs P >= positions and P a multiple of its rounds (P // positions)."""
+    problem = uniform_problem(12, 4, 48, max_microbatches=12)
+    for s in il.position_counts(problem):
+        for p in il.interleaved_microbatch_counts(problem, s):
+            assert p >= s and p % (p // s) == 0
+            INTERLEAVED.actions(0, s, p, 2)  # accepted
+    counts = il.interleaved_microbatch_counts(problem, 4)
+    assert 3 not in counts and {4, 5, 6, 7, 8, 10, 12} <= set(counts)  # one round of 4..7, two of 8, 10, 12
+    assert 9 not in counts and 11 not in counts  # 2 rounds do not divide 9 or 11
+
+
+def test_only_interleaved_without_a_cut_says_so() -> None:
+    problem = uniform_problem(3, 4, 32, schedules=(INTERLEAVED,))  # 3 blocks: no 2 x 2 cut
+    with pytest.raises(
+        PlanError, match="no interleaved 1F1B plan exists for 4 rank.* and 3 blocks.*max_partition"
+    ):
+        plan_stages(problem)
+
+
+def test_no_memory_for_interleaving_keeps_1f1b() -> None:
+    """A limit that only 1F1B's fewer held microbatches meet: the plan stays 1F1B."""
+    problem = uniform_problem(8, 2, 16, num_stages=2, max_microbatches=8, min_microbatches=8)
+    plain = plan_stages(dataclasses.replace(problem, schedules=(Schedule.ONE_F_ONE_B,)))
+    limit = max(stage.memory_bytes for stage in plain.stages)
+    plan = plan_stages(dataclasses.replace(problem, memory_limit_bytes=limit))
+    assert plan.schedule == Schedule.ONE_F_ONE_B
+
+
+def test_simulated_memory_counts_every_chunk() -> None:
+    """The timeline of a chunked plan: per position, the static bytes of its chunks and its held activations."""
+    problem = uniform_problem(8, 2, 16, num_stages=2, chunks=2, max_microbatches=4, min_microbatches=4)
+    plan = plan_stages(dataclasses.replace(problem, schedules=(INTERLEAVED,)))
+    timings = stage_timings(problem, plan)
+    assert len(timings) == 4
+    timeline = simulate(timings, plan.microbatches, plan.schedule, chunks=plan.chunks)
+    for s in range(2):
+        static = sum(t.static_bytes for t in timings[s::2])
+        assert timeline.peak_memory[s] > static
+    assert list(itertools.chain.from_iterable(e for e in timeline.events))  # events per position
+
+
+def _chunked_plan() -> tuple[PlanProblem, Plan]:
+    problem = uniform_problem(8, 4, 16, num_stages=2, chunks=2, max_microbatches=4, min_microbatches=4)
+    problem = dataclasses.replace(problem, schedules=(INTERLEAVED,))
+    return problem, plan_stages(problem)
+
+
+def test_plot_draws_positions_as_rows_and_chunks_apart(tmp_path) -> None:
+    problem, plan = _chunked_plan()
+    timeline = simulate_plan(problem, plan)
+    parts = memory_parts(plan, timeline)
+    assert len(parts) == 2  # per position
+    assert [sum(p.values()) for p in parts] == pytest.approx(timeline.peak_memory, rel=1e-12)
+    figure = plan_figure(plan, timeline, memory_limit=max(timeline.peak_memory) * 1.1)
+    time_ax, memory_ax, gantt_ax = figure.get_axes()
+    assert [t.get_text() for t in time_ax.get_xticklabels()] == [
+        "p0.c0\n(stage 0)",
+        "p0.c1\n(stage 2)",
+        "p1.c0\n(stage 1)",
+        "p1.c1\n(stage 3)",
+    ]
+    assert [t.get_text() for t in gantt_ax.get_yticklabels()] == ["position 0", "position 1"]
+    legend = [t.get_text() for t in gantt_ax.get_legend().get_texts()]
+    assert "forward, chunk 1" in legend and "backward, chunk 1" in legend
+    # chunk 1's boxes are lighter than chunk 0's
+    colors = {tuple(c.get_facecolor()[0]) for c in gantt_ax.collections}
+    assert len(colors) > len({k for k in legend if "chunk" not in k})
+    assert plot_plan(plan, timeline, tmp_path / "plan.png").stat().st_size > 10_000
+
+
+def test_simulated_trace_names_chunks() -> None:
+    problem, plan = _chunked_plan()
+    timeline = simulate_plan(problem, plan)
+    trace = timeline_to_trace(timeline, [s.ranks for s in plan.stages[: plan.positions]])
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    rank2 = [e for e in events if e["pid"] == 2 and e["name"][0] in "FB"]
+    assert [e["name"] for e in rank2] == [str(a) for a in INTERLEAVED.actions(1, 2, 4, 2)]
+    assert {e["args"]["chunk"] for e in rank2} == {0, 1}
+    assert {e["args"]["stage"] for e in rank2} == {1, 3}
+    assert {e["cat"] for e in rank2} == {"compute chunk 0", "compute chunk 1"}
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"}
+    assert names[2] == "rank 2 (position 1): stages 1, 3"
+    assert trace["otherData"]["chunks"] == 2
