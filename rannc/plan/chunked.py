@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..schedule import Action, ActionKind
-from .cost import CostModel, RangeCost, allreduce_time, replica_microbatch_size, sent_bytes
+from .cost import CostModel, RangeCost, allreduce_time, replica_microbatch_size, sent_bytes, stepped_bytes
 from .types import PlanProblem
 
 __all__ = [
@@ -128,6 +128,7 @@ class PieceCost(NamedTuple):
     workspace: float  # held once while it runs: its largest block's workspace (+ later parameter gradients)
     activation: float  # bytes one held microbatch keeps: its activations, or its inputs when recomputing
     recompute_workspace: float  # one microbatch's activations rebuilt for the backward (recomputing), else 0
+    recompute: bool  # its forward runs again in backward (its sends are released once received)
 
 
 def piece_cost(
@@ -164,6 +165,7 @@ def piece_cost(
         workspace=row.workspace_bytes,
         activation=row.in_bytes if recompute else row.activation_bytes,
         recompute_workspace=row.activation_bytes if recompute else 0.0,
+        recompute=recompute,
     )
 
 
@@ -197,16 +199,17 @@ def position_memory(
 
     Its chunks' parameter state adds up; the step's user inputs are held once; a chunk holds receive buffers for
     its boundary tensors (the current action's and one posted ahead) and its sends until their receivers have
-    them (`sent_bytes`: at most its held microbatches + 1); the largest workspace (and, recomputing, the
+    them (`sent_bytes`: the send window's microbatches, or its held microbatches + 1 of outputs its graphs keep); the largest workspace (and, recomputing, the
     largest rebuilt microbatch) is held once, since one chunk runs at a time; the held activations are
     `peak_activation_bytes` over the schedule. Tied weights two chunks of one position share count twice (an
     upper bound: the runtime holds one tensor)."""
     chunks = len(pieces)
     held = chunk_peaks(actions, chunks)
+    recompute = any(p.recompute for p in pieces)
     shards = replicas if problem.zero_optimizer else 1
     params = sum(p.params for p in pieces)
     buffers = sum(
-        2 * (p.in_bytes + p.out_bytes) + sent_bytes(p.in_bytes, p.out_bytes, microbatches, h)
+        2 * (p.in_bytes + p.out_bytes) + sent_bytes(p.in_bytes, p.out_bytes, microbatches, h, recompute)
         for p, h in zip(pieces, held)
     )
     parts = {
@@ -226,7 +229,8 @@ def position_memory(
     activations = peak_activation_bytes(actions, [p.activation for p in pieces])
     per_param, per_largest = problem.optimizer_transient
     state = sum(p.state for p in pieces) + problem.input_bytes
-    transient = params / shards * per_param + max(p.largest for p in pieces) * per_largest
+    largest = max(p.largest for p in pieces)
+    transient = stepped_bytes(problem, params / shards, largest) * per_param + largest * per_largest
     return PositionMemory(parts, activations, state + transient)
 
 

@@ -147,10 +147,17 @@ def optimizer_transient_bytes(problem: PlanProblem, first: int, last: int, repli
         return 0.0
     shards = replicas if problem.zero_optimizer else 1
     largest = problem.range_largest_param_bytes[first][last] if problem.range_largest_param_bytes else 0.0
-    updated = problem.range_param_bytes[first][last] / shards
-    if problem.optimizer_chunk_bytes > 0:  # stepped a chunk at a time
-        updated = min(updated, max(problem.optimizer_chunk_bytes, largest))
+    updated = stepped_bytes(problem, problem.range_param_bytes[first][last] / shards, largest)
     return updated * per_param + largest * per_largest
+
+
+def stepped_bytes(problem: PlanProblem, updated: float, largest: float) -> float:
+    """Parameter bytes one optimizer step call updates at once on a rank updating `updated` bytes whose largest
+    tensor has `largest`: all of them, or a chunk (of at most optimizer_chunk_bytes, or one tensor) when the
+    optimizer is stepped a chunk at a time."""
+    if problem.optimizer_chunk_bytes > 0:
+        return min(updated, max(problem.optimizer_chunk_bytes, largest))
+    return updated
 
 
 def sharded_transient_bytes(problem: PlanProblem, first: int, last: int, updated: float) -> float:
@@ -159,9 +166,7 @@ def sharded_transient_bytes(problem: PlanProblem, first: int, last: int, updated
     if not per_param and not per_largest:
         return 0.0
     largest = problem.range_largest_param_bytes[first][last] if problem.range_largest_param_bytes else 0.0
-    if problem.optimizer_chunk_bytes > 0:  # stepped a chunk at a time
-        updated = min(updated, max(problem.optimizer_chunk_bytes, largest))
-    return updated * per_param + largest * per_largest
+    return stepped_bytes(problem, updated, largest) * per_param + largest * per_largest
 
 
 def update_seconds_per_byte(problem: PlanProblem, replicas: int) -> float:

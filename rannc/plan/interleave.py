@@ -44,6 +44,7 @@ from .cost import (
     replica_counts,
     replica_microbatch_size,
     sent_bytes,
+    stepped_bytes,
     update_seconds_per_byte,
 )
 from .simulate import simulate_plan
@@ -222,7 +223,10 @@ class CutSearch:
         io = cost.in_bytes + cost.out_bytes
         out = vector.copy()
         out[0] += cost.state
-        out[1] += 2 * io + sent_bytes(cost.in_bytes, cost.out_bytes, self.config.microbatches, held)
+        sent = sent_bytes(
+            cost.in_bytes, cost.out_bytes, self.config.microbatches, held, self.config.recompute
+        )
+        out[1] += 2 * io + sent
         out[2] = max(out[2], cost.workspace)
         out[3] = max(out[3], cost.recompute_workspace)
         out[4] += cost.params
@@ -238,7 +242,8 @@ class CutSearch:
         peak = float((self.profiles[s] @ vector[self._FIELDS :]).max())
         forward = problem.input_bytes + vector[0] + vector[1] + vector[2] + vector[3] + peak
         per_param, per_largest = problem.optimizer_transient
-        step_end = problem.input_bytes + vector[0] + vector[4] / shards * per_param + vector[5] * per_largest
+        updated = stepped_bytes(problem, vector[4] / shards, vector[5])
+        step_end = problem.input_bytes + vector[0] + updated * per_param + vector[5] * per_largest
         return max(forward, step_end)
 
     def _aggregate_tables(self) -> None:

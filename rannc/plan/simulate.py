@@ -560,7 +560,7 @@ def chunked_stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]
                 "parameters": piece.params,
                 "gradients": piece.params,
                 "optimizer": piece.params * problem.opt_param_factor / (r if problem.zero_optimizer else 1),
-                "buffers": 2 * io + sent_bytes(piece.in_bytes, piece.out_bytes, p, held[c]),
+                "buffers": 2 * io + sent_bytes(piece.in_bytes, piece.out_bytes, p, held[c], piece.recompute),
             }
             if c == 0:
                 once = ("inputs", "workspace", "recompute workspace")

@@ -24,7 +24,8 @@ INTERLEAVED = Schedule.INTERLEAVED_1F1B
 
 
 def chunked_problem(seed: int) -> PlanProblem:
-    """Up to 8 blocks and 4 ranks, node placement, workspace, ZeRO-1, recompute and a memory limit that binds."""
+    """Up to 8 blocks and 4 ranks, node placement, workspace, ZeRO-1, recompute, a chunked optimizer step and a
+    memory limit that binds."""
     rng = random.Random(20_000 + seed)
     num_blocks, world = rng.randint(4, 8), rng.choice([2, 2, 4, 4, 3])
     batch = rng.choice([8, 12, 16, 24])
@@ -72,6 +73,8 @@ def chunked_problem(seed: int) -> PlanProblem:
         range_largest_param_bytes=largest,
         update_seconds_per_param_byte=rng.choice([0.0, 1e-10]),
         simulate_candidates=8,
+        # the optimizer stepped in chunks (its own generator: the other draws stay as they were)
+        optimizer_chunk_bytes=random.Random(30_000 + seed).choice([0.0, 0.0, 1e5, 1e6]),
     )
     if rng.random() < 0.8:  # a limit somewhere among the memories cuts need
         memories = sorted(
@@ -151,7 +154,11 @@ def reference_cut(problem: PlanProblem, config: il.ChunkedConfig, ranges: list[t
             work.append(cost.workspace_bytes)
             params += problem.range_param_bytes[i][j]
             state += problem.range_param_bytes[i][j] * (2 + problem.opt_param_factor / shards)
-            buffers += 2 * (ins + outs) + min(p, held_most[c] + 1) * (ins + outs)
+            # sends: the input gradients of at most 2 microbatches (the runtime's window), the outputs of as many
+            # when recomputing, else of every microbatch the chunk holds (and one more), whose graphs keep them
+            window = min(p, 2)
+            kept = window if config.recompute else min(p, held_most[c] + 1)
+            buffers += 2 * (ins + outs) + (window * ins + kept * outs)
         peak = held = 0.0
         for action in actions:
             if action.kind == ActionKind.FORWARD:
@@ -162,7 +169,10 @@ def reference_cut(problem: PlanProblem, config: il.ChunkedConfig, ranges: list[t
         forward = problem.input_bytes + state + buffers + max(work) + max(rebuilt) + peak
         largest = max(problem.range_largest_param_bytes[i][j] for i, j in own)
         per_param, per_largest = problem.optimizer_transient
-        step_end = problem.input_bytes + state + params / shards * per_param + largest * per_largest
+        updated = params / shards  # stepped a chunk (of at most optimizer_chunk_bytes, or one tensor) at a time
+        if problem.optimizer_chunk_bytes > 0:
+            updated = min(updated, max(problem.optimizer_chunk_bytes, largest))
+        step_end = problem.input_bytes + state + updated * per_param + largest * per_largest
         memory.append(max(forward, step_end))
     return max(times), max(memory)
 
