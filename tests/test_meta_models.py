@@ -182,9 +182,12 @@ def _status_kib(field: str) -> int:
     raise AssertionError(f"no {field} in /proc/self/status")
 
 
-def rss_worker(rank: int, world: int, weights_path: str, on_meta: bool) -> dict[str, float]:
+def rss_worker(
+    rank: int, world: int, weights_path: str, on_meta: bool, profile_cache_dir: str
+) -> dict[str, float]:
     """Wrap the 1 GiB model (built on meta with load_weights, or whole on every rank) and make the first call
-    (capture, profile, plan, materialise and load this rank's stage); report the peak resident memory."""
+    (capture, profile, plan, materialise and load this rank's stage); report the peak resident memory.
+    `profile_cache_dir`: an empty directory, so that every block is profiled (a cached profile measures nothing)."""
     import time
 
     baseline = _status_kib("VmRSS")  # torch, rannc and the process group, no model yet
@@ -201,7 +204,9 @@ def rss_worker(rank: int, world: int, weights_path: str, on_meta: bool) -> dict[
         model.load_state_dict(load_file(weights_path))
         source = {}
     # a memory limit that fits 4 of the 16 layers' weights and gradients per rank: 4 stages of 4 layers
-    plan = forced_plan(world, microbatches=1, mem_limit_gb=0.85, opt_param_factor=0.0)
+    plan = forced_plan(
+        world, microbatches=1, mem_limit_gb=0.85, opt_param_factor=0.0, profile_cache_dir=profile_cache_dir
+    )
     wrapped = rannc.RaNNCModule(model, None, **source, **plan)
     started = time.perf_counter()
     with torch.no_grad():
@@ -228,8 +233,11 @@ def test_host_memory_is_the_stage_share(tmp_path: Path) -> None:
     path = tmp_path / "wide.safetensors"
     save_file(model.state_dict(), str(path))
     del model
-    meta = run_workers(rss_worker, 4, str(path), True, timeout=500)
-    whole = run_workers(rss_worker, 4, str(path), False, timeout=500)
+    # Each run profiles into its own empty cache: profiling block after block is part of what is measured.
+    meta_profiles, whole_profiles = tmp_path / "meta-profiles", tmp_path / "whole-profiles"
+    meta = run_workers(rss_worker, 4, str(path), True, str(meta_profiles), timeout=500)
+    whole = run_workers(rss_worker, 4, str(path), False, str(whole_profiles), timeout=500)
+    assert len(list(meta_profiles.glob("*.json"))) == 1 and len(list(whole_profiles.glob("*.json"))) == 1
     for rank, (m, w) in enumerate(zip(meta, whole)):
         print(
             f"rank {rank}: meta-built peak {m['peak_gib']:.2f} GiB (baseline {m['baseline_gib']:.2f}, first call "

@@ -19,6 +19,7 @@ from rich.progress import Progress
 
 from ..config import Config
 from ..errors import RanncError
+from ..host_memory import release_free_host_pages
 from ..plan.types import BlockProfile
 from .measure import BlockRunner, cache_flusher, measure_block
 
@@ -70,6 +71,7 @@ def profile_blocks(
     mine = _assign(missing, world_size)[rank]
 
     measured, error = _measure_tasks(runners, mine, config, device, show=config.show_progress and rank == 0)
+    release_free_host_pages()  # the cache flusher's buffer: what is deployed next need not land beside it
     entries = _gather_measurements(measured, error, world_size)
     merged = {**cache, **entries}
     if rank == 0 and missing:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..host_memory import release_free_host_pages
 from ..plan.types import BlockProfile
 from ..split_backward import input_grads
 from .memtrack import PeakMemory
@@ -78,6 +79,10 @@ def measure_block(
         flush = cache_flusher(device)
     for m in sizes:
         found[m] = _measure_size(runner, m, iterations, device, flush)
+        # This size's inputs (a meta model's stand-in parameters among them) and gradients are freed: give their
+        # pages back, so that profiling block after block holds one block's tensors in memory, not a fragmented
+        # heap of all of them (see release_free_host_pages).
+        release_free_host_pages()
     return BlockProfile(
         fwd_time={m: v.fwd for m, v in found.items()},
         bwd_time={m: v.bwd for m, v in found.items()},

@@ -31,6 +31,7 @@ class _Send(NamedTuple):
     peers: frozenset[int]
     needs: list[tuple[int, int]]  # (peer, index of the action that consumes the send in the peer's list)
     stage: int  # the (virtual) stage that sent them
+    windowed: bool  # to the neighbouring stage: counted in the send window
 
 
 class Progress:
@@ -182,15 +183,19 @@ class Transfer:
     def send_activation(self, route: Route, value: torch.Tensor, replica: int, microbatch: int) -> None:
         lo, _ = self.layout.rows(route.producer, microbatch, replica)
         tag = _tag(route, microbatch, self.num_routes, False)
-        ops, needs = [], []
+        # Pieces for the next stage count in the send window; those skipping stages do not (see `_make_room`).
+        ops: dict[bool, list[dist.P2POp]] = {True: [], False: []}
+        needs: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
         for peer, a, b, consumer in self._consumer_pieces(route, replica, microbatch):
             piece = route.pack(value.detach().narrow(route.batch_dim, a - lo, b - a))
             if peer == self.rank:
                 self.local[tag, a] = piece.clone()  # its own tensor, as a received one would be
                 continue
-            ops.append(dist.P2POp(dist.isend, piece, peer, tag=tag))
-            needs.append((peer, self._consumer_index("F", microbatch, consumer)))
-        self._start(ops, "act", microbatch, needs, route.producer)
+            adjacent = consumer == route.producer + 1
+            ops[adjacent].append(dist.P2POp(dist.isend, piece, peer, tag=tag))
+            needs[adjacent].append((peer, self._consumer_index("F", microbatch, consumer)))
+        for adjacent in (True, False):
+            self._start(ops[adjacent], "act", microbatch, needs[adjacent], route.producer, adjacent)
 
     def send_grad(self, route: Route, grad: torch.Tensor, stage: int, replica: int, microbatch: int) -> None:
         lo, _ = self.layout.rows(stage, microbatch, replica)
@@ -205,7 +210,7 @@ class Transfer:
                     continue
                 ops.append(dist.P2POp(dist.isend, piece, peer, tag=tag))
                 needs.append((peer, self._consumer_index("G", microbatch, route.producer)))
-        self._start(ops, "grad", microbatch, needs, stage)
+        self._start(ops, "grad", microbatch, needs, stage, windowed=route.producer == stage - 1)
 
     def _consumer_index(self, pass_: str, microbatch: int, stage: int) -> int:
         """Index of the action consuming a send in its receiver's list (-1: unknown, kept until wait_sends)."""
@@ -277,30 +282,49 @@ class Transfer:
         self._wait_for([s for s in self.pending if all(progress.has(peer, index) for peer, index in s.needs)])
 
     def _start(
-        self, ops: list[dist.P2POp], kind: str, microbatch: int, needs: list[tuple[int, int]], stage: int
+        self,
+        ops: list[dist.P2POp],
+        kind: str,
+        microbatch: int,
+        needs: list[tuple[int, int]],
+        stage: int,
+        windowed: bool = True,
     ) -> None:
         if ops:
             self.release_completed()
-            self._make_room(kind, microbatch, stage)
+            if windowed:
+                self._make_room(kind, microbatch, stage)
             with guarded(lambda: _sending(ops)):
                 works = dist.batch_isend_irecv(ops)
             peers = frozenset(op.peer for op in ops)
-            self.pending.append(_Send(works, ops, kind, microbatch, peers, needs, stage))
+            self.pending.append(_Send(works, ops, kind, microbatch, peers, needs, stage, windowed))
 
     def _make_room(self, kind: str, microbatch: int, stage: int) -> None:
         """Before sending `kind` for a new (microbatch, stage), wait for the oldest sends of that kind until those
         of fewer than SEND_WINDOW (microbatch, stage) pairs are held, so that what a rank holds in sends is bounded
         whatever the number of microbatches (the planner charges SEND_WINDOW microbatches: plan.cost.sent_bytes).
         The receivers post their receives one action ahead, so in the pipelined schedules the wait is for a
-        receive already posted (tests/runtime/test_send_release.py checks the protocol for every schedule)."""
+        receive already posted (tests/runtime/test_send_release.py checks the protocol for every schedule).
+
+        Only sends to the neighbouring (virtual) stage count (`_Send.windowed`): a skip connection's receiver takes
+        it at a later action, possibly after it needs what this rank is about to send, so waiting for it here
+        could deadlock (a stage 0 output read by stages 1 and 3 of two positions, interleaved). Skip sends are
+        released by the receivers' progress or at the step's end."""
         held = sorted(
-            {(s.microbatch, s.stage) for s in self.pending if s.kind == kind} - {(microbatch, stage)}
+            {(s.microbatch, s.stage) for s in self.pending if s.kind == kind and s.windowed}
+            - {(microbatch, stage)}
         )
         if len(held) < SEND_WINDOW:
             return
         oldest = set(held[: len(held) - SEND_WINDOW + 1])
         with current_tracer().span(f"wait_send_{kind}"):
-            self._wait_for([s for s in self.pending if s.kind == kind and (s.microbatch, s.stage) in oldest])
+            self._wait_for(
+                [
+                    s
+                    for s in self.pending
+                    if s.kind == kind and s.windowed and (s.microbatch, s.stage) in oldest
+                ]
+            )
 
     def _wait_for(self, sends: list[_Send]) -> None:
         """Wait for `sends` (their receivers have them or will at once) and drop their buffers."""

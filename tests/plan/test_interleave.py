@@ -169,7 +169,8 @@ def reference_cut(problem: PlanProblem, config: il.ChunkedConfig, ranges: list[t
         forward = problem.input_bytes + state + buffers + max(work) + max(rebuilt) + peak
         largest = max(problem.range_largest_param_bytes[i][j] for i, j in own)
         per_param, per_largest = problem.optimizer_transient
-        updated = params / shards  # stepped a chunk (of at most optimizer_chunk_bytes, or one tensor) at a time
+        # stepped a chunk (of at most optimizer_chunk_bytes, or one tensor) at a time
+        updated = params / shards
         if problem.optimizer_chunk_bytes > 0:
             updated = min(updated, max(problem.optimizer_chunk_bytes, largest))
         step_end = problem.input_bytes + state + updated * per_param + largest * per_largest
