@@ -172,8 +172,6 @@ def _measure_prepared(
     # In a pipeline step a block's weights and inputs are not in the CPU caches (other blocks and microbatches
     # ran since), so each timed run starts cold; otherwise small microbatches look cheaper than they are.
     for _ in range(iterations):
-        if grad_outputs and any(_wants_grad(p) for p in params):  # (no parameters: no W pass)
-            weight_times.append(_time_weight_pass(runner, inputs, params, grad_outputs, flush, cuda, device))
         step_inputs = _fresh_activations(inputs, runner.param_input_indices)
         flush()
         _sync(cuda, device)
@@ -189,6 +187,10 @@ def _measure_prepared(
             _sync(cuda, device)
             bwd_times.append(time.perf_counter() - t0)
         del outputs, step_inputs
+    if grad_outputs and any(_wants_grad(p) for p in params):  # (no parameters: no W pass)
+        weight_times = _time_weight_passes(
+            runner, inputs, params, grad_outputs, iterations, flush, cuda, device
+        )
     if cuda:  # the allocator also sees what kernels allocate outside the dispatcher
         peak = torch.cuda.max_memory_allocated(device) - start_bytes  # .grad of the parameters included
         workspace = max(workspace, float(peak) - activation)
@@ -196,6 +198,36 @@ def _measure_prepared(
     bwd_weight = min(statistics.median([t for t, _ in weight_times]), bwd_time) if weight_times else 0.0
     deferred = weight_times[-1][1] if weight_times else 0.0
     return _Measured(statistics.median(fwd_times), bwd_time, activation, workspace, bwd_weight, deferred)
+
+
+def _time_weight_passes(
+    runner: BlockRunner,
+    inputs: list[Any],
+    params: list[torch.Tensor],
+    grad_outputs: list[torch.Tensor],
+    iterations: int,
+    flush: Callable[[], None],
+    cuda: bool,
+    device: torch.device,
+) -> list[tuple[float, float]]:
+    """`_time_weight_pass` `iterations` times after an untimed one, once the whole backwards were timed.
+
+    Apart from the whole backwards, and after giving their freed pages back, so that a block's peak host memory
+    is that of its whole backwards: the W pass frees the parameter gradients and allocates its own, and with the
+    heap that never shrinks (`keep_freed_host_memory`) each such free-then-allocate of a weight-sized tensor
+    amid the small tensors of a forward can land on free pages that earlier blocks gave back (a better fit than
+    the chunk just freed, or that chunk grown by a free neighbour) instead of the pages it just freed: run
+    between the whole backwards, the W pass added up to a gradient's size per block to the peak, more the more
+    blocks were profiled before. The untimed pass faults in what the timed ones reuse."""
+    for param in params:  # (gradients of the timed whole backwards: measuring's own, restored by the caller)
+        if _wants_grad(param):
+            param.grad = None
+    release_free_host_pages()
+    _time_weight_pass(runner, inputs, params, grad_outputs, flush, cuda, device)
+    return [
+        _time_weight_pass(runner, inputs, params, grad_outputs, flush, cuda, device)
+        for _ in range(iterations)
+    ]
 
 
 def _time_weight_pass(
