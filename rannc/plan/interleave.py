@@ -266,6 +266,18 @@ class CutSearch:
         acts = np.zeros(self.n) if self.config.recompute else np.array(self.model.block_values(self.m)[2])
         self.block_act = [acts[b:] for b in range(self.n)]
         self.weights = np.array([profile[int(profile.sum(axis=1).argmax())] for profile in self.profiles])
+        # the least state one more block adds to a chunk starting at block b or later (extending i..j to
+        # i..j+1); at most 0 where ranges share weights, and then the count bound in `_over` does nothing
+        params = np.array(problem.range_param_bytes, dtype=float)
+        grow = np.full(self.n + 1, math.inf)
+        for i in range(self.n - 1, -1, -1):
+            step = params[i, i + 1 :] - params[i, i : self.n - 1]
+            grow[i] = min(grow[i + 1], float(step.min()) if step.size else math.inf)
+        self.grown_state = grow * factor
+        self.to_come = [
+            np.array([sum(1 for j in range(k, self.count) if j % s_count == q) for q in live])
+            for k, live in enumerate(self.live_positions(s_count, v))
+        ]
         self.live, self.slot_index, self.slot_weight, self.lightest = [], [], [], []
         for k in range(self.count):
             live = [q for q in range(s_count) if (v - 1) * s_count + q >= k]
@@ -279,41 +291,90 @@ class CutSearch:
                 )
             )
 
+    # the fields of a holding vector that take the largest chunk's value rather than the sum (workspace,
+    # recompute workspace, largest parameter)
+    _MAXED = [2, 3, 5]
+
+    def _with_floor(self, vector: np.ndarray, floor: np.ndarray) -> np.ndarray:
+        """A holding `vector` with the least its chunks to come add (`floor`): summed fields add, maxed ones
+        take the larger."""
+        out = vector + floor
+        out[..., self._MAXED] = np.maximum(vector[..., self._MAXED], floor[..., self._MAXED])
+        return out
+
+    def live_positions(self, s_count: int, v: int) -> list[list[int]]:
+        """Per virtual stage k, the positions with chunks from k on."""
+        return [[q for q in range(s_count) if (v - 1) * s_count + q >= k] for k in range(self.count)]
+
     def _floor_tables(self) -> None:
         """floor[k][s]: the least that position s's chunks from virtual stage k on add to its holding whatever
-        their ranges: each takes at least one block (the lightest block's state, parameters and activation) and
-        holds the buffers of the lightest boundary its place allows (virtual stage j starts at block j or later
-        and ends early enough for the ones after it)."""
+        their ranges. Virtual stage j starts at block j or later and ends early enough for the ones after it;
+        over those ranges each chunk holds at least the least state, parameters and buffers, and its position
+        at least the largest of its chunks' least workspace, rebuilt microbatch and largest parameter; each
+        chunk keeps at least its least activation (recomputing: its least inputs) per held microbatch."""
         problem, config = self.problem, self.config
         s_count, v, p = config.positions, config.chunks, config.microbatches
         factor = 2 + problem.opt_param_factor / (config.replicas if problem.zero_optimizer else 1)
-        singles = [self.model.row(b, self.m, config.replicas)[0] for b in range(self.n)]
-        least_state = min(problem.range_param_bytes[b][b] for b in range(self.n))
-        least_act = min((row.in_bytes if config.recompute else row.activation_bytes) for row in singles)
-        io = np.full((self.n, self.n), math.inf)  # [first][last] boundary bytes in + out per microbatch
+        shape = (self.n, self.n)
+        io, work, rebuilt, act = (np.full(shape, math.inf) for _ in range(4))  # [first][last]
         for i in range(self.n):
             for j, row in enumerate(self.model.row(i, self.m, config.replicas), start=i):
                 io[i, j] = row.in_bytes + row.out_bytes
+                work[i, j] = row.workspace_bytes
+                rebuilt[i, j] = row.activation_bytes if config.recompute else 0.0
+                act[i, j] = row.in_bytes if config.recompute else row.activation_bytes
+        params = np.array(problem.range_param_bytes, dtype=float)
+        largest = (
+            np.array(problem.range_largest_param_bytes, dtype=float)
+            if problem.range_largest_param_bytes
+            else np.zeros(shape)
+        )
+        below = np.tril(np.ones(shape, dtype=bool), -1)
+        params[below] = math.inf
+        largest[below] = math.inf
+
+        def least(table: np.ndarray, k: int) -> float:
+            end = self.n - self.count + k + 1
+            region = table[k:end, :end]
+            finite = region[np.isfinite(region)]
+            return float(finite.min()) if finite.size else 0.0
+
         slots = np.zeros((self.count, self._FIELDS + v))
         for k in range(self.count):
             s, c = k % s_count, k // s_count
-            region = io[k : self.n - self.count + k + 1, : self.n - self.count + k + 1]
-            least_io = float(region.min()) if region.size and np.isfinite(region).any() else 0.0
+            least_state, least_io = least(params, k), least(io, k)
             slots[k, 0] = least_state * factor
             slots[k, 1] = 2 * least_io + sent_bytes(least_io, 0.0, p, self.held[s][c])
+            slots[k, 2] = least(work, k)
+            slots[k, 3] = least(rebuilt, k)
             slots[k, 4] = least_state
-            slots[k, self._FIELDS + c] = least_act
+            slots[k, 5] = least(largest, k)
+            slots[k, self._FIELDS + c] = least(act, k)
+        # the least workspace and rebuilt microbatch of a chunk of 2 blocks or more starting at block b or later
+        # (a position taking more blocks than it has chunks holds one)
+        self.longer = np.zeros((self.n + 1, 2))
+        for b in range(self.n - 1, -1, -1):
+            self.longer[b] = [
+                min(
+                    float(work[b, b + 1 :].min(initial=math.inf)),
+                    self.longer[b + 1, 0] if b + 1 < self.n else math.inf,
+                ),
+                min(
+                    float(rebuilt[b, b + 1 :].min(initial=math.inf)),
+                    self.longer[b + 1, 1] if b + 1 < self.n else math.inf,
+                ),
+            ]
         self.floor = np.zeros((self.count + 1, s_count, self._FIELDS + v))
         for k in range(self.count - 1, -1, -1):
             self.floor[k] = self.floor[k + 1]
-            self.floor[k, k % s_count] += slots[k]
+            self.floor[k, k % s_count] = self._with_floor(self.floor[k, k % s_count], slots[k])
 
     def fits_at_all(self) -> bool:
         """Whether every position could hold even the lightest chunks (False: no cut of this slice fits)."""
         if self.limit is None:
             return True
         empty = np.zeros((self.config.positions, self._FIELDS + self.config.chunks))
-        low = empty + self.floor[0]
+        low = self.floor[0]
         return all(
             self._memory(q, low[q]) <= self.limit for q in range(self.config.positions)
         ) and not self._over(0, 0, empty)
@@ -330,13 +391,20 @@ class CutSearch:
             return False
         live = self.live[k]
         rows = states[live]
+        low = self._with_floor(rows, self.floor[k, live])  # with their chunks to come at the least
+        # the blocks' state and (not recomputing) activations are counted by slot below; the least buffers,
+        # workspaces and (recomputing) held inputs of the chunks to come are not
+        acts = low[:, self._FIELDS :] if self.config.recompute else rows[:, self._FIELDS :]
         held = (
             self.problem.input_bytes
             + rows[:, 0]
-            + rows[:, 1]
-            + self.floor[k, live, 1]  # the buffers of their chunks to come, at the least
-            + (rows[:, self._FIELDS :] * self.weights[live]).sum(axis=1)
+            + low[:, 1]
+            + low[:, 2]
+            + low[:, 3]
+            + (acts * self.weights[live]).sum(axis=1)
         )
+        if self._too_few(k, b, low):
+            return True
         state, act = self.block_state[b], self.block_act[b]
         index, weights = self.slot_index[k], self.slot_weight[k]
         average = float(state.mean()) + self.lightest[k] * float(act.mean())
@@ -346,6 +414,24 @@ class CutSearch:
             if float(lam @ held) + float(cost.min(axis=1).sum()) > self.limit * float(lam.sum()):
                 return True
         return False
+
+    def _too_few(self, k: int, b: int, low: np.ndarray) -> bool:
+        """Whether the positions with chunks from k on cannot take blocks b.. between them, counted in whole
+        blocks: each chunk to come takes one block with its least holding (`low`, the live positions' rows with
+        their floors); a position taking more has a chunk of 2 blocks or more (its workspace and rebuilt
+        microbatch at least `longer`'s), and every block more adds at least `grown_state` to it, which must stay
+        in the memory left to it."""
+        grow = self.grown_state[b]
+        if not grow > 0 or not math.isfinite(grow):
+            return False
+        live = self.live[k]
+        if any(self._memory(q, row) > self.limit for q, row in zip(live, low)):
+            return True
+        longer = low.copy()
+        longer[:, 2:4] = np.maximum(longer[:, 2:4], self.longer[b])
+        slack = np.array([self.limit - self._memory(q, row) for q, row in zip(live, longer)])
+        more = np.where(slack >= 0, np.floor(np.maximum(slack, 0.0) / grow * (1 + 1e-12)), 0.0)
+        return float((self.to_come[k] + more).sum()) < self.n - b
 
     # ---- search ------------------------------------------------------------------------------------------
     def run(self) -> list[tuple[int, int]] | None:
@@ -409,7 +495,10 @@ class CutSearch:
             tried = False
             for j in sorted(ok.tolist(), key=lambda j: (abs(j - ideal), j)):
                 vector = self._added(states[s], k, self.piece(k, b, j))
-                if self.limit is not None and self._memory(s, vector + self.floor[k + 1, s]) > self.limit:
+                if (
+                    self.limit is not None
+                    and self._memory(s, self._with_floor(vector, self.floor[k + 1, s])) > self.limit
+                ):
                     continue  # over even if its later chunks take the lightest ranges
                 tried = True
                 after = states.copy()
