@@ -164,6 +164,8 @@ class CutSearch:
         self._aggregate_tables()
         self._floor_tables()
         self.exact = True  # False once a threshold's search ran out of NODE_BUDGET
+        # (least t_max any fitting cut can have, t_max of the cut returned): equal when exact, set by run()
+        self.t_max_bounds: tuple[float, float] | None = None
         self.nodes = 0  # depth-first nodes visited so far
         self._pieces: dict[tuple[int, int, int], PieceCost] = {}
         self._times = self._time_tables()
@@ -311,7 +313,8 @@ class CutSearch:
         their ranges. Virtual stage j starts at block j or later and ends early enough for the ones after it;
         over those ranges each chunk holds at least the least state, parameters and buffers, and its position
         at least the largest of its chunks' least workspace, rebuilt microbatch and largest parameter; each
-        chunk keeps at least its least activation (recomputing: its least inputs) per held microbatch."""
+        chunk keeps at least its least activation (recomputing: its least inputs) per held microbatch. (The first
+        virtual stage's ranges start at block 0, the last one's end at the last block.)"""
         problem, config = self.problem, self.config
         s_count, v, p = config.positions, config.chunks, config.microbatches
         factor = 2 + problem.opt_param_factor / (config.replicas if problem.zero_optimizer else 1)
@@ -336,6 +339,10 @@ class CutSearch:
         def least(table: np.ndarray, k: int) -> float:
             end = self.n - self.count + k + 1
             region = table[k:end, :end]
+            if k == 0:  # the first virtual stage starts at block 0, the last ends at the last block
+                region = region[:1]
+            if k == self.count - 1:
+                region = region[:, -1:]
             finite = region[np.isfinite(region)]
             return float(finite.min()) if finite.size else 0.0
 
@@ -443,13 +450,18 @@ class CutSearch:
         best = self._cut(float(values[high]))
         if best is None:
             return None
+        proven = 0  # no threshold below values[proven] has a cut (proved: its search did not run out)
         while low < high:  # values[high] has a cut; find the least that does
             middle = (low + high) // 2
             found = self._cut(float(values[middle]))
             if found is None:
                 low = middle + 1
+                if self.nodes <= NODE_BUDGET:
+                    proven = low
             else:
                 best, high = found, middle
+        kept = max(self.piece(k, first, last).time for k, (first, last) in enumerate(best))
+        self.t_max_bounds = (min(float(values[proven]), kept), kept)
         return best
 
     def _cut(self, tau: float) -> list[tuple[int, int]] | None:
@@ -614,9 +626,20 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
             continue
         search = CutSearch(problem, model, config)
         ranges = search.run()
-        if not search.exact:
+        if not search.exact and ranges is None:
             logger.info(
-                "interleaved slice %s: the cut search ran out of nodes; counted as not fitting", config
+                "interleaved slice %s: the cut search ran out of nodes before finding a cut that fits; counted "
+                "as not fitting",
+                config,
+            )
+        elif not search.exact:
+            least, kept = search.t_max_bounds
+            logger.info(
+                "interleaved slice %s: the cut search ran out of nodes; keeping the cut that fits of t_max "
+                "%.4g s (the least is at least %.4g s)",
+                config,
+                kept,
+                least,
             )
         if ranges is None:
             continue

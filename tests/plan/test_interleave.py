@@ -360,3 +360,91 @@ def test_simulated_trace_names_chunks() -> None:
     names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"}
     assert names[2] == "rank 2 (position 1): stages 1, 3"
     assert trace["otherData"]["chunks"] == 2
+
+
+def gpt_like_problem(layers: int, positions: int) -> PlanProblem:
+    """An embedding, `layers` equal transformer-like blocks and a heavier head on 2 ranks per position: large
+    enough that the cut search cannot enumerate its cuts (16 virtual stages over 48 blocks for 8 positions)."""
+    shapes = [(2e-4, 1e6, 4e6, 2e7)] + [(1e-3, 8e6, 6e6, 3e7)] * layers + [(8e-4, 1.2e7, 8e6, 3.3e7)]
+    blocks = [
+        BlockProfile(
+            fwd_time={1: fwd, 8: 8 * fwd},
+            bwd_time={1: 2 * fwd, 8: 16 * fwd},
+            activation_bytes={1: act},
+            workspace_bytes={1: work},
+        )
+        for fwd, act, work, _ in shapes
+    ]
+    per_block = [params for *_, params in shapes]
+    n = len(blocks)
+    params = [[sum(per_block[i : j + 1]) if j >= i else 0.0 for j in range(n)] for i in range(n)]
+    largest = [[max(per_block[i : j + 1]) / 4 if j >= i else 0.0 for j in range(n)] for i in range(n)]
+    ins = [[0.0 if i == 0 else 1e5 for _ in range(n)] for i in range(n)]
+    outs = [[0.0 if j == n - 1 else 1e5 for j in range(n)] for _ in range(n)]
+    return PlanProblem(
+        blocks,
+        params,
+        ins,
+        outs,
+        world_size=2 * positions,
+        global_batch=8 * positions,
+        schedules=(INTERLEAVED,),
+        opt_param_factor=6.0,
+        p2p_bandwidth=1e10,
+        allreduce_bandwidth=1e10,
+        range_largest_param_bytes=largest,
+        max_microbatches=2 * positions,
+        allow_recompute=True,
+    )
+
+
+def balanced_ranges(num_blocks: int, count: int) -> list[tuple[int, int]]:
+    size = num_blocks // count
+    return [(k * size, (k + 1) * size - 1) for k in range(count)]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_large_slice_takes_the_balanced_cut_or_proves_none_fits(recompute: bool) -> None:
+    """8 positions x 2 chunks over 48 blocks: with the memory the balanced cut needs, the search returns a cut
+    of its t_max (none is less: every virtual stage has 3 blocks); 5% less memory than that, it proves in a few
+    nodes that no cut fits (every position needs 6 of the 48 blocks, which only the count of whole blocks shows;
+    the search gave up after its node budget before that bound)."""
+    problem = gpt_like_problem(46, 8)
+    config = il.ChunkedConfig(8, 2, 16, 2, recompute)
+    t_max, memory = reference_cut(problem, config, balanced_ranges(48, 16))
+    fitting = dataclasses.replace(problem, memory_limit_bytes=memory * (1 + 1e-9))
+    search = il.CutSearch(fitting, CostModel(fitting), config)
+    found = search.run()
+    assert search.exact and found is not None
+    assert reference_cut(fitting, config, found)[0] == pytest.approx(t_max, rel=1e-12)
+    if recompute:
+        tight = dataclasses.replace(problem, memory_limit_bytes=memory * 0.95)
+        search = il.CutSearch(tight, CostModel(tight), config)
+        assert search.run() is None
+        assert search.exact and search.nodes < 100
+
+
+def test_cut_search_out_of_nodes_keeps_a_fitting_cut(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """A node budget that runs out while bisecting: the search returns the least cut it found (it fits), marked
+    inexact, with bounds around the least t_max; best_interleaved plans it and says so."""
+    problem = gpt_like_problem(46, 8)
+    config = il.ChunkedConfig(8, 2, 16, 2, False)
+    memory = reference_cut(problem, config, balanced_ranges(48, 16))[1]
+    problem = dataclasses.replace(problem, memory_limit_bytes=memory * 0.95)
+    model = CostModel(problem)
+    search = il.CutSearch(problem, model, config)
+    least = reference_cut(problem, config, search.run())[0]
+    assert search.exact and search.t_max_bounds == pytest.approx((least, least))
+    monkeypatch.setattr(il, "NODE_BUDGET", 60)
+    search = il.CutSearch(problem, model, config)
+    found = search.run()
+    assert not search.exact and found is not None
+    t_max, fits = reference_cut(problem, config, found)
+    assert fits <= problem.memory_limit_bytes * (1 + 1e-12)
+    low, high = search.t_max_bounds
+    assert high == pytest.approx(t_max, rel=1e-12) and low <= least * (1 + 1e-12) and least <= t_max
+    only = dataclasses.replace(problem, chunks=2, num_stages=8, min_microbatches=16)
+    with caplog.at_level("INFO", logger="rannc.plan.interleave"):
+        plan = il.best_interleaved(only, CostModel(only))
+    assert plan is not None and plan.chunks == 2
+    assert "keeping the cut that fits" in caplog.text
