@@ -269,12 +269,15 @@ class CutSearch:
         self.block_act = [acts[b:] for b in range(self.n)]
         self.weights = np.array([profile[int(profile.sum(axis=1).argmax())] for profile in self.profiles])
         # the least state one more block adds to a chunk starting at block b or later (extending i..j to
-        # i..j+1); at most 0 where ranges share weights, and then the count bound in `_over` does nothing
+        # i..j+1, or i+1..j to i..j: the last virtual stage's floor is a range ending at the last block); at most
+        # 0 where ranges share weights, and then the count bound in `_over` does nothing
         params = np.array(problem.range_param_bytes, dtype=float)
         grow = np.full(self.n + 1, math.inf)
         for i in range(self.n - 1, -1, -1):
-            step = params[i, i + 1 :] - params[i, i : self.n - 1]
-            grow[i] = min(grow[i + 1], float(step.min()) if step.size else math.inf)
+            right = params[i, i + 1 :] - params[i, i : self.n - 1]
+            left = params[i, i + 1 :] - params[i + 1, i + 1 :] if i + 1 < self.n else right
+            least = min(float(right.min()), float(left.min())) if right.size else math.inf
+            grow[i] = min(grow[i + 1], least)
         self.grown_state = grow * factor
         self.to_come = [
             np.array([sum(1 for j in range(k, self.count) if j % s_count == q) for q in live])
