@@ -200,6 +200,37 @@ def test_cut_search_is_exact(seed: int) -> None:
         assert t_max == pytest.approx(min(fitting), rel=1e-12), config
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_cut_search_is_exact_with_additive_parameters(seed: int) -> None:
+    """As above with every range's parameters the sum of its blocks' (no shared weights: the bound that counts
+    the whole blocks a position has room for applies) and a limit among the cuts' memories again."""
+    problem = chunked_problem(seed)
+    n = len(problem.blocks)
+    own = [problem.range_param_bytes[b][b] for b in range(n)]
+    params = [[sum(own[i : j + 1]) if j >= i else 0.0 for j in range(n)] for i in range(n)]
+    problem = dataclasses.replace(problem, range_param_bytes=params, memory_limit_bytes=None)
+    configs = il.interleaved_configs(problem)
+    memories = sorted(m for config in configs for _, m in brute_cuts(problem, config))
+    if not memories:
+        return
+    for share in (0.2, 0.5):
+        limit = memories[int(len(memories) * share)] * (1 + 1e-9)
+        limited = dataclasses.replace(problem, memory_limit_bytes=limit)
+        model = CostModel(limited)
+        for config in configs:
+            search = il.CutSearch(limited, model, config)
+            found = search.run()
+            assert search.exact
+            fitting = [t for t, m in brute_cuts(limited, config) if m <= limit]
+            if not fitting:
+                assert found is None, config
+                continue
+            assert found is not None, config
+            t_max, memory = reference_cut(limited, config, found)
+            assert memory <= limit * (1 + 1e-12)
+            assert t_max == pytest.approx(min(fitting), rel=1e-12), config
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_plan_memory_and_timings_match_the_definitions(seed: int) -> None:
     """The plan of a cut: every virtual stage's memory is its position's peak from the definitions, the
