@@ -130,7 +130,16 @@ def _read_cache(path: Path) -> dict[str, Entry]:
         return {}
     try:
         data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        if isinstance(found, str) and found.startswith("rannc-block-profiles/") and found != _CACHE_FORMAT:
+            logger.info(
+                "profile cache %s is of an older rannc (%s, now %s); it will be replaced by fresh measurements",
+                path,
+                found,
+                _CACHE_FORMAT,
+            )
+            return {}
+        if found != _CACHE_FORMAT:
             raise ValueError(f"not a {_CACHE_FORMAT} file")
         return {key: _valid_entry(key, value) for key, value in data["entries"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
