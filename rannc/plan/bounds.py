@@ -300,6 +300,26 @@ class PrefixBounds:
         return allowed
 
 
+def split_inflight_limit(search: SearchSlice) -> float:
+    """Most microbatches in flight with which a split-backward (zero bubble) plan of this slice's microbatch count
+    and replica counts can fit, at any depth: every block lies in some stage that fits holding them with at least
+    one microbatch's deferred gradients (`StageBounds.fits_split`, generous). A zero bubble slice of depth D holds
+    min(P, D) microbatches at every stage, so one whose min(P, D) exceeds this has no plan. inf without a limit."""
+    shared = search.tables.shared.get(search.shared_key)
+    if shared is None:
+        shared = search.tables.shared[search.shared_key] = _stage_arrays(search)
+    num_blocks = len(search.problem.blocks)
+    if not num_blocks or not search.replicas:
+        return np.inf
+    upper = np.arange(num_blocks)[None, :] >= np.arange(num_blocks)[:, None]
+    most = np.maximum(shared.fits_split, shared.fits_split_again).max(axis=0)  # [first][last] over replicas
+    most = np.where(upper, most, -np.inf)
+    # cover[x] = max over first <= x <= last of most[first][last]: the best stage that can hold block x.
+    prefix = np.maximum.accumulate(most, axis=0)  # [x][last]: max over first <= x
+    cover = np.where(upper, prefix, -np.inf).max(axis=1)
+    return float(cover.min())
+
+
 def _level_below(inflight: int) -> int:
     """The largest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 3 x 2^k) that is at most `inflight` (>= 1)."""
     if inflight <= 2:

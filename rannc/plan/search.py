@@ -42,8 +42,10 @@ from .front import suffix_key
 from .heuristic import uniform_candidates
 from .interleave import best_interleaved, interleaved_configs, no_interleaved_message
 from .memory import fits, least_memory
+from .bounds import split_inflight_limit
 from .pareto import SuffixSearch, relaxed
 from .simulate import simulate_plan
+from .slices import SearchSlice
 from .tables import StageTables
 from .types import Plan, PlanProblem, StagePlan
 
@@ -95,12 +97,13 @@ class _Searches:
         self.problem = problem
         self.stage_counts = stage_counts(problem)
         self.tables = StageTables(model)
-        # Zero bubble's stage memory depends on the pipeline's depth: one slice per stage count.
+        # Zero bubble's stage memory depends on the pipeline's depth: one slice per stage count that may have a
+        # plan (`_split_depths`).
         self.slices = [
             (rank, search)
             for p in microbatch_counts(problem)
             for rank, schedule in searched_schedules(problem)
-            for depth in (self.stage_counts if schedule.splits_backward else [None])
+            for depth in (self._split_depths(model, p, schedule) if schedule.splits_backward else [None])
             for search in [SuffixSearch(problem, model, p, schedule, self.tables, depth)]
             if search.replicas
         ]
@@ -108,6 +111,23 @@ class _Searches:
         self.found: list[Candidate] = []
         self._heap: list[tuple[float, int, int, int]] = []
         self._first: tuple[int, SuffixSearch] | None = None  # the best uniform plan's slice (with its rank)
+
+    def _split_depths(self, model: CostModel, p: int, schedule: Schedule) -> list[int]:
+        """The stage counts D of which a split-backward slice with `p` microbatches may have a plan: D stages whose
+        replica counts can sum to the world, and every block in some stage that fits holding min(p, D) microbatches
+        (`split_inflight_limit`). Zero bubble holds min(p, D) at every stage, so on a large model most depths fit
+        nowhere, and each would cost a slice's bounds and runs to find nothing."""
+        probe = SearchSlice(self.problem, model, p, schedule, self.tables, depth=1)
+        if not probe.replicas:
+            return []
+        world, least, most = self.problem.world_size, probe.replicas[0], probe.replicas[-1]
+        limit = split_inflight_limit(probe)
+        self.tables.shared.pop(probe.shared_key, None)  # one set of bound tables alive at a time (see above)
+        return [
+            depth
+            for depth in self.stage_counts
+            if depth * least <= world <= depth * most and min(p, depth) <= limit
+        ]
 
     def release(self, index: int) -> None:
         search = self.slices[index][1]
