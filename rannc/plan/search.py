@@ -177,7 +177,9 @@ class _Searches:
         (relaxed): every slice whose bound is under it and that has not run under it yet, under it."""
         self.uniform_cutoff()
         queued = self.queue()
-        searched: dict[int, float] = {}  # slice index -> the cutoff of its latest exact run (every plan under it found)
+        searched: dict[
+            int, float
+        ] = {}  # slice index -> the cutoff of its latest exact run (every plan under it found)
         finite = [bound for bound, *_ in queued if math.isfinite(bound)]
         level = finite[0] * 1.02 if finite else math.inf
         while True:
