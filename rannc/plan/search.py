@@ -26,6 +26,8 @@ import dataclasses
 import math
 from typing import NamedTuple
 
+import numpy as np
+
 from ..errors import PlanError
 from ..schedule import Schedule
 from .bounds import split_inflight_limit
@@ -41,7 +43,7 @@ from .front import TIE as _TIE
 from .front import suffix_key
 from .heuristic import uniform_candidates
 from .interleave import best_interleaved, interleaved_configs, no_interleaved_message
-from .memory import fits, least_memory
+from .memory import fits, fits_floor, least_memory, split_floor
 from .pareto import SuffixSearch, relaxed
 from .simulate import simulate_plan
 from .slices import SearchSlice
@@ -108,6 +110,7 @@ class _Searches:
         ]
         self.best = math.inf  # the least analytic step time found so far
         self.found: list[Candidate] = []
+        self._floors: dict[tuple[int, int], np.ndarray | None] = {}  # the latest split_floor (see _fits)
 
     def _split_depths(self, model: CostModel, p: int, schedule: Schedule) -> list[int]:
         """The stage counts D of which a split-backward slice with `p` microbatches may have a plan: D stages whose
@@ -151,9 +154,18 @@ class _Searches:
         return sorted(queued)
 
     def _fits(self, index: int) -> bool:
-        """Whether some plan of the slice fits in memory (asked only while no plan is known: a run that finds
-        nothing under no cutoff can take long)."""
+        """Whether some plan of the slice may fit in memory (False: none does; asked only while no plan is known, so
+        that a slice where nothing fits is not run: a run that finds nothing under no cutoff can take long)."""
         search = self.slices[index][1]
+        if search.depth is not None and search.depth in self.stage_counts:
+            # Zero bubble: a necessary condition from one memory table per (P, min(P, depth)), shared by the deep
+            # slices, in place of `fits`' table per stage of every depth (an 80-stage slice: 80 tables).
+            key = (search.p, min(search.p, search.depth))
+            if key not in self._floors:
+                self._floors = {key: split_floor(self.problem, self.tables, search.p, search.depth)}
+            floor = self._floors[key]
+            if floor is not None:
+                return fits_floor(self.problem, search.p, search.depth, floor)
         return fits(self.problem, self.tables, search.p, search.schedule, self.stage_counts, search.depth)
 
     def exact(self, search: SuffixSearch, rank: int, cutoff: float) -> None:
