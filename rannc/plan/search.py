@@ -189,15 +189,18 @@ class _Searches:
         (relaxed): every slice whose bound is under it and that has not run under it yet, under it."""
         self.uniform_cutoff()
         queued = self.queue()
-        searched: dict[
-            int, float
-        ] = {}  # slice index -> the cutoff of its latest exact run (every plan under it found)
-        finite = [bound for bound, *_ in queued if math.isfinite(bound)]
+        # slice index -> the cutoff of its latest exact run (every plan under it found)
+        searched: dict[int, float] = {}
+        # Zero bubble has a slice per depth, dozens of one microbatch count with one bound: they escalate only when
+        # there is nothing else, and otherwise run once, in step 4.
+        unsplit = [item for item in queued if self.slices[item[3]][1].depth is None]
+        escalating = unsplit or queued
+        finite = [bound for bound, *_ in escalating if math.isfinite(bound)]
         level = finite[0] * 1.02 if finite else math.inf
         while True:
             final = relaxed(level) >= relaxed(self.best)
             ran = False
-            for bound, _, rank, index in queued:
+            for bound, _, rank, index in queued if final else escalating:
                 cutoff = relaxed(self.best) if final else min(relaxed(level), relaxed(self.best))
                 if bound > cutoff or math.isinf(bound):
                     break  # sorted by bound: so are the rest (an infinite bound: no plan at all)
