@@ -78,9 +78,7 @@ class PrefixBounds:
         self.path = self._path(self.time)
         self.u = self._u(self.time)
         self._whole: float | None = None
-        # whole()'s parts depend on the stage tables and the level only: slices of one microbatch count that
-        # hold the same level (zero bubble's of every depth >= P) share them.
-        self._whole_key = (search.shared_key, self.split, self._base_level)
+        self._whole_key = self.whole_key(search)
         self.pre_max: list[array] = []
         self._reach: list[int] | None = None
 
@@ -160,13 +158,14 @@ class PrefixBounds:
         parts = self.search.tables.whole_parts.get(self._whole_key)
         if parts is None:
             parts = self.search.tables.whole_parts[self._whole_key] = self._whole_parts(cutoff)
-        sums, largest = parts
-        if np.isinf(sums):
-            self._whole = np.inf  # no plan at all
-            return self._whole
-        mean = self.weight * sums / max(stage_counts)
-        self._whole = sums + max(largest, mean)
+        self._whole = whole_of_parts(parts, self.weight, stage_counts)
         return self._whole
+
+    @staticmethod
+    def whole_key(search: SearchSlice) -> tuple:
+        """What `whole`'s parts depend on: the stage tables and the level only, so that slices of one microbatch
+        count holding the same level (zero bubble's of every depth >= P) share them."""
+        return search.shared_key, search.split, search.inflight(1)
 
     def _whole_parts(self, cutoff: float) -> tuple[float, float]:
         """(lower bound on the summed part, on the largest u_s) of every plan; (inf, inf): no plan at all."""
@@ -298,6 +297,35 @@ class PrefixBounds:
                     bits |= reach[b]
                 row[b] = bits
         return allowed
+
+
+def split_inflight_limit(search: SearchSlice) -> float:
+    """Most microbatches in flight with which a split-backward (zero bubble) plan of this slice's microbatch count
+    and replica counts can fit, at any depth: every block lies in some stage that fits holding them with at least
+    one microbatch's deferred gradients (`StageBounds.fits_split`, generous). A zero bubble slice of depth D holds
+    min(P, D) microbatches at every stage, so one whose min(P, D) exceeds this has no plan. inf without a limit."""
+    shared = search.tables.shared.get(search.shared_key)
+    if shared is None:
+        shared = search.tables.shared[search.shared_key] = _stage_arrays(search)
+    num_blocks = len(search.problem.blocks)
+    if not num_blocks or not search.replicas:
+        return np.inf
+    upper = np.arange(num_blocks)[None, :] >= np.arange(num_blocks)[:, None]
+    most = np.maximum(shared.fits_split, shared.fits_split_again).max(axis=0)  # [first][last] over replicas
+    most = np.where(upper, most, -np.inf)
+    # cover[x] = max over first <= x <= last of most[first][last]: the best stage that can hold block x.
+    prefix = np.maximum.accumulate(most, axis=0)  # [x][last]: max over first <= x
+    cover = np.where(upper, prefix, -np.inf).max(axis=1)
+    return float(cover.min())
+
+
+def whole_of_parts(parts: tuple[float, float], weight: float, stage_counts: list[int]) -> float:
+    """`PrefixBounds.whole` from its parts (lower bounds on the summed part and on the largest u_s)."""
+    sums, largest = parts
+    if np.isinf(sums):
+        return np.inf  # no plan at all
+    mean = weight * sums / max(stage_counts)
+    return sums + max(largest, mean)
 
 
 def _level_below(inflight: int) -> int:

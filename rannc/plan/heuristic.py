@@ -31,10 +31,10 @@ def uniform_candidates(
     problem = search.problem
     world, num_blocks = problem.world_size, len(problem.blocks)
     out = []
-    bounds = search.bounds
     for count in stage_counts:
         if world % count or world // count not in search.replicas or count > num_blocks:
             continue
+        bounds = search.bounds  # built only for a slice with a uniform stage count (zero bubble: one count)
         ri = search.replicas.index(world // count)
         # T >= (K + P - 1) * the mean stage time >= (K + P - 1) / K * the summed block times (split backwards:
         # T >= P max t_s >= P / K * the summed block times).

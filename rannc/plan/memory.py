@@ -197,3 +197,29 @@ def fits(
         return False
     _, levels = _layer_levels(problem, tables, microbatches, replicas, schedule, depth, max(counts))
     return _Reach(problem, replicas, levels, counts).feasible(limit)
+
+
+def split_floor(
+    problem: PlanProblem, tables: StageTables, microbatches: int, depth: int
+) -> np.ndarray | None:
+    """Stage memories that bound those of every stage of a split-backward (zero bubble) pipeline of `depth` stages
+    from below: min(P, depth) microbatches in flight, one of them keeping its deferred gradients (every stage keeps
+    at least one: `fits` counts min(P, depth - k + 1) at the stage k from the end). None when a table has negative
+    activation or deferred bytes (holding more would not be larger)."""
+    replicas = replica_counts(problem, microbatches)
+    rows = microbatch_rows(problem.global_batch, microbatches)
+    for r in replicas:
+        table = tables.compute(-(-rows // r))
+        if (table["dfr"] < 0).any() or (table["act"] + table["dfr"] < 0).any():
+            return None
+    return stage_memories(problem, tables, microbatches, replicas, min(microbatches, depth), 1)
+
+
+def fits_floor(problem: PlanProblem, microbatches: int, depth: int, floor: np.ndarray) -> bool:
+    """A necessary condition of `fits` for a split-backward slice of `depth` stages, from `split_floor`'s memories:
+    False proves that no plan of it fits (cheap: one table instead of one per stage)."""
+    limit = problem.memory_limit_bytes
+    replicas = replica_counts(problem, microbatches)
+    if limit is None or not replicas:
+        return bool(replicas)
+    return _Reach(problem, replicas, [floor], [depth]).feasible(limit)

@@ -30,7 +30,7 @@ import enum
 import math
 from typing import NamedTuple
 
-from .bounds import PrefixBounds
+from .bounds import PrefixBounds, whole_of_parts
 from .cost import SEND_WINDOW
 from .front import TIE, Entry, pareto_front, triple
 from .slices import SearchSlice
@@ -77,6 +77,10 @@ class SuffixSearch(SearchSlice):
     def lower_bound(self, stage_counts: list[int], cutoff: float = math.inf) -> float:
         """A lower bound on the step time of every candidate with these microbatches (it may stop
         refining once above the cutoff)."""
+        if self._bounds is None:  # without building this slice's bounds when another slice made their parts
+            parts = self.tables.whole_parts.get(PrefixBounds.whole_key(self))
+            if parts is not None:
+                return whole_of_parts(parts, self.weight, stage_counts)
         return self.bounds.whole(stage_counts, cutoff)
 
     def entry_time(self, entry: Entry) -> float:

@@ -23,12 +23,14 @@ lower bounds and stop once the bound is above the best plan; the first cutoff co
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 from typing import NamedTuple
 
+import numpy as np
+
 from ..errors import PlanError
 from ..schedule import Schedule
+from .bounds import split_inflight_limit
 from .checks import (
     check_problem,
     memory_error_message,
@@ -41,9 +43,10 @@ from .front import TIE as _TIE
 from .front import suffix_key
 from .heuristic import uniform_candidates
 from .interleave import best_interleaved, interleaved_configs, no_interleaved_message
-from .memory import fits, least_memory
+from .memory import fits, fits_floor, least_memory, split_floor
 from .pareto import SuffixSearch, relaxed
 from .simulate import simulate_plan
+from .slices import SearchSlice
 from .tables import StageTables
 from .types import Plan, PlanProblem, StagePlan
 
@@ -95,19 +98,36 @@ class _Searches:
         self.problem = problem
         self.stage_counts = stage_counts(problem)
         self.tables = StageTables(model)
-        # Zero bubble's stage memory depends on the pipeline's depth: one slice per stage count.
+        # Zero bubble's stage memory depends on the pipeline's depth: one slice per stage count that may have a
+        # plan (`_split_depths`).
         self.slices = [
             (rank, search)
             for p in microbatch_counts(problem)
             for rank, schedule in searched_schedules(problem)
-            for depth in (self.stage_counts if schedule.splits_backward else [None])
+            for depth in (self._split_depths(model, p, schedule) if schedule.splits_backward else [None])
             for search in [SuffixSearch(problem, model, p, schedule, self.tables, depth)]
             if search.replicas
         ]
         self.best = math.inf  # the least analytic step time found so far
         self.found: list[Candidate] = []
-        self._heap: list[tuple[float, int, int, int]] = []
-        self._first: tuple[int, SuffixSearch] | None = None  # the best uniform plan's slice (with its rank)
+        self._floors: dict[tuple[int, int], np.ndarray | None] = {}  # the latest split_floor (see _fits)
+
+    def _split_depths(self, model: CostModel, p: int, schedule: Schedule) -> list[int]:
+        """The stage counts D of which a split-backward slice with `p` microbatches may have a plan: D stages whose
+        replica counts can sum to the world, and every block in some stage that fits holding min(p, D) microbatches
+        (`split_inflight_limit`). Zero bubble holds min(p, D) at every stage, so on a large model most depths fit
+        nowhere, and each would cost a slice's bounds and runs to find nothing."""
+        probe = SearchSlice(self.problem, model, p, schedule, self.tables, depth=1)
+        if not probe.replicas:
+            return []
+        world, least, most = self.problem.world_size, probe.replicas[0], probe.replicas[-1]
+        limit = split_inflight_limit(probe)
+        self.tables.shared.pop(probe.shared_key, None)  # one set of bound tables alive at a time (see above)
+        return [
+            depth
+            for depth in self.stage_counts
+            if depth * least <= world <= depth * most and min(p, depth) <= limit
+        ]
 
     def release(self, index: int) -> None:
         search = self.slices[index][1]
@@ -115,60 +135,38 @@ class _Searches:
         search.release(keep_shared=following is not None and following.shared_key == search.shared_key)
 
     def uniform_cutoff(self) -> None:
-        """Step 1: the first cutoff, the best uniform plan (K stages of world / K replicas) of every slice."""
-        for index, (rank, search) in enumerate(self.slices):
+        """Step 1: the first cutoff, the best uniform plan (K stages of world / K replicas) of every slice. Its
+        value only: the exact runs of step 4 find that plan again (its slice's bound is below it)."""
+        for index, (_, search) in enumerate(self.slices):
             for uniform in uniform_candidates(search, search.stage_counts(self.stage_counts), self.best):
                 if uniform.step_time < self.best:
-                    self.best, self._first = uniform.step_time, (rank, search)
+                    self.best = uniform.step_time
             self.release(index)
 
-    def queue(self) -> None:
-        """Step 2: every slice by its lower bound; equal bounds: more microbatches first (less bubble)."""
+    def queue(self) -> list[tuple[float, int, int, int]]:
+        """Step 2: every slice by its lower bound (bound, -P, schedule rank, index), ascending; equal bounds: more
+        microbatches first (less bubble)."""
+        queued = []
         for index, (rank, search) in enumerate(self.slices):
             bound = search.lower_bound(search.stage_counts(self.stage_counts), relaxed(self.best))
-            self._heap.append((bound, -search.p, rank, index))
+            queued.append((bound, -search.p, rank, index))
             self.release(index)
-        heapq.heapify(self._heap)
+        return sorted(queued)
 
-    def next(self) -> tuple[float, int, SuffixSearch] | None:
-        """The queued slice of least lower bound, while it may beat the best plan: (bound, schedule rank, slice)."""
-        while self._heap:
-            bound, _, rank, index = heapq.heappop(self._heap)
-            if bound > relaxed(self.best):
-                return None
-            search = self.slices[index][1]
-            if self._first is not None and search is self._first[1]:
-                continue
-            # Without any plan yet, first make sure one fits in memory (a search that finds
-            # nothing under no cutoff can take long).
-            if math.isinf(self.best) and not fits(
-                self.problem, self.tables, search.p, search.schedule, self.stage_counts, search.depth
-            ):
-                continue
-            return bound, rank, search
-        return None
-
-    def escalate(
-        self, pending: list[tuple[float, int, SuffixSearch]]
-    ) -> list[tuple[float, int, SuffixSearch]]:
-        """Step 3, when no uniform plan gave a first cutoff: exact runs of the most promising slices under rising
-        cutoffs, tight ones first. A run under a low cutoff prunes nearly everything and, finding nothing, proves
-        that its slice has no plan that fast; the first run that finds one has searched its slice exactly (every
-        plan of it up to its best), and gives the other slices their cutoff. The cutoff grows by ESCALATE_STEP at
-        most: past the optimum the states a run keeps multiply. Returns the slices still to run."""
-        rest = list(pending)
-        while rest and math.isinf(self.best):
-            bound, rank, search = rest.pop(0)
-            slack, cutoff = 0.02, bound
-            while math.isinf(self.best):
-                cutoff = min(bound * (1 + slack), cutoff * ESCALATE_STEP)
-                cutoff = cutoff if cutoff < 9 * bound else math.inf  # at last: every plan of the slice
-                self.exact(search, rank, relaxed(cutoff))
-                if cutoff == math.inf:
-                    break
-                slack *= 2
-            search.release()
-        return rest
+    def _fits(self, index: int) -> bool:
+        """Whether some plan of the slice may fit in memory (False: none does; asked only while no plan is known, so
+        that a slice where nothing fits is not run: a run that finds nothing under no cutoff can take long)."""
+        search = self.slices[index][1]
+        if search.depth is not None and search.depth in self.stage_counts:
+            # Zero bubble: a necessary condition from one memory table per (P, min(P, depth)), shared by the deep
+            # slices, in place of `fits`' table per stage of every depth (an 80-stage slice: 80 tables).
+            key = (search.p, min(search.p, search.depth))
+            if key not in self._floors:
+                self._floors = {key: split_floor(self.problem, self.tables, search.p, search.depth)}
+            floor = self._floors[key]
+            if floor is not None:
+                return fits_floor(self.problem, search.p, search.depth, floor)
+        return fits(self.problem, self.tables, search.p, search.schedule, self.stage_counts, search.depth)
 
     def exact(self, search: SuffixSearch, rank: int, cutoff: float) -> None:
         """One exact run of a slice: every plan of it under `cutoff` becomes a candidate (and may lower `best`)."""
@@ -181,24 +179,46 @@ class _Searches:
 
     def run(self) -> list[Candidate]:
         """Steps 1-4: every candidate the exact runs of the slices met (feasible, found under the cutoff of their
-        time); `best` is the least analytic step time. Empty when nothing fits in memory."""
+        time); `best` is the least analytic step time. Empty when nothing fits in memory.
+
+        Step 3 (escalation): the slices run under a common cutoff c rising from their least bound by at most
+        ESCALATE_STEP at a time, each slice whose bound is under c once per level. A run under a low cutoff prunes
+        nearly everything and, finding nothing, proves that its slice has no plan that fast; the uniform plans'
+        cutoff is often far above the optimum (sharded stages), and one run under it keeps many more states than
+        all the runs under the levels below the optimum together. Step 4, once c reaches the best plan found
+        (relaxed): every slice whose bound is under it and that has not run under it yet, under it."""
         self.uniform_cutoff()
-        self.queue()
-        pending: list[tuple[float, int, SuffixSearch]] = []
-        if self._first is not None:
-            rank, first = self._first
-            pending = [(first.lower_bound(first.stage_counts(self.stage_counts)), rank, first)]
-        else:
-            pending = self.escalate([item for item in (self.next(), self.next()) if item is not None])
-        while True:  # step 4: the exact runs
-            item = pending.pop(0) if pending else self.next()
-            if item is None:
-                break
-            bound, rank, search = item
-            cutoff = relaxed(self.best)
-            if bound <= cutoff:
+        queued = self.queue()
+        # slice index -> the cutoff of its latest exact run (every plan under it found)
+        searched: dict[int, float] = {}
+        # Zero bubble has a slice per depth, dozens of one microbatch count with one bound: they escalate only when
+        # there is nothing else, and otherwise run once, in step 4.
+        unsplit = [item for item in queued if self.slices[item[3]][1].depth is None]
+        escalating = unsplit or queued
+        finite = [bound for bound, *_ in escalating if math.isfinite(bound)]
+        level = finite[0] * 1.02 if finite else math.inf
+        while True:
+            final = relaxed(level) >= relaxed(self.best)
+            ran = False
+            for bound, _, rank, index in queued if final else escalating:
+                cutoff = relaxed(self.best) if final else min(relaxed(level), relaxed(self.best))
+                if bound > cutoff or math.isinf(bound):
+                    break  # sorted by bound: so are the rest (an infinite bound: no plan at all)
+                if searched.get(index, -math.inf) >= cutoff:
+                    continue
+                search = self.slices[index][1]
+                if math.isinf(self.best) and index not in searched and not self._fits(index):
+                    searched[index] = math.inf  # nothing fits in memory: no plan at all
+                    continue
                 self.exact(search, rank, cutoff)
-            search.release()  # each slice runs once here
+                search.release()
+                searched[index] = cutoff
+                ran = True
+            if final and not ran:
+                break
+            if not final:
+                # at last (no plan yet, far above the least bound): every plan of the slices
+                level = level * ESCALATE_STEP if level * ESCALATE_STEP < 9 * finite[0] else math.inf
         return self.found
 
 

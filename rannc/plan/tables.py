@@ -175,11 +175,7 @@ class StageTables:
             ends = np.minimum(self.allreduce(replicas, False), self.allreduce(replicas, True))
             return self.base(replicas), self.step_end(replicas), ends
         per_param, per_largest = problem.optimizer_transient
-        largest = (
-            np.array(problem.range_largest_param_bytes, dtype=np.float64).reshape(self._params.shape)
-            if problem.range_largest_param_bytes
-            else np.zeros_like(self._params)
-        )
+        largest = self.largest_param()
         share = self._params / replicas
         base = share * (2 + problem.opt_param_factor) + problem.input_bytes
         stepped = share  # the temporaries cover a chunk at most (cost.sharded_transient_bytes)
@@ -202,11 +198,7 @@ class StageTables:
         optimizer = shard * f / replicas + unshared * f / whole
         updated = shard / replicas + unshared / whole
         per_param, per_largest = problem.optimizer_transient
-        largest = (
-            np.array(problem.range_largest_param_bytes, dtype=np.float64).reshape(params.shape)
-            if problem.range_largest_param_bytes
-            else np.zeros_like(params)
-        )
+        largest = self.largest_param()
         stepped = updated  # as cost.sharded_transient_bytes
         if problem.optimizer_chunk_bytes > 0:
             stepped = np.minimum(updated, np.maximum(problem.optimizer_chunk_bytes, largest))
@@ -227,6 +219,20 @@ class StageTables:
                 )
             out.append((state + problem.input_bytes, step + problem.input_bytes + transient))
         return out
+
+    def largest_param(self) -> np.ndarray:
+        """[first][last]: the problem's range_largest_param_bytes (zeros without them), converted once: the memory
+        tables of every replica count and microbatch count read it."""
+        table = self._base.get("largest_param")
+        if table is None:
+            problem = self.model.problem
+            table = (
+                np.array(problem.range_largest_param_bytes, dtype=np.float64).reshape(self._params.shape)
+                if problem.range_largest_param_bytes
+                else np.zeros_like(self._params)
+            )
+            self._base["largest_param"] = table
+        return table
 
     def unshardable(self) -> np.ndarray:
         """[first][last]: bytes of the parameters the range shares with blocks outside it."""

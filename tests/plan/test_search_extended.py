@@ -290,18 +290,19 @@ def test_brute_force_enumerates_recompute_vectors() -> None:
 
 
 def test_the_escalated_first_cutoff_keeps_the_search_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without any uniform plan the first cutoff comes from exact runs under rising cutoffs (search.escalate): the
-    # instances where that happened match brute force, and there are some.
+    # Without any uniform plan the first cutoff comes from exact runs under rising cutoffs (search._Searches.run's
+    # escalation): the instances where that happened match brute force, and there are some.
     from rannc.plan import search as search_module
 
     escalated = []
-    original = search_module._Searches.escalate
+    original = search_module._Searches.exact
 
-    def counting(self, pending):  # type: ignore[no-untyped-def]
-        escalated.append(len(pending))
-        return original(self, pending)
+    def counting(self, search, rank, cutoff):  # type: ignore[no-untyped-def]
+        if math.isinf(self.best) and math.isfinite(cutoff):
+            escalated.append(cutoff)
+        return original(self, search, rank, cutoff)
 
-    monkeypatch.setattr(search_module._Searches, "escalate", counting)
+    monkeypatch.setattr(search_module._Searches, "exact", counting)
     feasible = checked = 0
     for seed in range(250):
         problem, candidates = random_extended_problem(seed)
