@@ -49,8 +49,8 @@ def held_sends(rank: int, world: int, schedule: str, cache: str, microbatches: i
     most_bytes = {"act": 0, "grad": 0}
     original = transfer_module.Transfer._start
 
-    def counting_start(self: Any, ops: Any, kind: str, microbatch: int, *rest: Any) -> None:
-        original(self, ops, kind, microbatch, *rest)
+    def counting_start(self: Any, ops: Any, kind: str, microbatch: int, *rest: Any, **options: Any) -> None:
+        original(self, ops, kind, microbatch, *rest, **options)
         for name in most:
             entries = [entry for entry in self.pending if entry[2] == name]
             most[name] = max(most[name], len({entry[3] for entry in entries}))
