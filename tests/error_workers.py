@@ -253,7 +253,7 @@ def different_seed_per_rank(cache_dir: str) -> Any:
 
 
 def train_and_save(cache_dir: str, path: str, steps: int) -> Any:
-    """Plan with a forced shape (2 stages x 2 microbatches), save the deployment, and train."""
+    """Plan with a forced shape (2 stages x 2 microbatches, 1F1B), save the deployment, and train."""
     rank, world = rannc.get_rank(), rannc.get_world_size()
     model = build("mlp", 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
@@ -261,6 +261,7 @@ def train_and_save(cache_dir: str, path: str, steps: int) -> Any:
         "partition_num": world,
         "min_pipeline": 2,
         "max_pipeline": 2,
+        "schedule": "1f1b",  # schedule="auto" may choose zero bubble from the measured timings
         "save_deployment": True,
         "deployment_file": path,
     }
