@@ -21,6 +21,11 @@ def _tag(route: Route, microbatch: int, num_routes: int, backward: bool) -> int:
     return ((microbatch * num_routes + route.index) * 2 + int(backward)) % (2**31 - 1)
 
 
+_LocalKey = tuple[
+    int, int, int
+]  # (tag, first global row, receiving stage) of a piece handed over on one rank
+
+
 class _Send(NamedTuple):
     """Sends started together, whose buffers stay referenced until released."""
 
@@ -104,8 +109,9 @@ class Transfer:
         self.pending: list[_Send] = []
         # Receives posted ahead of need: ("act" | "grad", microbatch, stage) -> (works, buffers, describe, heard)
         self.posted: dict[tuple[str, int, int], Any] = {}
-        # Pieces handed over on this rank: (tag, first global row) -> tensor
-        self.local: dict[tuple[int, int], torch.Tensor] = {}
+        # Pieces handed over on this rank: (tag, first global row, receiving stage) -> tensor (a value two chunks of
+        # this rank read, or whose gradients two chunks send back, is one piece per receiving stage)
+        self.local: dict[_LocalKey, torch.Tensor] = {}
 
     def _empty(self, route: Route, rows: int) -> torch.Tensor:
         shape = concrete_shape(route.shape, self.symbol, rows, self.sizes)
@@ -119,16 +125,16 @@ class Transfer:
         if key in self.posted or not routes:
             return
         ops: list[dist.P2POp] = []
-        parts: list[tuple[Route, list[torch.Tensor | tuple[int, int]]]] = []
+        parts: list[tuple[Route, list[torch.Tensor | _LocalKey]]] = []
         heard: list[tuple[int, str, int, int]] = []  # (peer, pass, microbatch, stage) the data proves done
         for route in routes:
             pieces = [p for p in self.layout.pieces(route.producer, stage, microbatch) if p[1] == replica]
             tag = _tag(route, microbatch, self.num_routes, False)
-            buffers: list[torch.Tensor | tuple[int, int]] = []
+            buffers: list[torch.Tensor | _LocalKey] = []
             for jp, _, (a, b) in pieces:
                 peer = self.stage_ranks[route.producer][jp]
                 if peer == self.rank:
-                    buffers.append((tag, a))  # handed over by this rank's own send_activation
+                    buffers.append((tag, a, stage))  # handed over by this rank's own send_activation
                     continue
                 shape = route.packed_shape(concrete_shape(route.shape, self.symbol, b - a, self.sizes))
                 buf = torch.empty(shape, dtype=route.dtype, device=self.device)
@@ -189,7 +195,7 @@ class Transfer:
         for peer, a, b, consumer in self._consumer_pieces(route, replica, microbatch):
             piece = route.pack(value.detach().narrow(route.batch_dim, a - lo, b - a))
             if peer == self.rank:
-                self.local[tag, a] = piece.clone()  # its own tensor, as a received one would be
+                self.local[tag, a, consumer] = piece.clone()  # its own tensor, as a received one would be
                 continue
             adjacent = consumer == route.producer + 1
             ops[adjacent].append(dist.P2POp(dist.isend, piece, peer, tag=tag))
@@ -206,7 +212,7 @@ class Transfer:
                 piece = grad.narrow(route.batch_dim, a - lo, b - a).contiguous()
                 peer = self.stage_ranks[route.producer][jp]
                 if peer == self.rank:
-                    self.local[tag, a] = piece.clone()
+                    self.local[tag, a, stage] = piece.clone()
                     continue
                 ops.append(dist.P2POp(dist.isend, piece, peer, tag=tag))
                 needs.append((peer, self._consumer_index("G", microbatch, route.producer)))
@@ -224,15 +230,15 @@ class Transfer:
         if key in self.posted or not routes:
             return
         ops: list[dist.P2POp] = []
-        parts: list[tuple[Route, list[tuple[torch.Tensor | tuple[int, int], int]]]] = []
+        parts: list[tuple[Route, list[tuple[torch.Tensor | _LocalKey, int]]]] = []
         heard: list[tuple[int, str, int, int]] = []
         for route in routes:
             lo, _ = self.layout.rows(route.producer, microbatch, replica)
             tag = _tag(route, microbatch, self.num_routes, True)
-            received: list[tuple[torch.Tensor | tuple[int, int], int]] = []
+            received: list[tuple[torch.Tensor | _LocalKey, int]] = []
             for peer, a, b, consumer in self._consumer_pieces(route, replica, microbatch):
                 if peer == self.rank:
-                    received.append(((tag, a), a - lo))
+                    received.append(((tag, a, consumer), a - lo))
                     continue
                 buf = self._empty(route, b - a)
                 ops.append(dist.P2POp(dist.irecv, buf, peer, tag=tag))
