@@ -15,18 +15,14 @@ def one_rank_transfer(stages: int) -> Transfer:
     return Transfer(layout, [[0]] * stages, num_routes=2, symbol=None, device=torch.device("cpu"), rank=0)
 
 
+def skip_route() -> Route:
+    """A skip connection: stage 0's value, read by stages 1 and 2."""
+    return Route("h0", 0, 0, (1, 2), batch_dim=0, shape=(2, 3), dtype=torch.float32, carries_grad=True)
+
+
 def test_a_value_read_by_two_chunks_of_the_rank_reaches_both() -> None:
-    # A skip connection: stage 0's value is read by stages 1 and 2, both on this rank.
-    route = Route(
-        "h0",
-        0,
-        producer=0,
-        consumers=(1, 2),
-        batch_dim=0,
-        shape=(2, 3),
-        dtype=torch.float32,
-        carries_grad=True,
-    )
+    # stages 1 and 2 both on this rank
+    route = skip_route()
     transfer = one_rank_transfer(3)
     value = torch.arange(6.0).reshape(2, 3)
     transfer.post_activations([route], 1, 0, 0)
@@ -39,16 +35,7 @@ def test_a_value_read_by_two_chunks_of_the_rank_reaches_both() -> None:
 
 
 def test_gradients_sent_back_by_two_chunks_of_the_rank_add_up() -> None:
-    route = Route(
-        "h0",
-        0,
-        producer=0,
-        consumers=(1, 2),
-        batch_dim=0,
-        shape=(2, 3),
-        dtype=torch.float32,
-        carries_grad=True,
-    )
+    route = skip_route()
     transfer = one_rank_transfer(3)
     transfer.post_grads([route], 0, 0, 0)
     transfer.send_grad(route, torch.ones(2, 3), 2, 0, 0)
