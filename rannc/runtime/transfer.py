@@ -33,7 +33,6 @@ class _Send(NamedTuple):
     ops: list[dist.P2POp]
     kind: str  # "act" | "grad"
     microbatch: int
-    peers: frozenset[int]
     needs: list[tuple[int, int]]  # (peer, index of the action that consumes the send in the peer's list)
     stage: int  # the (virtual) stage that sent them
     windowed: bool  # to the neighbouring stage: counted in the send window
@@ -302,8 +301,7 @@ class Transfer:
                 self._make_room(kind, microbatch, stage)
             with guarded(lambda: _sending(ops)):
                 works = dist.batch_isend_irecv(ops)
-            peers = frozenset(op.peer for op in ops)
-            self.pending.append(_Send(works, ops, kind, microbatch, peers, needs, stage, windowed))
+            self.pending.append(_Send(works, ops, kind, microbatch, needs, stage, windowed))
 
     def _make_room(self, kind: str, microbatch: int, stage: int) -> None:
         """Before sending `kind` for a new (microbatch, stage), wait for the oldest sends of that kind until those
