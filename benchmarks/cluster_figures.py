@@ -63,9 +63,11 @@ def run(name: str) -> None:
         f"{case['global_batch']} ({tokens} tokens), bf16 peak {peak / 1e12:.1f} TFLOP/s",
         flush=True,
     )
-    for label, extra in plans(name):
+    for index, (label, extra) in enumerate(plans(name)):
         started = time.perf_counter()
         result = plan_offline(factory, **(case | extra))
+        if index == 0:
+            print_ceilings(result.problem, 6 * params * tokens / (case["world_size"] * peak))
         wall = time.perf_counter() - started
         plan, timeline = result.deployment.plan, result.timeline
         step = timeline.step_time
@@ -80,6 +82,25 @@ def run(name: str) -> None:
             f"GiB (planned in {wall:.0f} s, search {result.timings['search']:.1f} s)",
             flush=True,
         )
+
+
+def print_ceilings(problem: Any, ideal_step: float) -> None:
+    """MFU ceilings of any plan on `problem` (no bubble, no communication, no optimizer step, every block at its
+    cheapest profiled microbatch size per sample), without and with every block recomputed, and one sample's
+    activations through the whole model against a device's usable memory: what the schedules can approach at
+    best (`ideal_step`: the step at 100% MFU)."""
+    blocks, sizes = problem.blocks, sorted(problem.blocks[0].fwd_time)
+    fwd = sum(min(b.fwd_time[m] / m for m in sizes) for b in blocks)
+    bwd = sum(min(b.bwd_time[m] / m for m in sizes) for b in blocks)
+    per_device = problem.global_batch / problem.world_size
+    activations = sum(b.activation_bytes[1] for b in blocks if 1 in b.activation_bytes)
+    print(
+        f"  ceilings: MFU {ideal_step / ((fwd + bwd) * per_device):.1%} without recompute, "
+        f"{ideal_step / ((2 * fwd + bwd) * per_device):.1%} recomputing every block; one sample's activations "
+        f"through the model {activations / 2**30:.1f} GiB, usable memory {problem.memory_limit_bytes / 2**30:.1f} "
+        "GiB per device",
+        flush=True,
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -16,20 +16,21 @@ and an output projection, MSE loss) from the same weights on the same global bat
   pipelining zero bubble (ZBV)     ScheduleZBVZeroBubble at rannc interleaved's split (ranks x 2 virtual stages
                                    placed in a V: rank r holds stages r and 2 ranks - 1 - r; needs --chunks 2)
 
-rannc's plans are made with `plan_offline` (what `rannc plan` does) on a device profile of this machine calibrated
-under `ranks` ranks (`--profile FILE` reuses one, or calibrates into it), one schedule each, all under the same
-memory limit (the profile's memory) with the stages and microbatches forced; the plans run with load_deployment
-and pipelining's stages are cut at the module boundaries rannc's plans chose (printed). Each system runs in its
-own local launch, one after the other (with `--rounds R`, R times, every other round in reverse order, and each
-system's best round is reported).
+Each rannc schedule is planned twice, one schedule each, with the positions, chunks and microbatches forced, all
+under the same memory limit (the profile's memory): offline with `plan_offline` (what `rannc plan` does: roofline
+estimates on a device profile of this machine calibrated under `ranks` ranks; `--profile FILE` reuses one, or
+calibrates into it), and as a job plans (RaNNCModule: block costs measured on every rank at once, the same profile
+for links and the optimizer step). The job's plan is the one run (load_deployment), and pipelining's stages are cut
+at the module boundaries it chose (printed). Each system runs in its own local launch, one after the other (with
+`--rounds R`, R times, every other round in reverse order, and each system's best round is reported).
 
-Printed: per system samples/s = global batch / median step (every rank waits at a barrier before each step; a
-step is its slowest rank's), CPU ms per step summed over the ranks, the last loss, and the 1-minute load average
+Printed: per system samples/s = global batch / median step (every rank waits at a barrier before each step; a step
+is its slowest rank's), CPU ms per step summed over the ranks, the last loss, and the 1-minute load average
 before/after; the ratios of samples/s (each rannc schedule / rannc 1F1B, rannc interleaved / pipelining
-interleaved, rannc zero bubble / pipelining zero bubble); per rannc schedule the simulator's step (the plan's
-timeline) against the measured one, and per rank the planned peak memory against the measured one
-(rannc.profile.memtrack.PeakMemory over one step). With more ranks than free cores an idle rank lends its core to
-another, which hides bubbles: compare the rows of one run, as ratios, and read the load average column.
+interleaved, rannc zero bubble / pipelining zero bubble); per rannc schedule the simulator's step (of the job's
+plan, and of the offline one) against the measured one, and per rank the planned peak memory against the measured
+one (rannc.profile.memtrack.PeakMemory over one step). With more ranks than free cores an idle rank lends its core
+to another, which hides bubbles: compare the rows of one run, as ratios, and read the load average column.
 
 Run:  python benchmarks/schedules_cpu.py                        (4 ranks; a few minutes on 2 cores)
       python benchmarks/schedules_cpu.py --ranks 2              (a core per stage on a 2-core machine)
@@ -48,10 +49,11 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from rannc.deploy import load_deployment  # noqa: E402
 from rannc.launch import LaunchError, launch_local  # noqa: E402
 
 SEED = 1234
@@ -194,6 +196,39 @@ def rannc_worker(rank: int, world: int, settings: Settings, plan_path: str) -> d
         planned_bytes=float(plan.stages[plan.stage_of_rank(rank)].memory_bytes),
     )
     return result
+
+
+def job_plan_worker(
+    rank: int, world: int, settings: Settings, schedule: str, profile_path: str, deployment_path: str
+) -> dict[str, Any]:
+    """Plan as a job does, from block costs measured here on every rank at once (not roofline estimates), forced
+    to the offline plan's shape (schedule, positions, chunks, microbatches, layer-boundary blocks, no recompute),
+    and save the deployment; returns the plan's simulated step."""
+    import torch
+
+    import rannc
+
+    torch.set_num_threads(1)
+    model = with_loss(build_stack(settings))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    wrapped = rannc.RaNNCModule(
+        model,
+        optimizer,
+        schedule=schedule,
+        chunks=str(settings.chunks) if schedule == "interleaved_1f1b" else "auto",
+        partition_num=settings.positions,
+        min_pipeline=settings.pipeline_microbatches,
+        max_pipeline=settings.pipeline_microbatches,
+        max_partition_num=settings.layers + 2,
+        device_profile=profile_path,
+        save_deployment=True,
+        deployment_file=deployment_path,
+        show_progress=False,
+    )
+    per = settings.global_batch // world
+    x, y = make_batches(settings)[0]
+    wrapped(x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]).backward()
+    return {"rank": rank, "simulated_s": wrapped.deployment.plan.predicted_step_time}
 
 
 def calibrate_worker(rank: int, world: int) -> dict[str, Any] | None:
@@ -380,20 +415,46 @@ def run(name: str, worker: Any, worker_args: tuple[Any, ...], settings: Settings
     return row
 
 
-def calibrated_profile(settings: Settings, folder: str) -> Any:
+class JobPlan(NamedTuple):
+    """A plan a job made from measured block costs (`job_plan_worker`)."""
+
+    simulated_s: float  # its simulated step
+    ranges: list[tuple[str, str]]  # its (virtual) stages' first and last modules
+
+
+def job_plan(settings: Settings, profile_path: str, schedule: str, path: Path) -> JobPlan:
+    """The plan a job makes from measured block costs (`job_plan_worker`), saved to `path`."""
+    started = time.perf_counter()
+    results = launch_local(
+        job_plan_worker,
+        settings.ranks,
+        (settings, schedule, profile_path, str(path)),
+        timeout=settings.timeout,
+    )
+    print(
+        f"  {schedule}: planned from measured block costs in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
+    return JobPlan(float(results[0]["simulated_s"]), load_deployment(path).stage_module_ranges)
+
+
+def calibrated_profile(settings: Settings, folder: str) -> tuple[Any, str]:
     from rannc.profile import DeviceProfile, load_profile, save_profile
 
     if settings.profile and Path(settings.profile).exists():
         print(f"device profile {settings.profile}")
-        return load_profile(settings.profile)
+        return load_profile(settings.profile), settings.profile
     started = time.perf_counter()
     profile = DeviceProfile.from_json(launch_local(calibrate_worker, settings.ranks, timeout=600)[0])
-    save_profile(profile, settings.profile or Path(folder) / "cpu.json")
+    path = settings.profile or str(Path(folder) / "cpu.json")
+    save_profile(profile, path)
     print(f"calibrated this CPU under {settings.ranks} ranks in {time.perf_counter() - started:.0f} s")
-    return profile
+    return profile, path
 
 
-def report(rows: dict[str, Row], plans: dict[str, Any], settings: Settings) -> None:
+def report(
+    rows: dict[str, Row], plans: dict[str, Any], job_plans: dict[str, JobPlan], settings: Settings
+) -> None:
     base = rows.get("rannc 1F1B")
     print(
         f"\n{'system':24} {'samples/s':>9} {'step ms':>8} {'CPU ms/step':>11} {'vs rannc 1F1B':>13} "
@@ -415,7 +476,7 @@ def report(rows: dict[str, Row], plans: dict[str, Any], settings: Settings) -> N
     for name, result in plans.items():
         row = rows.get(name)
         deployment = result.deployment
-        ranges = [f"{first}..{last}" for first, last in deployment.stage_module_ranges]
+        ranges = [f"{first}..{last}" for first, last in job_plans[name].ranges]
         predicted = result.timeline.step_time
         print(
             f"\n{name}: {deployment.plan.schedule} x {deployment.plan.chunks} chunk(s), "
@@ -426,11 +487,16 @@ def report(rows: dict[str, Row], plans: dict[str, Any], settings: Settings) -> N
                 f"  simulated step {predicted * 1e3:.1f} ms (bubble {result.timeline.bubble_fraction:.0%}), not run"
             )
             continue
-        error = predicted / row.step_s - 1
-        print(
-            f"  simulated step {predicted * 1e3:.1f} ms (bubble {result.timeline.bubble_fraction:.0%}) vs measured "
-            f"{row.step_s * 1e3:.1f} ms ({error * 100:+.1f}%, {'within' if abs(error) <= 0.1 else 'OUTSIDE'} 10%)"
-        )
+        print(f"  measured step {row.step_s * 1e3:.1f} ms; simulated:")
+        for source, simulated in (
+            ("from the job's measured block costs", job_plans[name].simulated_s),
+            ("offline, from roofline estimates", predicted),
+        ):
+            error = simulated / row.step_s - 1
+            print(
+                f"    {source:36} {simulated * 1e3:8.1f} ms ({error * 100:+.1f}%, "
+                f"{'within' if abs(error) <= 0.1 else 'OUTSIDE'} 10%)"
+            )
         for r in row.results or []:
             planned, measured = r["planned_bytes"], r["peak_bytes"]
             print(
@@ -481,15 +547,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: dict[str, Row] = {}
     with tempfile.TemporaryDirectory(prefix="rannc-schedules-bench-") as folder:
-        profile = calibrated_profile(settings, folder)
-        plans, paths, starts = {}, {}, {}
+        profile, profile_path = calibrated_profile(settings, folder)
+        plans, paths, starts, job_plans = {}, {}, {}, {}
         for schedule in dict.fromkeys(s.rannc_schedule for s in chosen):
             name = next(
                 s.name for s in SYSTEMS if s.rannc_schedule == schedule and s.pipelining_schedule is None
             )
+            plans[name] = plan(settings, profile, schedule, Path(folder) / f"{schedule}-offline.json")
             paths[schedule] = Path(folder) / f"{schedule}.json"
-            plans[name] = plan(settings, profile, schedule, paths[schedule])
-            starts[schedule] = stage_starts(plans[name].deployment.stage_module_ranges)
+            job_plans[name] = job_plan(settings, profile_path, schedule, paths[schedule])
+            starts[schedule] = stage_starts(job_plans[name].ranges)
         jobs = [
             (s.name, rannc_worker, (str(paths[s.rannc_schedule]),))
             if s.pipelining_schedule is None
@@ -506,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if name not in rows or row.step_s < rows[name].step_s:
                     rows[name] = row
-    report({name: rows[name] for name, _, _ in jobs}, plans, settings)
+    report({name: rows[name] for name, _, _ in jobs}, plans, job_plans, settings)
     return 0 if all(row.error is None for row in rows.values()) else 1
 
 
