@@ -211,10 +211,11 @@ def held_microbatches(actions: list[Action]) -> int:
 class Schedule(enum.StrEnum):
     """A pipeline schedule. Its value is the name used in configuration and deployment files."""
 
+    # (in the order `rannc plan --schedules` lists them)
     ONE_F_ONE_B = "1f1b"
+    ZERO_BUBBLE = "zero_bubble"  # ZB-H1 (one chunk) / ZB1P (several): backward split into I and W
     FILL_DRAIN = "fill_drain"
     INTERLEAVED_1F1B = "interleaved_1f1b"  # v model chunks per position
-    ZERO_BUBBLE = "zero_bubble"  # ZB-H1 (one chunk) / ZB1P (several): backward split into I and W
 
     @property
     def chunked(self) -> bool:
