@@ -65,9 +65,10 @@ SIMULATE_CANDIDATES = 16
 COMPACT_WORLD = 64
 COMPACT_MICROBATCHES = 32
 _GIB = 2**30
-# What schedule = "auto" lets the planner choose among (the first preferred on a tie). Zero bubble takes more
-# memory than 1F1B for a shorter step; fill-drain runs models that return more than one scalar loss.
-AUTO_SCHEDULES = (Schedule.ONE_F_ONE_B, Schedule.ZERO_BUBBLE, Schedule.FILL_DRAIN)
+# What schedule = "auto" lets the planner choose among (the first preferred on a tie): every schedule. Zero bubble
+# and interleaved 1F1B take more memory than 1F1B for a shorter step; fill-drain runs models that return more than
+# one scalar loss.
+AUTO_SCHEDULES = tuple(Schedule)
 
 
 # ---- the search space and the links -------------------------------------------------------------------------
