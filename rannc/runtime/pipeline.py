@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -428,13 +428,13 @@ class PipelineCall:
             self._deliver_input_grads(grad_inputs, found, action, lo, hi)
             return
         wrt = [p for _, p in params] + inputs + s.grad_anchors
-        with self._reducing(action, params) as reduced:
+
+        def whole_backward() -> Sequence[torch.Tensor | None]:
             if targets and wrt:
-                results = torch.autograd.grad(targets, wrt, grads, allow_unused=True)
-            else:
-                results = [None] * len(wrt)
-        s.backward_done(self.param_grads)
-        self._add_param_grads(params, results[: len(params)], reduced)
+                return torch.autograd.grad(targets, wrt, grads, allow_unused=True)
+            return [None] * len(wrt)
+
+        results = self._parameter_pass(action, params, whole_backward)
         self._deliver_input_grads(grad_inputs, results[len(params) :], action, lo, hi)
 
     def _backward_weight(self, i: int, c: int = 0) -> None:
@@ -442,10 +442,26 @@ class PipelineCall:
         its graph goes)."""
         weights = self.weights.pop((i, c))
         params = list(self.stage.chunks[c].grad_params.items())
-        with self._reducing(Action(ActionKind.BACKWARD_WEIGHT, i, c), params) as reduced:
-            results = weights.compute() if weights is not None else [None] * len(params)
-        self.stage.backward_done(self.param_grads)  # (ZeRO-3: the units W reached were reduced in it)
-        self._add_param_grads(params, results, reduced)
+
+        def weight_pass() -> Sequence[torch.Tensor | None]:
+            return weights.compute() if weights is not None else [None] * len(params)
+
+        self._parameter_pass(Action(ActionKind.BACKWARD_WEIGHT, i, c), params, weight_pass)
+
+    def _parameter_pass(
+        self,
+        action: Action,
+        params: list[tuple[str, torch.Tensor]],
+        backward: Callable[[], Sequence[torch.Tensor | None]],
+    ) -> Sequence[torch.Tensor | None]:
+        """Run `backward` (a B or W pass), whose results begin with the gradients of `params`, and add those to
+        the call's; the step's last such pass feeds the overlapped gradient reduce as it goes. Returns all of
+        `backward`'s results."""
+        with self._reducing(action, params) as reduced:
+            results = backward()
+        self.stage.backward_done(self.param_grads)  # (ZeRO-3: the units this pass reached were reduced in it)
+        self._add_param_grads(params, results[: len(params)], reduced)
+        return results
 
     @contextlib.contextmanager
     def _reducing(self, action: Action, params: list[tuple[str, torch.Tensor]]) -> Iterator[frozenset[str]]:
