@@ -67,7 +67,7 @@ def train_worker(rank: int, world: int, cache_dir: str) -> dict[str, dict[str, A
             "outputs0": outputs,
             "state": state if rank == 0 else None,
             "use_cache": model.config.use_cache,
-            "stages": len(wrapped.deployment.plan.stages),
+            "positions": wrapped.deployment.plan.positions,
         }
         del wrapped, optimizer, model
     return results
@@ -96,7 +96,7 @@ def test_default_config_models_train_as_one_process(tmp_path) -> None:
     for name in NAMES:
         expected = _reference(name)
         for rank, run in enumerate(result[name] for result in runs):
-            assert run["stages"] == 2, name
+            assert run["positions"] == 2, name  # a pipeline over both ranks
             assert run["use_cache"], f"{name}: the user's config was changed"
             assert run["keys"] == expected["keys"], f"{name} rank {rank}: output keys"
             torch.testing.assert_close(run["losses"], expected["losses"], rtol=1e-5, atol=1e-6)
