@@ -8,6 +8,7 @@ import torch
 from distributed_helpers import run_workers
 
 import rannc
+from rannc.verify import Verifier
 
 
 def _wrap(cache: str, **overrides):
@@ -54,7 +55,9 @@ def test_grad_scaler_skips_the_same_step_on_every_rank(tmp_path, plain: bool) ->
 
 def verify_worker(rank: int, world: int, cache: str, corrupt: bool) -> dict:
     _, opt, wrapped = _wrap(cache, verify=True, verify_tolerance=1e-4)
-    if corrupt and rank == world - 1:  # a wrong gradient on the last stage must be caught
+    # A wrong gradient on one stage must be caught, and every rank told. The first stage holds parameters (the
+    # input layer; the planner may leave the last stage only the loss, whose gradients no hook would change).
+    if corrupt and rank == 0:
         for param in wrapped.parameters():
             param.register_hook(lambda grad: grad * 1.5)
     batch = models.local_slice(models.make_batches("mlp", 0, 1, 8)[0], rank, world)
@@ -80,3 +83,20 @@ def test_verify_fails_loudly_on_every_rank(tmp_path) -> None:
     for result in results:
         assert "error" in result, "verification missed a 1.5x gradient error"
         assert "does not reproduce the unpartitioned" in result["error"]
+
+
+def _verifier_with(reference: dict[str, torch.Tensor]) -> Verifier:
+    verifier = Verifier(torch.nn.Linear(1, 1), rank=0, tolerance=1e-4)
+    verifier.reference_grads = reference
+    return verifier
+
+
+def test_verify_compares_a_zero_gradient_at_the_models_gradient_scale() -> None:
+    """An attention key's bias has a zero gradient in exact arithmetic: two summation orders give rounding noise
+    that differs by 100% of itself, which is agreement; a gradient that is small but wrong is still caught."""
+    weight = torch.randn(64, 64)
+    noise = torch.full((64,), 3e-9)
+    _verifier_with({"w": weight, "key.bias": noise}).compare_grads({"w": weight.clone(), "key.bias": -noise})
+    small = weight * 1e-3  # 1/1000 of the model's gradients, off by 2%
+    with pytest.raises(rannc.RanncError, match="does not reproduce"):
+        _verifier_with({"w": weight, "small": small}).compare_grads({"w": weight, "small": small * 1.02})
