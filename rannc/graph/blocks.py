@@ -130,7 +130,11 @@ def coarsen(
         max_blocks = max(max_blocks, _fewest_blocks(weights, cap))  # type: ignore[arg-type]
     if len(units) <= max_blocks:
         return [list(u) for u in units]
-    members, costs, cuts, held = _premerge(units, unit_costs, cut_bytes, _DP_LIMIT, weights, cap)
+    # The pairwise pre-merge loses cheap cuts (merging the small ops at a layer's end moves its boundaries onto
+    # the costlier cuts beside them): it is skipped when the banded programme takes every unit at a small cost.
+    banded = capped and _banded_fits(weights, cap, len(units))  # type: ignore[arg-type]
+    limit = _BANDED_LIMIT if banded else _DP_LIMIT
+    members, costs, cuts, held = _premerge(units, unit_costs, cut_bytes, limit, weights, cap)
     n, k_blocks = len(members), min(max_blocks, len(members))
     if capped:
         k_blocks = max(k_blocks, _fewest_blocks(list(held), cap))
@@ -141,12 +145,9 @@ def coarsen(
     cut_at[1:n] = comm_weight * cuts[: n - 1] / top  # penalty of a boundary before unit s
     if capped:
         # A block of several units over the cap is not allowed: block ends e start at units s >= first[e] only.
-        mass = np.concatenate([[0.0], np.cumsum(held)])
-        ends = np.arange(n + 1)
-        first = np.searchsorted(mass, mass - cap * (1 + 1e-12), side="left")
-        first = np.minimum(first, np.maximum(ends - 1, 0))
-        width = int((ends - first).max())
-        if _BANDED and 4 * width < n:  # the same programme over the allowed starts only
+        first = _first_starts(held, cap)
+        width = int((np.arange(n + 1) - first).max())
+        if _BANDED and _banded_pays(width, n):  # the same programme over the allowed starts only
             bounds = _banded_partition(prefix, cut_at, ideal, first, width, k_blocks)
             return [sum(members[a:b], []) for a, b in zip(bounds, bounds[1:])]
     span = ((prefix[None, :] - prefix[:, None]) / ideal) ** 2  # span[s, e]: cost of a block of units s..e-1
@@ -211,6 +212,31 @@ def _banded_partition(
 
 _BANDED = True  # capped blocks: the programme over the allowed starts only (tests compare both)
 _DP_LIMIT = 1500  # units handled exactly; larger graphs are first merged pairwise down to this
+_BANDED_LIMIT = 20_000  # the same when the banded programme runs (its work grows with units x band width)
+
+
+def _banded_pays(width: int, units: int) -> bool:
+    """Whether the banded programme (blocks of at most `width` units) is worth running over `units` units."""
+    return 4 * width < units
+
+
+def _banded_fits(weights: list[float], cap: float, units: int) -> bool:
+    """Whether `coarsen` runs the banded programme over these `units` un-merged units (weights capped at `cap`)."""
+    if not _BANDED or units > _BANDED_LIMIT:
+        return False
+    first = _first_starts(np.asarray(weights, dtype=np.float64), cap)
+    return _banded_pays(int((np.arange(units + 1) - first).max()), units)
+
+
+def _first_starts(weights: np.ndarray, cap: float) -> np.ndarray:
+    """[e]: the first unit a block ending before unit e may start at (a block of several units holds at most
+    `cap` of the weights; one unit alone may hold more)."""
+    mass = np.concatenate([[0.0], np.cumsum(weights)])
+    ends = np.arange(len(weights) + 1)
+    first = np.searchsorted(mass, mass - cap * (1 + 1e-12), side="left")
+    return np.minimum(first, np.maximum(ends - 1, 0))
+
+
 _DP_COLUMNS = 128  # block ends evaluated at once by the dynamic program
 
 

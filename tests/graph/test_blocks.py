@@ -261,3 +261,39 @@ def test_the_banded_programme_chooses_as_the_whole_one(monkeypatch: pytest.Monke
         whole = coarsen(units, costs, cuts, max_blocks, weights=weights, cap=cap)
         monkeypatch.setattr(blocks_module, "_BANDED", True)
         assert banded == whole
+
+
+# One transformer-like layer as 16 units: (cost, parameter weight, bytes of the cut after it). Layer norms and
+# other small elementwise ops between the matmuls; the cut after a residual add (units 7 and 15) carries one tensor,
+# the others two or more.
+_LAYER = [
+    (0.01, 0.0, 4.0),  # layer norm: its output and the residual cross
+    (10.0, 1.0, 2.0),  # qkv matmul
+    (0.01, 0.0, 4.0),
+    (0.01, 0.0, 2.0),
+    (10.0, 1.0, 2.0),
+    (0.01, 0.0, 2.0),
+    (10.0, 1.0, 2.0),  # output projection
+    (0.01, 0.0, 1.0),  # residual add
+    (0.01, 0.0, 4.0),  # layer norm
+    (10.0, 1.0, 2.0),  # up projection
+    (0.01, 0.0, 4.0),
+    (0.01, 0.0, 2.0),
+    (10.0, 1.0, 4.0),  # down projection
+    (0.01, 0.0, 4.0),  # dropout
+    (0.01, 0.0, 4.0),
+    (0.01, 0.0, 1.0),  # residual add
+]
+
+
+@pytest.mark.parametrize("layers", [20, 200])
+def test_blocks_end_at_cheap_cuts(layers: int) -> None:
+    """Blocks capped to about a layer of parameters end at the cheapest cuts (one tensor crossing), also in a model
+    of more units than the dense programme takes (200 layers: 3200 units; a pairwise pre-merge down to the dense
+    programme's size merged the small ops around those cuts and moved the boundaries onto costlier ones)."""
+    costs, weights, cuts = (list(column) * layers for column in zip(*_LAYER))
+    units = make_units(len(costs))
+    blocks = coarsen(units, costs, cuts, layers, weights=weights, cap=5.5)
+    assert len(blocks) == layers
+    ends = {name: k for k, unit in enumerate(units) for name in unit}
+    assert [cuts[ends[block[-1]]] for block in blocks[:-1]] == [1.0] * (layers - 1)
