@@ -230,6 +230,12 @@ class PrefixBounds:
         found = self._level_tables.get(inflight)
         if found is not None:
             return found
+        # What the tables depend on; zero bubble's slices of one microbatch count and every depth >= P share them.
+        key = (self.search.shared_key, self.split, self.weight, self._base_level, inflight, self._cutoff)
+        found = self.search.tables.levels.get(key)
+        if found is not None:
+            self._level_tables = {inflight: found}
+            return found
         num_blocks, world, cutoff = self.num_blocks, self.world, self._cutoff
         offsets = np.arange(world + 1)
         time = self.time if inflight == self._base_level else self.at_level(inflight)
@@ -264,6 +270,7 @@ class PrefixBounds:
         # Only the latest level is kept: a run asks for them in order (level k + 1 for its k-stage
         # suffixes), and each takes (blocks x world) doubles twice, 1.2 MB on 1024 ranks.
         self._level_tables = {inflight: found}
+        self.search.tables.levels[key] = found
         return found
 
     # ------------------------------------------------------------------ stage counts and rank sums

@@ -89,9 +89,9 @@ class _Searches:
     """The slices of one problem (one SuffixSearch per microbatch count and schedule), run in the order of their
     lower bounds while a bound is under the best step time found so far.
 
-    Bounds are dropped once used and rebuilt when needed again, so that one set of bound tables is alive at a
-    time (a 1024-rank problem has dozens of slices); consecutive slices often share tables (same replica counts
-    and microbatch sizes: the schedules of one microbatch count), which are then kept for the next.
+    Bounds are dropped once used and rebuilt when needed again (a 1024-rank problem has dozens of slices); the
+    tables slices share (same replica counts and microbatch sizes: the schedules and zero bubble depths of one
+    microbatch count) are kept for the few latest (`StageTables.shared`).
     """
 
     def __init__(self, problem: PlanProblem, model: CostModel) -> None:
@@ -122,26 +122,20 @@ class _Searches:
             return []
         world, least, most = self.problem.world_size, probe.replicas[0], probe.replicas[-1]
         limit = split_inflight_limit(probe)
-        self.tables.shared.pop(probe.shared_key, None)  # one set of bound tables alive at a time (see above)
         return [
             depth
             for depth in self.stage_counts
             if depth * least <= world <= depth * most and min(p, depth) <= limit
         ]
 
-    def release(self, index: int) -> None:
-        search = self.slices[index][1]
-        following = self.slices[index + 1][1] if index + 1 < len(self.slices) else None
-        search.release(keep_shared=following is not None and following.shared_key == search.shared_key)
-
     def uniform_cutoff(self) -> None:
         """Step 1: the first cutoff, the best uniform plan (K stages of world / K replicas) of every slice. Its
         value only: the exact runs of step 4 find that plan again (its slice's bound is below it)."""
-        for index, (_, search) in enumerate(self.slices):
+        for _, search in self.slices:
             for uniform in uniform_candidates(search, search.stage_counts(self.stage_counts), self.best):
                 if uniform.step_time < self.best:
                     self.best = uniform.step_time
-            self.release(index)
+            search.release()
 
     def queue(self) -> list[tuple[float, int, int, int]]:
         """Step 2: every slice by its lower bound (bound, -P, schedule rank, index), ascending; equal bounds: more
@@ -150,7 +144,7 @@ class _Searches:
         for index, (rank, search) in enumerate(self.slices):
             bound = search.lower_bound(search.stage_counts(self.stage_counts), relaxed(self.best))
             queued.append((bound, -search.p, rank, index))
-            self.release(index)
+            search.release()
         return sorted(queued)
 
     def _fits(self, index: int) -> bool:
