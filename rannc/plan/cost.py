@@ -412,16 +412,32 @@ class CostModel:
     ) -> StageCost | None:
         """The stage as the search runs it: without recompute if some level fits, the first of the problem's
         shard levels (least sharding first) with which it fits in memory; else recomputing (when allowed) at the
-        first level that fits so; None when nothing fits. Without a memory limit: the first level."""
+        first level that fits so; None when nothing fits. Without a memory limit: the first level.
+
+        One exception: when only ZeRO-3 fits without recompute, recomputing at the first level that fits so wins
+        if its seconds per microbatch (on intra-node links) are fewer: ZeRO-3 gathers every microbatch, and
+        otherwise allowing sharding would drop the unsharded recomputed stage a search without sharding has."""
         limit = self.problem.memory_limit_bytes
+        local = (False, False, False)
+        found: list[StageCost] = []  # the first level that fits, without recompute then with it
         for recompute in (False, True) if self.problem.allow_recompute else (False,):
             for shard in stage_levels(self.problem, replicas):
                 cost = self.stage(
-                    first, last, replicas, microbatches, inflight, recompute, links, shard, pending
+                    first, last, replicas, microbatches, inflight, recompute, local, shard, pending
                 )
                 if limit is None or cost.memory <= limit:
-                    return cost
-        return None
+                    found.append(cost)
+                    break
+            if found and found[0].shard != ShardLevel.ZERO_3:
+                break
+        if not found:
+            return None
+        chosen = min(found, key=lambda cost: cost.time)  # ties: the first, without recompute
+        if links == local:
+            return chosen
+        return self.stage(
+            first, last, replicas, microbatches, inflight, chosen.recompute, links, chosen.shard, pending
+        )
 
 
 def stage_time(fwd: float, bwd: float, comm: float) -> float:
