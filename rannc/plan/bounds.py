@@ -74,9 +74,12 @@ class PrefixBounds:
         self.weight2 = shared.weight2
         # Single-level tables: every stage holds at least one microbatch (fill-drain: P).
         self._base_level = search.inflight(1)
-        self.time = self.at_level(self._base_level)
-        self.path = self._path(self.time)
-        self.u = self._u(self.time)
+        key = ("base", search.shared_key, self.split, self.weight, self._base_level)
+        found = tables.levels.get(key)
+        if found is None:
+            time = self.at_level(self._base_level)
+            found = tables.levels[key] = (time, self._path(time), self._u(time))
+        self.time, self.path, self.u = found
         self._whole: float | None = None
         self._whole_key = self.whole_key(search)
         self.pre_max: list[array] = []
@@ -199,10 +202,18 @@ class PrefixBounds:
 
     def prepare(self, cutoff: float) -> None:
         """Tables by (b, o) for the search, for plans of step time <= cutoff (see level_tables)."""
-        world = self.world
-        offsets = np.arange(world + 1)
         self._cutoff = cutoff
         self._level_tables: dict[int, tuple[list[array], list[array]]] = {}
+        key = ("pre_max", self.search.shared_key)
+        found = self.search.tables.levels.get(key)
+        if found is None:
+            found = self.search.tables.levels[key] = self._prefix_max()
+        self.pre_max = found
+
+    def _prefix_max(self) -> list[array]:
+        """pre_max[b][o]: a lower bound on the largest stage time of blocks 0..b-1 on o ranks."""
+        world = self.world
+        offsets = np.arange(world + 1)
         # Largest stage time: rank-seconds per rank and the slowest single block (compute only, so
         # that it bounds every stage containing the block when block times are >= 0).
         ranks, block = self.ranks, self.block
@@ -215,8 +226,7 @@ class PrefixBounds:
         with np.errstate(divide="ignore", invalid="ignore"):
             per_rank = np.where(offsets[None, :] > 0, work[:, None] / np.maximum(offsets, 1)[None, :], 0.0)
         biggest = np.vstack([np.zeros((1, world + 1)), np.maximum.accumulate(least, axis=0)])
-        pre_max = np.maximum(per_rank, biggest)
-        self.pre_max = _rows(pre_max)
+        return _rows(np.maximum(per_rank, biggest))
 
     def level_tables(self, inflight: int) -> tuple[list[array], list[array]]:
         """(pre_sum, pre_u) by (b, o) when every stage before the suffix holds at least `inflight`

@@ -140,11 +140,10 @@ class _Run:
         bounds = search.bounds
         bounds.prepare(cutoff)
         self.bounds = bounds
-        # allowed[k][b][o] == "1": a suffix of k stages from block b may start at rank o.
-        self.allowed = [
-            [bin(bits)[:1:-1].ljust(self.world + 1, "0") for bits in row]
-            for row in bounds.allowed_offsets(stage_counts)
-        ]
+        # allowed[k][b][o] == "1": a suffix of k stages from block b may start at rank o (as strings from the bits
+        # of `offsets` when layer k is extended: a run that prunes early reads few layers).
+        self.offsets = bounds.allowed_offsets(stage_counts)
+        self.allowed: dict[int, list[str]] = {}
         self.limit = problem.memory_limit_bytes
         self.recompute = problem.allow_recompute and self.limit is not None
         # Replicated stages may shard (plan/sharding.py); none_first: unsharded is the first level tried.
@@ -180,6 +179,7 @@ class _Run:
         """
         search = self.search
         inflight, pending = search.inflight(k), search.pending(k)
+        self.allowed[k] = [bin(bits)[:1:-1].ljust(self.world + 1, "0") for bits in self.offsets[k]]
         # Stages before this suffix hold at least this many microbatches.
         level = self.bounds.level_tables(search.inflight(k + 1))
         stage_cap = self.cutoff * (1 + ROUNDING) / search.p

@@ -18,6 +18,9 @@ from .types import ShardLevel
 
 # Bound tables kept at once (see `Recent`): on a 1024-rank problem one slice's stage arrays take about 13 MiB.
 KEPT_BOUND_TABLES = 4
+# Level tables kept at once (bounds.PrefixBounds: its base level's arrays, level tables of 2 x 1.2 MiB on 1024 ranks,
+# the prefix maxima).
+KEPT_LEVEL_TABLES = 12
 
 # Fields of a compute table, in order.
 # wgt: seconds of bwd spent on parameter gradients (a split backward's W pass); dfr: the gradients one microbatch
@@ -61,10 +64,11 @@ class StageTables:
         self._base: dict[int | str, np.ndarray] = {}
         self._allreduce: dict[tuple[int, bool], np.ndarray] = {}
         self._columns: dict[int, list[list[float]]] = {}
-        # Per (replica counts, sizes): arrays of the bounds; per slice level and cutoff: bounds.level_tables. The
-        # slices of one microbatch count (every zero bubble depth, every schedule) share them and often run in turn.
+        # Per (replica counts, sizes): arrays of the bounds; per kind, slice level and cutoff: bounds.PrefixBounds'
+        # tables. The slices of one microbatch count (every zero bubble depth, every schedule) share them and often
+        # run in turn.
         self.shared: Recent = Recent(KEPT_BOUND_TABLES)
-        self.levels: Recent = Recent(KEPT_BOUND_TABLES)
+        self.levels: Recent = Recent(KEPT_LEVEL_TABLES)
         # (P, in flight, pending, replicas, first, last) -> a stage the search priced with sharding allowed
         # (pareto._Run._sharded_stage): zero bubble's slices of every depth price the same stages again.
         self.sharded_stages: dict[tuple[int, int, int, int, int, int], Any] = {}
