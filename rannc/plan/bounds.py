@@ -47,6 +47,8 @@ class StageBounds(NamedTuple):
         np.ndarray
     )  # `fits` with split backwards: at least one microbatch keeps its deferred gradients
     fits_split_again: np.ndarray  # the same with recompute (and its rebuilt activations)
+    fits_all_pending: np.ndarray  # most q with which a split-backward stage fits holding q, all keeping their
+    # deferred gradients (a zero bubble pipeline's last stage), with recompute when allowed
 
 
 class PrefixBounds:
@@ -319,8 +321,10 @@ class PrefixBounds:
 def split_inflight_limit(search: SearchSlice) -> float:
     """Most microbatches in flight with which a split-backward (zero bubble) plan of this slice's microbatch count
     and replica counts can fit, at any depth: every block lies in some stage that fits holding them with at least
-    one microbatch's deferred gradients (`StageBounds.fits_split`, generous). A zero bubble slice of depth D holds
-    min(P, D) microbatches at every stage, so one whose min(P, D) exceeds this has no plan. inf without a limit."""
+    one microbatch's deferred gradients (`StageBounds.fits_split`, generous), and the last block in a stage that fits
+    holding them all with their deferred gradients (`StageBounds.fits_all_pending`: the last stage keeps those of
+    min(P, D) microbatches). A zero bubble slice of depth D holds min(P, D) microbatches at every stage, so one whose
+    min(P, D) exceeds this has no plan. inf without a limit."""
     shared = search.tables.shared.get(search.shared_key)
     if shared is None:
         shared = search.tables.shared[search.shared_key] = _stage_arrays(search)
@@ -333,7 +337,8 @@ def split_inflight_limit(search: SearchSlice) -> float:
     # cover[x] = max over first <= x <= last of most[first][last]: the best stage that can hold block x.
     prefix = np.maximum.accumulate(most, axis=0)  # [x][last]: max over first <= x
     cover = np.where(upper, prefix, -np.inf).max(axis=1)
-    return float(cover.min())
+    last = shared.fits_all_pending[:, :, num_blocks - 1].max()  # over replicas and first blocks
+    return float(min(cover.min(), last))
 
 
 def whole_of_parts(parts: tuple[float, float], weight: float, stage_counts: list[int]) -> float:
@@ -378,6 +383,7 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
     # Lower bounds over the shard levels a stage may use (its own level's when it may not shard).
     floors = [tables.sharded_floors(r) for r in replicas]
     fits_split, fits_split_again = fits, fits_again
+    fits_all_pending = fits
     if limit is not None:
         base = np.stack([floor[0] for floor in floors]) if replicas else np.zeros(plain.shape)
         ins, act = stack("in"), stack("act")
@@ -394,9 +400,15 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
         # Split backwards: at least one microbatch keeps its deferred gradients (and, recomputed, activations).
         deferred = stack("dfr")
         fits_split = _most_inflight(room - ins - deferred, act + outs)
+        # q in flight and q pending: q (act + dfr) plus the sends of at least one microbatch and q outputs;
+        # recomputed, q (in + act + dfr) plus one microbatch's sends (cost.split_memory, cost.sent_bytes)
+        fits_all_pending = _most_inflight(room - ins, act + deferred + outs)
         if problem.allow_recompute:
             fits_again = _most_inflight(room - act - (ins + outs), ins)
             fits_split_again = _most_inflight(room - act - deferred - (ins + outs), ins)
+            fits_all_pending = np.maximum(
+                fits_all_pending, _most_inflight(room - (ins + outs), ins + act + deferred)
+            )
     allreduce = np.zeros(plain.shape)
     if replicas:
         allreduce = np.stack([floor[2] for floor in floors]) * keep
@@ -407,7 +419,17 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
     monotone = monotone and tables.boundaries_nonnegative
     weight2 = 2.0 * stack("wgt")
     return StageBounds(
-        plain, again, fits, fits_again, allreduce, block, monotone, weight2, fits_split, fits_split_again
+        plain,
+        again,
+        fits,
+        fits_again,
+        allreduce,
+        block,
+        monotone,
+        weight2,
+        fits_split,
+        fits_split_again,
+        fits_all_pending,
     )
 
 
