@@ -9,8 +9,9 @@ stage. plan_stages returns a plan of least step time over exactly this space (ch
 force in tests/plan); near-ties go to the fewest stages, then fewer microbatches, the schedule listed
 first, the smaller block ranges, the smaller replica counts and no recompute.
 
-With `problem.simulate_candidates` > 0 the analytic optimum and the other candidates the search met within
-SIMULATE_WINDOW of it are simulated (simulate.py) and the least simulated step time wins: the analytic sum
+With `problem.simulate_candidates` > 0 the analytic optimum and, per schedule, the best candidate the search met
+and the others it met within SIMULATE_WINDOW of that one (up to simulate_candidates of each) are simulated
+(simulate.py) and the least simulated step time wins: the analytic sum
 T = sum t_s + (P-1) max t_s + AR is exact for balanced stages only, and leaves out rendezvous waits and the
 allreduce of parameters shared between stages.
 
@@ -225,32 +226,52 @@ def _analytic_choice(found: list[Candidate], best: float) -> Candidate:
 def _simulated_choice(
     problem: PlanProblem, model: CostModel, found: list[Candidate], best: float
 ) -> tuple[Plan, float]:
-    """Of the distinct candidates within SIMULATE_WINDOW of the analytic optimum (the analytic choice first,
-    then by analytic time), the first `problem.simulate_candidates` simulated: the plan of least simulated
-    step time (ties: the earlier candidate) and its simulated step time."""
-    first = _analytic_choice(found, best)
-    limit = best + SIMULATE_WINDOW * abs(best)
-    ordered = [first] + sorted(
-        (f for f in found if f.step_time <= limit), key=lambda f: (f.step_time, f.order)
-    )
-    seen: set[tuple[int, Schedule, tuple[int, ...], tuple[int, ...]]] = set()
+    """The plan of least simulated step time (ties: the earlier candidate) and its simulated step time, over
+    `_simulation_pool`'s candidates."""
     chosen: tuple[Plan, float] | None = None
-    for candidate in ordered:
-        identity = (candidate.microbatches, candidate.schedule, candidate.lasts, candidate.replicas)
-        if identity in seen:
-            continue
-        seen.add(identity)
+    for candidate in _simulation_pool(problem, found, best):
         plan = candidate.plan(problem, model)
         if plan is None:  # pragma: no cover - the search only lists feasible candidates
             continue
         step = simulate_plan(problem, plan).step_time
         if chosen is None or step < chosen[1] * (1 - SIMULATE_TIE):
             chosen = (plan, step)
-        if len(seen) >= problem.simulate_candidates:
-            break
     if chosen is None:  # pragma: no cover
         raise PlanError("internal error: no candidate of the search is feasible")
     return chosen
+
+
+def _simulation_pool(problem: PlanProblem, found: list[Candidate], best: float) -> list[Candidate]:
+    """The distinct candidates to simulate: the analytic choice, then per schedule (the analytic choice's first,
+    the others by their best analytic time) the first `problem.simulate_candidates` of its best candidate met and
+    its others within SIMULATE_WINDOW of that one, by analytic time.
+
+    Per schedule, so that a search over more schedules simulates every candidate a search over some of them
+    would (of the candidates both met): a schedule's formula can be off by more than the window (zero bubble's
+    with few microbatches, 1F1B's with unbalanced stages), and the window of a faster schedule's optimum would
+    leave out the other schedules' candidates."""
+    first = _analytic_choice(found, best)
+    by_schedule: dict[Schedule, list[Candidate]] = {first.schedule: []}
+    for candidate in sorted(found, key=lambda f: (f.step_time, f.order)):
+        by_schedule.setdefault(candidate.schedule, []).append(candidate)
+    pool, seen = [first], {_identity(first)}
+    for schedule, candidates in by_schedule.items():
+        leader = first if schedule == first.schedule else candidates[0]
+        limit = leader.step_time + SIMULATE_WINDOW * abs(leader.step_time)
+        taken = 1 if leader is first else 0
+        for candidate in [leader] + [f for f in candidates if f.step_time <= limit]:
+            if taken >= problem.simulate_candidates:
+                break
+            if _identity(candidate) in seen:
+                continue
+            seen.add(_identity(candidate))
+            pool.append(candidate)
+            taken += 1
+    return pool
+
+
+def _identity(candidate: Candidate) -> tuple[int, Schedule, tuple[int, ...], tuple[int, ...]]:
+    return candidate.microbatches, candidate.schedule, candidate.lasts, candidate.replicas
 
 
 def minimum_memory_needed(problem: PlanProblem) -> float:
