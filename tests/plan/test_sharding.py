@@ -15,6 +15,7 @@ from rannc.errors import PlanError
 from rannc.plan import BlockProfile, PlanProblem, ShardLevel, plan_stages
 from rannc.plan import cost as cost_module
 from rannc.plan.sharding import sharded_state
+from rannc.plan.simulate import simulate_plan
 
 ALL = tuple(ShardLevel)
 
@@ -189,3 +190,13 @@ def test_recompute_wins_over_slower_zero3() -> None:
     assert zero3.memory <= 5.7e9 and again.memory <= 5.7e9
     assert model.stage(0, 1, 4, 2, 2, False, shard=ShardLevel.ZERO_2).memory > 5.7e9
     assert zero3.time > again.time
+
+
+def test_simulator_charges_zero3_gathers() -> None:
+    """One ZeRO-3 stage: its simulated step is the analytic one (P x (fwd + bwd + gathers) + step end), gathers
+    included, as the runtime gathers before each forward and backward."""
+    problem = _two_block_problem(shard_levels=(ShardLevel.ZERO_3,))
+    plan = plan_stages(problem)
+    assert plan.stages[0].shard == ShardLevel.ZERO_3 and plan.stages[0].comm_time > 0
+    simulated = simulate_plan(problem, plan).step_time
+    assert simulated == pytest.approx(plan.predicted_step_time, rel=1e-9)
