@@ -47,6 +47,8 @@ class StageBounds(NamedTuple):
         np.ndarray
     )  # `fits` with split backwards: at least one microbatch keeps its deferred gradients
     fits_split_again: np.ndarray  # the same with recompute (and its rebuilt activations)
+    fits_all_pending: np.ndarray  # most q with which a split-backward stage fits holding q, all keeping their
+    # deferred gradients (a zero bubble pipeline's last stage), with recompute when allowed
 
 
 class PrefixBounds:
@@ -74,9 +76,12 @@ class PrefixBounds:
         self.weight2 = shared.weight2
         # Single-level tables: every stage holds at least one microbatch (fill-drain: P).
         self._base_level = search.inflight(1)
-        self.time = self.at_level(self._base_level)
-        self.path = self._path(self.time)
-        self.u = self._u(self.time)
+        key = ("base", search.shared_key, self.split, self.weight, self._base_level)
+        found = tables.levels.get(key)
+        if found is None:
+            time = self.at_level(self._base_level)
+            found = tables.levels[key] = (time, self._path(time), self._u(time))
+        self.time, self.path, self.u = found
         self._whole: float | None = None
         self._whole_key = self.whole_key(search)
         self.pre_max: list[array] = []
@@ -199,10 +204,18 @@ class PrefixBounds:
 
     def prepare(self, cutoff: float) -> None:
         """Tables by (b, o) for the search, for plans of step time <= cutoff (see level_tables)."""
-        world = self.world
-        offsets = np.arange(world + 1)
         self._cutoff = cutoff
         self._level_tables: dict[int, tuple[list[array], list[array]]] = {}
+        key = ("pre_max", self.search.shared_key)
+        found = self.search.tables.levels.get(key)
+        if found is None:
+            found = self.search.tables.levels[key] = self._prefix_max()
+        self.pre_max = found
+
+    def _prefix_max(self) -> list[array]:
+        """pre_max[b][o]: a lower bound on the largest stage time of blocks 0..b-1 on o ranks."""
+        world = self.world
+        offsets = np.arange(world + 1)
         # Largest stage time: rank-seconds per rank and the slowest single block (compute only, so
         # that it bounds every stage containing the block when block times are >= 0).
         ranks, block = self.ranks, self.block
@@ -215,8 +228,7 @@ class PrefixBounds:
         with np.errstate(divide="ignore", invalid="ignore"):
             per_rank = np.where(offsets[None, :] > 0, work[:, None] / np.maximum(offsets, 1)[None, :], 0.0)
         biggest = np.vstack([np.zeros((1, world + 1)), np.maximum.accumulate(least, axis=0)])
-        pre_max = np.maximum(per_rank, biggest)
-        self.pre_max = _rows(pre_max)
+        return _rows(np.maximum(per_rank, biggest))
 
     def level_tables(self, inflight: int) -> tuple[list[array], list[array]]:
         """(pre_sum, pre_u) by (b, o) when every stage before the suffix holds at least `inflight`
@@ -229,6 +241,12 @@ class PrefixBounds:
             inflight = max(_level_below(inflight), self._base_level)
         found = self._level_tables.get(inflight)
         if found is not None:
+            return found
+        # What the tables depend on; zero bubble's slices of one microbatch count and every depth >= P share them.
+        key = (self.search.shared_key, self.split, self.weight, self._base_level, inflight, self._cutoff)
+        found = self.search.tables.levels.get(key)
+        if found is not None:
+            self._level_tables = {inflight: found}
             return found
         num_blocks, world, cutoff = self.num_blocks, self.world, self._cutoff
         offsets = np.arange(world + 1)
@@ -244,7 +262,7 @@ class PrefixBounds:
         if np.isfinite(time).any():
             lams = self._lambda_grid()
             for lam, h in zip(lams.tolist(), self._lagrange(lams, self._path(time))):
-                np.maximum(sums, _minus(h[:, None], lam * offsets[None, :]), out=sums)
+                np.maximum(sums, _lines(h, lam, offsets), out=sums)
         # Largest u_s: thresholds on a grid, fine near the cutoff and coarse below it.
         finite_u = u[np.isfinite(u)]
         pre_u = np.zeros((num_blocks + 1, world + 1))
@@ -264,6 +282,7 @@ class PrefixBounds:
         # Only the latest level is kept: a run asks for them in order (level k + 1 for its k-stage
         # suffixes), and each takes (blocks x world) doubles twice, 1.2 MB on 1024 ranks.
         self._level_tables = {inflight: found}
+        self.search.tables.levels[key] = found
         return found
 
     # ------------------------------------------------------------------ stage counts and rank sums
@@ -302,8 +321,10 @@ class PrefixBounds:
 def split_inflight_limit(search: SearchSlice) -> float:
     """Most microbatches in flight with which a split-backward (zero bubble) plan of this slice's microbatch count
     and replica counts can fit, at any depth: every block lies in some stage that fits holding them with at least
-    one microbatch's deferred gradients (`StageBounds.fits_split`, generous). A zero bubble slice of depth D holds
-    min(P, D) microbatches at every stage, so one whose min(P, D) exceeds this has no plan. inf without a limit."""
+    one microbatch's deferred gradients (`StageBounds.fits_split`, generous), and the last block in a stage that fits
+    holding them all with their deferred gradients (`StageBounds.fits_all_pending`: the last stage keeps those of
+    min(P, D) microbatches). A zero bubble slice of depth D holds min(P, D) microbatches at every stage, so one whose
+    min(P, D) exceeds this has no plan. inf without a limit."""
     shared = search.tables.shared.get(search.shared_key)
     if shared is None:
         shared = search.tables.shared[search.shared_key] = _stage_arrays(search)
@@ -316,7 +337,8 @@ def split_inflight_limit(search: SearchSlice) -> float:
     # cover[x] = max over first <= x <= last of most[first][last]: the best stage that can hold block x.
     prefix = np.maximum.accumulate(most, axis=0)  # [x][last]: max over first <= x
     cover = np.where(upper, prefix, -np.inf).max(axis=1)
-    return float(cover.min())
+    last = shared.fits_all_pending[:, :, num_blocks - 1].max()  # over replicas and first blocks
+    return float(min(cover.min(), last))
 
 
 def whole_of_parts(parts: tuple[float, float], weight: float, stage_counts: list[int]) -> float:
@@ -361,6 +383,7 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
     # Lower bounds over the shard levels a stage may use (its own level's when it may not shard).
     floors = [tables.sharded_floors(r) for r in replicas]
     fits_split, fits_split_again = fits, fits_again
+    fits_all_pending = fits
     if limit is not None:
         base = np.stack([floor[0] for floor in floors]) if replicas else np.zeros(plain.shape)
         ins, act = stack("in"), stack("act")
@@ -377,9 +400,15 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
         # Split backwards: at least one microbatch keeps its deferred gradients (and, recomputed, activations).
         deferred = stack("dfr")
         fits_split = _most_inflight(room - ins - deferred, act + outs)
+        # q in flight and q pending: q (act + dfr) plus the sends of at least one microbatch and q outputs;
+        # recomputed, q (in + act + dfr) plus one microbatch's sends (cost.split_memory, cost.sent_bytes)
+        fits_all_pending = _most_inflight(room - ins, act + deferred + outs)
         if problem.allow_recompute:
             fits_again = _most_inflight(room - act - (ins + outs), ins)
             fits_split_again = _most_inflight(room - act - deferred - (ins + outs), ins)
+            fits_all_pending = np.maximum(
+                fits_all_pending, _most_inflight(room - (ins + outs), ins + act + deferred)
+            )
     allreduce = np.zeros(plain.shape)
     if replicas:
         allreduce = np.stack([floor[2] for floor in floors]) * keep
@@ -390,7 +419,17 @@ def _stage_arrays(search: SearchSlice) -> StageBounds:
     monotone = monotone and tables.boundaries_nonnegative
     weight2 = 2.0 * stack("wgt")
     return StageBounds(
-        plain, again, fits, fits_again, allreduce, block, monotone, weight2, fits_split, fits_split_again
+        plain,
+        again,
+        fits,
+        fits_again,
+        allreduce,
+        block,
+        monotone,
+        weight2,
+        fits_split,
+        fits_split_again,
+        fits_all_pending,
     )
 
 
@@ -412,6 +451,14 @@ def _minus(total: np.ndarray, part: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         lowered = total - part - 1e-12 * (np.abs(total) + np.abs(part))
     return np.where(np.isfinite(total), lowered, total)
+
+
+def _lines(total: np.ndarray, lam: float, offsets: np.ndarray) -> np.ndarray:
+    """[b][o]: `_minus(total[b], lam x offsets[o])` for lam >= 0 and offsets >= 0, lowered as much (by 1e-12 of
+    each term, far above the few roundings here) from two vectors instead of the whole table."""
+    with np.errstate(invalid="ignore"):
+        lowered = np.where(np.isfinite(total), total - 1e-12 * np.abs(total), total)
+    return np.subtract.outer(lowered, (lam * (1 + 1e-12)) * offsets)
 
 
 def _chain(stage: np.ndarray, zero, inf) -> np.ndarray:

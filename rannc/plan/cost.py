@@ -7,7 +7,7 @@ import math
 from typing import NamedTuple
 
 from ..schedule import Schedule
-from .sharding import sharded_state, stage_levels
+from .sharding import ShardedState, sharded_state, stage_levels
 from .types import PlanProblem, ShardLevel, interpolate
 
 
@@ -349,30 +349,19 @@ class CostModel:
         m = replica_microbatch_size(problem.global_batch, microbatches, replicas)
         row = self.row(first, m, replicas)[last - first]
         f_sum, b_sum, a_sum = row.fwd, row.bwd, row.activation_bytes
-        in_bytes, out_bytes, base = row.in_bytes, row.out_bytes, row.state_bytes
+        in_bytes, out_bytes = row.in_bytes, row.out_bytes
         comm = (row.in_inter if links[0] else row.in_intra) + (row.out_inter if links[1] else row.out_intra)
-        io = row.held_bytes
         bwd = b_sum + f_sum if recompute else b_sum
         shard = shard if replicas > 1 else ShardLevel.NONE
+        state = None
         if shard != ShardLevel.NONE:
             state = sharded_state(problem, first, last, replicas, shard, recompute, links[2])
-            base = state.bytes + problem.input_bytes
             comm += state.gather_seconds
-        if pending:
-            memory = split_memory(base, a_sum, row.deferred_bytes, in_bytes, inflight, pending, io, recompute)
-        elif recompute:
-            memory = recompute_memory(base, a_sum, in_bytes, inflight, io)
-        else:
-            memory = stage_memory(base, a_sum, inflight, io)
-        memory += sent_bytes(in_bytes, out_bytes, microbatches, inflight, recompute)
-        # The optimizer step runs after the activations are freed: the peak is the larger of the two phases.
-        if shard == ShardLevel.NONE:
-            memory = max(memory, base + optimizer_transient_bytes(problem, first, last, replicas))
+        memory = self._peak(row, first, last, replicas, microbatches, inflight, recompute, state, pending)
+        if state is None:
             allreduce = self.allreduce(first, last, replicas, links[2])
             update = self.update(first, last, replicas)
         else:
-            step = state.step_bytes + problem.input_bytes
-            memory = max(memory, step + sharded_transient_bytes(problem, first, last, state.updated))
             update = state.updated * problem.update_seconds_per_param_byte
             allreduce = allreduce_time(problem, state.reduced, replicas, links[2]) + update
         return StageCost(
@@ -400,6 +389,55 @@ class CostModel:
             pending=pending,
         )
 
+    def memory(
+        self,
+        first: int,
+        last: int,
+        replicas: int,
+        microbatches: int,
+        inflight: int,
+        recompute: bool = False,
+        shard: ShardLevel = ShardLevel.NONE,
+        pending: int = 0,
+    ) -> float:
+        """`stage(...).memory` alone (the same arithmetic; links do not change it)."""
+        m = replica_microbatch_size(self.problem.global_batch, microbatches, replicas)
+        row = self.row(first, m, replicas)[last - first]
+        shard = shard if replicas > 1 else ShardLevel.NONE
+        state = None
+        if shard != ShardLevel.NONE:
+            state = sharded_state(self.problem, first, last, replicas, shard, recompute)
+        return self._peak(row, first, last, replicas, microbatches, inflight, recompute, state, pending)
+
+    def _peak(
+        self,
+        row: RangeCost,
+        first: int,
+        last: int,
+        replicas: int,
+        microbatches: int,
+        inflight: int,
+        recompute: bool,
+        state: ShardedState | None,
+        pending: int,
+    ) -> float:
+        """Peak bytes per rank of a stage of `row`'s range (`state`: its sharded state, None unsharded)."""
+        problem = self.problem
+        a_sum, in_bytes, out_bytes, io = row.activation_bytes, row.in_bytes, row.out_bytes, row.held_bytes
+        base = row.state_bytes if state is None else state.bytes + problem.input_bytes
+        if pending:
+            memory = split_memory(base, a_sum, row.deferred_bytes, in_bytes, inflight, pending, io, recompute)
+        elif recompute:
+            memory = recompute_memory(base, a_sum, in_bytes, inflight, io)
+        else:
+            memory = stage_memory(base, a_sum, inflight, io)
+        memory += sent_bytes(in_bytes, out_bytes, microbatches, inflight, recompute)
+        # The optimizer step runs after the activations are freed: the peak is the larger of the two phases.
+        if state is None:
+            return max(memory, base + optimizer_transient_bytes(problem, first, last, replicas))
+        step = state.step_bytes + problem.input_bytes
+        return max(memory, step + sharded_transient_bytes(problem, first, last, state.updated))
+
     def fitting(
         self,
         first: int,
@@ -412,16 +450,36 @@ class CostModel:
     ) -> StageCost | None:
         """The stage as the search runs it: without recompute if some level fits, the first of the problem's
         shard levels (least sharding first) with which it fits in memory; else recomputing (when allowed) at the
-        first level that fits so; None when nothing fits. Without a memory limit: the first level."""
+        first level that fits so; None when nothing fits. Without a memory limit: the first level.
+
+        One exception: when only ZeRO-3 fits without recompute, recomputing at the first level that fits so wins
+        if its seconds per microbatch (on intra-node links) are fewer: ZeRO-3 gathers every microbatch, and
+        otherwise allowing sharding would drop the unsharded recomputed stage a search without sharding has."""
         limit = self.problem.memory_limit_bytes
+        local = (False, False, False)
+        found: list[StageCost] = []  # the first level that fits, without recompute then with it
         for recompute in (False, True) if self.problem.allow_recompute else (False,):
             for shard in stage_levels(self.problem, replicas):
-                cost = self.stage(
-                    first, last, replicas, microbatches, inflight, recompute, links, shard, pending
-                )
-                if limit is None or cost.memory <= limit:
-                    return cost
-        return None
+                if limit is None or (
+                    self.memory(first, last, replicas, microbatches, inflight, recompute, shard, pending)
+                    <= limit
+                ):
+                    found.append(
+                        self.stage(
+                            first, last, replicas, microbatches, inflight, recompute, local, shard, pending
+                        )
+                    )
+                    break
+            if found and found[0].shard != ShardLevel.ZERO_3:
+                break
+        if not found:
+            return None
+        chosen = min(found, key=lambda cost: cost.time)  # ties: the first, without recompute
+        if links == local:
+            return chosen
+        return self.stage(
+            first, last, replicas, microbatches, inflight, chosen.recompute, links, chosen.shard, pending
+        )
 
 
 def stage_time(fwd: float, bwd: float, comm: float) -> float:

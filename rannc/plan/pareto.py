@@ -31,7 +31,7 @@ import math
 from typing import NamedTuple
 
 from .bounds import PrefixBounds, whole_of_parts
-from .cost import SEND_WINDOW
+from .cost import SEND_WINDOW, CostModel
 from .front import TIE, Entry, pareto_front, triple
 from .slices import SearchSlice
 from .types import ShardLevel
@@ -66,13 +66,11 @@ class SuffixSearch(SearchSlice):
             self._bounds = PrefixBounds(self)
         return self._bounds
 
-    def release(self, keep_shared: bool = False) -> None:
-        """Drop the bounds and (unless `keep_shared`) their shared tables, rebuilt when needed again, so that
-        searches waiting their turn hold no memory: on a 1024-rank problem one search's tables take several
-        MiB, and there is one search per microbatch count and schedule."""
+    def release(self) -> None:
+        """Drop the bounds, rebuilt when needed again, so that searches waiting their turn hold no memory of their
+        own: on a 1024-rank problem one search's tables take several MiB, and there is one search per microbatch
+        count and schedule (the tables they share stay in `StageTables.shared`, which keeps a few)."""
         self._bounds = None
-        if not keep_shared:
-            self.tables.shared.pop(self.shared_key, None)
 
     def lower_bound(self, stage_counts: list[int], cutoff: float = math.inf) -> float:
         """A lower bound on the step time of every candidate with these microbatches (it may stop
@@ -142,11 +140,10 @@ class _Run:
         bounds = search.bounds
         bounds.prepare(cutoff)
         self.bounds = bounds
-        # allowed[k][b][o] == "1": a suffix of k stages from block b may start at rank o.
-        self.allowed = [
-            [bin(bits)[:1:-1].ljust(self.world + 1, "0") for bits in row]
-            for row in bounds.allowed_offsets(stage_counts)
-        ]
+        # allowed[k][b][o] == "1": a suffix of k stages from block b may start at rank o (as strings from the bits
+        # of `offsets` when layer k is extended: a run that prunes early reads few layers).
+        self.offsets = bounds.allowed_offsets(stage_counts)
+        self.allowed: dict[int, list[str]] = {}
         self.limit = problem.memory_limit_bytes
         self.recompute = problem.allow_recompute and self.limit is not None
         # Replicated stages may shard (plan/sharding.py); none_first: unsharded is the first level tried.
@@ -182,6 +179,7 @@ class _Run:
         """
         search = self.search
         inflight, pending = search.inflight(k), search.pending(k)
+        self.allowed[k] = [bin(bits)[:1:-1].ljust(self.world + 1, "0") for bits in self.offsets[k]]
         # Stages before this suffix hold at least this many microbatches.
         level = self.bounds.level_tables(search.inflight(k + 1))
         stage_cap = self.cutoff * (1 + ROUNDING) / search.p
@@ -227,7 +225,9 @@ class _Run:
                 again = base + in_b * inflight + act + io + again_sent
             if plain <= self.limit:
                 time = fb
-            elif shards:  # a sharded level may fit (and, the first that does, wins over recompute)
+            elif (
+                shards
+            ):  # a sharded level may fit (the first that does wins over recompute, `CostModel.fitting`)
                 return self._sharded_stage(inflight, pending, r, b, j)
             elif self.recompute and again <= self.limit:
                 time = f + (bw + f)
@@ -241,6 +241,16 @@ class _Run:
         """`_stage_time` where the stage's replicas may shard its parameter state: the cost model's choice
         (`CostModel.fitting`), priced for both links of its replicas (gathers and step end)."""
         model, p = self.search.model, self.search.p
+        key = (p, inflight, pending, r, b, j)
+        priced = self.search.tables.sharded_stages
+        if key in priced:
+            return priced[key]
+        priced[key] = stage = self._price_sharded(model, p, inflight, pending, r, b, j)
+        return stage
+
+    def _price_sharded(
+        self, model: CostModel, p: int, inflight: int, pending: int, r: int, b: int, j: int
+    ) -> _Stage | None:
         cost = model.fitting(b, j, r, p, inflight, pending=pending)
         if cost is None:
             return None

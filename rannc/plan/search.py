@@ -9,8 +9,9 @@ stage. plan_stages returns a plan of least step time over exactly this space (ch
 force in tests/plan); near-ties go to the fewest stages, then fewer microbatches, the schedule listed
 first, the smaller block ranges, the smaller replica counts and no recompute.
 
-With `problem.simulate_candidates` > 0 the analytic optimum and the other candidates the search met within
-SIMULATE_WINDOW of it are simulated (simulate.py) and the least simulated step time wins: the analytic sum
+With `problem.simulate_candidates` > 0 the analytic optimum and, per schedule, the best candidate the search met
+and the others it met within SIMULATE_WINDOW of that one (up to simulate_candidates of each) are simulated
+(simulate.py) and the least simulated step time wins: the analytic sum
 T = sum t_s + (P-1) max t_s + AR is exact for balanced stages only, and leaves out rendezvous waits and the
 allreduce of parameters shared between stages.
 
@@ -89,9 +90,9 @@ class _Searches:
     """The slices of one problem (one SuffixSearch per microbatch count and schedule), run in the order of their
     lower bounds while a bound is under the best step time found so far.
 
-    Bounds are dropped once used and rebuilt when needed again, so that one set of bound tables is alive at a
-    time (a 1024-rank problem has dozens of slices); consecutive slices often share tables (same replica counts
-    and microbatch sizes: the schedules of one microbatch count), which are then kept for the next.
+    Bounds are dropped once used and rebuilt when needed again (a 1024-rank problem has dozens of slices); the
+    tables slices share (same replica counts and microbatch sizes: the schedules and zero bubble depths of one
+    microbatch count) are kept for the few latest (`StageTables.shared`).
     """
 
     def __init__(self, problem: PlanProblem, model: CostModel) -> None:
@@ -122,26 +123,20 @@ class _Searches:
             return []
         world, least, most = self.problem.world_size, probe.replicas[0], probe.replicas[-1]
         limit = split_inflight_limit(probe)
-        self.tables.shared.pop(probe.shared_key, None)  # one set of bound tables alive at a time (see above)
         return [
             depth
             for depth in self.stage_counts
             if depth * least <= world <= depth * most and min(p, depth) <= limit
         ]
 
-    def release(self, index: int) -> None:
-        search = self.slices[index][1]
-        following = self.slices[index + 1][1] if index + 1 < len(self.slices) else None
-        search.release(keep_shared=following is not None and following.shared_key == search.shared_key)
-
     def uniform_cutoff(self) -> None:
         """Step 1: the first cutoff, the best uniform plan (K stages of world / K replicas) of every slice. Its
         value only: the exact runs of step 4 find that plan again (its slice's bound is below it)."""
-        for index, (_, search) in enumerate(self.slices):
+        for _, search in self.slices:
             for uniform in uniform_candidates(search, search.stage_counts(self.stage_counts), self.best):
                 if uniform.step_time < self.best:
                     self.best = uniform.step_time
-            self.release(index)
+            search.release()
 
     def queue(self) -> list[tuple[float, int, int, int]]:
         """Step 2: every slice by its lower bound (bound, -P, schedule rank, index), ascending; equal bounds: more
@@ -150,7 +145,7 @@ class _Searches:
         for index, (rank, search) in enumerate(self.slices):
             bound = search.lower_bound(search.stage_counts(self.stage_counts), relaxed(self.best))
             queued.append((bound, -search.p, rank, index))
-            self.release(index)
+            search.release()
         return sorted(queued)
 
     def _fits(self, index: int) -> bool:
@@ -231,32 +226,52 @@ def _analytic_choice(found: list[Candidate], best: float) -> Candidate:
 def _simulated_choice(
     problem: PlanProblem, model: CostModel, found: list[Candidate], best: float
 ) -> tuple[Plan, float]:
-    """Of the distinct candidates within SIMULATE_WINDOW of the analytic optimum (the analytic choice first,
-    then by analytic time), the first `problem.simulate_candidates` simulated: the plan of least simulated
-    step time (ties: the earlier candidate) and its simulated step time."""
-    first = _analytic_choice(found, best)
-    limit = best + SIMULATE_WINDOW * abs(best)
-    ordered = [first] + sorted(
-        (f for f in found if f.step_time <= limit), key=lambda f: (f.step_time, f.order)
-    )
-    seen: set[tuple[int, Schedule, tuple[int, ...], tuple[int, ...]]] = set()
+    """The plan of least simulated step time (ties: the earlier candidate) and its simulated step time, over
+    `_simulation_pool`'s candidates."""
     chosen: tuple[Plan, float] | None = None
-    for candidate in ordered:
-        identity = (candidate.microbatches, candidate.schedule, candidate.lasts, candidate.replicas)
-        if identity in seen:
-            continue
-        seen.add(identity)
+    for candidate in _simulation_pool(problem, found, best):
         plan = candidate.plan(problem, model)
         if plan is None:  # pragma: no cover - the search only lists feasible candidates
             continue
         step = simulate_plan(problem, plan).step_time
         if chosen is None or step < chosen[1] * (1 - SIMULATE_TIE):
             chosen = (plan, step)
-        if len(seen) >= problem.simulate_candidates:
-            break
     if chosen is None:  # pragma: no cover
         raise PlanError("internal error: no candidate of the search is feasible")
     return chosen
+
+
+def _simulation_pool(problem: PlanProblem, found: list[Candidate], best: float) -> list[Candidate]:
+    """The distinct candidates to simulate: the analytic choice, then per schedule (the analytic choice's first,
+    the others by their best analytic time) the first `problem.simulate_candidates` of its best candidate met and
+    its others within SIMULATE_WINDOW of that one, by analytic time.
+
+    Per schedule, so that a search over more schedules simulates every candidate a search over some of them
+    would (of the candidates both met): a schedule's formula can be off by more than the window (zero bubble's
+    with few microbatches, 1F1B's with unbalanced stages), and the window of a faster schedule's optimum would
+    leave out the other schedules' candidates."""
+    first = _analytic_choice(found, best)
+    by_schedule: dict[Schedule, list[Candidate]] = {first.schedule: []}
+    for candidate in sorted(found, key=lambda f: (f.step_time, f.order)):
+        by_schedule.setdefault(candidate.schedule, []).append(candidate)
+    pool, seen = [first], {_identity(first)}
+    for schedule, candidates in by_schedule.items():
+        leader = first if schedule == first.schedule else candidates[0]
+        limit = leader.step_time + SIMULATE_WINDOW * abs(leader.step_time)
+        taken = 1 if leader is first else 0
+        for candidate in [leader] + [f for f in candidates if f.step_time <= limit]:
+            if taken >= problem.simulate_candidates:
+                break
+            if _identity(candidate) in seen:
+                continue
+            seen.add(_identity(candidate))
+            pool.append(candidate)
+            taken += 1
+    return pool
+
+
+def _identity(candidate: Candidate) -> tuple[int, Schedule, tuple[int, ...], tuple[int, ...]]:
+    return candidate.microbatches, candidate.schedule, candidate.lasts, candidate.replicas
 
 
 def minimum_memory_needed(problem: PlanProblem) -> float:

@@ -86,11 +86,17 @@ def sharded_state(
     params = shard / replicas + unshared
     grads = shard / replicas + unshared
     latency, bandwidth = _allreduce_link(problem, inter)
-    passes = 4 if recompute else 3
+    passes = gather_passes(recompute)
     blocks = last - first + 1
     gather = passes * (blocks * latency + (replicas - 1) / replicas * shard / bandwidth)
     step = params + grads + optimizer
     return ShardedState(params + gathered, grads, optimizer, step, updated, unshared, gather)
+
+
+def gather_passes(recompute: bool) -> int:
+    """ZeRO-3's passes over a stage's parameters per microbatch: gathers for forward and backward (and the
+    recomputed forward), and the reduce of their gradients."""
+    return 4 if recompute else 3
 
 
 def _allreduce_link(problem: PlanProblem, inter: bool) -> tuple[float, float]:

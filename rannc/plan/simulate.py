@@ -21,7 +21,7 @@ from .cost import (
     step_time,
     update_seconds_per_byte,
 )
-from .sharding import sharded_state
+from .sharding import gather_passes, sharded_state
 from .types import Plan, PlanProblem
 
 __all__ = [
@@ -496,10 +496,15 @@ def stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]:
             parts["workspace"] = cost.workspace_bytes
         if recompute and not pending:  # (split backwards: counted in deferred_bytes, per pending microbatch)
             parts["recompute workspace"] = cost.activation_bytes
+        # ZeRO-3 gathers the stage's parameters in every forward and backward (again in a recomputed forward) and
+        # reduces their gradients in backward, one pass each of `state.gather_seconds`, before the compute that
+        # needs them (runtime/sharding.py)
+        passes = gather_passes(recompute)
+        gathers = state.gather_seconds
         timings.append(
             StageTiming(
-                fwd=cost.fwd,
-                bwd=cost.bwd,
+                fwd=cost.fwd + gathers / passes,
+                bwd=cost.bwd + gathers * (passes - 1) / passes,
                 comm_in=p2p_time(problem, cost.in_bytes, links[s][0]),
                 comm_out=p2p_time(problem, cost.out_bytes, links[s][1]),
                 allreduce=cost.allreduce - cost.update,

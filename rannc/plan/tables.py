@@ -7,11 +7,20 @@ exactly. Entries below the diagonal (last block < first block) are meaningless.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Any
+
 import numpy as np
 
 from .cost import CostModel, allreduce_link, held_bytes, p2p_link, update_seconds_per_byte
 from .sharding import GATHERED_UNITS, stage_levels
 from .types import ShardLevel
+
+# Bound tables kept at once (see `Recent`): on a 1024-rank problem one slice's stage arrays take about 13 MiB.
+KEPT_BOUND_TABLES = 4
+# Level tables kept at once (bounds.PrefixBounds: its base level's arrays, level tables of 2 x 1.2 MiB on 1024 ranks,
+# the prefix maxima).
+KEPT_LEVEL_TABLES = 12
 
 # Fields of a compute table, in order.
 # wgt: seconds of bwd spent on parameter gradients (a split backward's W pass); dfr: the gradients one microbatch
@@ -55,7 +64,14 @@ class StageTables:
         self._base: dict[int | str, np.ndarray] = {}
         self._allreduce: dict[tuple[int, bool], np.ndarray] = {}
         self._columns: dict[int, list[list[float]]] = {}
-        self.shared: dict[tuple, tuple] = {}  # per (replica counts, sizes): arrays of the bounds
+        # Per (replica counts, sizes): arrays of the bounds; per kind, slice level and cutoff: bounds.PrefixBounds'
+        # tables. The slices of one microbatch count (every zero bubble depth, every schedule) share them and often
+        # run in turn.
+        self.shared: Recent = Recent(KEPT_BOUND_TABLES)
+        self.levels: Recent = Recent(KEPT_LEVEL_TABLES)
+        # (P, in flight, pending, replicas, first, last) -> a stage the search priced with sharding allowed
+        # (pareto._Run._sharded_stage): zero bubble's slices of every depth price the same stages again.
+        self.sharded_stages: dict[tuple[int, int, int, int, int, int], Any] = {}
         self.whole_parts: dict[tuple, tuple[float, float]] = {}  # bounds.PrefixBounds.whole, per level
 
     def _running(self, values: list[float]) -> np.ndarray:
@@ -277,6 +293,27 @@ class StageTables:
             nested = _triangle(self.allreduce(replicas, inter).T)
             self._columns[key] = nested
         return nested
+
+
+class Recent(OrderedDict):
+    """A dict that keeps only its `capacity` most recently stored or read entries (large tables rebuilt on demand,
+    so that a search over dozens of slices does not hold all of theirs)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return self[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
 
 
 def _triangle(by_last: np.ndarray) -> list:

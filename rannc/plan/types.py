@@ -215,10 +215,11 @@ class PlanProblem:
     # count from 2 up to the blocks per position, at most max_chunks).
     chunks: int | None = None
     max_chunks: int = 8
-    # Final choice by the simulator: the search finds the least analytic step time exactly, then simulates up
-    # to this many of the distinct candidates it met within SIMULATE_WINDOW of that optimum (cheapest first)
-    # and returns the one of least simulated step time (rendezvous waits, unbalanced bubbles, shared-parameter
-    # allreduces, which the analytic sum leaves out). 0: the analytic optimum, unsimulated.
+    # Final choice by the simulator: the search finds the least analytic step time exactly, then simulates, per
+    # schedule, up to this many of the distinct candidates it met within SIMULATE_WINDOW of that schedule's best
+    # (cheapest first; the analytic optimum always) and returns the one of least simulated step time (rendezvous
+    # waits, unbalanced bubbles, shared-parameter allreduces, which the analytic sum leaves out). 0: the analytic
+    # optimum, unsimulated.
     simulate_candidates: int = 0
 
     @property

@@ -1,5 +1,5 @@
 """Sharded stages in the planner: a replicated stage uses the least shard level with which it fits (before any
-recompute); the search is exact over that space (brute force), sharding makes plans fit that did not, is left out
+recompute, unless only ZeRO-3 fits so and recomputing is faster); the search is exact over that space (brute force), sharding makes plans fit that did not, is left out
 where it is not needed, and a forced level is used by every replicated stage."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from rannc.errors import PlanError
 from rannc.plan import BlockProfile, PlanProblem, ShardLevel, plan_stages
 from rannc.plan import cost as cost_module
 from rannc.plan.sharding import sharded_state
+from rannc.plan.simulate import simulate_plan
 
 ALL = tuple(ShardLevel)
 
@@ -155,3 +156,47 @@ def test_deployment_carries_the_level() -> None:
     data["stages"][0]["shard"] = "zero-9"
     with pytest.raises(Exception, match="zero-9"):
         deployment_from_json(data)
+
+
+def _recompute_or_zero3_problem(**changes) -> PlanProblem:
+    """One fill-drain stage of two blocks on 4 replicas whose 2 microbatches of activations (2 GB each) fit
+    unsharded only when recomputed and, without recompute, only under ZeRO-3, whose gathers (3 x 0.75 x 0.8 GB
+    per microbatch at 10 GiB/s) take far longer than the recomputed forward."""
+    block = BlockProfile(fwd_time={1: 1e-3}, bwd_time={1: 2e-3}, activation_bytes={1: 1e9})
+    problem = _two_block_problem(
+        blocks=[block, block],
+        schedules=("fill_drain",),
+        allow_recompute=True,
+        memory_limit_bytes=5.7e9,
+    )
+    return dataclasses.replace(problem, **changes)
+
+
+def test_recompute_wins_over_slower_zero3() -> None:
+    """Allowing sharding gives no slower plan than forbidding it: a stage that fits unsharded when recomputed
+    recomputes when ZeRO-3's gathers would take longer (analytic and simulated)."""
+    for simulated in (0, 4):
+        unsharded = plan_stages(
+            _recompute_or_zero3_problem(shard_levels=(ShardLevel.NONE,), simulate_candidates=simulated)
+        )
+        sharded = plan_stages(_recompute_or_zero3_problem(simulate_candidates=simulated))
+        assert [(s.shard, s.recompute) for s in unsharded.stages] == [(ShardLevel.NONE, True)]
+        assert [(s.shard, s.recompute) for s in sharded.stages] == [(ShardLevel.NONE, True)]
+        assert sharded.predicted_step_time == pytest.approx(unsharded.predicted_step_time, rel=1e-12)
+    # ZeRO-3 does fit without recompute (its memory is under the limit), at a higher per-microbatch time
+    model = cost_module.CostModel(_recompute_or_zero3_problem())
+    zero3 = model.stage(0, 1, 4, 2, 2, False, shard=ShardLevel.ZERO_3)
+    again = model.stage(0, 1, 4, 2, 2, True)
+    assert zero3.memory <= 5.7e9 and again.memory <= 5.7e9
+    assert model.stage(0, 1, 4, 2, 2, False, shard=ShardLevel.ZERO_2).memory > 5.7e9
+    assert zero3.time > again.time
+
+
+def test_simulator_charges_zero3_gathers() -> None:
+    """One ZeRO-3 stage: its simulated step is the analytic one (P x (fwd + bwd + gathers) + step end), gathers
+    included, as the runtime gathers before each forward and backward."""
+    problem = _two_block_problem(shard_levels=(ShardLevel.ZERO_3,))
+    plan = plan_stages(problem)
+    assert plan.stages[0].shard == ShardLevel.ZERO_3 and plan.stages[0].comm_time > 0
+    simulated = simulate_plan(problem, plan).step_time
+    assert simulated == pytest.approx(plan.predicted_step_time, rel=1e-9)
