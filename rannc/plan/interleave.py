@@ -442,11 +442,11 @@ class CutSearch:
     def _state_short(self) -> bool:
         """Whether the positions cannot hold the model's parameter state between them (then no cut fits).
 
-        Every cut's chunks hold `least_total_state` at least together. A position's capacity is the most state its chunks can hold within the limit, each
-        chunk a range it can take: over every choice, per chunk, of a count of blocks and a parameter state
-        ranges of that many blocks have, the position's memory is at least its memory with that state and
-        every other field at its least over those ranges (`_size_tables`). Past COMPOSITION_BUDGET choices for a
-        position the bound gives up (proves nothing)."""
+        Every cut's chunks hold `least_total_state` at least together. A position's capacity is the most state
+        its chunks can hold within the limit, each chunk a range it can take: over every choice, per chunk, of a
+        count of blocks and a parameter state ranges of that many blocks have, the position's memory is at
+        least its memory with that state and every other field at its least over those ranges
+        (`_size_tables`). Past COMPOSITION_BUDGET choices for a position the bound gives up (proves nothing)."""
         by_size = self._size_tables()
         total = 0.0
         for q in range(self.config.positions):
