@@ -68,8 +68,9 @@ logger = logging.getLogger(__name__)
 SCHEDULE = Schedule.INTERLEAVED_1F1B
 # Depth-first nodes one CutSearch may visit over all its thresholds. A threshold whose search runs out is counted
 # as infeasible and the result marked inexact (`CutSearch.exact`): proving that no cut fits can take exponentially
-# many nodes when memory binds everywhere (T5 11B without recompute on 32 x 40 GiB); a cut that fits is found
-# in a few nodes per virtual stage.
+# many nodes when memory binds everywhere (T5 11B without recompute on 32 x 40 GiB; where the positions' room for
+# parameter state is short, `CutSearch._state_short` proves it before searching: GPT-3 175B on 32 positions of
+# 80 GB); a cut that fits is found in a few nodes per virtual stage.
 NODE_BUDGET = 5_000
 # Choices of chunk sizes `CutSearch._state_short` weighs per position before it gives up (proves nothing).
 COMPOSITION_BUDGET = 50_000
