@@ -68,11 +68,25 @@ logger = logging.getLogger(__name__)
 SCHEDULE = Schedule.INTERLEAVED_1F1B
 # Depth-first nodes one CutSearch may visit over all its thresholds. A threshold whose search runs out is counted
 # as infeasible and the result marked inexact (`CutSearch.exact`): proving that no cut fits can take exponentially
-# many nodes when memory binds everywhere (T5 11B without recompute on 32 x 40 GiB); a cut that fits is found
-# in a few nodes per virtual stage.
+# many nodes when memory binds everywhere (T5 11B without recompute on 32 x 40 GiB; where the positions' room for
+# parameter state is short, `CutSearch._state_short` proves it before searching: GPT-3 175B on 32 positions of
+# 80 GB); a cut that fits is found in a few nodes per virtual stage.
 NODE_BUDGET = 5_000
+# Choices of chunk sizes `CutSearch._state_short` weighs per position before it gives up (proves nothing).
+COMPOSITION_BUDGET = 50_000
 # A plan must beat the best one before it by more than this (relative) to replace it.
 TIE = 1e-9
+
+
+class RangeTables(NamedTuple):
+    """[first][last] of every range of blocks at a slice's microbatch size (inf below the diagonal)."""
+
+    io: np.ndarray  # boundary bytes in and out
+    work: np.ndarray  # workspace
+    rebuilt: np.ndarray  # activations recompute rebuilds (0 without recompute)
+    act: np.ndarray  # what a chunk keeps per held microbatch (recomputing: its inputs)
+    params: np.ndarray
+    largest: np.ndarray  # largest parameter
 
 
 class ChunkedConfig(NamedTuple):
@@ -279,6 +293,15 @@ class CutSearch:
             least = min(float(right.min()), float(left.min())) if right.size else math.inf
             grow[i] = min(grow[i + 1], least)
         self.grown_state = grow * factor
+        # the least parameter state the virtual stages of any cut hold together (the whole model's when ranges
+        # share no weights; a weight two ranges share is counted by both)
+        total = np.zeros(self.n + 1)  # [b]: of the last q virtual stages covering blocks b..
+        total[: self.n] = math.inf
+        upper = np.triu(np.ones((self.n, self.n), dtype=bool))
+        ranges = np.where(upper, params, math.inf)
+        for _ in range(self.count):
+            total = np.append((ranges + total[None, 1:]).min(axis=1), math.inf)
+        self.least_total_state = float(total[0]) * factor
         self.to_come = [
             np.array([sum(1 for j in range(k, self.count) if j % s_count == q) for q in live])
             for k, live in enumerate(self.live_positions(s_count, v))
@@ -374,10 +397,92 @@ class CutSearch:
                     self.longer[b + 1, 1] if b + 1 < self.n else math.inf,
                 ),
             ]
+        # for `_state_short`, which builds its tables only for a slice the cheaper bounds let through
+        self._slot_rows, self._range_tables = slots, RangeTables(io, work, rebuilt, act, params, largest)
+        self._state_factor = factor  # a range's parameter state per parameter byte
         self.floor = np.zeros((self.count + 1, s_count, self._FIELDS + v))
         for k in range(self.count - 1, -1, -1):
             self.floor[k] = self.floor[k + 1]
             self.floor[k, k % s_count] = self._with_floor(self.floor[k, k % s_count], slots[k])
+
+    def _size_tables(self) -> list[list[tuple[float, list[np.ndarray]]]]:
+        """Per virtual stage k, for each count of blocks it can take (ascending): the least parameter state of
+        its ranges of that many blocks, and per parameter state those ranges hold the least holding they add (a
+        `slots` row with that state and every other field at its least over them)."""
+        io, work, rebuilt, act, params, largest = self._range_tables
+        slots, factor = self._slot_rows, self._state_factor
+        p, s_count = self.config.microbatches, self.config.positions
+        by_size: list[list[tuple[float, list[np.ndarray]]]] = []
+        for k in range(self.count):
+            s, c = k % s_count, k // s_count
+            last_end = self.n - self.count + k  # the last block virtual stage k can end at
+            sizes = []
+            for z in range(1, last_end - k + 2):
+                firsts = np.arange(k, last_end - z + 2)
+                if k == 0:
+                    firsts = firsts[:1]
+                if k == self.count - 1:
+                    firsts = firsts[firsts == self.n - z]
+                if firsts.size == 0:
+                    continue
+                lasts = firsts + z - 1
+                ios = io[firsts, lasts]
+                rows = np.tile(slots[k], (firsts.size, 1))
+                rows[:, 0] = params[firsts, lasts] * factor
+                rows[:, 1] = 2 * ios + sent_bytes(ios, 0.0, p, self.held[s][c])
+                rows[:, 2], rows[:, 3] = work[firsts, lasts], rebuilt[firsts, lasts]
+                rows[:, 4], rows[:, 5] = params[firsts, lasts], largest[firsts, lasts]
+                rows[:, self._FIELDS + c] = act[firsts, lasts]
+                states, kind = np.unique(rows[:, 0], return_inverse=True)
+                kinds = np.full((states.size, rows.shape[1]), math.inf)
+                np.minimum.at(kinds, kind, rows)
+                sizes.append((float(states[0]), list(kinds)))
+            by_size.append(sizes)
+        return by_size
+
+    def _state_short(self) -> bool:
+        """Whether the positions cannot hold the model's parameter state between them (then no cut fits).
+
+        Every cut's chunks hold `least_total_state` at least together. A position's capacity is the most state
+        its chunks can hold within the limit, each chunk a range it can take: over every choice, per chunk, of a
+        count of blocks and a parameter state ranges of that many blocks have, the position's memory is at
+        least its memory with that state and every other field at its least over those ranges
+        (`_size_tables`). Past COMPOSITION_BUDGET choices for a position the bound gives up (proves nothing)."""
+        by_size = self._size_tables()
+        total = 0.0
+        for q in range(self.config.positions):
+            capacity = self._position_capacity(q, by_size)
+            if capacity is None:
+                return False
+            total += capacity
+        return total < self.least_total_state * (1 - 1e-12)
+
+    def _position_capacity(self, q: int, by_size: list[list[tuple[float, list[np.ndarray]]]]) -> float | None:
+        """Position q's capacity in parameter state (see `_state_short`; -inf: nothing fits, None: too many
+        choices)."""
+        slots = list(range(q, self.count, self.config.positions))
+        best = -math.inf
+        seen = 0
+        stack = [(0, np.zeros(self._FIELDS + self.config.chunks))]  # (chunks chosen, their least holding)
+        while stack:
+            depth, low = stack.pop()
+            seen += 1
+            if seen > COMPOSITION_BUDGET:
+                return None
+            if depth == len(slots):
+                best = max(best, float(low[0]))
+                continue
+            for least_state, kinds in by_size[slots[depth]]:
+                if self.problem.input_bytes + low[0] + least_state > self.limit:
+                    continue
+                for row in kinds:
+                    holding = self._with_floor(low, row)
+                    if (
+                        self._memory(q, self._with_floor(holding, self.floor[slots[depth] + 1, q]))
+                        <= self.limit
+                    ):
+                        stack.append((depth + 1, holding))
+        return best
 
     def fits_at_all(self) -> bool:
         """Whether every position could hold even the lightest chunks (False: no cut of this slice fits)."""
@@ -385,9 +490,11 @@ class CutSearch:
             return True
         empty = np.zeros((self.config.positions, self._FIELDS + self.config.chunks))
         low = self.floor[0]
-        return all(
-            self._memory(q, low[q]) <= self.limit for q in range(self.config.positions)
-        ) and not self._over(0, 0, empty)
+        return (
+            all(self._memory(q, low[q]) <= self.limit for q in range(self.config.positions))
+            and not self._over(0, 0, empty)
+            and not self._state_short()
+        )
 
     def _over(self, k: int, b: int, states: np.ndarray) -> bool:
         """Whether no completion of the first k virtual stages (ending before block b) fits in memory.

@@ -8,6 +8,7 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 from plan_brute import compositions, random_table
 
@@ -453,6 +454,80 @@ def test_large_slice_takes_the_balanced_cut_or_proves_none_fits(recompute: bool)
         search = il.CutSearch(tight, CostModel(tight), config)
         assert search.run() is None
         assert search.exact and search.nodes < 100
+
+
+def test_positions_short_of_state_room_prove_no_cut_fits() -> None:
+    """8 positions x 2 chunks over 48 equal blocks, recomputing, 1% under the memory of the balanced cut: the
+    parameter state the positions have room for between them, each with chunks it can take, is short of the
+    model's (the first and last positions, holding the embedding and the head, have room for less than 6
+    blocks' worth), so no cut fits; the search proves it before it descends (it ran out of nodes trying)."""
+    problem = gpt_like_problem(46, 8)
+    config = il.ChunkedConfig(8, 2, 16, 2, True)
+    memory = reference_cut(problem, config, balanced_ranges(48, 16))[1]
+    tight = dataclasses.replace(problem, memory_limit_bytes=memory * 0.99)
+    search = il.CutSearch(tight, CostModel(tight), config)
+    assert search.run() is None
+    assert search.exact and search.nodes == 0
+
+
+def alternating_problem(layers: int, positions: int) -> PlanProblem:
+    """`layers` pairs of a light block (attention-like) and a heavy one (twice its parameters), one rank per
+    position, with boundary inputs large enough that the positions early in the pipeline (holding more
+    microbatches) have room for less parameter state than the late ones."""
+    shapes = [(3.5e-4, 6e6, 1e7), (6.5e-4, 8e6, 2e7)] * layers
+    blocks = [
+        BlockProfile(
+            fwd_time={1: fwd, 8: 8 * fwd},
+            bwd_time={1: 2 * fwd, 8: 16 * fwd},
+            activation_bytes={1: 1e6},
+            workspace_bytes={1: work},
+        )
+        for fwd, work, _ in shapes
+    ]
+    per_block = [params for *_, params in shapes]
+    n = len(blocks)
+    params = [[sum(per_block[i : j + 1]) if j >= i else 0.0 for j in range(n)] for i in range(n)]
+    largest = [[max(per_block[i : j + 1]) / 4 if j >= i else 0.0 for j in range(n)] for i in range(n)]
+    ins = [[0.0 if i == 0 else 4e6 for _ in range(n)] for i in range(n)]
+    outs = [[0.0 if j == n - 1 else 4e6 for j in range(n)] for _ in range(n)]
+    return PlanProblem(
+        blocks,
+        params,
+        ins,
+        outs,
+        world_size=positions,
+        global_batch=4 * positions,
+        schedules=(INTERLEAVED,),
+        opt_param_factor=2.0,
+        p2p_bandwidth=1e10,
+        allreduce_bandwidth=1e10,
+        range_largest_param_bytes=largest,
+        max_microbatches=2 * positions,
+        allow_recompute=True,
+    )
+
+
+def test_light_and_heavy_blocks_prove_no_cut_fits_just_under_the_least_memory() -> None:
+    """3 positions x 2 chunks over 6 light and 6 heavy blocks: just under the least memory of every cut (brute
+    force), no cut fits, which the positions' room for parameter state shows before the search descends: in
+    light blocks' worth the positions have room for 6, 5 and 6 of the model's 18 (neither counting whole
+    blocks nor the aggregate bound proves it); at that memory the search finds a cut that fits."""
+    problem = alternating_problem(6, 3)
+    config = il.ChunkedConfig(3, 2, 6, 1, True)
+    least = min(memory for _, memory in brute_cuts(problem, config))
+    under = dataclasses.replace(problem, memory_limit_bytes=least * 0.999)
+    search = il.CutSearch(under, CostModel(under), config)
+    empty = np.zeros((3, il.CutSearch._FIELDS + 2))
+    assert not search._too_few(0, 0, search._with_floor(empty, search.floor[0])) and not search._over(
+        0, 0, empty
+    )
+    assert search.run() is None
+    assert search.exact and search.nodes == 0
+    at = dataclasses.replace(problem, memory_limit_bytes=least * (1 + 1e-9))
+    search = il.CutSearch(at, CostModel(at), config)
+    found = search.run()
+    assert search.exact and found is not None
+    assert reference_cut(at, config, found)[1] <= least * (1 + 1e-9)
 
 
 def test_cut_search_out_of_nodes_keeps_a_fitting_cut(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
