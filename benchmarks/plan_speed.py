@@ -207,7 +207,8 @@ def run(name: str, max_blocks: int | None) -> None:
         f"run_decompositions {parts.get('run_decompositions', 0):.1f}, rest {rest:.1f}) | analyse "
         f"{t['analyse']:.1f} s | profile {t['profile']:.1f} s ({result.report['distinct_blocks']} distinct of "
         f"{result.report['num_blocks']} blocks x {len(result.report['profiled_microbatch_sizes'])} sizes) | "
-        f"search {t['search']:.1f} s | simulate {t['simulate']:.2f} s"
+        f"search {t['search']:.1f} s | simulate {t['simulate']:.2f} s | interleaved on finer blocks "
+        f"{t.get('interleaved on finer blocks', 0.0):.1f} s"
     )
 
 

@@ -21,6 +21,8 @@ from .graph.blocks import BLOCK_STATE_SHARE, StateLimit, block_count, cut_blocks
 from .graph.stage import block_graphs
 from .host_memory import return_freed_host_memory
 from .plan import Plan, PlanProblem
+from .plan.cost import CostModel
+from .plan.interleave import best_interleaved
 from .plan.simulate import Timeline, simulate_plan
 from .plan.types import Links
 from .problem import (
@@ -35,6 +37,7 @@ from .problem import (
 )
 from .profile.analytic import analytic_block_profiles, block_signature
 from .profile.devices import DeviceProfile, get_device_profile
+from .schedule import Schedule
 
 __all__ = ["DTYPE_ALIASES", "OfflinePlan", "load_factory", "normalise_dtype", "plan_offline"]
 
@@ -231,6 +234,11 @@ def plan_offline(
     laps.lap("search")
     timeline = simulate_plan(priced.problem, plan)
     laps.lap("simulate")
+    if Schedule.INTERLEAVED_1F1B in space.schedules:
+        finer = _finer_interleaved(pricing, priced, usable, timeline.step_time)
+        if finer is not None:
+            priced, plan, timeline = finer
+        laps.lap("interleaved on finer blocks")
     laps.timings["total"] = time.perf_counter() - laps.started
     report: dict[str, Any] = {
         "kind": "offline",
@@ -241,6 +249,36 @@ def plan_offline(
     report.update(gpus_per_node=gpus, **_plan_report(priced, space, plan, timeline, laps.timings))
     deployment = deployment_of(plan, captured, priced.blocks, world_size, usable, report)
     return OfflinePlan(deployment, priced.problem, timeline, report, laps.timings)
+
+
+# Interleaved 1F1B balances its virtual stages (a few per position) only on blocks finer than a stage's of the other
+# schedules: it is searched again on this many times the blocks (the other schedules' searches, which grow faster
+# with the blocks, are not).
+INTERLEAVED_BLOCK_FACTOR = 2
+
+
+def _finer_interleaved(
+    pricing: _Pricing, priced: _Estimated, usable: float, best_step: float
+) -> tuple[_Estimated, Plan, Timeline] | None:
+    """The interleaved plan on INTERLEAVED_BLOCK_FACTOR times the blocks of `priced`, with its blocks and its
+    timeline, when it simulates faster than `best_step`; None otherwise (or when no finer blocks exist)."""
+    finer = dataclasses.replace(pricing, max_blocks=INTERLEAVED_BLOCK_FACTOR * len(priced.blocks)).estimated(
+        usable
+    )
+    if len(finer.blocks) <= len(priced.blocks):
+        return None
+    plan = best_interleaved(finer.problem, CostModel(finer.problem), cutoff=best_step)
+    if plan is None:
+        return None
+    timeline = simulate_plan(finer.problem, plan)
+    logger.info(
+        "plan_offline: interleaved 1F1B on %d blocks (%.3f s) beats the best plan on %d blocks (%.3f s)",
+        len(finer.blocks),
+        timeline.step_time,
+        len(priced.blocks),
+        best_step,
+    )
+    return finer, plan, timeline
 
 
 def _check_arguments(world_size: int, global_batch: int, max_microbatches: int, mem_margin: float) -> None:

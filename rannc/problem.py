@@ -65,10 +65,11 @@ SIMULATE_CANDIDATES = 16
 COMPACT_WORLD = 64
 COMPACT_MICROBATCHES = 32
 _GIB = 2**30
-# What schedule = "auto" lets the planner choose among (the first preferred on a tie): every schedule. Zero bubble
-# and interleaved 1F1B take more memory than 1F1B for a shorter step; fill-drain runs models that return more than
-# one scalar loss.
-AUTO_SCHEDULES = tuple(Schedule)
+# What schedule = "auto" lets the planner choose among (the first preferred on a tie). Zero bubble takes more
+# memory than 1F1B for a shorter step; fill-drain runs models that return more than one scalar loss. Interleaved
+# 1F1B is chosen when asked for (schedule="interleaved_1f1b", rannc plan --schedules): its cut search can take tens
+# of seconds where memory binds on small models.
+AUTO_SCHEDULES = (Schedule.ONE_F_ONE_B, Schedule.ZERO_BUBBLE, Schedule.FILL_DRAIN)
 
 
 # ---- the search space and the links -------------------------------------------------------------------------

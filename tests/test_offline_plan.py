@@ -113,12 +113,18 @@ def test_plan_prints_the_table(planned: dict[str, Any]) -> None:
     assert ("I ms" in text and "W ms" in text) if "schedule zero_bubble" in text else "Bwd ms" in text
     for column in ("Activations", "I/O buffers", "Memory / rank (limit)", "/ 36.00 GiB"):
         assert column in text
-    assert re.search(r"microbatches \d+, schedule (1f1b|zero_bubble|fill_drain), global batch 64", text)
+    assert re.search(
+        r"microbatches \d+, schedule (1f1b|zero_bubble|fill_drain|interleaved_1f1b \(\d+ chunks per position\)), "
+        r"global batch 64",
+        text,
+    )
     assert re.search(r"predicted step time [\d.]+ ms, [\d.]+ samples/s", text)
     assert re.search(r"bubble fraction [\d.]+%", text)
     assert "device profile a100-40gb, dtype bfloat16, 40.00 GiB per device" in text
     assert re.search(
-        r"planning time [\d.]+ s \(capture [\d.]+ s, profiling [\d.]+ s, search [\d.]+ s\)", text
+        r"planning time [\d.]+ s \(capture [\d.]+ s, profiling [\d.]+ s, search [\d.]+ s"
+        r"(, interleaved 1F1B on finer blocks [\d.]+ s)?\)",
+        text,
     )
     assert "transformer" in text  # module names (first .. last) of the stages
     assert re.search(r"\b0-\d+\b", text)  # compact rank ranges

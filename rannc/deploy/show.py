@@ -86,7 +86,12 @@ def _report_lines(deployment: Deployment) -> list[str]:
     if isinstance(timings, dict) and "total" in timings:
         parts = ", ".join(
             f"{name} {_seconds(timings[key])}"
-            for name, key in (("capture", "capture"), ("profiling", "profile"), ("search", "search"))
+            for name, key in (
+                ("capture", "capture"),
+                ("profiling", "profile"),
+                ("search", "search"),
+                ("interleaved 1F1B on finer blocks", "interleaved on finer blocks"),
+            )
             if key in timings
         )
         lines.append(f"planning time {_seconds(timings['total'])} ({parts})")

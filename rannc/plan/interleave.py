@@ -23,6 +23,7 @@ is compared with the other schedules' best plan by `plan_stages`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import NamedTuple
@@ -72,8 +73,9 @@ SCHEDULE = Schedule.INTERLEAVED_1F1B
 # parameter state is short, `CutSearch._state_short` proves it before searching: GPT-3 175B on 32 positions of
 # 80 GB); a cut that fits is found in a few nodes per virtual stage.
 NODE_BUDGET = 5_000
-# Choices of chunk sizes `CutSearch._state_short` weighs per position before it gives up (proves nothing).
-COMPOSITION_BUDGET = 50_000
+# Choices of chunk ranges `CutSearch._state_short` weighs for a slice's positions together before it gives up (proves
+# nothing).
+COMPOSITION_BUDGET = 5_000
 # A plan must beat the best one before it by more than this (relative) to replace it.
 TIE = 1e-9
 
@@ -161,6 +163,18 @@ def interleaved_step_time(
     return microbatches * max(work) + (positions - 1) * max(p.time for p in pieces) + max(tails)
 
 
+@functools.lru_cache(maxsize=16)
+def held_profiles(positions: int, microbatches: int, chunks: int) -> list[np.ndarray]:
+    """Every position's `held_profile` of the interleaved schedule (shared by the slices of both recompute
+    choices, which would otherwise each build every position's actions)."""
+    profiles = [
+        held_profile(SCHEDULE.actions(q, positions, microbatches, chunks), chunks) for q in range(positions)
+    ]
+    for profile in profiles:
+        profile.setflags(write=False)
+    return profiles
+
+
 class CutSearch:
     """The exact least-t_max cut of one ChunkedConfig (see the module's docstring); `run()` returns it."""
 
@@ -171,8 +185,7 @@ class CutSearch:
         self.count = s * v
         self.m = replica_microbatch_size(problem.global_batch, p, r)
         self.links = chunk_links(problem, [r] * s, v)
-        self.actions = [SCHEDULE.actions(q, s, p, v) for q in range(s)]
-        self.profiles = [held_profile(actions, v) for actions in self.actions]
+        self.profiles = held_profiles(s, p, v)
         self.held = [[int(h) for h in profile.max(axis=0)] for profile in self.profiles]
         self.limit = problem.memory_limit_bytes
         self._aggregate_tables()
@@ -447,34 +460,36 @@ class CutSearch:
         its chunks can hold within the limit, each chunk a range it can take: over every choice, per chunk, of a
         count of blocks and a parameter state ranges of that many blocks have, the position's memory is at
         least its memory with that state and every other field at its least over those ranges
-        (`_size_tables`). Past COMPOSITION_BUDGET choices for a position the bound gives up (proves nothing)."""
+        (`_size_tables`). Past COMPOSITION_BUDGET choices for the slice's positions together the bound gives up
+        (proves nothing)."""
         by_size = self._size_tables()
-        total = 0.0
+        total, budget = 0.0, [COMPOSITION_BUDGET]
         for q in range(self.config.positions):
-            capacity = self._position_capacity(q, by_size)
+            capacity = self._position_capacity(q, by_size, budget)
             if capacity is None:
                 return False
             total += capacity
         return total < self.least_total_state * (1 - 1e-12)
 
-    def _position_capacity(self, q: int, by_size: list[list[tuple[float, list[np.ndarray]]]]) -> float | None:
-        """Position q's capacity in parameter state (see `_state_short`; -inf: nothing fits, None: too many
-        choices)."""
+    def _position_capacity(
+        self, q: int, by_size: list[list[tuple[float, list[np.ndarray]]]], budget: list[int]
+    ) -> float | None:
+        """Position q's capacity in parameter state (see `_state_short`; -inf: nothing fits, None: the slice's
+        `budget` of choices, shared by its positions and counted down here, ran out)."""
         slots = list(range(q, self.count, self.config.positions))
         best = -math.inf
-        seen = 0
         stack = [(0, np.zeros(self._FIELDS + self.config.chunks))]  # (chunks chosen, their least holding)
         while stack:
             depth, low = stack.pop()
-            seen += 1
-            if seen > COMPOSITION_BUDGET:
-                return None
             if depth == len(slots):
                 best = max(best, float(low[0]))
                 continue
             for least_state, kinds in by_size[slots[depth]]:
                 if self.problem.input_bytes + low[0] + least_state > self.limit:
                     continue
+                budget[0] -= len(kinds)
+                if budget[0] < 0:
+                    return None
                 for row in kinds:
                     holding = self._with_floor(low, row)
                     if (
@@ -553,6 +568,11 @@ class CutSearch:
     # ---- search ------------------------------------------------------------------------------------------
     def run(self) -> list[tuple[int, int]] | None:
         """Block ranges of the virtual stages of the least-t_max cut that fits in memory (None: none fits)."""
+        balanced = self._balanced_cut()
+        if balanced is not None and self._cut_fits(balanced):  # the least t_max of any cut, and it fits
+            least = max(self.piece(k, first, last).time for k, (first, last) in enumerate(balanced))
+            self.t_max_bounds = (least, least)
+            return balanced
         if not self.fits_at_all():
             return None
         values = self.thresholds()
@@ -573,6 +593,36 @@ class CutSearch:
         kept = max(self.piece(k, first, last).time for k, (first, last) in enumerate(best))
         self.t_max_bounds = (min(float(values[proven]), kept), kept)
         return best
+
+    def _balanced_cut(self) -> list[tuple[int, int]] | None:
+        """The cut of least t_max, memory aside (a dynamic programme over the virtual stages in pipeline order:
+        the least largest t_k covering blocks 0..b-1 with k virtual stages), or None when no cut covers the
+        blocks."""
+        least = np.full(self.n + 1, math.inf)  # [b]: with the virtual stages so far, blocks 0..b-1 covered
+        least[0] = 0.0
+        starts = []
+        for k in range(self.count):
+            reach = np.maximum(least[: self.n, None], self.times(k))  # [first][last]
+            starts.append(reach.argmin(axis=0))
+            least = np.concatenate([[math.inf], reach.min(axis=0)])
+        if not math.isfinite(least[self.n]):
+            return None
+        ranges, end = [], self.n
+        for k in range(self.count - 1, -1, -1):
+            first = int(starts[k][end - 1])
+            ranges.append((first, end - 1))
+            end = first
+        return ranges[::-1]
+
+    def _cut_fits(self, ranges: list[tuple[int, int]]) -> bool:
+        """Whether every position holds its chunks of the cut `ranges` within the memory limit."""
+        if self.limit is None:
+            return True
+        states = np.zeros((self.config.positions, self._FIELDS + self.config.chunks))
+        for k, (first, last) in enumerate(ranges):
+            s = k % self.config.positions
+            states[s] = self._added(states[s], k, self.piece(k, first, last))
+        return all(self._memory(s, row) <= self.limit for s, row in enumerate(states))
 
     def _cut(self, tau: float) -> list[tuple[int, int]] | None:
         """A cut with every t_k <= tau and every position in memory, or None.

@@ -456,6 +456,22 @@ def test_large_slice_takes_the_balanced_cut_or_proves_none_fits(recompute: bool)
         assert search.exact and search.nodes < 100
 
 
+@pytest.mark.parametrize("layers", [46, 94])
+def test_balanced_cut_that_fits_is_taken_without_a_search(layers: int) -> None:
+    """When the cut of least t_max regardless of memory fits, it is the answer: no depth-first node is visited (on
+    48 x 2 chunks over 96 blocks, the search ran out of nodes before finding one)."""
+    positions = (layers + 2) // 6
+    problem = gpt_like_problem(layers, positions)
+    config = il.ChunkedConfig(positions, 2, 2 * positions, 2, True)
+    t_max, memory = reference_cut(problem, config, balanced_ranges(layers + 2, 2 * positions))
+    fitting = dataclasses.replace(problem, memory_limit_bytes=memory * 1.01)
+    search = il.CutSearch(fitting, CostModel(fitting), config)
+    found = search.run()
+    assert search.exact and search.nodes == 0 and found is not None
+    assert reference_cut(fitting, config, found)[0] == pytest.approx(t_max, rel=1e-12)
+    assert search.t_max_bounds == (pytest.approx(t_max, rel=1e-12), pytest.approx(t_max, rel=1e-12))
+
+
 def test_positions_short_of_state_room_prove_no_cut_fits() -> None:
     """8 positions x 2 chunks over 48 equal blocks, recomputing, 1% under the memory of the balanced cut: the
     parameter state the positions have room for between them, each with chunks it can take, is short of the
