@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import math
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -394,10 +395,11 @@ def test_simulated_trace_names_chunks() -> None:
     assert trace["otherData"]["chunks"] == 2
 
 
-def gpt_like_problem(layers: int, positions: int) -> PlanProblem:
-    """An embedding, `layers` equal transformer-like blocks and a heavier head on 2 ranks per position: large
-    enough that the cut search cannot enumerate its cuts (16 virtual stages over 48 blocks for 8 positions)."""
-    shapes = [(2e-4, 1e6, 4e6, 2e7)] + [(1e-3, 8e6, 6e6, 3e7)] * layers + [(8e-4, 1.2e7, 8e6, 3.3e7)]
+def stacked_problem(
+    shapes: list[tuple[float, float, float, float]], boundary: float, **fields: Any
+) -> PlanProblem:
+    """Interleaved-only blocks of (forward seconds, activation bytes, workspace bytes, parameter bytes) in a row,
+    each cut between them carrying `boundary` bytes a sample; `fields`: the rest of the PlanProblem."""
     blocks = [
         BlockProfile(
             fwd_time={1: fwd, 8: 8 * fwd},
@@ -411,22 +413,33 @@ def gpt_like_problem(layers: int, positions: int) -> PlanProblem:
     n = len(blocks)
     params = [[sum(per_block[i : j + 1]) if j >= i else 0.0 for j in range(n)] for i in range(n)]
     largest = [[max(per_block[i : j + 1]) / 4 if j >= i else 0.0 for j in range(n)] for i in range(n)]
-    ins = [[0.0 if i == 0 else 1e5 for _ in range(n)] for i in range(n)]
-    outs = [[0.0 if j == n - 1 else 1e5 for j in range(n)] for _ in range(n)]
+    ins = [[0.0 if i == 0 else boundary for _ in range(n)] for i in range(n)]
+    outs = [[0.0 if j == n - 1 else boundary for j in range(n)] for _ in range(n)]
     return PlanProblem(
         blocks,
         params,
         ins,
         outs,
-        world_size=2 * positions,
-        global_batch=8 * positions,
         schedules=(INTERLEAVED,),
-        opt_param_factor=6.0,
         p2p_bandwidth=1e10,
         allreduce_bandwidth=1e10,
         range_largest_param_bytes=largest,
-        max_microbatches=2 * positions,
         allow_recompute=True,
+        **fields,
+    )
+
+
+def gpt_like_problem(layers: int, positions: int) -> PlanProblem:
+    """An embedding, `layers` equal transformer-like blocks and a heavier head on 2 ranks per position: large
+    enough that the cut search cannot enumerate its cuts (16 virtual stages over 48 blocks for 8 positions)."""
+    shapes = [(2e-4, 1e6, 4e6, 2e7)] + [(1e-3, 8e6, 6e6, 3e7)] * layers + [(8e-4, 1.2e7, 8e6, 3.3e7)]
+    return stacked_problem(
+        shapes,
+        1e5,
+        world_size=2 * positions,
+        global_batch=8 * positions,
+        opt_param_factor=6.0,
+        max_microbatches=2 * positions,
     )
 
 
@@ -490,36 +503,14 @@ def alternating_problem(layers: int, positions: int) -> PlanProblem:
     """`layers` pairs of a light block (attention-like) and a heavy one (twice its parameters), one rank per
     position, with boundary inputs large enough that the positions early in the pipeline (holding more
     microbatches) have room for less parameter state than the late ones."""
-    shapes = [(3.5e-4, 6e6, 1e7), (6.5e-4, 8e6, 2e7)] * layers
-    blocks = [
-        BlockProfile(
-            fwd_time={1: fwd, 8: 8 * fwd},
-            bwd_time={1: 2 * fwd, 8: 16 * fwd},
-            activation_bytes={1: 1e6},
-            workspace_bytes={1: work},
-        )
-        for fwd, work, _ in shapes
-    ]
-    per_block = [params for *_, params in shapes]
-    n = len(blocks)
-    params = [[sum(per_block[i : j + 1]) if j >= i else 0.0 for j in range(n)] for i in range(n)]
-    largest = [[max(per_block[i : j + 1]) / 4 if j >= i else 0.0 for j in range(n)] for i in range(n)]
-    ins = [[0.0 if i == 0 else 4e6 for _ in range(n)] for i in range(n)]
-    outs = [[0.0 if j == n - 1 else 4e6 for j in range(n)] for _ in range(n)]
-    return PlanProblem(
-        blocks,
-        params,
-        ins,
-        outs,
+    shapes = [(3.5e-4, 1e6, 6e6, 1e7), (6.5e-4, 1e6, 8e6, 2e7)] * layers
+    return stacked_problem(
+        shapes,
+        4e6,
         world_size=positions,
         global_batch=4 * positions,
-        schedules=(INTERLEAVED,),
         opt_param_factor=2.0,
-        p2p_bandwidth=1e10,
-        allreduce_bandwidth=1e10,
-        range_largest_param_bytes=largest,
         max_microbatches=2 * positions,
-        allow_recompute=True,
     )
 
 
