@@ -213,6 +213,7 @@ def _banded_partition(
 _BANDED = True  # capped blocks: the programme over the allowed starts only (tests compare both)
 _DP_LIMIT = 1500  # units handled exactly; larger graphs are first merged pairwise down to this
 _BANDED_LIMIT = 20_000  # the same when the banded programme runs (its work grows with units x band width)
+_DP_COLUMNS = 128  # block ends evaluated at once by the dynamic program
 
 
 def _banded_pays(width: int, units: int) -> bool:
@@ -235,9 +236,6 @@ def _first_starts(weights: np.ndarray, cap: float) -> np.ndarray:
     ends = np.arange(len(weights) + 1)
     first = np.searchsorted(mass, mass - cap * (1 + 1e-12), side="left")
     return np.minimum(first, np.maximum(ends - 1, 0))
-
-
-_DP_COLUMNS = 128  # block ends evaluated at once by the dynamic program
 
 
 def _fewest_blocks(weights: list[float], cap: float) -> int:

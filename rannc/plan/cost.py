@@ -346,16 +346,14 @@ class CostModel:
         replicas divide parameter state (ignored with one replica); `pending` > 0: it runs split backwards and
         that many microbatches keep their deferred gradients at its peak."""
         problem = self.problem
-        m = replica_microbatch_size(problem.global_batch, microbatches, replicas)
-        row = self.row(first, m, replicas)[last - first]
+        m, row = self._range(first, last, replicas, microbatches)
         f_sum, b_sum, a_sum = row.fwd, row.bwd, row.activation_bytes
         in_bytes, out_bytes = row.in_bytes, row.out_bytes
         comm = (row.in_inter if links[0] else row.in_intra) + (row.out_inter if links[1] else row.out_intra)
         bwd = b_sum + f_sum if recompute else b_sum
         shard = shard if replicas > 1 else ShardLevel.NONE
-        state = None
-        if shard != ShardLevel.NONE:
-            state = sharded_state(problem, first, last, replicas, shard, recompute, links[2])
+        state = self._sharded(first, last, replicas, shard, recompute, links[2])
+        if state is not None:
             comm += state.gather_seconds
         memory = self._peak(row, first, last, replicas, microbatches, inflight, recompute, state, pending)
         if state is None:
@@ -401,13 +399,22 @@ class CostModel:
         pending: int = 0,
     ) -> float:
         """`stage(...).memory` alone (the same arithmetic; links do not change it)."""
-        m = replica_microbatch_size(self.problem.global_batch, microbatches, replicas)
-        row = self.row(first, m, replicas)[last - first]
-        shard = shard if replicas > 1 else ShardLevel.NONE
-        state = None
-        if shard != ShardLevel.NONE:
-            state = sharded_state(self.problem, first, last, replicas, shard, recompute)
+        _, row = self._range(first, last, replicas, microbatches)
+        state = self._sharded(first, last, replicas, shard, recompute)
         return self._peak(row, first, last, replicas, microbatches, inflight, recompute, state, pending)
+
+    def _range(self, first: int, last: int, replicas: int, microbatches: int) -> tuple[int, RangeCost]:
+        """The per-replica microbatch size of a stage of blocks first..last and its range's costs at that size."""
+        m = replica_microbatch_size(self.problem.global_batch, microbatches, replicas)
+        return m, self.row(first, m, replicas)[last - first]
+
+    def _sharded(
+        self, first: int, last: int, replicas: int, shard: ShardLevel, recompute: bool, inter: bool = False
+    ) -> ShardedState | None:
+        """The sharded state of a stage of blocks first..last at `shard` (None: unsharded, or one replica)."""
+        if replicas <= 1 or shard == ShardLevel.NONE:
+            return None
+        return sharded_state(self.problem, first, last, replicas, shard, recompute, inter)
 
     def _peak(
         self,

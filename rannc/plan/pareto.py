@@ -225,9 +225,8 @@ class _Run:
                 again = base + in_b * inflight + act + io + again_sent
             if plain <= self.limit:
                 time = fb
-            elif (
-                shards
-            ):  # a sharded level may fit (the first that does wins over recompute, `CostModel.fitting`)
+            # a sharded level may fit (`CostModel.fitting` chooses between it and recompute)
+            elif shards:
                 return self._sharded_stage(inflight, pending, r, b, j)
             elif self.recompute and again <= self.limit:
                 time = f + (bw + f)

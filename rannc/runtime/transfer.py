@@ -21,9 +21,8 @@ def _tag(route: Route, microbatch: int, num_routes: int, backward: bool) -> int:
     return ((microbatch * num_routes + route.index) * 2 + int(backward)) % (2**31 - 1)
 
 
-_LocalKey = tuple[
-    int, int, int
-]  # (tag, first global row, receiving stage) of a piece handed over on one rank
+# (tag, first global row, receiving stage) of a piece handed over on one rank
+_LocalKey = tuple[int, int, int]
 
 
 class _Send(NamedTuple):
