@@ -171,7 +171,7 @@ def _measure_prepared(
     weight_times: list[tuple[float, float]] = []  # (W seconds, deferred bytes) per run
     # In a pipeline step a block's weights and inputs are not in the CPU caches (other blocks and microbatches
     # ran since), so each timed run starts cold; otherwise small microbatches look cheaper than they are.
-    for _ in range(iterations):
+    while len(fwd_times) < sample_count(iterations, fwd_times, bwd_times):
         step_inputs = _fresh_activations(inputs, runner.param_input_indices)
         flush()
         _sync(cuda, device)
@@ -210,7 +210,8 @@ def _time_weight_passes(
     cuda: bool,
     device: torch.device,
 ) -> list[tuple[float, float]]:
-    """`_time_weight_pass` `iterations` times after an untimed one, once the whole backwards were timed.
+    """`_time_weight_pass` `iterations` times (or more, see `sample_count`) after an untimed one, once the whole
+    backwards were timed.
 
     Apart from the whole backwards, and after giving their freed pages back, so that a block's peak host memory
     is that of its whole backwards: the W pass frees the parameter gradients and allocates its own, and with the
@@ -224,10 +225,10 @@ def _time_weight_passes(
             param.grad = None
     release_free_host_pages()
     _time_weight_pass(runner, inputs, params, grad_outputs, flush, cuda, device)
-    return [
-        _time_weight_pass(runner, inputs, params, grad_outputs, flush, cuda, device)
-        for _ in range(iterations)
-    ]
+    runs: list[tuple[float, float]] = []
+    while len(runs) < sample_count(iterations, [t for t, _ in runs]):
+        runs.append(_time_weight_pass(runner, inputs, params, grad_outputs, flush, cuda, device))
+    return runs
 
 
 def _time_weight_pass(
@@ -258,6 +259,27 @@ def _time_weight_pass(
     weight_pass.compute()
     _sync(cuda, device)
     return time.perf_counter() - t0, float(sum(caught.values()))
+
+
+# A timed run shorter than this is taken at least SHORT_RUN_SAMPLES times: one stall of the process (the OS
+# scheduler runs another process for a time slice, milliseconds; frequent with more ranks than cores) makes a
+# sub-millisecond run look several times slower, and such runs planned most of a model on one replica (a 6-layer
+# MLP, 4 ranks on 2 cores, profile_iterations=1: a 31 ms step planned where a 17 ms one existed). The median of
+# three ignores one stall; longer runs are distorted less by it and keep the `iterations` asked for.
+SHORT_RUN_S = 0.02
+SHORT_RUN_SAMPLES = 3
+
+
+def sample_count(iterations: int, *samples: list[float]) -> int:
+    """How many timed runs a measurement takes, given the seconds of the runs so far (one list per pass timed):
+    `iterations`, raised to SHORT_RUN_SAMPLES once a run of any pass was shorter than SHORT_RUN_S (the shortest:
+    a stall only lengthens a run)."""
+    timed = [runs for runs in samples if runs]
+    if len(timed) == 0 or iterations >= SHORT_RUN_SAMPLES:
+        return iterations
+    if any(min(runs) < SHORT_RUN_S for runs in timed):
+        return SHORT_RUN_SAMPLES
+    return iterations
 
 
 CACHE_FLUSH_BYTES = 64 * 2**20  # larger than the last-level cache of the CPUs this runs on (32 MiB here)
