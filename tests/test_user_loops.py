@@ -194,6 +194,17 @@ GROUPS: dict[str, tuple[int, list[LoopCase]]] = {
             LoopCase(
                 "interleaved-zero1", "tied_loss", "returned", 2, 2, INTERLEAVED, model_chunks=2, zero=True
             ),
+            # shard_stages "zero-1": the plan's positions shard the optimizer state (not the global enable_zero)
+            LoopCase(
+                "interleaved-shard-zero1",
+                "skip_loss",
+                "returned",
+                2,
+                2,
+                INTERLEAVED,
+                model_chunks=2,
+                shard="zero-1",
+            ),
             LoopCase(
                 "interleaved-clip-no-sync-accumulation",
                 "tied_loss",
@@ -294,3 +305,22 @@ def _assert_rows(
         got = got if isinstance(got, list) else [got]
         want = [t[lo : lo + sizes[rank]] for t in expected]
         assert_close(dict(enumerate(got)), dict(enumerate(want)), f"{what} of rank {rank}")
+
+
+@pytest.mark.slow
+def test_interleaved_positions_shard_optimizer_state_at_zero1() -> None:
+    """shard_stages "zero-1" with interleaved 1F1B: every virtual stage of the plan is ZeRO-1 and each rank keeps
+    optimizer state (SGD momentum) for fewer parameters than its chunks hold; every parameter has its state on
+    exactly one rank of its position (training equals DDP and one process: test_matches_ddp_and_one_process)."""
+    group = "interleaved-w4"
+    world, cases = GROUPS[group]
+    index = next(k for k, case in enumerate(cases) if case.label == "interleaved-shard-zero1")
+    runs = [run["rannc"] for run in group_results(group)[index]]
+    assert runs[0]["chunks"] == 2 and runs[0]["stages"] == [2, 2], runs[0]["stages"]
+    assert runs[0]["shards"] == ["zero-1"] * 4
+    for rank, run in enumerate(runs):
+        assert 0 < run["optimizer_states"] < run["held"], (rank, run["optimizer_states"], run["held"])
+    # the two replicas of a position split its parameters' state between them
+    for position in (0, 1):
+        ranks = [2 * position, 2 * position + 1]
+        assert sum(runs[r]["optimizer_states"] for r in ranks) == runs[ranks[0]]["held"], ranks

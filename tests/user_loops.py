@@ -349,6 +349,8 @@ def run_rannc(case: LoopCase, rank: int, world: int) -> dict[str, Any]:
         "norms": result["norms"],
         "stages": [len(stage.ranks) for stage in plan.stages[: plan.positions]],  # replicas per position
         "shards": [str(stage.shard) for stage in plan.stages],
+        "optimizer_states": len(optimizer.state),  # parameters whose state this rank keeps
+        "held": len(list(wrapped.parameters())),
         "chunks": plan.chunks,
         "holders": {name: stages for name, stages in wrapped._job.layout.holders.items()},
         "microbatches": plan.microbatches,

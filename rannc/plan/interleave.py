@@ -9,7 +9,10 @@ The choice set, for a problem whose `schedules` include interleaved_1f1b:
 * microbatch counts P the schedule accepts (P >= S and a multiple of its rounds, `rannc.schedule`) among the
   problem's, each replica getting a sample of every microbatch;
 * every cut of the blocks into S * v contiguous virtual stages (virtual stage k on position k % S);
-* activation recompute for every virtual stage or none (when the problem allows recompute).
+* activation recompute for every virtual stage or none (when the problem allows recompute);
+* the positions unsharded or ZeRO-1 (optimizer state over a position's replicas), the least of the problem's
+  `shard_levels` with which the slice fits (`interleaved_shard_levels`): a rank running several model chunks
+  cannot gather them unit by unit, so ZeRO-2/3 is not offered.
 
 For each (S, v, P, recompute) `CutSearch` finds exactly the cut of least t_max, the largest virtual stage time
 (compute, recompute and p2p both ways), among the cuts whose every position fits in memory (`position_memory`:
@@ -49,7 +52,7 @@ from .cost import (
     update_seconds_per_byte,
 )
 from .simulate import simulate_plan
-from .types import Plan, PlanProblem, StagePlan
+from .types import Plan, PlanProblem, ShardLevel, StagePlan
 
 __all__ = [
     "ChunkedConfig",
@@ -59,6 +62,7 @@ __all__ = [
     "interleaved_configs",
     "interleaved_microbatch_counts",
     "interleaved_plan",
+    "interleaved_shard_levels",
     "interleaved_step_time",
     "no_interleaved_message",
     "position_counts",
@@ -128,8 +132,19 @@ def interleaved_microbatch_counts(problem: PlanProblem, positions: int) -> list[
     ]
 
 
+def interleaved_shard_levels(problem: PlanProblem) -> tuple[ShardLevel, ...]:
+    """The levels an interleaved plan's positions may take, least sharding first: none and ZeRO-1, those of the
+    problem's `shard_levels` (the runtime runs ZeRO-2/3 on ranks of one chunk only, `build.shard_stage`). With the
+    problem-wide ZeRO-1 (`zero_optimizer`) every stage is priced as ZeRO-1 already: unsharded here."""
+    if problem.zero_optimizer:
+        return (ShardLevel.NONE,)
+    return tuple(level for level in (ShardLevel.NONE, ShardLevel.ZERO_1) if level in problem.shard_levels)
+
+
 def interleaved_configs(problem: PlanProblem) -> list[ChunkedConfig]:
     """Every slice of the choice set (see the module's docstring)."""
+    if not interleaved_shard_levels(problem):
+        return []
     flags = [False, True] if problem.allow_recompute else [False]
     return [
         ChunkedConfig(s, v, p, problem.world_size // s, recompute)
@@ -142,6 +157,13 @@ def interleaved_configs(problem: PlanProblem) -> list[ChunkedConfig]:
 
 def no_interleaved_message(problem: PlanProblem) -> str:
     """Why the choice set of interleaved plans is empty (for a problem that allows no other schedule)."""
+    if not interleaved_shard_levels(problem):
+        levels = ", ".join(str(level) for level in problem.shard_levels)
+        return (
+            f"interleaved 1F1B cannot run sharded stages at {levels}: a rank running several model chunks keeps "
+            "its parameters and gradients whole (ZeRO-2/3 need one chunk per rank); use shard_stages 'none', "
+            "'zero-1' or 'auto' (rannc plan --shard), or another schedule"
+        )
     forced = f" (forced: {problem.num_stages} positions)" if problem.num_stages is not None else ""
     chunks = f", {problem.chunks} chunks forced" if problem.chunks is not None else ""
     return (
@@ -697,10 +719,15 @@ class CutSearch:
 
 
 def interleaved_plan(
-    problem: PlanProblem, model: CostModel, config: ChunkedConfig, ranges: list[tuple[int, int]]
+    problem: PlanProblem,
+    model: CostModel,
+    config: ChunkedConfig,
+    ranges: list[tuple[int, int]],
+    shard: ShardLevel = ShardLevel.NONE,
 ) -> Plan:
-    """The Plan of `config` cut at `ranges` (the virtual stages' block ranges, pipeline order), with the cost
-    model's figures; predicted_step_time is the interleaved cost model's (`interleaved_step_time`)."""
+    """The Plan of `config` cut at `ranges` (the virtual stages' block ranges, pipeline order), its positions
+    sharded at `shard` (none or ZeRO-1; `problem` and `model` price it: `priced_for`), with the cost model's
+    figures; predicted_step_time is the interleaved cost model's (`interleaved_step_time`)."""
     s_count, v, p, r = config.positions, config.chunks, config.microbatches, config.replicas
     m = replica_microbatch_size(problem.global_batch, p, r)
     links = chunk_links(problem, [r] * s_count, v)
@@ -735,6 +762,7 @@ def interleaved_plan(
                 activation_bytes=piece.activation * held + piece.recompute_workspace,
                 memory_bytes=memories[q],
                 recompute=config.recompute,
+                shard=shard if r > 1 else ShardLevel.NONE,
             )
         )
     return Plan(
@@ -764,13 +792,23 @@ def state_lower_bound(problem: PlanProblem, config: ChunkedConfig) -> float:
     return params * (2 + problem.opt_param_factor / shards) / config.positions + problem.input_bytes
 
 
+def priced_for(problem: PlanProblem, model: CostModel, shard: ShardLevel) -> tuple[PlanProblem, CostModel]:
+    """The problem and cost model that price interleaved positions sharded at `shard`: ZeRO-1 is the cost
+    model's problem-wide ZeRO-1 (`zero_optimizer`: optimizer state and update over a position's replicas)."""
+    if shard == ShardLevel.NONE or problem.zero_optimizer:
+        return problem, model
+    zero = dataclasses.replace(problem, zero_optimizer=True)
+    return zero, CostModel(zero)
+
+
 def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = math.inf) -> Plan | None:
     """The interleaved plan of least simulated step time under `cutoff` (seconds; the other schedules' best), or
     None. Its predicted_step_time is the simulated one, analytic_step_time the interleaved cost model's.
 
     Slices are taken in the order of `work_lower_bound` and the rest skipped once the bound is above the best
-    step found; a slice whose share of the parameter state alone is over the memory limit is skipped."""
-    limit = problem.memory_limit_bytes
+    step found; each is cut at the first of `interleaved_shard_levels` with which a cut fits (a level at which
+    the slice's share of the parameter state alone is over the memory limit is skipped)."""
+    priced = {level: priced_for(problem, model, level) for level in interleaved_shard_levels(problem)}
     ranked = sorted(
         (
             (work_lower_bound(problem, model, config), index, config)
@@ -782,28 +820,11 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
     for bound, _, config in ranked:
         if bound >= best_step:
             break
-        if limit is not None and state_lower_bound(problem, config) > limit:
+        found = _least_sharded_cut(priced, config)
+        if found is None:
             continue
-        search = CutSearch(problem, model, config)
-        ranges = search.run()
-        if not search.exact and ranges is None:
-            logger.info(
-                "interleaved slice %s: the cut search ran out of nodes before finding a cut that fits; counted "
-                "as not fitting",
-                config,
-            )
-        elif not search.exact:
-            least, kept = search.t_max_bounds
-            logger.info(
-                "interleaved slice %s: the cut search ran out of nodes; keeping the cut that fits of t_max "
-                "%.4g s (the least is at least %.4g s)",
-                config,
-                kept,
-                least,
-            )
-        if ranges is None:
-            continue
-        plan = interleaved_plan(problem, model, config, ranges)
+        level, ranges = found
+        plan = interleaved_plan(*priced[level], config, ranges, level)
         step = simulate_plan(problem, plan).step_time
         if step < best_step * (1 - TIE):
             best = dataclasses.replace(
@@ -811,3 +832,37 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
             )
             best_step = step
     return best
+
+
+def _least_sharded_cut(
+    priced: dict[ShardLevel, tuple[PlanProblem, CostModel]], config: ChunkedConfig
+) -> tuple[ShardLevel, list[tuple[int, int]]] | None:
+    """The first level of `priced` (least sharding first) at which a cut of `config` fits, and that cut."""
+    for level, (problem, model) in priced.items():
+        if level != ShardLevel.NONE and config.replicas == 1:
+            continue  # nothing to shard over
+        limit = problem.memory_limit_bytes
+        if limit is not None and state_lower_bound(problem, config) > limit:
+            continue
+        search = CutSearch(problem, model, config)
+        ranges = search.run()
+        if not search.exact and ranges is None:
+            logger.info(
+                "interleaved slice %s (%s): the cut search ran out of nodes before finding a cut that fits; "
+                "counted as not fitting",
+                config,
+                level,
+            )
+        elif not search.exact:
+            least, kept = search.t_max_bounds
+            logger.info(
+                "interleaved slice %s (%s): the cut search ran out of nodes; keeping the cut that fits of t_max "
+                "%.4g s (the least is at least %.4g s)",
+                config,
+                level,
+                kept,
+                least,
+            )
+        if ranges is not None:
+            return level, ranges
+    return None

@@ -22,7 +22,7 @@ from .cost import (
     update_seconds_per_byte,
 )
 from .sharding import gather_passes, sharded_state
-from .types import Plan, PlanProblem
+from .types import Plan, PlanProblem, ShardLevel
 
 __all__ = [
     "Event",
@@ -537,6 +537,8 @@ def chunked_stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]
     inputs, the largest workspace of its chunks and, recomputing, the largest rebuilt microbatch; the rest is per
     chunk (parameter state, receive buffers and held sends)."""
     positions, chunks, p = plan.positions, plan.chunks, plan.microbatches
+    if any(stage.shard == ShardLevel.ZERO_1 for stage in plan.stages):  # priced as the problem-wide ZeRO-1
+        problem = dataclasses.replace(problem, zero_optimizer=True)
     model = CostModel(problem)
     replicas = [stage.replicas for stage in plan.stages[:positions]]
     links = chunk_links(problem, replicas, chunks)

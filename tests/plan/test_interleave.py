@@ -20,6 +20,7 @@ from rannc.plan import interleave as il
 from rannc.plan.cost import CostModel
 from rannc.plan.simulate import simulate, simulate_plan, stage_timings
 from rannc.plan.trace import timeline_to_trace
+from rannc.plan.types import ShardLevel
 from rannc.schedule import ActionKind, Schedule
 
 INTERLEAVED = Schedule.INTERLEAVED_1F1B
@@ -561,3 +562,34 @@ def test_cut_search_out_of_nodes_keeps_a_fitting_cut(monkeypatch: pytest.MonkeyP
         plan = il.best_interleaved(only, CostModel(only))
     assert plan is not None and plan.chunks == 2
     assert "keeping the cut that fits" in caplog.text
+
+
+def test_positions_take_zero1_when_unsharded_does_not_fit() -> None:
+    """shard_stages "auto" (every level allowed): a slice is cut unsharded when that fits and with ZeRO-1 (the
+    optimizer state and its update over a position's replicas) when only that fits; ZeRO-2/3 alone is refused
+    with the reason (a rank of several chunks cannot gather them per unit)."""
+    problem = uniform_problem(
+        8, 4, 16, num_stages=2, chunks=2, max_microbatches=4, min_microbatches=4, schedules=(INTERLEAVED,)
+    )
+    problem = dataclasses.replace(problem, opt_param_factor=6.0)
+    unsharded = plan_stages(dataclasses.replace(problem, shard_levels=(ShardLevel.NONE,)))
+    zero1 = plan_stages(dataclasses.replace(problem, shard_levels=(ShardLevel.ZERO_1,)))
+    assert {s.shard for s in unsharded.stages} == {ShardLevel.NONE}
+    assert {s.shard for s in zero1.stages} == {ShardLevel.ZERO_1}
+    assert zero1.chunks == 2 and zero1.positions == 2 and all(s.replicas == 2 for s in zero1.stages)
+    # 4 of the 8 blocks' parameters (1e6 bytes each) per position: optimizer state 6 x 4e6 bytes, halved
+    saved = 6.0 * 4e6 / 2
+    assert max(s.memory_bytes for s in unsharded.stages) - max(s.memory_bytes for s in zero1.stages) == (
+        pytest.approx(saved)
+    )
+    timeline = simulate_plan(problem, zero1)  # the simulator prices the plan's ZeRO-1 as the planner did
+    assert max(timeline.peak_memory) == pytest.approx(max(s.memory_bytes for s in zero1.stages))
+    everything = dataclasses.replace(problem, shard_levels=tuple(ShardLevel))
+    assert {s.shard for s in plan_stages(everything).stages} == {ShardLevel.NONE}  # fits unsharded
+    limit = max(s.memory_bytes for s in zero1.stages) * (1 + 1e-9)
+    tight = plan_stages(dataclasses.replace(everything, memory_limit_bytes=limit))
+    assert {s.shard for s in tight.stages} == {ShardLevel.ZERO_1} and tight.schedule == INTERLEAVED
+    with pytest.raises(PlanError, match="no plan fits"):
+        plan_stages(dataclasses.replace(problem, shard_levels=(ShardLevel.NONE,), memory_limit_bytes=limit))
+    with pytest.raises(PlanError, match="interleaved 1F1B cannot run sharded stages at zero-3"):
+        plan_stages(dataclasses.replace(problem, shard_levels=(ShardLevel.ZERO_3,)))
