@@ -96,12 +96,17 @@ def test_return_freed_host_memory_gives_pages_back_unless_kept() -> None:
 # Profiling a meta model block after block: each block gets new stand-in weights (16 MiB here) and gradients, freed
 # before the next. With freed memory kept in the process, the heap fragments and grew by about a weight per block
 # (a 1 GiB model's 4 ranks peaked at 0.56 GiB above their baseline, against 0.31 GiB when pages are given back).
+# One timed run per block, also for a short one (`measure.SHORT_RUN_SAMPLES` set to 1): a short block's measurement
+# otherwise takes three, the first block (slow while cold) one, and each run's accumulated gradient can add to the
+# peak, so the first block's peak would not be the one compared.
 PROFILE_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
     from rannc.host_memory import keep_freed_host_memory
     from rannc.profile.measure import BlockRunner, cache_flusher, measure_block
+    import rannc.profile.measure
+    rannc.profile.measure.SHORT_RUN_SAMPLES = 1
 
     def status_bytes(field):
         for line in Path("/proc/self/status").read_text().splitlines():
