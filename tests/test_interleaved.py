@@ -52,7 +52,7 @@ def _train(opt: Any, model: Any, batches: list[Any], rank: int, world: int, name
 
 def save_worker(rank: int, world: int, cache: str, path: str) -> dict[str, Any]:
     """Two steps interleaved (2 positions x 2 chunks), then a sharded checkpoint and the full state on rank 0."""
-    opt, wrapped = _wrap(0, cache, INTERLEAVED)
+    opt, wrapped = _wrap(0, cache, INTERLEAVED, sgd=True)
     _train(opt, wrapped, models.make_batches("skip_tied", 0, STEPS, BATCH)[: STEPS // 2], rank, world)
     plan = wrapped.deployment.plan
     wrapped.save_sharded(path)
@@ -68,7 +68,9 @@ def save_worker(rank: int, world: int, cache: str, path: str) -> dict[str, Any]:
 
 def resume_worker(rank: int, world: int, cache: str, path: str) -> dict[str, Any]:
     """Resume the sharded checkpoint under a plain 1F1B plan of 2 stages and train the last two steps."""
-    opt, wrapped = _wrap(123, cache, ONE_F_ONE_B)  # other weights: everything must come from the checkpoint
+    opt, wrapped = _wrap(
+        123, cache, ONE_F_ONE_B, sgd=True
+    )  # other weights: all must come from the checkpoint
     wrapped.load_sharded(path)  # deferred until the first call partitions the model
     _train(opt, wrapped, models.make_batches("skip_tied", 0, STEPS, BATCH)[STEPS // 2 :], rank, world)
     plan = wrapped.deployment.plan
@@ -82,7 +84,7 @@ def resume_worker(rank: int, world: int, cache: str, path: str) -> dict[str, Any
 
 def _reference(steps: int) -> torch.nn.Module:
     reference = models.build("skip_tied", 0)
-    opt = torch.optim.AdamW(reference.parameters(), lr=LR)
+    opt = _optimizer(reference, sgd=True)
     for batch in models.make_batches("skip_tied", 0, STEPS, BATCH)[:steps]:
         models.get_loss("skip_tied", models.call(reference, batch)).backward()
         opt.step()
@@ -97,8 +99,8 @@ def _assert_state(got: dict[str, torch.Tensor], reference: torch.nn.Module) -> N
 
 @pytest.mark.slow
 def test_checkpoints_of_an_interleaved_plan_resume_on_other_plans(tmp_path: Path) -> None:
-    """An interleaved job's sharded checkpoint resumes under 1F1B, and its full state dicts (model and optimizer)
-    under one plain process; both continue exactly as one process that never stopped."""
+    """An interleaved job's sharded checkpoint resumes under 1F1B, and its full state dicts (model and optimizer:
+    SGD's momentum buffers) under one plain process; both continue exactly as one process that never stopped."""
     path = str(tmp_path / "ckpt")
     saved = run_workers(save_worker, 2, str(tmp_path / "c1"), path, timeout=300)[0]
     assert saved["schedule"] == "interleaved_1f1b" and saved["chunks"] == 2
@@ -108,7 +110,7 @@ def test_checkpoints_of_an_interleaved_plan_resume_on_other_plans(tmp_path: Path
     _assert_state(resumed["state"], _reference(STEPS))
     plain = models.build("skip_tied", 7)
     plain.load_state_dict(saved["state"])
-    opt = torch.optim.AdamW(plain.parameters(), lr=LR)
+    opt = _optimizer(plain, sgd=True)
     opt.load_state_dict(saved["optimizer"])
     _train(opt, plain, models.make_batches("skip_tied", 0, STEPS, BATCH)[STEPS // 2 :], 0, 1)
     _assert_state(plain.state_dict(), _reference(STEPS))
