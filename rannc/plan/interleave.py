@@ -48,7 +48,6 @@ from .cost import (
     replica_counts,
     replica_microbatch_size,
     sent_bytes,
-    stepped_bytes,
     update_seconds_per_byte,
 )
 from .simulate import simulate_plan
@@ -208,6 +207,7 @@ class CutSearch:
         self.m = replica_microbatch_size(problem.global_batch, p, r)
         self.links = chunk_links(problem, [r] * s, v)
         self.profiles = held_profiles(s, p, v)
+        self.profile_stack = np.stack(self.profiles).astype(float)  # [position][moment][chunk]
         self.held = [[int(h) for h in profile.max(axis=0)] for profile in self.profiles]
         self.limit = problem.memory_limit_bytes
         self._aggregate_tables()
@@ -288,14 +288,21 @@ class CutSearch:
     def _memory(self, s: int, vector: np.ndarray) -> float:
         """Position s's peak with the chunks in `vector` (absent ones zero): exact when all are there, a lower
         bound otherwise (every term grows with more chunks)."""
+        return float(self._memories(np.array([s]), vector[None, :])[0])
+
+    def _memories(self, positions: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """`_memory` of position positions[i] holding rows[i], for every i at once (one arithmetic for both: the
+        search compares them with the same limit)."""
         problem = self.problem
         shards = self.config.replicas if problem.zero_optimizer else 1
-        peak = float((self.profiles[s] @ vector[self._FIELDS :]).max())
-        forward = problem.input_bytes + vector[0] + vector[1] + vector[2] + vector[3] + peak
+        peak = np.matmul(self.profile_stack[positions], rows[:, self._FIELDS :, None])[:, :, 0].max(axis=1)
+        forward = problem.input_bytes + rows[:, 0] + rows[:, 1] + rows[:, 2] + rows[:, 3] + peak
         per_param, per_largest = problem.optimizer_transient
-        updated = stepped_bytes(problem, vector[4] / shards, vector[5])
-        step_end = problem.input_bytes + vector[0] + updated * per_param + vector[5] * per_largest
-        return max(forward, step_end)
+        updated = rows[:, 4] / shards
+        if problem.optimizer_chunk_bytes > 0:  # `stepped_bytes`, row by row
+            updated = np.minimum(updated, np.maximum(problem.optimizer_chunk_bytes, rows[:, 5]))
+        step_end = problem.input_bytes + rows[:, 0] + updated * per_param + rows[:, 5] * per_largest
+        return np.maximum(forward, step_end)
 
     def _aggregate_tables(self) -> None:
         """What the aggregate bound (`_over`) needs: every block's state and activation bytes, and a weight per
@@ -579,11 +586,11 @@ class CutSearch:
         if not grow > 0 or not math.isfinite(grow):
             return False
         live = self.live[k]
-        if any(self._memory(q, row) > self.limit for q, row in zip(live, low)):
+        if bool((self._memories(live, low) > self.limit).any()):
             return True
         longer = low.copy()
         longer[:, 2:4] = np.maximum(longer[:, 2:4], self.longer[b])
-        slack = np.array([self.limit - self._memory(q, row) for q, row in zip(live, longer)])
+        slack = self.limit - self._memories(live, longer)
         more = np.where(slack >= 0, np.floor(np.maximum(slack, 0.0) / grow * (1 + 1e-12)), 0.0)
         return float((self.to_come[k] + more).sum()) < self.n - b
 
@@ -687,13 +694,16 @@ class CutSearch:
             ok = np.flatnonzero((self.times(k)[b] <= tau) & can[remaining - 1, 1:])
             ideal = b + (self.n - b) / remaining - 1
             tried = False
-            for j in sorted(ok.tolist(), key=lambda j: (abs(j - ideal), j)):
-                vector = self._added(states[s], k, self.piece(k, b, j))
-                if (
-                    self.limit is not None
-                    and self._memory(s, self._with_floor(vector, self.floor[k + 1, s])) > self.limit
-                ):
-                    continue  # over even if its later chunks take the lightest ranges
+            order = sorted(ok.tolist(), key=lambda j: (abs(j - ideal), j))
+            vectors = [self._added(states[s], k, self.piece(k, b, j)) for j in order]
+            if self.limit is not None and vectors:  # over even if its later chunks take the lightest ranges
+                floored = self._with_floor(np.array(vectors), self.floor[k + 1, s])
+                within = self._memories(np.full(len(vectors), s), floored) <= self.limit
+            else:
+                within = np.ones(len(vectors), dtype=bool)
+            for j, vector, fits in zip(order, vectors, within.tolist()):
+                if not fits:
+                    continue
                 tried = True
                 after = states.copy()
                 after[s] = vector
