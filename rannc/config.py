@@ -37,9 +37,8 @@ class Config:
     load_deployment: bool = False
     deployment_file: str = "/tmp/rannc_deployment.json"
     max_partition_num: int = 32  # number of blocks the planner chooses stage boundaries from
-    profile_iterations: int = (
-        3  # timed repetitions per measurement (after one warm-up; >= 3 for runs under 20 ms)
-    )
+    # timed repetitions per measurement (after one warm-up); a run under 20 ms is timed at least twice
+    profile_iterations: int = 3
     profile_cache_dir: str = str(Path.home() / ".cache" / "rannc" / "profiles")
     capture_batch_size: int = 2  # samples used to export the graph and record example values
     # > 0: dim 1 of the tensor inputs (the sequence) may change from call to call, up to this length; one graph

@@ -194,10 +194,10 @@ def _measure_prepared(
     if cuda:  # the allocator also sees what kernels allocate outside the dispatcher
         peak = torch.cuda.max_memory_allocated(device) - start_bytes  # .grad of the parameters included
         workspace = max(workspace, float(peak) - activation)
-    bwd_time = statistics.median(bwd_times) if bwd_times else 0.0
-    bwd_weight = min(statistics.median([t for t, _ in weight_times]), bwd_time) if weight_times else 0.0
+    bwd_time = typical_run(bwd_times) if bwd_times else 0.0
+    bwd_weight = min(typical_run([t for t, _ in weight_times]), bwd_time) if weight_times else 0.0
     deferred = weight_times[-1][1] if weight_times else 0.0
-    return _Measured(statistics.median(fwd_times), bwd_time, activation, workspace, bwd_weight, deferred)
+    return _Measured(typical_run(fwd_times), bwd_time, activation, workspace, bwd_weight, deferred)
 
 
 def _time_weight_passes(
@@ -264,10 +264,11 @@ def _time_weight_pass(
 # A timed run shorter than this is taken at least SHORT_RUN_SAMPLES times: one stall of the process (the OS
 # scheduler runs another process for a time slice, milliseconds; frequent with more ranks than cores) makes a
 # sub-millisecond run look several times slower, and such runs planned most of a model on one replica (a 6-layer
-# MLP, 4 ranks on 2 cores, profile_iterations=1: a 31 ms step planned where a 17 ms one existed). The median of
-# three ignores one stall; longer runs are distorted less by it and keep the `iterations` asked for.
+# MLP, 4 ranks on 2 cores, profile_iterations=1: a 31 ms step planned where a 17 ms one existed). A stall only
+# lengthens a run, so the lesser of two ignores one (`typical_run`); longer runs are distorted less by it and keep
+# the `iterations` asked for. (Each run costs a cache flush: three runs doubled the time profiling took.)
 SHORT_RUN_S = 0.02
-SHORT_RUN_SAMPLES = 3
+SHORT_RUN_SAMPLES = 2
 
 
 def sample_count(iterations: int, *samples: list[float]) -> int:
@@ -280,6 +281,12 @@ def sample_count(iterations: int, *samples: list[float]) -> int:
     if any(min(runs) < SHORT_RUN_S for runs in timed):
         return SHORT_RUN_SAMPLES
     return iterations
+
+
+def typical_run(seconds: list[float]) -> float:
+    """The time a measurement reports from its runs: their median, or with fewer than three the least (of two
+    runs, one stalled; see SHORT_RUN_S)."""
+    return statistics.median(seconds) if len(seconds) >= 3 else min(seconds)
 
 
 CACHE_FLUSH_BYTES = 64 * 2**20  # larger than the last-level cache of the CPUs this runs on (32 MiB here)

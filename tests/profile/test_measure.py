@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from rannc.plan.types import BlockProfile
 from rannc.profile import BlockRunner, measure_block
-from rannc.profile.measure import SHORT_RUN_SAMPLES, sample_count
+from rannc.profile.measure import SHORT_RUN_SAMPLES, sample_count, typical_run
 
 WIDTH = 512
 SIZES = [1, 4, 16]
@@ -136,7 +136,7 @@ def test_cuda_peak_memory_path() -> None:
 
 def test_one_stall_of_a_short_run_is_outvoted() -> None:
     """With iterations=1, the first timed forward of a sub-millisecond block stalls for 50 ms (as when the OS
-    runs another rank's process on the core): the block is timed twice more and the stall is not its time."""
+    runs another rank's process on the core): the block is timed again and the stall is not its time."""
     weight = torch.randn(8, 8, requires_grad=True)
     calls = {"forward": 0}
 
@@ -155,6 +155,7 @@ def test_one_stall_of_a_short_run_is_outvoted() -> None:
 
 def test_long_runs_keep_the_iterations_asked_for() -> None:
     assert sample_count(1, [0.5], [0.9]) == 1
-    assert sample_count(1, [0.5], [0.001]) == SHORT_RUN_SAMPLES  # any pass short: the median of three
+    assert sample_count(1, [0.5], [0.001]) == SHORT_RUN_SAMPLES  # any pass short: the lesser of two runs
+    assert typical_run([0.001, 0.05]) == 0.001 and typical_run([0.003, 0.001, 0.002]) == 0.002
     assert sample_count(1, [], []) == 1
     assert sample_count(5, [0.001]) == 5
