@@ -519,13 +519,10 @@ class CutSearch:
                 budget[0] -= len(kinds)
                 if budget[0] < 0:
                     return None
-                for row in kinds:
-                    holding = self._with_floor(low, row)
-                    if (
-                        self._memory(q, self._with_floor(holding, self.floor[slots[depth] + 1, q]))
-                        <= self.limit
-                    ):
-                        stack.append((depth + 1, holding))
+                holdings = self._with_floor(low, np.array(kinds))
+                floored = self._with_floor(holdings, self.floor[slots[depth] + 1, q])
+                within = self._memories(np.full(len(kinds), q), floored) <= self.limit
+                stack.extend((depth + 1, holding) for holding, fits in zip(holdings, within) if fits)
         return best
 
     def fits_at_all(self) -> bool:
