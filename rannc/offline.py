@@ -267,7 +267,7 @@ def _finer_interleaved(
     )
     if len(finer.blocks) <= len(priced.blocks):
         return None
-    plan = best_interleaved(finer.problem, CostModel(finer.problem), cutoff=best_step)
+    plan = best_interleaved(finer.problem, CostModel(finer.problem), cutoff=best_step).plan
     if plan is None:
         return None
     timeline = simulate_plan(finer.problem, plan)

@@ -32,6 +32,7 @@ from .graph.analysis import GraphAnalysis, module_range
 from .graph.stage import StageGraph
 from .graph.tables import input_bytes, parameter_facts, range_tables
 from .plan import Plan, PlanProblem, minimum_memory_needed, plan_stages, required_microbatch_sizes
+from .plan.checks import searched_schedules
 from .plan.types import (
     BlockProfile,
     Links,
@@ -316,13 +317,20 @@ class Knobs:
     memory: str
     blocks: str
     zero: str
+    schedules: str
 
 
-JOB_KNOBS = Knobs(memory="mem_limit_gb >= {gib}", blocks="max_partition_num", zero="enable_zero")
+JOB_KNOBS = Knobs(
+    memory="mem_limit_gb >= {gib}",
+    blocks="max_partition_num",
+    zero="enable_zero",
+    schedules="schedule='auto'",
+)
 PLAN_KNOBS = Knobs(
     memory="--device-memory {gib}GiB, plan_offline's device_memory_bytes",
     blocks="--max-blocks",
     zero="--zero",
+    schedules="--schedules 1f1b,interleaved_1f1b",
 )
 
 
@@ -379,6 +387,13 @@ def memory_hint(
         f"{device} GiB. Give each device more memory ({knobs.memory.format(gib=device)}), use more ranks or a "
         "smaller batch"
     )
+    if Schedule.INTERLEAVED_1F1B in problem.schedules and not searched_schedules(
+        problem
+    ):  # interleaved 1F1B alone: minimum_memory_needed prices 1F1B for it
+        text += (
+            "; that is what a 1F1B plan needs, and interleaved 1F1B (the only schedule allowed) holds more "
+            f"activations per position than a 1F1B stage: allow 1F1B too ({knobs.schedules})"
+        )
     factor, ranges = 2 + problem.opt_param_factor, problem.range_param_bytes
     block = max(ranges[i][i] for i in range(len(ranges))) * factor
     if block > 0.5 * needed:

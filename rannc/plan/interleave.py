@@ -55,6 +55,7 @@ from .types import Plan, PlanProblem, ShardLevel, StagePlan
 
 __all__ = [
     "ChunkedConfig",
+    "InterleavedSearch",
     "best_interleaved",
     "CutSearch",
     "chunk_counts",
@@ -92,6 +93,16 @@ class RangeTables(NamedTuple):
     act: np.ndarray  # what a chunk keeps per held microbatch (recomputing: its inputs)
     params: np.ndarray
     largest: np.ndarray  # largest parameter
+
+
+class InterleavedSearch(NamedTuple):
+    """What `best_interleaved` found: the plan (None: no slice beat the cutoff), how many slices it cut, and of
+    those how many cut searches ran out of NODE_BUDGET (their slices' cuts may not be the least, or a slice counted
+    as not fitting may have a cut that fits)."""
+
+    plan: Plan | None
+    searched: int
+    inexact: int
 
 
 class ChunkedConfig(NamedTuple):
@@ -808,9 +819,9 @@ def priced_for(problem: PlanProblem, model: CostModel, shard: ShardLevel) -> tup
     return zero, CostModel(zero)
 
 
-def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = math.inf) -> Plan | None:
-    """The interleaved plan of least simulated step time under `cutoff` (seconds; the other schedules' best), or
-    None. Its predicted_step_time is the simulated one, analytic_step_time the interleaved cost model's.
+def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = math.inf) -> InterleavedSearch:
+    """The interleaved plan of least simulated step time under `cutoff` (seconds; the other schedules' best), if
+    any. Its predicted_step_time is the simulated one, analytic_step_time the interleaved cost model's.
 
     Slices are taken in the order of `work_lower_bound` and the rest skipped once the bound is above the best
     step found; each is cut at the first of `interleaved_shard_levels` with which a cut fits (a level at which
@@ -824,10 +835,13 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
     )
     best: Plan | None = None
     best_step = cutoff
+    searched = inexact = 0
     for bound, _, config in ranked:
         if bound >= best_step:
             break
-        found = _least_sharded_cut(priced, config)
+        found, exact = _least_sharded_cut(priced, config)
+        searched += 1
+        inexact += not exact
         if found is None:
             continue
         level, ranges = found
@@ -838,13 +852,37 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
                 plan, predicted_step_time=step, analytic_step_time=plan.predicted_step_time
             )
             best_step = step
-    return best
+    return InterleavedSearch(best, searched, inexact)
+
+
+def interleaved_memory_message(
+    problem: PlanProblem, search: InterleavedSearch, one_f_one_b_bytes: float
+) -> str:
+    """Why no interleaved plan was found when interleaved 1F1B is the only schedule allowed and a 1F1B plan of
+    the same blocks would fit (`one_f_one_b_bytes`, its least memory, is within the limit): the user's choice of
+    schedule is what fails, not the memory alone."""
+    limit = problem.memory_limit_bytes or math.inf
+    ran_out = (
+        f"; {search.inexact} of them ran out of the cut search's node budget and counted as not fitting"
+        if search.inexact
+        else ""
+    )
+    return (
+        f"no interleaved 1F1B plan fits in {limit / 2**30:.3f} GiB per device for {problem.world_size} rank(s) and "
+        f"global batch {problem.global_batch} ({search.searched} choice(s) of positions x chunks x microbatches "
+        f"searched{ran_out}), although a 1F1B plan of the same blocks fits from {one_f_one_b_bytes / 2**30:.3f} "
+        "GiB: a position holds its chunks' parameter state whole (ZeRO-1 at most) and more microbatches in flight "
+        "than a 1F1B stage. Allow 1F1B too (RaNNCModule: schedule='auto'; rannc plan: --schedules "
+        "1f1b,interleaved_1f1b), give each device more memory, allow recompute, or use more ranks"
+    )
 
 
 def _least_sharded_cut(
     priced: dict[ShardLevel, tuple[PlanProblem, CostModel]], config: ChunkedConfig
-) -> tuple[ShardLevel, list[tuple[int, int]]] | None:
-    """The first level of `priced` (least sharding first) at which a cut of `config` fits, and that cut."""
+) -> tuple[tuple[ShardLevel, list[tuple[int, int]]] | None, bool]:
+    """The first level of `priced` (least sharding first) at which a cut of `config` fits, and that cut (None:
+    none fits), and whether every cut search was exact."""
+    exact = True
     for level, (problem, model) in priced.items():
         if level != ShardLevel.NONE and config.replicas == 1:
             continue  # nothing to shard over
@@ -853,6 +891,7 @@ def _least_sharded_cut(
             continue
         search = CutSearch(problem, model, config)
         ranges = search.run()
+        exact = exact and search.exact
         if not search.exact and ranges is None:
             logger.info(
                 "interleaved slice %s (%s): the cut search ran out of nodes before finding a cut that fits; "
@@ -871,5 +910,5 @@ def _least_sharded_cut(
                 least,
             )
         if ranges is not None:
-            return level, ranges
-    return None
+            return (level, ranges), exact
+    return None, exact

@@ -43,7 +43,13 @@ from .cost import CostModel, evaluate, microbatch_counts, stage_ranges
 from .front import TIE as _TIE
 from .front import suffix_key
 from .heuristic import uniform_candidates
-from .interleave import best_interleaved, interleaved_configs, no_interleaved_message
+from .interleave import (
+    InterleavedSearch,
+    best_interleaved,
+    interleaved_configs,
+    interleaved_memory_message,
+    no_interleaved_message,
+)
 from .memory import fits, fits_floor, least_memory, split_floor
 from .pareto import SuffixSearch, relaxed
 from .simulate import simulate_plan
@@ -310,17 +316,29 @@ def plan_stages(problem: PlanProblem) -> Plan:
             plan = _analytic_choice(found, best).plan(problem, model)
             if plan is None:  # pragma: no cover - the search only returns feasible candidates
                 raise PlanError("internal error: the chosen plan is not feasible")
+    interleaved: InterleavedSearch | None = None
     if Schedule.INTERLEAVED_1F1B in problem.schedules:
         if plan is not None and math.isinf(step):
             step = simulate_plan(problem, plan).step_time
         interleaved = best_interleaved(problem, model, step)
-        if interleaved is not None:
-            plan = interleaved
+        if interleaved.plan is not None:
+            plan = interleaved.plan
     if plan is None:
-        if not searched_schedules(problem) and not interleaved_configs(problem):
-            raise PlanError(no_interleaved_message(problem))
-        raise PlanError(memory_error_message(problem, minimum_memory_needed(problem)))
+        raise PlanError(_no_plan_reason(problem, interleaved))
     return plan
+
+
+def _no_plan_reason(problem: PlanProblem, interleaved: InterleavedSearch | None) -> str:
+    """Why `plan_stages` found no plan: no interleaved choice at all, interleaved 1F1B alone failing where 1F1B
+    would fit (minimum_memory_needed stands 1F1B in for it), or too little memory."""
+    alone = not searched_schedules(problem)
+    if alone and not interleaved_configs(problem):
+        return no_interleaved_message(problem)
+    needed = minimum_memory_needed(problem)
+    limit = problem.memory_limit_bytes
+    if alone and interleaved is not None and (limit is None or needed <= limit):
+        return interleaved_memory_message(problem, interleaved, needed)
+    return memory_error_message(problem, needed)
 
 
 def plan_of_candidate(
