@@ -267,10 +267,10 @@ def _finer_interleaved(
     )
     if len(finer.blocks) <= len(priced.blocks):
         return None
-    plan = best_interleaved(finer.problem, CostModel(finer.problem), cutoff=best_step).plan
-    if plan is None:
+    found = best_interleaved(finer.problem, CostModel(finer.problem), cutoff=best_step)
+    plan, timeline = found.plan, found.timeline
+    if plan is None or timeline is None:
         return None
-    timeline = simulate_plan(finer.problem, plan)
     logger.info(
         "plan_offline: interleaved 1F1B on %d blocks (%.3f s) beats the best plan on %d blocks (%.3f s)",
         len(finer.blocks),

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..schedule import Action, ActionKind
 from .cost import CostModel, RangeCost, allreduce_time, replica_microbatch_size, sent_bytes, stepped_bytes
-from .types import PlanProblem
+from .types import PlanProblem, ShardLevel
 
 __all__ = [
     "PieceCost",
@@ -69,6 +69,15 @@ def held_profile(actions: list[Action], chunks: int) -> np.ndarray:
 def chunk_peaks(actions: list[Action], chunks: int) -> list[int]:
     """Most microbatches of each chunk held at once (forward until release) while running `actions`."""
     return [int(v) for v in held_profile(actions, chunks).max(axis=0)]
+
+
+def position_problem(problem: PlanProblem, shard: ShardLevel) -> PlanProblem:
+    """The problem that prices positions of several chunks sharded at `shard` (none or ZeRO-1): ZeRO-1 is the cost
+    model's problem-wide ZeRO-1 (`zero_optimizer`: optimizer state and update over a position's replicas). The
+    planner (`interleave.priced_for`) and the simulator (`chunked_stage_timings`) both price with it."""
+    if shard == ShardLevel.ZERO_1 and not problem.zero_optimizer:
+        return dataclasses.replace(problem, zero_optimizer=True)
+    return problem
 
 
 def position_starts(replicas: Sequence[int]) -> list[int]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
+
+import numpy as np
 
 from ..schedule import Schedule
 from .sharding import ShardedState, sharded_state, stage_levels
@@ -151,11 +153,16 @@ def optimizer_transient_bytes(problem: PlanProblem, first: int, last: int, repli
     return updated * per_param + largest * per_largest
 
 
-def stepped_bytes(problem: PlanProblem, updated: float, largest: float) -> float:
+Bytes = TypeVar("Bytes", float, np.ndarray)
+
+
+def stepped_bytes(problem: PlanProblem, updated: Bytes, largest: Bytes) -> Bytes:
     """Parameter bytes one optimizer step call updates at once on a rank updating `updated` bytes whose largest
     tensor has `largest`: all of them, or a chunk (of at most optimizer_chunk_bytes, or one tensor) when the
-    optimizer is stepped a chunk at a time."""
+    optimizer is stepped a chunk at a time (element-wise for arrays: many ranks' holdings priced at once)."""
     if problem.optimizer_chunk_bytes > 0:
+        if isinstance(updated, np.ndarray):
+            return np.minimum(updated, np.maximum(problem.optimizer_chunk_bytes, largest))
         return min(updated, max(problem.optimizer_chunk_bytes, largest))
     return updated
 

@@ -41,6 +41,7 @@ from .chunked import (
     piece_allreduce,
     piece_cost,
     position_memory,
+    position_problem,
 )
 from .cost import (
     CostModel,
@@ -48,9 +49,10 @@ from .cost import (
     replica_counts,
     replica_microbatch_size,
     sent_bytes,
+    stepped_bytes,
     update_seconds_per_byte,
 )
-from .simulate import simulate_plan
+from .simulate import Timeline, simulate_plan
 from .types import Plan, PlanProblem, ShardLevel, StagePlan
 
 __all__ = [
@@ -103,6 +105,7 @@ class InterleavedSearch(NamedTuple):
     plan: Plan | None
     searched: int
     inexact: int
+    timeline: Timeline | None = None  # the plan's simulated step
 
 
 class ChunkedConfig(NamedTuple):
@@ -309,9 +312,7 @@ class CutSearch:
         peak = np.matmul(self.profile_stack[positions], rows[:, self._FIELDS :, None])[:, :, 0].max(axis=1)
         forward = problem.input_bytes + rows[:, 0] + rows[:, 1] + rows[:, 2] + rows[:, 3] + peak
         per_param, per_largest = problem.optimizer_transient
-        updated = rows[:, 4] / shards
-        if problem.optimizer_chunk_bytes > 0:  # `stepped_bytes`, row by row
-            updated = np.minimum(updated, np.maximum(problem.optimizer_chunk_bytes, rows[:, 5]))
+        updated = stepped_bytes(problem, rows[:, 4] / shards, rows[:, 5])
         step_end = problem.input_bytes + rows[:, 0] + updated * per_param + rows[:, 5] * per_largest
         return np.maximum(forward, step_end)
 
@@ -813,10 +814,8 @@ def state_lower_bound(problem: PlanProblem, config: ChunkedConfig) -> float:
 def priced_for(problem: PlanProblem, model: CostModel, shard: ShardLevel) -> tuple[PlanProblem, CostModel]:
     """The problem and cost model that price interleaved positions sharded at `shard`: ZeRO-1 is the cost
     model's problem-wide ZeRO-1 (`zero_optimizer`: optimizer state and update over a position's replicas)."""
-    if shard == ShardLevel.NONE or problem.zero_optimizer:
-        return problem, model
-    zero = dataclasses.replace(problem, zero_optimizer=True)
-    return zero, CostModel(zero)
+    priced = position_problem(problem, shard)
+    return (problem, model) if priced is problem else (priced, CostModel(priced))
 
 
 def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = math.inf) -> InterleavedSearch:
@@ -834,6 +833,7 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
         ),
     )
     best: Plan | None = None
+    best_timeline: Timeline | None = None
     best_step = cutoff
     searched = inexact = 0
     for bound, _, config in ranked:
@@ -846,13 +846,13 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
             continue
         level, ranges = found
         plan = interleaved_plan(*priced[level], config, ranges, level)
-        step = simulate_plan(problem, plan).step_time
-        if step < best_step * (1 - TIE):
+        timeline = simulate_plan(problem, plan)
+        if timeline.step_time < best_step * (1 - TIE):
+            best_step, best_timeline = timeline.step_time, timeline
             best = dataclasses.replace(
-                plan, predicted_step_time=step, analytic_step_time=plan.predicted_step_time
+                plan, predicted_step_time=best_step, analytic_step_time=plan.predicted_step_time
             )
-            best_step = step
-    return InterleavedSearch(best, searched, inexact)
+    return InterleavedSearch(best, searched, inexact, best_timeline)
 
 
 def interleaved_memory_message(

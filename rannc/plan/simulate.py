@@ -7,7 +7,14 @@ import enum
 from collections.abc import Sequence
 
 from ..schedule import Action, ActionKind, Schedule, held_microbatches, virtual_stage
-from .chunked import chunk_links, chunk_peaks, peak_activation_bytes, piece_cost, position_memory
+from .chunked import (
+    chunk_links,
+    chunk_peaks,
+    peak_activation_bytes,
+    piece_cost,
+    position_memory,
+    position_problem,
+)
 from .cost import (
     CostModel,
     allreduce_time,
@@ -537,8 +544,8 @@ def chunked_stage_timings(problem: PlanProblem, plan: Plan) -> list[StageTiming]
     inputs, the largest workspace of its chunks and, recomputing, the largest rebuilt microbatch; the rest is per
     chunk (parameter state, receive buffers and held sends)."""
     positions, chunks, p = plan.positions, plan.chunks, plan.microbatches
-    if any(stage.shard == ShardLevel.ZERO_1 for stage in plan.stages):  # priced as the problem-wide ZeRO-1
-        problem = dataclasses.replace(problem, zero_optimizer=True)
+    if any(stage.shard == ShardLevel.ZERO_1 for stage in plan.stages):
+        problem = position_problem(problem, ShardLevel.ZERO_1)
     model = CostModel(problem)
     replicas = [stage.replicas for stage in plan.stages[:positions]]
     links = chunk_links(problem, replicas, chunks)
