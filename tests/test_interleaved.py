@@ -256,3 +256,41 @@ def test_unequal_replicas_across_positions(tmp_path: Path) -> None:
     opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
     _train(opt, reference, models.make_batches("skip_tied", 0, 2, 12), 0, 1)
     _assert_state(got[0]["state"], reference)
+
+
+def mixed_recompute_worker(rank: int, world: int, cache: str) -> dict[str, Any]:
+    """An interleaved plan whose chunks recompute or not one by one (what `recompute_where_needed` plans where only
+    some chunks of a position have room for their activations): each position recomputes one of its two chunks."""
+    import rannc.problem
+
+    planned = rannc.problem.plan_stages
+
+    def mixed(problem: Any) -> Any:
+        plan = planned(problem)
+        flags = [
+            True,
+            False,
+            False,
+            True,
+        ]  # virtual stages 0..3: position 0 runs 0 and 2, position 1 runs 1 and 3
+        return dataclasses.replace(
+            plan,
+            stages=[dataclasses.replace(s, recompute=f) for s, f in zip(plan.stages, flags, strict=True)],
+        )
+
+    rannc.problem.plan_stages = mixed
+    opt, wrapped = _wrap(0, cache, dict(INTERLEAVED, recompute="auto"), sgd=True)
+    _train(opt, wrapped, models.make_batches("skip_tied", 0, STEPS, BATCH), rank, world)
+    state = wrapped.state_dict()
+    return {
+        "chunks": [chunk.recompute for chunk in wrapped.stage.chunks],
+        "state": {k: v.clone() for k, v in state.items()} if rank == 0 else None,
+    }
+
+
+@pytest.mark.slow
+def test_chunks_of_a_position_recompute_independently(tmp_path: Path) -> None:
+    """A position that recomputes one chunk and keeps the other's activations trains exactly as one process."""
+    results = run_workers(mixed_recompute_worker, 2, str(tmp_path / "c"), timeout=300)
+    assert [r["chunks"] for r in results] == [[True, False], [False, True]]
+    _assert_state(results[0]["state"], _reference(STEPS))

@@ -214,11 +214,10 @@ def position_memory(
     upper bound: the runtime holds one tensor)."""
     chunks = len(pieces)
     held = chunk_peaks(actions, chunks)
-    recompute = any(p.recompute for p in pieces)
     shards = replicas if problem.zero_optimizer else 1
     params = sum(p.params for p in pieces)
     buffers = sum(
-        2 * (p.in_bytes + p.out_bytes) + sent_bytes(p.in_bytes, p.out_bytes, microbatches, h, recompute)
+        2 * (p.in_bytes + p.out_bytes) + sent_bytes(p.in_bytes, p.out_bytes, microbatches, h, p.recompute)
         for p, h in zip(pieces, held)
     )
     parts = {

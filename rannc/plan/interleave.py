@@ -9,7 +9,9 @@ The choice set, for a problem whose `schedules` include interleaved_1f1b:
 * microbatch counts P the schedule accepts (P >= S and a multiple of its rounds, `rannc.schedule`) among the
   problem's, each replica getting a sample of every microbatch;
 * every cut of the blocks into S * v contiguous virtual stages (virtual stage k on position k % S);
-* activation recompute for every virtual stage or none (when the problem allows recompute);
+* activation recompute for every virtual stage or none (when the problem allows recompute) in the cut search;
+  a recomputing slice's cut then keeps the activations of the chunks whose positions have room for them
+  (`recompute_where_needed`: the last chunks of the last positions hold few microbatches);
 * the positions unsharded or ZeRO-1 (optimizer state over a position's replicas), the least of the problem's
   `shard_levels` with which the slice fits (`interleaved_shard_levels`): a rank running several model chunks
   cannot gather them unit by unit, so ZeRO-2/3 is not offered.
@@ -29,6 +31,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -37,6 +40,7 @@ from ..schedule import Schedule
 from .chunked import (
     PieceCost,
     chunk_links,
+    chunk_peaks,
     held_profile,
     piece_allreduce,
     piece_cost,
@@ -68,6 +72,7 @@ __all__ = [
     "interleaved_step_time",
     "no_interleaved_message",
     "position_counts",
+    "recompute_where_needed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -743,15 +748,19 @@ def interleaved_plan(
     config: ChunkedConfig,
     ranges: list[tuple[int, int]],
     shard: ShardLevel = ShardLevel.NONE,
+    recomputed: Sequence[bool] | None = None,
 ) -> Plan:
     """The Plan of `config` cut at `ranges` (the virtual stages' block ranges, pipeline order), its positions
     sharded at `shard` (none or ZeRO-1; `problem` and `model` price it: `priced_for`), with the cost model's
-    figures; predicted_step_time is the interleaved cost model's (`interleaved_step_time`)."""
+    figures; predicted_step_time is the interleaved cost model's (`interleaved_step_time`). `recomputed`: per
+    virtual stage whether it recomputes (default: config.recompute for all; `recompute_where_needed`)."""
     s_count, v, p, r = config.positions, config.chunks, config.microbatches, config.replicas
     m = replica_microbatch_size(problem.global_batch, p, r)
     links = chunk_links(problem, [r] * s_count, v)
+    if recomputed is None:
+        recomputed = [config.recompute] * len(ranges)
     pieces = [
-        piece_cost(model, first, last, m, r, config.recompute, links[k])
+        piece_cost(model, first, last, m, r, recomputed[k], links[k])
         for k, (first, last) in enumerate(ranges)
     ]
     actions = [SCHEDULE.actions(q, s_count, p, v) for q in range(s_count)]
@@ -780,7 +789,7 @@ def interleaved_plan(
                 param_bytes=piece.params,
                 activation_bytes=piece.activation * held + piece.recompute_workspace,
                 memory_bytes=memories[q],
-                recompute=config.recompute,
+                recompute=piece.recompute,
                 shard=shard if r > 1 else ShardLevel.NONE,
             )
         )
@@ -793,6 +802,42 @@ def interleaved_plan(
         world_size=problem.world_size,
         chunks=v,
     )
+
+
+def recompute_where_needed(
+    problem: PlanProblem, model: CostModel, config: ChunkedConfig, ranges: list[tuple[int, int]]
+) -> list[bool]:
+    """Per virtual stage of a recomputing slice cut at `ranges` (which fits with every chunk recomputing), whether
+    it still recomputes: each position stops recomputing its chunks, the one whose forward takes longest first
+    (the seconds it saves per microbatch; of equal ones, the one holding fewer microbatches), as long as the
+    position stays within the memory limit, in passes until none more can stop (a position's memory is not
+    monotone in its chunks' choices: the rebuilt microbatch is held once, for the largest recomputing chunk).
+    A chunk's held microbatches differ (the last chunks of the last positions hold few: interleaved 1F1B runs
+    their backward soon after their forward), so some chunks can keep their activations where the slice's others
+    cannot; the runtime recomputes per chunk. No chunk's time grows, so neither does any step."""
+    count = len(ranges)
+    if not config.recompute:
+        return [False] * count
+    s_count, v, p, r = config.positions, config.chunks, config.microbatches, config.replicas
+    m = replica_microbatch_size(problem.global_batch, p, r)
+    links = chunk_links(problem, [r] * s_count, v)
+    recomputed = [True] * count
+    limit = problem.memory_limit_bytes
+    for q in range(s_count):
+        own = list(range(q, count, s_count))  # the position's virtual stages, chunk order
+        pieces = {k: piece_cost(model, *ranges[k], m, r, True, links[k]) for k in own}
+        kept = {k: piece_cost(model, *ranges[k], m, r, False, links[k]) for k in own}
+        actions = SCHEDULE.actions(q, s_count, p, v)
+        held = chunk_peaks(actions, v)
+        order = sorted(own, key=lambda k: (-pieces[k].fwd, held[k // s_count], k))
+        changed = True
+        while changed:
+            changed = False
+            for k in (k for k in order if recomputed[k]):
+                trial = [kept[j] if j == k or not recomputed[j] else pieces[j] for j in own]
+                if limit is None or position_memory(problem, trial, actions, p, r).peak <= limit:
+                    recomputed[k], changed = False, True
+    return recomputed
 
 
 def work_lower_bound(problem: PlanProblem, model: CostModel, config: ChunkedConfig) -> float:
@@ -845,7 +890,8 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
         if found is None:
             continue
         level, ranges = found
-        plan = interleaved_plan(*priced[level], config, ranges, level)
+        recomputed = recompute_where_needed(*priced[level], config, ranges)
+        plan = interleaved_plan(*priced[level], config, ranges, level, recomputed)
         timeline = simulate_plan(problem, plan)
         if timeline.step_time < best_step * (1 - TIE):
             best_step, best_timeline = timeline.step_time, timeline

@@ -365,6 +365,51 @@ def test_interleaved_alone_where_only_1f1b_fits_says_so() -> None:
     assert "that is what a 1F1B plan needs" in str(info.value) and "schedule='auto'" in str(info.value)
 
 
+def test_chunks_with_room_keep_their_activations() -> None:
+    """A recomputing slice's cut: the chunks whose positions have room stop recomputing (the runtime recomputes
+    per chunk). Here position 0 holds 4 microbatches of chunk 0 and 2 of chunk 2, position 1 3 and 1 of chunks 1
+    and 3; at the limit only chunk 0 must recompute. Brute force over all 16 choices: within the limit, none
+    simulates faster, and none of the chunks still recomputing could stop."""
+    limit = 28e6
+    problem = uniform_problem(
+        8,
+        2,
+        16,
+        num_stages=2,
+        chunks=2,
+        max_microbatches=8,
+        min_microbatches=8,
+        allow_recompute=True,
+        schedules=(INTERLEAVED,),
+        memory_limit_bytes=limit,
+    )
+    config, ranges = il.ChunkedConfig(2, 2, 8, 1, True), [(0, 1), (2, 3), (4, 5), (6, 7)]
+    model = CostModel(problem)
+    flags = il.recompute_where_needed(problem, model, config, ranges)
+    assert flags == [True, False, False, False]
+    chosen = il.interleaved_plan(problem, model, config, ranges, recomputed=flags)
+    assert [s.recompute for s in chosen.stages] == flags
+    assert max(s.memory_bytes for s in chosen.stages) <= limit
+    everywhere = il.interleaved_plan(problem, model, config, ranges)
+    assert all(s.recompute for s in everywhere.stages)
+    step = simulate_plan(problem, chosen).step_time
+    assert step < simulate_plan(problem, everywhere).step_time
+    assert chosen.predicted_step_time < everywhere.predicted_step_time
+    fitting = []
+    for choice in itertools.product([True, False], repeat=4):
+        plan = il.interleaved_plan(problem, model, config, ranges, recomputed=list(choice))
+        if max(s.memory_bytes for s in plan.stages) <= limit:
+            fitting.append((simulate_plan(problem, plan).step_time, choice))
+    assert min(fitting)[0] == pytest.approx(step)
+    fits = {choice for _, choice in fitting}
+    assert not any(tuple(f and j != k for j, f in enumerate(flags)) in fits for k in range(4) if flags[k])
+    # without a memory limit no chunk recomputes; a slice that does not recompute is left as it is
+    free = dataclasses.replace(problem, memory_limit_bytes=None)
+    assert il.recompute_where_needed(free, CostModel(free), config, ranges) == [False] * 4
+    plain = config._replace(recompute=False)
+    assert il.recompute_where_needed(problem, model, plain, ranges) == [False] * 4
+
+
 def test_simulated_memory_counts_every_chunk() -> None:
     """The timeline of a chunked plan: per position, the static bytes of its chunks and its held activations."""
     problem = uniform_problem(8, 2, 16, num_stages=2, chunks=2, max_microbatches=4, min_microbatches=4)
