@@ -103,7 +103,7 @@ class StageTiming:
             self.allreduce - min(self.allreduce_exposed, self.allreduce), backward_end - backward_start
         )
         end = backward_end + self.allreduce - hidden
-        return end - self.allreduce, end
+        return max(end - self.allreduce, backward_start), end  # (max: not an ulp before it, by rounding)
 
     @property
     def exposed_tail(self) -> float:
@@ -241,6 +241,7 @@ def simulate(
     chunks: int = 1,
     rendezvous: bool = True,
     shared: Sequence[tuple[float, tuple[int, ...]]] = (),
+    post_ahead: bool = False,
 ) -> Timeline:
     """Simulate one step: every position runs `schedule.actions(s, S, P, chunks)` in order, one at a time.
 
@@ -249,7 +250,10 @@ def simulate(
     of i at k+1 (its B or I) and its own F(i), and a transfer of comm_out[k]; W(i) needs its own I(i). With
     `rendezvous` (the runtime: sends are asynchronous, the consumer posts a blocking receive when it starts the
     action and the data moves once both sides are there) the transfer starts at max(position free, producer
-    done) and the consumer waits for it, so compute starts at max(free, producer done) + transfer. Without it
+    done) and the consumer waits for it, so compute starts at max(free, producer done) + transfer; with
+    `post_ahead` too (what the runtime does: a position posts the receive of its next F or B/I as it reaches the
+    one before, `Pipeline._post_receives`) the transfer starts at max(posted, producer done) and overlaps the
+    action between, so compute starts at max(free, that + transfer). Without `rendezvous`
     the data travels on its own as soon as it is produced: compute starts at max(free, producer done +
     transfer). After its last action each position runs its gradient allreduce (its chunks' together); then
     each `shared` (seconds, virtual stages) allreduce (a parameter held by several stages) starts when all its
@@ -262,7 +266,7 @@ def simulate(
         raise ValueError(f"{len(stage_times)} virtual stages do not make {chunks} chunks per position")
     positions = len(stage_times) // chunks
     lists = [schedule.actions(s, positions, microbatches, chunks) for s in range(positions)]
-    events = _run_actions(stage_times, lists, chunks, rendezvous)
+    events = _run_actions(stage_times, lists, chunks, rendezvous, post_ahead)
     if events is None:
         raise RuntimeError(
             f"schedule {schedule!r} deadlocks with {positions} positions, {chunks} chunks, {microbatches} mb"
@@ -339,7 +343,11 @@ def _needs(kind: ActionKind, microbatch: int, stage: int, last: int) -> tuple[tu
 
 
 def _run_actions(
-    stage_times: list[StageTiming], lists: list[list[Action]], chunks: int, rendezvous: bool
+    stage_times: list[StageTiming],
+    lists: list[list[Action]],
+    chunks: int,
+    rendezvous: bool,
+    post_ahead: bool = False,
 ) -> list[list[Event]] | None:
     """The compute and receive events of every position running its action list (None: deadlock).
 
@@ -348,6 +356,9 @@ def _run_actions(
     last = len(stage_times) - 1
     done: dict[tuple, float] = {}  # (kind or "G", microbatch, virtual stage) -> compute end
     free = [0.0] * positions
+    # post_ahead: when the position posted the receive of its next F or B/I (the runtime posts it as it reaches the
+    # F or B/I before it, `Pipeline._post_receives`; None: it posts it on reaching it, as for the first)
+    posted_next: list[float | None] = [None] * positions
     cursor = [0] * positions
     events: list[list[Event]] = [[] for _ in range(positions)]
     remaining = sum(len(actions) for actions in lists)
@@ -364,7 +375,16 @@ def _run_actions(
                 produced = done[producer] if producer is not None else 0.0
                 floor = max(free[s], done[own]) if own is not None else free[s]
                 transfer = _receive_time(stage_times, k, kind) if producer is not None else 0.0
-                if rendezvous:
+                if rendezvous and post_ahead:
+                    posted = posted_next[s]
+                    moving = max(floor if posted is None else posted, produced)  # the data moves from then on
+                    start = max(floor, moving + transfer)
+                    waited = max(floor, moving)
+                    if transfer > 0 and start > waited:  # the part of the transfer this position waits for
+                        events[s].append(Event(_RECEIVE[kind], i, waited, start, chunk))
+                    if kind == ActionKind.FORWARD or kind.sends_grad:
+                        posted_next[s] = free[s]  # reaching this action, it posts the next one's receive
+                elif rendezvous:
                     posted = max(floor, produced)
                     start = posted + transfer
                     if transfer > 0:
@@ -412,7 +432,12 @@ _GRADIENT_PASSES = (EventKind.BACKWARD, EventKind.BACKWARD_WEIGHT)
 
 
 def bubble_bound(
-    stage_times: list[StageTiming], microbatches: int, *, rendezvous: bool = True, split: bool = False
+    stage_times: list[StageTiming],
+    microbatches: int,
+    *,
+    rendezvous: bool = True,
+    split: bool = False,
+    post_ahead: bool = False,
 ) -> float:
     """A lower bound on `simulate(...).step_time` for any one-chunk schedule with whole backwards (each stage runs
     every F and B once), or with `split` backwards (a W pass can end a stage after its gradients left, so the
@@ -420,7 +445,8 @@ def bubble_bound(
 
     For each stage s: its first forward cannot compute before microbatch 0 went through the stages before it
     (head_s = sum_{k<s} fwd_k + sum_{0<k<=s} comm_in_k); from then on it computes P forwards and P backwards
-    (plus, with rendezvous, waits for P-1 more input receives and P gradient receives); after its last backward
+    (plus, with rendezvous and receives not posted ahead, waits for P-1 more input receives and P gradient
+    receives; posted ahead, a transfer can overlap the action before it); after its last backward
     that gradient still has to reach every earlier stage k and k run its allreduce
     (tail_s = max(AR_s, max_{k<s} sum_{k<=j<s} (comm_out_j + bwd_j) + AR_k)). The bound is
     max_s head_s + work_s + tail_s; with balanced stages and no communication it equals the analytic
@@ -435,7 +461,7 @@ def bubble_bound(
         recv_grad = _receive_time(stage_times, s, ActionKind.BACKWARD)
         head += recv_in
         work = p * (t.fwd + t.bwd)
-        if rendezvous:
+        if rendezvous and not post_ahead:
             work += (p - 1) * recv_in + p * recv_grad
         tail, drain = t.exposed_tail, 0.0
         for k in range(s - 1, -1, -1) if not split else ():
@@ -621,9 +647,12 @@ def shared_allreduces(problem: PlanProblem, plan: Plan) -> list[tuple[float, tup
     return found
 
 
-def simulate_plan(problem: PlanProblem, plan: Plan, *, rendezvous: bool = True) -> Timeline:
+def simulate_plan(
+    problem: PlanProblem, plan: Plan, *, rendezvous: bool = True, post_ahead: bool = True
+) -> Timeline:
     """Simulate one step of `plan` with the stage costs the planner used for it (and the allreduce of
-    parameters shared between its stages, which the planner's own cost leaves out)."""
+    parameters shared between its stages, which the planner's own cost leaves out), its receives posted one
+    action ahead as the runtime posts them (`simulate`'s `post_ahead`)."""
     return simulate(
         stage_timings(problem, plan),
         plan.microbatches,
@@ -631,4 +660,5 @@ def simulate_plan(problem: PlanProblem, plan: Plan, *, rendezvous: bool = True) 
         chunks=plan.chunks,
         rendezvous=rendezvous,
         shared=shared_allreduces(problem, plan),
+        post_ahead=post_ahead,
     )

@@ -179,6 +179,24 @@ def test_rendezvous_receivers_wait_for_transfers() -> None:
     assert many.step_time > simulate(times, 6, "1f1b", rendezvous=False).step_time
 
 
+def test_receives_posted_ahead_overlap_the_action_before() -> None:
+    """The runtime posts the receive of a position's next F or B as it starts the one before
+    (`Pipeline._post_receives`): fill-drain on 2 stages (F = 1, B = 2, transfers 0.5), stage 1's second input
+    arrives while it computes its first forward, so that forward starts at 2.5 (posted on arrival: 3.0)."""
+    times = [StageTiming(1.0, 2.0, comm_out=0.5), StageTiming(1.0, 2.0, comm_in=0.5)]
+    on_arrival = simulate(times, 2, "fill_drain")
+    ahead = simulate(times, 2, "fill_drain", post_ahead=True)
+
+    def second_forward(timeline):
+        return next(e for e in timeline.events[1] if e.name == "F1")
+
+    assert second_forward(on_arrival).start == pytest.approx(1.5 + 1.0 + 0.5)
+    assert second_forward(ahead).start == pytest.approx(2.5)  # stage 0's F1 ends at 2, + 0.5 in flight
+    assert [e.name for e in ahead.events[1]][:3] == ["recv_act0", "F0", "F1"]  # only the first transfer waited
+    assert ahead.step_time < on_arrival.step_time
+    assert ahead.step_time >= simulate(times, 2, "fill_drain", rendezvous=False).step_time
+
+
 def test_bad_input_raises() -> None:
     with pytest.raises(ValueError):
         simulate([], 2, "1f1b")
@@ -220,10 +238,18 @@ def test_simulate_plan_uses_the_planner_costs() -> None:
         assert analytic_step_time(timeline.stages, plan.microbatches, split=split) == pytest.approx(
             plan.predicted_step_time, rel=1e-12
         )
-        for rendezvous in (True, False):
-            got = simulate_plan(problem, plan, rendezvous=rendezvous)
-            bound = bubble_bound(got.stages, plan.microbatches, rendezvous=rendezvous, split=split)
+        steps = {}
+        for rendezvous, ahead in ((True, True), (True, False), (False, False)):
+            got = simulate_plan(problem, plan, rendezvous=rendezvous, post_ahead=ahead)
+            bound = bubble_bound(
+                got.stages, plan.microbatches, rendezvous=rendezvous, split=split, post_ahead=ahead
+            )
             assert got.step_time >= bound * (1 - 1e-12)
+            steps[rendezvous, ahead] = got.step_time
+        # receives posted ahead (the runtime's) wait no longer than posted on arrival, and no shorter than data
+        # that moves as soon as it is produced
+        assert steps[False, False] * (1 - 1e-12) <= steps[True, True] <= steps[True, False] * (1 + 1e-12)
+        assert timeline.step_time == steps[True, True]
         # the overlapped allreduce can only shorten the step
         apart = simulate_plan(dataclasses.replace(problem, overlap_grad_sync=False), plan)
         assert timeline.step_time <= apart.step_time * (1 + 1e-12)
@@ -249,7 +275,8 @@ def test_simulate_plan_with_recompute_and_inter_node_links() -> None:
         assert ("recompute workspace" in timing.memory_parts) == stage.recompute
     assert timeline.peak_memory == pytest.approx([s.memory_bytes for s in plan.stages], rel=1e-12)
     assert analytic_step_time(timeline.stages, plan.microbatches) == pytest.approx(plan.predicted_step_time)
-    assert bubble_bound(timeline.stages, plan.microbatches) <= timeline.step_time <= plan.predicted_step_time
+    bound = bubble_bound(timeline.stages, plan.microbatches, post_ahead=True)
+    assert bound <= timeline.step_time <= plan.predicted_step_time
 
 
 def test_plot_plan_writes_a_png(tmp_path) -> None:
