@@ -192,7 +192,8 @@ def test_receives_posted_ahead_overlap_the_action_before() -> None:
 
     assert second_forward(on_arrival).start == pytest.approx(1.5 + 1.0 + 0.5)
     assert second_forward(ahead).start == pytest.approx(2.5)  # stage 0's F1 ends at 2, + 0.5 in flight
-    assert [e.name for e in ahead.events[1]][:3] == ["recv_act0", "F0", "F1"]  # only the first transfer waited
+    # only the first transfer is waited for
+    assert [e.name for e in ahead.events[1]][:3] == ["recv_act0", "F0", "F1"]
     assert ahead.step_time < on_arrival.step_time
     assert ahead.step_time >= simulate(times, 2, "fill_drain", rendezvous=False).step_time
 
