@@ -32,7 +32,7 @@ from .graph.analysis import GraphAnalysis, module_range
 from .graph.stage import StageGraph
 from .graph.tables import input_bytes, parameter_facts, range_tables
 from .plan import Plan, PlanProblem, minimum_memory_needed, plan_stages, required_microbatch_sizes
-from .plan.checks import searched_schedules
+from .plan.checks import only_interleaved
 from .plan.types import (
     BlockProfile,
     Links,
@@ -387,9 +387,7 @@ def memory_hint(
         f"{device} GiB. Give each device more memory ({knobs.memory.format(gib=device)}), use more ranks or a "
         "smaller batch"
     )
-    if Schedule.INTERLEAVED_1F1B in problem.schedules and not searched_schedules(
-        problem
-    ):  # interleaved 1F1B alone: minimum_memory_needed prices 1F1B for it
+    if only_interleaved(problem):  # minimum_memory_needed priced 1F1B for it
         text += (
             "; that is what a 1F1B plan needs, and interleaved 1F1B (the only schedule allowed) holds more "
             f"activations per position than a 1F1B stage: allow 1F1B too ({knobs.schedules})"

@@ -14,6 +14,7 @@ __all__ = [
     "check_problem",
     "memory_error_message",
     "no_plan_message",
+    "only_interleaved",
     "required_microbatch_sizes",
     "searched_schedules",
     "stage_counts",
@@ -48,6 +49,12 @@ def stage_counts(problem: PlanProblem) -> list[int]:
     if problem.num_stages is not None:
         return [problem.num_stages]
     return list(range(1, most + 1))
+
+
+def only_interleaved(problem: PlanProblem) -> bool:
+    """Whether interleaved 1F1B is the only schedule the problem allows (the stage search then searches none, and
+    `minimum_memory_needed` prices 1F1B in its stead)."""
+    return Schedule.INTERLEAVED_1F1B in problem.schedules and not searched_schedules(problem)
 
 
 def searched_schedules(problem: PlanProblem, memory_only: bool = False) -> list[tuple[int, Schedule]]:

@@ -36,6 +36,7 @@ from .checks import (
     check_problem,
     memory_error_message,
     no_plan_message,
+    only_interleaved,
     searched_schedules,
     stage_counts,
 )
@@ -331,7 +332,7 @@ def plan_stages(problem: PlanProblem) -> Plan:
 def _no_plan_reason(problem: PlanProblem, interleaved: InterleavedSearch | None) -> str:
     """Why `plan_stages` found no plan: no interleaved choice at all, interleaved 1F1B alone failing where 1F1B
     would fit (minimum_memory_needed stands 1F1B in for it), or too little memory."""
-    alone = not searched_schedules(problem)
+    alone = only_interleaved(problem)
     if alone and not interleaved_configs(problem):
         return no_interleaved_message(problem)
     needed = minimum_memory_needed(problem)

@@ -375,20 +375,15 @@ def _run_actions(
                 produced = done[producer] if producer is not None else 0.0
                 floor = max(free[s], done[own]) if own is not None else free[s]
                 transfer = _receive_time(stage_times, k, kind) if producer is not None else 0.0
-                if rendezvous and post_ahead:
-                    posted = posted_next[s]
+                if rendezvous:
+                    posted = posted_next[s]  # (always None without post_ahead: posted on reaching it)
                     moving = max(floor if posted is None else posted, produced)  # the data moves from then on
                     start = max(floor, moving + transfer)
                     waited = max(floor, moving)
                     if transfer > 0 and start > waited:  # the part of the transfer this position waits for
                         events[s].append(Event(_RECEIVE[kind], i, waited, start, chunk))
-                    if kind == ActionKind.FORWARD or kind.sends_grad:
+                    if post_ahead and (kind == ActionKind.FORWARD or kind.sends_grad):
                         posted_next[s] = free[s]  # reaching this action, it posts the next one's receive
-                elif rendezvous:
-                    posted = max(floor, produced)
-                    start = posted + transfer
-                    if transfer > 0:
-                        events[s].append(Event(_RECEIVE[kind], i, posted, start, chunk))
                 else:
                     start = max(floor, produced + transfer)
                 end = start + stage_times[k].duration(kind)
