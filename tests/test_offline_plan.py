@@ -216,6 +216,32 @@ def test_plan_zero_bubble_prices_i_and_w(capsys: pytest.CaptureFixture[str]) -> 
             assert weight == 0 and block.deferred_grad_bytes_at(1) == 0, k
 
 
+@pytest.mark.slow
+def test_finer_blocks_are_estimated_at_the_interleaved_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interleaved 1F1B searched again on twice the blocks: those blocks are estimated only at the microbatch sizes
+    its slices use, and the plan is the one estimating every size of the search space gives."""
+    import rannc.offline as offline
+    from rannc.plan.interleave import interleaved_replica_sizes
+
+    settings = dict(world_size=WORLD, device_memory_bytes=8 * GIB, global_batch=BATCH, device="a100-40gb")
+    settings.update(schedules=("1f1b", "interleaved_1f1b"))
+    result = plan_offline(big_factory, **settings)
+    plan, report = result.deployment.plan, result.report
+    assert plan.schedule == Schedule.INTERLEAVED_1F1B and report["num_blocks"] == 64  # the coarse search: 32
+    sizes = report["profiled_microbatch_sizes"]
+    assert sizes == interleaved_replica_sizes(result.problem, 64) and len(sizes) < 7  # of 1, 2, 4, ..., 64
+    assert set(result.problem.blocks[0].fwd_time) == set(sizes)
+    stage_sizes = {s.microbatch_size for s in plan.stages}
+    assert stage_sizes <= set(sizes)
+
+    every_size = [1, 2, 4, 8, 16, 32, 64]  # the search space's profile_sizes for a global batch of 64
+    monkeypatch.setattr(offline, "interleaved_replica_sizes", lambda problem, num_blocks: every_size)
+    everywhere = plan_offline(big_factory, **settings)
+    assert everywhere.report["profiled_microbatch_sizes"] == every_size
+    assert everywhere.deployment.plan.stages == plan.stages
+    assert everywhere.timeline.step_time == pytest.approx(result.timeline.step_time, rel=1e-12)
+
+
 def test_plan_refuses_unknown_schedules(capsys: pytest.CaptureFixture[str]) -> None:
     argv = [
         "plan",

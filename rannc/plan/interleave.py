@@ -68,6 +68,7 @@ __all__ = [
     "interleaved_configs",
     "interleaved_microbatch_counts",
     "interleaved_plan",
+    "interleaved_replica_sizes",
     "interleaved_shard_levels",
     "interleaved_step_time",
     "no_interleaved_message",
@@ -123,9 +124,11 @@ class ChunkedConfig(NamedTuple):
     recompute: bool
 
 
-def position_counts(problem: PlanProblem) -> list[int]:
-    """Positions S searched: the forced stage count, or every S >= 2 dividing the world with 2 S <= blocks."""
-    num_blocks, world = len(problem.blocks), problem.world_size
+def position_counts(problem: PlanProblem, num_blocks: int | None = None) -> list[int]:
+    """Positions S searched: the forced stage count, or every S >= 2 dividing the world with 2 S <= blocks (the
+    problem's, or `num_blocks` for the same model cut into that many)."""
+    num_blocks = len(problem.blocks) if num_blocks is None else num_blocks
+    world = problem.world_size
     if problem.num_stages is not None:
         forced = problem.num_stages
         return [forced] if forced >= 2 and world % forced == 0 and 2 * forced <= num_blocks else []
@@ -148,6 +151,18 @@ def interleaved_microbatch_counts(problem: PlanProblem, positions: int) -> list[
         for p in microbatch_counts(problem)
         if p >= positions and p % (p // positions) == 0 and replicas in replica_counts(problem, p)
     ]
+
+
+def interleaved_replica_sizes(problem: PlanProblem, num_blocks: int) -> list[int]:
+    """The per-replica microbatch sizes of every slice of `problem`'s choice set were its model cut into at most
+    `num_blocks` blocks: the sizes a search on such blocks prices (and so the only ones worth estimating)."""
+    return sorted(
+        {
+            replica_microbatch_size(problem.global_batch, p, problem.world_size // s)
+            for s in position_counts(problem, num_blocks)
+            for p in interleaved_microbatch_counts(problem, s)
+        }
+    )
 
 
 def interleaved_shard_levels(problem: PlanProblem) -> tuple[ShardLevel, ...]:

@@ -18,7 +18,7 @@ from rannc.deploy.plot import memory_parts, plan_figure, plot_plan
 from rannc.errors import PlanError
 from rannc.plan import BlockProfile, Plan, PlanProblem, interpolate, minimum_memory_needed, plan_stages
 from rannc.plan import interleave as il
-from rannc.plan.cost import CostModel
+from rannc.plan.cost import CostModel, replica_microbatch_size
 from rannc.plan.simulate import simulate, simulate_plan, stage_timings
 from rannc.plan.trace import timeline_to_trace
 from rannc.plan.types import ShardLevel
@@ -322,6 +322,21 @@ def test_microbatches_follow_the_schedules_rule() -> None:
     counts = il.interleaved_microbatch_counts(problem, 4)
     assert 3 not in counts and {4, 5, 6, 7, 8, 10, 12} <= set(counts)  # one round of 4..7, two of 8, 10, 12
     assert 9 not in counts and 11 not in counts  # 2 rounds do not divide 9 or 11
+
+
+def test_replica_sizes_are_those_of_the_slices() -> None:
+    """`rannc plan` estimates finer blocks only at these sizes: every slice of the finer cut must find its own."""
+    problem = uniform_problem(8, 8, 96, max_microbatches=24)
+    for num_blocks in (4, 8, 16):
+        cut = uniform_problem(num_blocks, 8, 96, max_microbatches=24)
+        used = {
+            replica_microbatch_size(cut.global_batch, c.microbatches, c.replicas)
+            for c in il.interleaved_configs(cut)
+        }
+        assert il.interleaved_replica_sizes(problem, num_blocks) == sorted(used)
+    # 16 blocks also allow 8 positions of one replica (sizes 9 and 11: 96 samples in 11 or 9 microbatches)
+    assert il.interleaved_replica_sizes(problem, 16) == list(range(1, 13))
+    assert il.interleaved_replica_sizes(problem, 4) == [1, 2, 3, 4, 6, 8, 12]
 
 
 def test_only_interleaved_without_a_cut_says_so() -> None:
