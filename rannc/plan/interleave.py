@@ -899,12 +899,12 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
     for bound, _, config in ranked:
         if bound >= best_step:
             break
-        found, exact = _least_sharded_cut(priced, config)
+        cut = _least_sharded_cut(priced, config)
         searched += 1
-        inexact += not exact
-        if found is None:
+        inexact += not cut.exact
+        if cut.ranges is None:
             continue
-        level, ranges = found
+        level, ranges = cut.level, cut.ranges
         recomputed = recompute_where_needed(*priced[level], config, ranges)
         plan = interleaved_plan(*priced[level], config, ranges, level, recomputed)
         timeline = simulate_plan(problem, plan)
@@ -938,11 +938,18 @@ def interleaved_memory_message(
     )
 
 
+class ShardedCut(NamedTuple):
+    """A slice's cut at the least sharding with which one fits (`ranges` None: none fits at any level)."""
+
+    level: ShardLevel
+    ranges: list[tuple[int, int]] | None
+    exact: bool  # every cut search it ran was exact (none ran out of NODE_BUDGET)
+
+
 def _least_sharded_cut(
     priced: dict[ShardLevel, tuple[PlanProblem, CostModel]], config: ChunkedConfig
-) -> tuple[tuple[ShardLevel, list[tuple[int, int]]] | None, bool]:
-    """The first level of `priced` (least sharding first) at which a cut of `config` fits, and that cut (None:
-    none fits), and whether every cut search was exact."""
+) -> ShardedCut:
+    """The first level of `priced` (least sharding first) at which a cut of `config` fits, and that cut."""
     exact = True
     for level, (problem, model) in priced.items():
         if level != ShardLevel.NONE and config.replicas == 1:
@@ -971,5 +978,5 @@ def _least_sharded_cut(
                 least,
             )
         if ranges is not None:
-            return (level, ranges), exact
-    return None, exact
+            return ShardedCut(level, ranges, exact)
+    return ShardedCut(ShardLevel.NONE, None, exact)
