@@ -32,7 +32,7 @@ __all__ = [
 
 
 def peak_activation_bytes(
-    actions: list[Action], chunk_bytes: Sequence[float], deferred_bytes: Sequence[float] | None = None
+    actions: Sequence[Action], chunk_bytes: Sequence[float], deferred_bytes: Sequence[float] | None = None
 ) -> float:
     """Most activation bytes held at once while running `actions`, one microbatch of chunk c holding
     `chunk_bytes[c]` from its forward until the pass that releases it, and `deferred_bytes[c]` more from its I
@@ -52,7 +52,7 @@ def peak_activation_bytes(
     return peak
 
 
-def held_profile(actions: list[Action], chunks: int) -> np.ndarray:
+def held_profile(actions: Sequence[Action], chunks: int) -> np.ndarray:
     """[forward number][chunk]: how many microbatches of each chunk are held right after each forward of
     `actions` (the moments a peak can occur). The activation peak for chunk bytes a is ``(profile @ a).max()``."""
     counts = np.zeros(chunks)
@@ -66,7 +66,7 @@ def held_profile(actions: list[Action], chunks: int) -> np.ndarray:
     return np.array(rows) if rows else np.zeros((1, chunks))
 
 
-def chunk_peaks(actions: list[Action], chunks: int) -> list[int]:
+def chunk_peaks(actions: Sequence[Action], chunks: int) -> list[int]:
     """Most microbatches of each chunk held at once (forward until release) while running `actions`."""
     return [int(v) for v in held_profile(actions, chunks).max(axis=0)]
 
@@ -202,7 +202,11 @@ class PositionMemory:
 
 
 def position_memory(
-    problem: PlanProblem, pieces: Sequence[PieceCost], actions: list[Action], microbatches: int, replicas: int
+    problem: PlanProblem,
+    pieces: Sequence[PieceCost],
+    actions: Sequence[Action],
+    microbatches: int,
+    replicas: int,
 ) -> PositionMemory:
     """Memory of a position running `pieces` (its chunks, chunk order) with the action list `actions`.
 

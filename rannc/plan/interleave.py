@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..schedule import Schedule
+from ..schedule import Action, Schedule
 from .chunked import (
     PieceCost,
     chunk_links,
@@ -219,11 +219,18 @@ def interleaved_step_time(
 
 
 @functools.lru_cache(maxsize=16)
+def position_actions(positions: int, microbatches: int, chunks: int) -> tuple[tuple[Action, ...], ...]:
+    """Every position's actions of one interleaved step, built once per slice shape (the cut search's held
+    profiles, `recompute_where_needed` and `interleaved_plan` all read them)."""
+    return tuple(tuple(SCHEDULE.actions(q, positions, microbatches, chunks)) for q in range(positions))
+
+
+@functools.lru_cache(maxsize=16)
 def held_profiles(positions: int, microbatches: int, chunks: int) -> list[np.ndarray]:
     """Every position's `held_profile` of the interleaved schedule (shared by the slices of both recompute
-    choices, which would otherwise each build every position's actions)."""
+    choices)."""
     profiles = [
-        held_profile(SCHEDULE.actions(q, positions, microbatches, chunks), chunks) for q in range(positions)
+        held_profile(actions, chunks) for actions in position_actions(positions, microbatches, chunks)
     ]
     for profile in profiles:
         profile.setflags(write=False)
@@ -778,7 +785,7 @@ def interleaved_plan(
         piece_cost(model, first, last, m, r, recomputed[k], links[k])
         for k, (first, last) in enumerate(ranges)
     ]
-    actions = [SCHEDULE.actions(q, s_count, p, v) for q in range(s_count)]
+    actions = position_actions(s_count, p, v)
     memories = [position_memory(problem, pieces[q::s_count], actions[q], p, r).peak for q in range(s_count)]
     tails = []
     for q in range(s_count):
@@ -842,7 +849,7 @@ def recompute_where_needed(
         own = list(range(q, count, s_count))  # the position's virtual stages, chunk order
         pieces = {k: piece_cost(model, *ranges[k], m, r, True, links[k]) for k in own}
         kept = {k: piece_cost(model, *ranges[k], m, r, False, links[k]) for k in own}
-        actions = SCHEDULE.actions(q, s_count, p, v)
+        actions = position_actions(s_count, p, v)[q]
         held = chunk_peaks(actions, v)
         order = sorted(own, key=lambda k: (-pieces[k].fwd, held[k // s_count], k))
         changed = True
