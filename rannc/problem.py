@@ -67,10 +67,10 @@ COMPACT_WORLD = 64
 COMPACT_MICROBATCHES = 32
 _GIB = 2**30
 # What schedule = "auto" lets the planner choose among (the first preferred on a tie). Zero bubble takes more
-# memory than 1F1B for a shorter step; fill-drain runs models that return more than one scalar loss. Interleaved
-# 1F1B is chosen when asked for (schedule="interleaved_1f1b", rannc plan --schedules): its cut search can take tens
-# of seconds where memory binds on small models.
-AUTO_SCHEDULES = (Schedule.ONE_F_ONE_B, Schedule.ZERO_BUBBLE, Schedule.FILL_DRAIN)
+# memory than 1F1B for a shorter step; fill-drain runs models that return more than one scalar loss; interleaved
+# 1F1B replaces the others' best plan when it simulates faster (its cut searches share a node budget,
+# `interleave.SEARCH_NODE_BUDGET`, so planning where memory binds stays seconds).
+AUTO_SCHEDULES = (Schedule.ONE_F_ONE_B, Schedule.ZERO_BUBBLE, Schedule.FILL_DRAIN, Schedule.INTERLEAVED_1F1B)
 
 
 # ---- the search space and the links -------------------------------------------------------------------------

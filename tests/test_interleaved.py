@@ -160,6 +160,7 @@ def test_gpt2_interleaved_matches_one_process(tmp_path: Path) -> None:
 
 def test_schedules_a_job_allows() -> None:
     assert Schedule.INTERLEAVED_1F1B in job_schedules(load_config(schedule="interleaved_1f1b"), True)
+    assert job_schedules(load_config(), True)[-1] == Schedule.INTERLEAVED_1F1B  # "auto": the last on a tie
     # chunks = 1 leaves interleaving out of "auto"
     assert Schedule.INTERLEAVED_1F1B not in job_schedules(load_config(chunks=1), True)
     with pytest.raises(PlanError, match="interleaved 1F1B need"):

@@ -85,6 +85,12 @@ SCHEDULE = Schedule.INTERLEAVED_1F1B
 # parameter state is short, `CutSearch._state_short` proves it before searching: GPT-3 175B on 32 positions of
 # 80 GB); a cut that fits is found in a few nodes per virtual stage.
 NODE_BUDGET = 5_000
+# Depth-first nodes all the cut searches of one `best_interleaved` may visit together. Where memory binds on every
+# slice (a small model planned at its least memory), each of a hundred slices would spend NODE_BUDGET failing to
+# find a cut (measured: a 4 x 256 GPT-2 on 4 ranks at 0.321 GiB, 70 slices, 173k nodes, 17 s); the slices left
+# when it runs out are not searched (`InterleavedSearch.skipped`) and the best plan found so far stands. The
+# searches of GPT-3 175B on 1024 ranks visit 14k nodes in all.
+SEARCH_NODE_BUDGET = 20_000
 # Choices of chunk ranges `CutSearch._state_short` weighs for a slice's positions together before it gives up (proves
 # nothing).
 COMPOSITION_BUDGET = 5_000
@@ -104,14 +110,16 @@ class RangeTables(NamedTuple):
 
 
 class InterleavedSearch(NamedTuple):
-    """What `best_interleaved` found: the plan (None: no slice beat the cutoff), how many slices it cut, and of
-    those how many cut searches ran out of NODE_BUDGET (their slices' cuts may not be the least, or a slice counted
-    as not fitting may have a cut that fits)."""
+    """What `best_interleaved` found: the plan (None: no slice beat the cutoff), how many slices it cut, of
+    those how many cut searches ran out of nodes (their slices' cuts may not be the least, or a slice counted as
+    not fitting may have a cut that fits), and how many slices that could still have beaten the best plan were
+    not searched because SEARCH_NODE_BUDGET ran out."""
 
     plan: Plan | None
     searched: int
     inexact: int
     timeline: Timeline | None = None  # the plan's simulated step
+    skipped: int = 0
 
 
 class ChunkedConfig(NamedTuple):
@@ -240,8 +248,11 @@ def held_profiles(positions: int, microbatches: int, chunks: int) -> list[np.nda
 class CutSearch:
     """The exact least-t_max cut of one ChunkedConfig (see the module's docstring); `run()` returns it."""
 
-    def __init__(self, problem: PlanProblem, model: CostModel, config: ChunkedConfig) -> None:
+    def __init__(
+        self, problem: PlanProblem, model: CostModel, config: ChunkedConfig, budget: int | None = None
+    ) -> None:
         self.problem, self.model, self.config = problem, model, config
+        self.budget = NODE_BUDGET if budget is None else budget  # depth-first nodes it may visit
         s, v, p, r = config.positions, config.chunks, config.microbatches, config.replicas
         self.n = len(problem.blocks)
         self.count = s * v
@@ -253,7 +264,7 @@ class CutSearch:
         self.limit = problem.memory_limit_bytes
         self._aggregate_tables()
         self._floor_tables()
-        self.exact = True  # False once a threshold's search ran out of NODE_BUDGET
+        self.exact = True  # False once a threshold's search ran out of its node budget
         # (least t_max any fitting cut can have, t_max of the cut returned): equal when exact, set by run()
         self.t_max_bounds: tuple[float, float] | None = None
         self.nodes = 0  # depth-first nodes visited so far
@@ -651,7 +662,7 @@ class CutSearch:
             found = self._cut(float(values[middle]))
             if found is None:
                 low = middle + 1
-                if self.nodes <= NODE_BUDGET:
+                if self.nodes <= self.budget:
                     proven = low
             else:
                 best, high = found, middle
@@ -718,7 +729,7 @@ class CutSearch:
             if k == self.count:
                 return b == self.n
             self.nodes += 1
-            if self.nodes > NODE_BUDGET:
+            if self.nodes > self.budget:
                 self.exact = False
                 return False
             key, s = (k, b), k % s_count
@@ -746,7 +757,7 @@ class CutSearch:
                 if search(k + 1, j + 1, after):
                     lasts.append(j)
                     return True
-                if self.nodes > NODE_BUDGET:
+                if self.nodes > self.budget:
                     return False
             if self.limit is not None:
                 if not tried:  # every range was over position s's memory: only its holding matters
@@ -890,7 +901,7 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
     any. Its predicted_step_time is the simulated one, analytic_step_time the interleaved cost model's.
 
     Slices are taken in the order of `work_lower_bound` and the rest skipped once the bound is above the best
-    step found; each is cut at the first of `interleaved_shard_levels` with which a cut fits (a level at which
+    step found or the searches have visited SEARCH_NODE_BUDGET nodes; each is cut at the first of `interleaved_shard_levels` with which a cut fits (a level at which
     the slice's share of the parameter state alone is over the memory limit is skipped)."""
     priced = {level: priced_for(problem, model, level) for level in interleaved_shard_levels(problem)}
     ranked = sorted(
@@ -903,10 +914,22 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
     best_timeline: Timeline | None = None
     best_step = cutoff
     searched = inexact = 0
-    for bound, _, config in ranked:
+    nodes_left = SEARCH_NODE_BUDGET
+    for index, (bound, _, config) in enumerate(ranked):
         if bound >= best_step:
             break
-        cut = _least_sharded_cut(priced, config)
+        if nodes_left <= 0:
+            skipped = sum(1 for later, _, _ in ranked[index:] if later < best_step)
+            logger.info(
+                "interleaved 1F1B: the cut searches visited SEARCH_NODE_BUDGET (%d) nodes; %d slice(s) whose "
+                "bound is under the best step (%.4g s) not searched",
+                SEARCH_NODE_BUDGET,
+                skipped,
+                best_step,
+            )
+            return InterleavedSearch(best, searched, inexact, best_timeline, skipped)
+        cut = _least_sharded_cut(priced, config, nodes_left)
+        nodes_left -= cut.nodes
         searched += 1
         inexact += not cut.exact
         if cut.ranges is None:
@@ -935,6 +958,9 @@ def interleaved_memory_message(
         if search.inexact
         else ""
     )
+    if search.skipped:
+        ran_out += f"; {search.skipped} more not searched once the searches' node budget was spent"
+
     return (
         f"no interleaved 1F1B plan fits in {limit / 2**30:.3f} GiB per device for {problem.world_size} rank(s) and "
         f"global batch {problem.global_batch} ({search.searched} choice(s) of positions x chunks x microbatches "
@@ -950,23 +976,25 @@ class ShardedCut(NamedTuple):
 
     level: ShardLevel
     ranges: list[tuple[int, int]] | None
-    exact: bool  # every cut search it ran was exact (none ran out of NODE_BUDGET)
+    exact: bool  # every cut search it ran was exact (none ran out of nodes)
+    nodes: int  # depth-first nodes its cut searches visited
 
 
 def _least_sharded_cut(
-    priced: dict[ShardLevel, tuple[PlanProblem, CostModel]], config: ChunkedConfig
+    priced: dict[ShardLevel, tuple[PlanProblem, CostModel]], config: ChunkedConfig, nodes_left: int
 ) -> ShardedCut:
-    """The first level of `priced` (least sharding first) at which a cut of `config` fits, and that cut."""
-    exact = True
+    """The first level of `priced` (least sharding first) at which a cut of `config` fits, and that cut; its
+    cut searches visit at most NODE_BUDGET nodes each and `nodes_left` together."""
+    exact, nodes = True, 0
     for level, (problem, model) in priced.items():
         if level != ShardLevel.NONE and config.replicas == 1:
             continue  # nothing to shard over
         limit = problem.memory_limit_bytes
         if limit is not None and state_lower_bound(problem, config) > limit:
             continue
-        search = CutSearch(problem, model, config)
+        search = CutSearch(problem, model, config, min(NODE_BUDGET, nodes_left - nodes))
         ranges = search.run()
-        exact = exact and search.exact
+        exact, nodes = exact and search.exact, nodes + search.nodes
         if not search.exact and ranges is None:
             logger.info(
                 "interleaved slice %s (%s): the cut search ran out of nodes before finding a cut that fits; "
@@ -985,5 +1013,5 @@ def _least_sharded_cut(
                 least,
             )
         if ranges is not None:
-            return ShardedCut(level, ranges, exact)
-    return ShardedCut(ShardLevel.NONE, None, exact)
+            return ShardedCut(level, ranges, exact, nodes)
+    return ShardedCut(ShardLevel.NONE, None, exact, nodes)

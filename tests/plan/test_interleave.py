@@ -22,7 +22,7 @@ from rannc.plan.cost import CostModel, replica_microbatch_size
 from rannc.plan.simulate import simulate, simulate_plan, stage_timings
 from rannc.plan.trace import timeline_to_trace
 from rannc.plan.types import ShardLevel
-from rannc.problem import JOB_KNOBS, plan_or_explain
+from rannc.problem import AUTO_SCHEDULES, JOB_KNOBS, plan_or_explain
 from rannc.schedule import ActionKind, Schedule
 
 INTERLEAVED = Schedule.INTERLEAVED_1F1B
@@ -302,6 +302,8 @@ def test_interleaving_equal_blocks_meets_the_closed_form() -> None:
     assert [(s.first_block, s.last_block) for s in plan.stages] == [(b, b) for b in range(16)]
     timeline = simulate_plan(problem, plan)
     assert timeline.bubble_fraction == pytest.approx((4 - 1) / (8 * 4 + 4 - 1))
+    # schedule "auto" chooses it too
+    assert plan_stages(dataclasses.replace(problem, schedules=AUTO_SCHEDULES)) == plan
 
 
 def test_forced_chunks_and_positions() -> None:
@@ -648,6 +650,46 @@ def test_cut_search_out_of_nodes_keeps_a_fitting_cut(monkeypatch: pytest.MonkeyP
         found = il.best_interleaved(only, CostModel(only))
     assert found.plan is not None and found.plan.chunks == 2 and found.inexact >= 1
     assert "keeping the cut that fits" in caplog.text
+
+
+def test_cut_searches_share_a_node_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cut searches of one best_interleaved visit at most SEARCH_NODE_BUDGET nodes together: once spent, the
+    slices left that could still beat the best plan are counted as skipped, not searched, and the best plan found
+    so far stands."""
+    problem = gpt_like_problem(46, 8)
+    config = il.ChunkedConfig(8, 2, 16, 2, False)
+    memory = reference_cut(problem, config, balanced_ranges(48, 16))[1]
+    problem = dataclasses.replace(problem, memory_limit_bytes=memory * 0.95)
+    model = CostModel(problem)
+    visited: list[tuple[il.ChunkedConfig, int]] = []
+    real = il._least_sharded_cut
+
+    def recording(priced: Any, config: il.ChunkedConfig, nodes_left: int) -> il.ShardedCut:
+        cut = real(priced, config, nodes_left)
+        visited.append((config, cut.nodes))
+        return cut
+
+    monkeypatch.setattr(il, "_least_sharded_cut", recording)
+    full = il.best_interleaved(problem, model)
+    assert full.plan is not None and full.skipped == 0 and full.inexact == 0
+    searching = [k for k, (_, nodes) in enumerate(visited) if nodes > 0]
+    assert len(searching) >= 2  # the budget below stops the search after the first of them
+    first = searching[0]
+    monkeypatch.setattr(il, "SEARCH_NODE_BUDGET", visited[first][1])
+    visited.clear()
+    budgeted = il.best_interleaved(problem, model)
+    assert budgeted.searched == len(visited) == first + 1 and budgeted.inexact == 0
+    assert budgeted.skipped > 0 and budgeted.searched + budgeted.skipped <= len(
+        il.interleaved_configs(problem)
+    )
+    plan = budgeted.plan
+    assert plan is not None and plan.predicted_step_time >= full.plan.predicted_step_time
+    chosen = visited[first][0]
+    assert (plan.positions, plan.chunks, plan.microbatches) == (
+        chosen.positions,
+        chosen.chunks,
+        chosen.microbatches,
+    )
 
 
 def test_positions_take_zero1_when_unsharded_does_not_fit() -> None:
