@@ -49,6 +49,7 @@ from .chunked import (
 )
 from .cost import (
     CostModel,
+    RangeCost,
     microbatch_counts,
     replica_counts,
     replica_microbatch_size,
@@ -96,6 +97,15 @@ SEARCH_NODE_BUDGET = 20_000
 COMPOSITION_BUDGET = 5_000
 # A plan must beat the best one before it by more than this (relative) to replace it.
 TIE = 1e-9
+
+
+class _RangeFields(NamedTuple):
+    """`CostModel.range_table` read by RangeCost field name."""
+
+    table: np.ndarray
+
+    def get(self, field: str) -> np.ndarray:
+        return self.table[RangeCost._fields.index(field)]
 
 
 class RangeTables(NamedTuple):
@@ -285,17 +295,15 @@ class CutSearch:
     def _time_tables(self) -> dict[tuple[bool, bool], np.ndarray]:
         """[i][j] -> t of blocks i..j for each (inputs inter-node, outputs inter-node) link pair used (inf below
         the diagonal). First and last virtual stages see no transfer in or out (their rows carry zero bytes)."""
+        ranges = _RangeFields(self.model.range_table(self.m, self.config.replicas))
+        fwd = ranges.get("fwd")
+        bwd = ranges.get("bwd") + fwd if self.config.recompute else ranges.get("bwd")
         tables = {}
         for in_link, out_link, _ in set(self.links):
-            table = np.full((self.n, self.n), math.inf)
-            for i in range(self.n):
-                for j, row in enumerate(self.model.row(i, self.m, self.config.replicas), start=i):
-                    fwd, bwd = row.fwd, row.bwd + (row.fwd if self.config.recompute else 0.0)
-                    comm = (row.in_inter if in_link else row.in_intra) + (
-                        row.out_inter if out_link else row.out_intra
-                    )
-                    table[i, j] = fwd + bwd + comm
-            tables[in_link, out_link] = table
+            comm_in = ranges.get("in_inter" if in_link else "in_intra")
+            tables[in_link, out_link] = (
+                fwd + bwd + (comm_in + ranges.get("out_inter" if out_link else "out_intra"))
+            )
         return tables
 
     def times(self, k: int) -> np.ndarray:
@@ -437,13 +445,12 @@ class CutSearch:
         s_count, v, p = config.positions, config.chunks, config.microbatches
         factor = 2 + problem.opt_param_factor / (config.replicas if problem.zero_optimizer else 1)
         shape = (self.n, self.n)
-        io, work, rebuilt, act = (np.full(shape, math.inf) for _ in range(4))  # [first][last]
-        for i in range(self.n):
-            for j, row in enumerate(self.model.row(i, self.m, config.replicas), start=i):
-                io[i, j] = row.in_bytes + row.out_bytes
-                work[i, j] = row.workspace_bytes
-                rebuilt[i, j] = row.activation_bytes if config.recompute else 0.0
-                act[i, j] = row.in_bytes if config.recompute else row.activation_bytes
+        ranges = _RangeFields(self.model.range_table(self.m, config.replicas))  # [first][last], inf below
+        io = ranges.get("in_bytes") + ranges.get("out_bytes")
+        work = ranges.get("workspace_bytes")
+        activation = ranges.get("activation_bytes")
+        rebuilt = activation if config.recompute else np.where(np.isfinite(activation), 0.0, math.inf)
+        act = ranges.get("in_bytes") if config.recompute else activation
         params = np.array(problem.range_param_bytes, dtype=float)
         largest = (
             np.array(problem.range_largest_param_bytes, dtype=float)
