@@ -198,6 +198,7 @@ def plan_offline(
     """
     max_microbatches = global_batch if max_microbatches is None else max_microbatches
     _check_arguments(world_size, global_batch, max_microbatches, mem_margin)
+    requested = _without_plain_interleaving(schedules, chunks)
     profile = get_device_profile(device)
     gpus = gpus_per_node if gpus_per_node is not None else profile.gpus_per_node
     memory = profile.memory_bytes if device_memory_bytes is None else float(device_memory_bytes)
@@ -212,7 +213,7 @@ def plan_offline(
         world_size=world_size,
         global_batch=global_batch,
         memory_limit_bytes=usable,
-        schedules=allowed_schedules(schedules, has_single_loss(captured, analysis)),
+        schedules=allowed_schedules(requested, has_single_loss(captured, analysis)),
         max_microbatches=max_microbatches,
         min_microbatches=min_microbatches,
         num_stages=num_stages,
@@ -221,7 +222,7 @@ def plan_offline(
         opt_param_factor=opt_param_factor,
         gpus_per_node=gpus,
         shard_stages=shard,
-        chunks=chunks,
+        chunks=chunks if chunks != 1 else None,
     )
     flops = _op_flops(model, captured, FlatCall.of(args, kwargs))
     links = profile.planner_links(gpus)
@@ -283,6 +284,20 @@ def _finer_interleaved(
         best_step,
     )
     return finer, plan, timeline
+
+
+def _without_plain_interleaving(schedules: Sequence[str], chunks: int | None) -> list[str]:
+    """`schedules` without interleaved 1F1B when `chunks` is 1 (one chunk per position: no interleaving, as the
+    config item chunks = 1 leaves it out of "auto")."""
+    if chunks != 1:
+        return list(schedules)
+    kept = [name for name in schedules if Schedule(name) != Schedule.INTERLEAVED_1F1B]
+    if not kept:
+        raise ConfigError(
+            "interleaved 1F1B with 1 chunk per position is plain 1F1B: name 1f1b, or --chunks 2 or more, or leave "
+            "the chunks to the planner"
+        )
+    return kept
 
 
 def _check_arguments(world_size: int, global_batch: int, max_microbatches: int, mem_margin: float) -> None:

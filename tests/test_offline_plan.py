@@ -189,6 +189,28 @@ def test_too_little_memory_names_the_minimum() -> None:
     assert max(s.memory_bytes for s in result.deployment.plan.stages) <= needed * GIB * 0.9
 
 
+def test_one_chunk_leaves_interleaving_out() -> None:
+    """`--chunks 1` (one chunk per position) leaves interleaved 1F1B out of the schedules, as the config item
+    chunks = 1 does for "auto": no interleaved search, no finer pass; asking for interleaving alone with it is
+    refused with the fix."""
+    result = plan_offline(
+        factory, world_size=4, device_memory_bytes=None, global_batch=16, device="a100-40gb", chunks=1
+    )
+    assert result.deployment.plan.chunks == 1 and result.problem.chunks is None
+    assert Schedule.INTERLEAVED_1F1B not in result.problem.schedules
+    assert "interleaved 1F1B on finer blocks" not in result.timings
+    with pytest.raises(ConfigError, match="1 chunk per position is plain 1F1B: name 1f1b"):
+        plan_offline(
+            factory,
+            world_size=4,
+            device_memory_bytes=None,
+            global_batch=16,
+            device="a100-40gb",
+            schedules=("interleaved_1f1b",),
+            chunks=1,
+        )
+
+
 def test_plan_zero_bubble_prices_i_and_w(capsys: pytest.CaptureFixture[str]) -> None:
     """`rannc plan --schedules zero_bubble`: the estimated blocks carry their W share, the plan splits its
     backwards, and its table shows the I and W passes."""
