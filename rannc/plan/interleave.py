@@ -908,8 +908,9 @@ def best_interleaved(problem: PlanProblem, model: CostModel, cutoff: float = mat
     any. Its predicted_step_time is the simulated one, analytic_step_time the interleaved cost model's.
 
     Slices are taken in the order of `work_lower_bound` and the rest skipped once the bound is above the best
-    step found or the searches have visited SEARCH_NODE_BUDGET nodes; each is cut at the first of `interleaved_shard_levels` with which a cut fits (a level at which
-    the slice's share of the parameter state alone is over the memory limit is skipped)."""
+    step found or the searches have visited SEARCH_NODE_BUDGET nodes; each is cut at the first of
+    `interleaved_shard_levels` with which a cut fits (a level at which the slice's share of the parameter state
+    alone is over the memory limit is skipped)."""
     priced = {level: priced_for(problem, model, level) for level in interleaved_shard_levels(problem)}
     ranked = sorted(
         (
