@@ -33,6 +33,7 @@ from .problem import (
     assemble_problem,
     deployment_of,
     plan_or_explain,
+    schedules_for_chunks,
     search_space,
 )
 from .profile.analytic import analytic_block_profiles, block_signature
@@ -198,7 +199,7 @@ def plan_offline(
     """
     max_microbatches = global_batch if max_microbatches is None else max_microbatches
     _check_arguments(world_size, global_batch, max_microbatches, mem_margin)
-    requested = _without_plain_interleaving(schedules, chunks)
+    requested = schedules_for_chunks(schedules, chunks)
     profile = get_device_profile(device)
     gpus = gpus_per_node if gpus_per_node is not None else profile.gpus_per_node
     memory = profile.memory_bytes if device_memory_bytes is None else float(device_memory_bytes)
@@ -222,7 +223,7 @@ def plan_offline(
         opt_param_factor=opt_param_factor,
         gpus_per_node=gpus,
         shard_stages=shard,
-        chunks=chunks if chunks != 1 else None,
+        chunks=chunks,
     )
     flops = _op_flops(model, captured, FlatCall.of(args, kwargs))
     links = profile.planner_links(gpus)
@@ -284,20 +285,6 @@ def _finer_interleaved(
         best_step,
     )
     return finer, plan, timeline
-
-
-def _without_plain_interleaving(schedules: Sequence[str], chunks: int | None) -> list[str]:
-    """`schedules` without interleaved 1F1B when `chunks` is 1 (one chunk per position: no interleaving, as the
-    config item chunks = 1 leaves it out of "auto")."""
-    if chunks != 1:
-        return list(schedules)
-    kept = [name for name in schedules if Schedule(name) != Schedule.INTERLEAVED_1F1B]
-    if not kept:
-        raise ConfigError(
-            "interleaved 1F1B with 1 chunk per position is plain 1F1B: name 1f1b, or --chunks 2 or more, or leave "
-            "the chunks to the planner"
-        )
-    return kept
 
 
 def _check_arguments(world_size: int, global_batch: int, max_microbatches: int, mem_margin: float) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 from .capture import CapturedGraph
 from .config import Config
 from .deploy.deployment import Deployment, format_bytes
-from .errors import PlanError
+from .errors import ConfigError, PlanError
 from .graph.analysis import GraphAnalysis, module_range
 from .graph.stage import StageGraph
 from .graph.tables import input_bytes, parameter_facts, range_tables
@@ -56,6 +56,7 @@ __all__ = [
     "job_search_space",
     "links_of_config",
     "plan_or_explain",
+    "schedules_for_chunks",
     "search_space",
 ]
 
@@ -162,7 +163,7 @@ def search_space(
         opt_param_factor=opt_param_factor,
         overlap_grad_sync=overlap_grad_sync,
         shard_levels=shard_levels_of(shard_stages),
-        chunks=chunks,
+        chunks=chunks if chunks != 1 else None,  # one chunk per position: no interleaving to force
     )
 
 
@@ -179,9 +180,22 @@ def job_schedules(config: Config, single_loss: bool) -> tuple[Schedule, ...]:
     exactly one scalar loss, which 1F1B and interleaved 1F1B need); "auto" prefers 1F1B, and leaves interleaving
     out when the config item `chunks` is 1."""
     requested = AUTO_SCHEDULES if config.schedule == "auto" else (Schedule(config.schedule),)
-    if config.forced_chunks == 1:
-        requested = tuple(s for s in requested if s != Schedule.INTERLEAVED_1F1B)
-    return allowed_schedules(requested, single_loss)
+    return allowed_schedules(schedules_for_chunks(requested, config.forced_chunks), single_loss)
+
+
+def schedules_for_chunks(requested: Sequence[Schedule | str], chunks: int | None) -> tuple[Schedule, ...]:
+    """`requested` without interleaved 1F1B when `chunks` (forced model chunks per position) is 1: one chunk per
+    position is no interleaving. ConfigError when nothing else was requested."""
+    schedules = tuple(Schedule(name) for name in requested)
+    if chunks != 1:
+        return schedules
+    kept = tuple(s for s in schedules if s != Schedule.INTERLEAVED_1F1B)
+    if not kept:
+        raise ConfigError(
+            "interleaved 1F1B with 1 chunk per position is plain 1F1B: name 1f1b, or --chunks 2 or more, or leave "
+            "the chunks to the planner"
+        )
+    return kept
 
 
 def job_search_space(
@@ -207,7 +221,7 @@ def job_search_space(
         overlap_grad_sync=config.overlap_grad_sync,
         gpus_per_node=gpus_per_node,
         shard_stages=config.shard_stages,
-        chunks=config.forced_chunks if config.forced_chunks != 1 else None,
+        chunks=config.forced_chunks,
     )
 
 

@@ -227,7 +227,7 @@ class CostModel:
         self.has_workspace = any(block.workspace_bytes for block in problem.blocks)
         self._rows: dict[tuple[int, int, int], list[RangeCost]] = {}
         self._allreduce: dict[tuple[int, int, bool], list[float]] = {}
-        self._tables: dict[tuple[int, int], np.ndarray] = {}
+        self._tables: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
     def block_values(self, m: int) -> tuple[list[float], list[float], list[float]]:
         """Forward time, backward time and activation bytes of every block at microbatch size m."""
@@ -316,19 +316,19 @@ class CostModel:
         self._rows[key] = row
         return row
 
-    def range_table(self, m: int, replicas: int = 1) -> np.ndarray:
-        """[field][first][last]: every RangeCost field (`RangeCost._fields` order) of every range at microbatch
-        size m, the values of `row` (inf below the diagonal); built once per (m, optimizer shards), read-only."""
+    def range_table(self, m: int, replicas: int = 1) -> dict[str, np.ndarray]:
+        """RangeCost field name -> [first][last]: that field of every range at microbatch size m, the values of
+        `row` (inf below the diagonal); built once per (m, optimizer shards), read-only."""
         shards = replicas if self.problem.zero_optimizer else 1
         key = (m, shards)
         table = self._tables.get(key)
         if table is None:
             n = self.num_blocks
-            table = np.full((len(RangeCost._fields), n, n), math.inf)
+            values = np.full((len(RangeCost._fields), n, n), math.inf)
             for first in range(n):
-                table[:, first, first:] = np.array(self.row(first, m, replicas)).T
-            table.setflags(write=False)
-            self._tables[key] = table
+                values[:, first, first:] = np.array(self.row(first, m, replicas)).T
+            values.setflags(write=False)
+            table = self._tables[key] = dict(zip(RangeCost._fields, values))
         return table
 
     def allreduce_row(self, first: int, replicas: int, inter: bool = False) -> list[float]:

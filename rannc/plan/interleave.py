@@ -49,7 +49,6 @@ from .chunked import (
 )
 from .cost import (
     CostModel,
-    RangeCost,
     microbatch_counts,
     replica_counts,
     replica_microbatch_size,
@@ -97,15 +96,6 @@ SEARCH_NODE_BUDGET = 20_000
 COMPOSITION_BUDGET = 5_000
 # A plan must beat the best one before it by more than this (relative) to replace it.
 TIE = 1e-9
-
-
-class _RangeFields(NamedTuple):
-    """`CostModel.range_table` read by RangeCost field name."""
-
-    table: np.ndarray
-
-    def get(self, field: str) -> np.ndarray:
-        return self.table[RangeCost._fields.index(field)]
 
 
 class RangeTables(NamedTuple):
@@ -295,15 +285,16 @@ class CutSearch:
     def _time_tables(self) -> dict[tuple[bool, bool], np.ndarray]:
         """[i][j] -> t of blocks i..j for each (inputs inter-node, outputs inter-node) link pair used (inf below
         the diagonal). First and last virtual stages see no transfer in or out (their rows carry zero bytes)."""
-        ranges = _RangeFields(self.model.range_table(self.m, self.config.replicas))
-        fwd = ranges.get("fwd")
-        bwd = ranges.get("bwd") + fwd if self.config.recompute else ranges.get("bwd")
+        ranges = self.model.range_table(self.m, self.config.replicas)
+        fwd = ranges["fwd"]
+        bwd = ranges["bwd"] + fwd if self.config.recompute else ranges["bwd"]
         tables = {}
         for in_link, out_link, _ in set(self.links):
-            comm_in = ranges.get("in_inter" if in_link else "in_intra")
-            tables[in_link, out_link] = (
-                fwd + bwd + (comm_in + ranges.get("out_inter" if out_link else "out_intra"))
+            comm = (
+                ranges["in_inter" if in_link else "in_intra"]
+                + ranges["out_inter" if out_link else "out_intra"]
             )
+            tables[in_link, out_link] = fwd + bwd + comm
         return tables
 
     def times(self, k: int) -> np.ndarray:
@@ -445,12 +436,12 @@ class CutSearch:
         s_count, v, p = config.positions, config.chunks, config.microbatches
         factor = 2 + problem.opt_param_factor / (config.replicas if problem.zero_optimizer else 1)
         shape = (self.n, self.n)
-        ranges = _RangeFields(self.model.range_table(self.m, config.replicas))  # [first][last], inf below
-        io = ranges.get("in_bytes") + ranges.get("out_bytes")
-        work = ranges.get("workspace_bytes")
-        activation = ranges.get("activation_bytes")
+        ranges = self.model.range_table(self.m, config.replicas)  # [first][last], inf below the diagonal
+        io = ranges["in_bytes"] + ranges["out_bytes"]
+        work = ranges["workspace_bytes"]
+        activation = ranges["activation_bytes"]
         rebuilt = activation if config.recompute else np.where(np.isfinite(activation), 0.0, math.inf)
-        act = ranges.get("in_bytes") if config.recompute else activation
+        act = ranges["in_bytes"] if config.recompute else activation
         params = np.array(problem.range_param_bytes, dtype=float)
         largest = (
             np.array(problem.range_largest_param_bytes, dtype=float)
@@ -968,7 +959,6 @@ def interleaved_memory_message(
     )
     if search.skipped:
         ran_out += f"; {search.skipped} more not searched once the searches' node budget was spent"
-
     return (
         f"no interleaved 1F1B plan fits in {limit / 2**30:.3f} GiB per device for {problem.world_size} rank(s) and "
         f"global batch {problem.global_batch} ({search.searched} choice(s) of positions x chunks x microbatches "
