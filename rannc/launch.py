@@ -72,6 +72,8 @@ def _worker_main(
     import torch
     import torch.distributed as dist
 
+    from .runtime.failures import end_watch
+
     torch.set_num_threads(1)
     status = 0
     try:
@@ -90,6 +92,9 @@ def _worker_main(
     finally:
         if dist.is_available() and dist.is_initialized():
             with contextlib.suppress(Exception):
+                if not status:  # rank 0's group holds the job's store: no rank polls it once it is gone
+                    end_watch()
+                    dist.barrier()
                 dist.destroy_process_group()
     if status:
         raise SystemExit(status)

@@ -8,7 +8,10 @@ momentum, fp32, rtol 1e-5.
 
 from __future__ import annotations
 
+import ast
 import io
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +118,27 @@ def test_unused_parameters_stay_as_they_were(runs) -> None:
     initial = tw.build("pass_through").state_dict()
     for key, value in initial.items():
         torch.testing.assert_close(results[0]["pass_through"]["state"][key], value, rtol=0, atol=0)
+
+
+def test_a_clean_job_ends_without_store_warnings(tmp_path: Path) -> None:
+    """rank 0's process group hosts the job's store (rannc's watchdog polls it): a rank that stays in its script
+    after rank 0 is done must not poll a store that is gone (torch then prints 'sendBytes failed ... Broken
+    pipe' with a C++ stack). rannc.launch stops every watchdog, then meets at a barrier, before the groups go."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import trivial_workers as tw\n"
+        "from rannc.launch import launch_local\n"
+        "if __name__ == '__main__':\n"
+        "    print(launch_local(tw.late_rank_worker, 2, (sys.argv[2], 1.5), timeout=240))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert len(losses) == 2 and losses[0] == losses[1]  # both ranks trained (the loss is the global batch's)
+    for marker in ("Broken pipe", "sendBytes failed", "TCPStore"):
+        assert marker not in done.stderr, done.stderr[-3000:]

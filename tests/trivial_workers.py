@@ -154,3 +154,22 @@ def trivial_worker(rank: int, world: int, cache: str, deployment_dir: str) -> di
             result["ddp_state"] = {k: v.detach().clone() for k, v in reference.state_dict().items()}
         results[name] = result
     return results
+
+
+def late_rank_worker(rank: int, world: int, cache: str, late_s: float) -> float:
+    """Trains the one-Linear model a step, then every rank but 0 stays `late_s` seconds longer in its script
+    (as a rank that writes its own files does) before the launcher ends the job."""
+    import time
+
+    model = build("linear_loss")
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    wrapped = rannc.RaNNCModule(
+        model, optimizer, show_progress=False, profile_cache_dir=cache, profile_iterations=1
+    )
+    inputs, _ = global_batches("linear_loss")[0]
+    loss = wrapped(*[local_rows(t, rank, world) for t in inputs])
+    loss.backward()
+    optimizer.step()
+    if rank:
+        time.sleep(late_s)
+    return float(loss.detach())

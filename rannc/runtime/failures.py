@@ -58,6 +58,10 @@ class _Process:
     exit_at: float | None = None  # time.monotonic() by which the watchdog ends this process
     beat: int = 0  # heartbeats so far
     publish_fd: int | None = None  # the main thread writes here to have the watchdog publish the status now
+    watchdog: threading.Thread | None = None
+    signals: int | None = None  # the watchdog reads SIGTERM from here (see _catch_sigterm)
+    requests: int | None = None  # the watchdog's end of publish_fd
+    ended: bool = False  # this rank's part of the job is over: the watchdog stops (see end_watch)
 
 
 _process = _Process()
@@ -394,23 +398,45 @@ def _store() -> StoreLink:
 
 # ---- the watchdog and the exit -------------------------------------------------------------------------------
 def start_watchdog(rank: int, world_size: int | None = None) -> None:
-    """Once per process, from the main thread after torch.distributed is set up: a daemon thread that beats,
-    publishes this rank's status and ends the process when the job has failed; SIGTERM and uncaught exceptions
-    are reported, and a process exiting after a failure exits at once (see the module's docstring)."""
-    if _process.watching:
-        return
+    """From the main thread after torch.distributed is set up: a daemon thread that beats, publishes this rank's
+    status and ends the process when the job has failed; SIGTERM and uncaught exceptions are reported, and a
+    process exiting after a failure exits at once (see the module's docstring). The process-wide hooks are set
+    once; the thread runs until this rank's part of the job ends (`end_watch`), and a later job starts another."""
     _process.rank = rank
     _process.world_size = world_size if world_size is not None else dist.get_world_size()
-    _process.watching = True
-    _store()  # connect now: after a failure the store's host may be gone
-    signals = _catch_sigterm()
-    sys.excepthook = _reporting_excepthook(sys.excepthook)
-    atexit.register(_exit_if_failed)
-    requests, _process.publish_fd = _pipe()
-    link = StoreLink()
-    threading.Thread(
-        target=_watch, args=(link, signals, requests), name="rannc-watchdog", daemon=True
-    ).start()
+    if not _process.watching:
+        _process.watching = True
+        _store()  # connect now: after a failure the store's host may be gone
+        _process.signals = _catch_sigterm()
+        sys.excepthook = _reporting_excepthook(sys.excepthook)
+        atexit.register(_exit_if_failed)
+        _process.requests, _process.publish_fd = _pipe()
+    running = _process.watchdog
+    if running is not None and running.is_alive():
+        if not _process.ended:
+            return
+        running.join(2 * POLL_S)  # an ended job's, still finishing its poll
+    _process.ended = False
+    _process.watchdog = threading.Thread(
+        target=_watch,
+        args=(StoreLink(), _process.signals, _process.requests),
+        name="rannc-watchdog",
+        daemon=True,
+    )
+    _process.watchdog.start()
+
+
+def end_watch(timeout_s: float = 2 * POLL_S) -> None:
+    """This rank's part of the job is over: stop the watchdog's polls of the job's store (waiting at most
+    `timeout_s` for a poll under way). The store lives in rank 0's process group and goes with it, and a poll
+    of a store that is gone makes torch print a broken-pipe warning: a launcher calls this on every rank, then a
+    barrier, before destroying the group (the watchdog also stops by itself once this rank's group is gone)."""
+    _process.ended = True
+    if _process.publish_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(_process.publish_fd, b"x")  # wake it now
+    if _process.watchdog is not None and _process.watchdog is not threading.current_thread():
+        _process.watchdog.join(timeout_s)
 
 
 def _pipe() -> tuple[int, int]:
@@ -420,7 +446,7 @@ def _pipe() -> tuple[int, int]:
     return read, write
 
 
-def _watch(link: StoreLink, signals: int | None, requests: int) -> None:
+def _watch(link: StoreLink, signals: int | None, requests: int | None) -> None:
     """Every POLL_S: beat, publish the status, read the job's failure (rank 0: check the backwards); between
     polls, publish the status when the main thread asks and report SIGTERM when it comes."""
     seen_at: float | None = None
@@ -435,6 +461,8 @@ def _watch(link: StoreLink, signals: int | None, requests: int) -> None:
         )
         if signals in ready and _drained(signals, int(signal.SIGTERM)):
             _terminated(link)
+        if _process.ended or not dist.is_initialized():  # the job is over here (see end_watch)
+            return
         if link.endpoint != endpoint():  # this process set up another job
             link = StoreLink()
         if requests in ready:

@@ -7,6 +7,7 @@ weights held by several stages) are reduced after the backward (`GradSync.allred
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -20,6 +21,38 @@ from .failures import guarded, wait_all
 # bucket's gradients are freed once copied into it, and the results are views of it).
 BUCKET_BYTES = 4 * 2**20
 GRADIENTS = "gradients"  # gradients have process groups of their own (GroupCache purpose)
+
+
+def exclusive_item(items: list[Any], k: int) -> bool:
+    """Whether `items[k]` is a tensor that nothing but the list holds: no other Python reference, no other tensor
+    on its storage, or, for a view (a Linear's weight gradient is the transpose of a matmul's output), a view of
+    all of a base that nothing else holds either. A fresh gradient from `torch.autograd.grad` usually is; one
+    handed on unchanged (the output gradient itself, or one shared with another result) or kept by a user's hook
+    is not. Autograd's AccumulateGrad makes the same check before keeping a gradient instead of copying it."""
+    # (no local name for items[k] here: _holders counts the references as its baselines were counted)
+    if not isinstance(items[k], torch.Tensor) or items[k].layout != torch.strided or items[k].requires_grad:
+        return False
+    if not items[k]._is_view():
+        return _holders(items, k) == _SOLE_HOLDERS
+    return _whole_storage(items[k]) and _holders(items, k) == _SOLE_VIEW_HOLDERS
+
+
+def _whole_storage(tensor: torch.Tensor) -> bool:
+    return tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes()
+
+
+def _holders(items: list[Any], k: int) -> tuple[int, int, int]:
+    """References to the Python object `items[k]`, to its storage and to the Python object of its base (0 for
+    a tensor that is not a view), as counted from here."""
+    item = items[k]
+    base = sys.getrefcount(item._base) if item._is_view() else 0
+    return sys.getrefcount(item), torch._C._storage_Use_Count(item.untyped_storage()._cdata), base
+
+
+# _holders of a tensor, and of a view of all of a base, held by one list only, on this interpreter and torch
+# (measured, not assumed)
+_SOLE_HOLDERS = _holders([torch.empty(1)], 0)
+_SOLE_VIEW_HOLDERS = _holders([torch.empty(2, 1).t()], 0)
 
 
 class GradSync:

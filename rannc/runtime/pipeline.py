@@ -19,7 +19,7 @@ from ..schedule import Action, ActionKind, Schedule, actions_for
 from ..split_backward import WeightGrads, input_grads
 from .failures import guarded, wait_all
 from .gather import GlobalBatch
-from .grad_sync import OverlappedReduce
+from .grad_sync import OverlappedReduce, exclusive_item
 from .layout import SampleLayout
 from .stage import LocalStage
 from .trace import current_tracer
@@ -46,7 +46,7 @@ def _restored_rng(device: torch.device, state: Any) -> Iterator[None]:
 class OutputGrads:
     """The output gradients of an eager call as all ranks agreed on them."""
 
-    loss_scale: torch.Tensor | None  # the loss's gradient, averaged over the ranks; None: no rank sent one
+    loss_scale: float | None  # the loss's gradient, averaged over the ranks; None: no rank sent one
     others: bool  # some rank backpropagated through an output other than the loss
 
 
@@ -250,9 +250,9 @@ class PipelineCall:
         )
         if loss is not None:
             local[1] = loss
-        total = self._allreduce(local)
+        total = self._allreduce(local).tolist()  # read here: what the call does next depends on it
         scale = total[1] / self.world if total[0] > 0 else None
-        return OutputGrads(scale, bool(total[2] > 0))
+        return OutputGrads(scale, total[2] > 0)
 
     def replay_backward(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Eager mode, when outputs other than the loss received gradients: run the call's forwards again
@@ -286,10 +286,12 @@ class PipelineCall:
             overlapped.finish()
         self.param_grads = {}
 
-    def apply_param_grads(self, scale: float | torch.Tensor) -> None:
+    def apply_param_grads(self, scale: float) -> None:
         """Add this call's parameter gradients (times the output gradient) and sync them unless deferred."""
         overlapped, self.overlapped = self.overlapped, None
-        self.stage.add_pending(self.param_grads, scale)  # without the overlapped ones: they left param_grads
+        # without the overlapped ones (they left param_grads); the stage takes them over
+        grads, self.param_grads = self.param_grads, {}
+        self.stage.add_pending(grads, scale)
         if self.sync_grads:
             with current_tracer().span("grad_sync"):
                 self.stage.sync_grads(overlapped, scale)
@@ -458,9 +460,10 @@ class PipelineCall:
         the call's; the step's last such pass feeds the overlapped gradient reduce as it goes. Returns all of
         `backward`'s results."""
         with self._reducing(action, params) as reduced:
-            results = backward()
+            # a list of our own: what `backward` returned is dropped, so a fresh gradient is held here only
+            results = list(backward())
         self.stage.backward_done(self.param_grads)  # (ZeRO-3: the units this pass reached were reduced in it)
-        self._add_param_grads(params, results[: len(params)], reduced)
+        self._add_param_grads(params, results, reduced)
         return results
 
     @contextlib.contextmanager
@@ -490,16 +493,22 @@ class PipelineCall:
     def _add_param_grads(
         self,
         params: list[tuple[str, torch.Tensor]],
-        results: Sequence[torch.Tensor | None],
+        results: list[torch.Tensor | None],
         reduced: frozenset[str],
     ) -> None:
-        """Add one microbatch's parameter gradients to the call's (those being reduced went to the reduce)."""
-        for (name, _param), g in zip(params, results):
-            if g is not None and name not in reduced:
-                if name in self.param_grads:
-                    self.param_grads[name].add_(g)
-                else:
-                    self.param_grads[name] = g.detach().clone()
+        """Add one microbatch's parameter gradients (the first len(params) of a pass's `results`) to the call's
+        (those being reduced went to the reduce). The call keeps a first gradient itself when nothing else holds
+        it, as autograd's AccumulateGrad does, and a copy otherwise: later microbatches and the loss scale are
+        added to it in place."""
+        for k, (name, _param) in enumerate(params):
+            if results[k] is None or name in reduced:
+                continue
+            if name in self.param_grads:
+                self.param_grads[name].add_(results[k])
+            elif exclusive_item(results, k):
+                self.param_grads[name] = results[k]
+            else:
+                self.param_grads[name] = results[k].detach().clone()
 
     def _deliver_input_grads(
         self,
@@ -605,7 +614,7 @@ class PipelineCall:
                     total = torch.zeros_like(value)
                 self.input_grads[name] = self._allreduce(total)
 
-    def local_input_grads(self, scale: float | torch.Tensor) -> list[torch.Tensor | None]:
+    def local_input_grads(self, scale: float) -> list[torch.Tensor | None]:
         """Gradients of the call's leaves that require grad on this rank (in leaf order), its own rows."""
         lo, hi = self.batch.local_rows(self.stage.rank)
         out: list[torch.Tensor | None] = []

@@ -146,17 +146,17 @@ class LocalStage:
             else:
                 param_grads[name] = grad.clone()
 
-    def add_pending(self, grads: dict[str, torch.Tensor], scale: float | torch.Tensor) -> None:
+    def add_pending(self, grads: dict[str, torch.Tensor], scale: float) -> None:
+        """Take over one call's parameter gradients (its own tensors), times the output gradient `scale`."""
         for name, grad in grads.items():
-            scaled = grad * scale
+            if scale != 1.0:
+                grad.mul_(scale)
             if name in self.pending:
-                self.pending[name].add_(scaled)
+                self.pending[name].add_(grad)
             else:
-                self.pending[name] = scaled
+                self.pending[name] = grad
 
-    def sync_grads(
-        self, overlapped: OverlappedReduce | None = None, scale: float | torch.Tensor = 1.0
-    ) -> None:
+    def sync_grads(self, overlapped: OverlappedReduce | None = None, scale: float = 1.0) -> None:
         """All-reduce the pending gradients over each parameter's rank set and add them to `.grad`;
         `overlapped` holds the (unscaled) gradients whose reduce started during backward.
 
