@@ -268,6 +268,7 @@ def plan(settings: Settings, profile: Any, schedule: str, path: Path) -> Any:
         num_stages=settings.positions,
         recompute=False,
         max_blocks=settings.layers + 2,
+        opt_param_factor=1.0,  # every system steps SGD with momentum (as the job's plan reads from its optimizer)
     )
     save_deployment(result.deployment, path)
     return result

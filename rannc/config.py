@@ -23,7 +23,10 @@ class Config:
     partition_num: int = 0  # force the number of pipeline stages (0 = search)
     min_pipeline: int = 1  # smallest number of microbatches tried
     max_pipeline: int = 32  # largest number of microbatches tried
-    opt_param_factor: float = 2.0  # optimizer state bytes per parameter byte (2 for Adam)
+    # Optimizer state bytes per parameter byte: "auto" reads it from the optimizer given to RaNNCModule (SGD 0,
+    # with momentum 1, Adam/AdamW 2, AMSGrad 3, ...; 2, Adam's, without one or for an optimizer rannc does not
+    # know), or a number >= 0. It prices the optimizer state's memory and the update's time.
+    opt_param_factor: str = "auto"
     schedule: str = "auto"  # "auto" | "1f1b" | "fill_drain" | "zero_bubble" | "interleaved_1f1b"
     # Interleaved 1F1B: model chunks per pipeline position ("auto": the planner chooses; an integer >= 2 forces it;
     # 1: no interleaving, so "auto" leaves interleaved_1f1b out).
@@ -75,6 +78,13 @@ class Config:
         if device_total_bytes is not None:
             limit = device_total_bytes if limit is None else min(limit, device_total_bytes)
         return None if limit is None else limit * (1.0 - self.mem_margin)
+
+    def state_factor(self, of_optimizer: float | None) -> float:
+        """The `opt_param_factor` item as a number: `of_optimizer` (what the optimizer keeps, None: unknown, 2)
+        when "auto"."""
+        if self.opt_param_factor != "auto":
+            return float(self.opt_param_factor)
+        return 2.0 if of_optimizer is None else of_optimizer
 
     @property
     def forced_chunks(self) -> int | None:
@@ -183,6 +193,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             "schedule 'interleaved_1f1b' with chunks = 1 is plain 1F1B: use schedule '1f1b', or chunks 'auto' or >= 2"
         )
+    if config.opt_param_factor != "auto" and not _non_negative_number(config.opt_param_factor):
+        raise ConfigError(
+            "opt_param_factor must be 'auto' (from the optimizer) or a number >= 0 (optimizer state bytes per "
+            f"parameter byte: 0 for SGD, 1 with momentum, 2 for Adam), got {config.opt_param_factor!r}"
+        )
     if config.recompute not in ("never", "auto", "always"):
         raise ConfigError(f"recompute must be 'never', 'auto' or 'always', got {config.recompute!r}")
     if config.shard_stages not in SHARD_STAGES:
@@ -193,3 +208,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"max_seq_len must be >= 0 (0: fixed shapes), got {config.max_seq_len}")
     if config.partition_num < 0:
         raise ConfigError(f"partition_num must be >= 0, got {config.partition_num}")
+
+
+def _non_negative_number(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return value >= 0 and value == value and value != float("inf")

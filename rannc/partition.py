@@ -81,6 +81,31 @@ def coupled_weight_decay(optimizer: torch.optim.Optimizer | None) -> bool:
     )
 
 
+def optimizer_state_factor(optimizer: torch.optim.Optimizer | None) -> float | None:
+    """The state bytes per parameter byte that `optimizer` keeps (its largest over the param groups; scalars such
+    as Adam's step count left out), or None for an optimizer of another kind (LBFGS's history, factored or
+    third-party optimizers)."""
+    if optimizer is None or not optimizer.param_groups:
+        return None
+    per_group = [_state_factor(optimizer, group) for group in optimizer.param_groups]
+    return None if None in per_group else max(f for f in per_group if f is not None)
+
+
+def _state_factor(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float | None:
+    optim = torch.optim
+    if isinstance(optimizer, optim.SGD):
+        return 1.0 if group.get("momentum", 0) else 0.0  # the momentum buffer
+    if isinstance(optimizer, optim.Adam | optim.AdamW):
+        return 3.0 if group.get("amsgrad", False) else 2.0  # both moments (and the largest second one)
+    if isinstance(optimizer, optim.NAdam | optim.RAdam | optim.Adamax | optim.Adadelta | optim.Rprop):
+        return 2.0
+    if isinstance(optimizer, optim.RMSprop):  # square average, momentum buffer, mean gradient
+        return 1.0 + bool(group.get("momentum", 0)) + bool(group.get("centered", False))
+    if isinstance(optimizer, optim.Adagrad | optim.ASGD):
+        return 1.0
+    return None
+
+
 def partition(
     model: torch.nn.Module,
     args: tuple[Any, ...],
@@ -133,7 +158,8 @@ def partition(
     # or the shipped one of this device), not measured here.
     profile = get_device_profile(config.device_profile) if config.device_profile else _shipped_profile(device)
     links = profile.planner_links() if config.device_profile else links_of_config(config)
-    space = job_search_space(config, world_size, global_batch, limit, schedules, links.gpus_per_node)
+    factor = config.state_factor(optimizer_state_factor(optimizer))
+    space = job_search_space(config, world_size, global_batch, limit, schedules, links.gpus_per_node, factor)
     sizes = space.profile_sizes()
     costs = measured_block_profiles(
         captured, analysis, blocks, graphs, (values, state), sizes, config=config, device=device

@@ -205,8 +205,10 @@ def job_search_space(
     memory_limit_bytes: float | None,
     schedules: tuple[Schedule, ...],
     gpus_per_node: int | None,
+    opt_param_factor: float,
 ) -> SearchSpace:
-    """The SearchSpace of a RaNNCModule job from its configuration (`schedules`: `job_schedules`)."""
+    """The SearchSpace of a RaNNCModule job from its configuration (`schedules`: `job_schedules`;
+    `opt_param_factor`: the optimizer's state bytes per parameter byte, `Config.state_factor`)."""
     return search_space(
         world_size=world_size,
         global_batch=global_batch,
@@ -217,7 +219,7 @@ def job_search_space(
         num_stages=config.partition_num or None,
         allow_recompute=config.recompute == "auto",
         zero_optimizer=config.enable_zero,
-        opt_param_factor=config.opt_param_factor,
+        opt_param_factor=opt_param_factor,
         overlap_grad_sync=config.overlap_grad_sync,
         gpus_per_node=gpus_per_node,
         shard_stages=config.shard_stages,

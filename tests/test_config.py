@@ -120,6 +120,9 @@ def test_bad_bool(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"chunks": "two"}, "chunks must be 'auto' or an integer >= 1"),
         ({"chunks": 0}, "chunks must be 'auto' or an integer >= 1"),
         ({"schedule": "interleaved_1f1b", "chunks": 1}, "chunks = 1 is plain 1F1B"),
+        ({"opt_param_factor": -1}, "opt_param_factor must be 'auto'"),
+        ({"opt_param_factor": "adam"}, "opt_param_factor must be 'auto'"),
+        ({"opt_param_factor": "nan"}, "opt_param_factor must be 'auto'"),
     ],
 )
 def test_contradictory_values(changes: dict[str, object], message: str) -> None:
@@ -160,3 +163,31 @@ def test_chunks_and_the_interleaved_schedule(monkeypatch: pytest.MonkeyPatch) ->
     config = load_config(schedule="interleaved_1f1b")
     assert config.chunks == "3" and config.forced_chunks == 3 and config.schedule == "interleaved_1f1b"
     assert load_config(chunks=2).forced_chunks == 2
+
+
+def test_optimizer_state_follows_the_optimizer() -> None:
+    """opt_param_factor 'auto' (the default) reads the optimizer's state bytes per parameter byte; a number set
+    by the user stands."""
+    import torch
+
+    from rannc.partition import optimizer_state_factor
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    cases = {
+        0.0: torch.optim.SGD(params, lr=0.1),
+        1.0: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+        2.0: torch.optim.AdamW(params),
+        3.0: torch.optim.Adam(params, amsgrad=True),
+    }
+    for expected, optimizer in cases.items():
+        assert optimizer_state_factor(optimizer) == expected
+    rms = torch.optim.RMSprop(params, momentum=0.9, centered=True)
+    assert optimizer_state_factor(rms) == 3.0  # square average, momentum buffer, mean gradient
+    mixed = torch.optim.SGD(
+        [{"params": params}, {"params": [torch.nn.Parameter(torch.zeros(2))], "momentum": 0.5}]
+    )
+    assert optimizer_state_factor(mixed) == 1.0  # the largest over the groups
+    assert optimizer_state_factor(torch.optim.LBFGS(params)) is None and optimizer_state_factor(None) is None
+    assert load_config().opt_param_factor == "auto"
+    assert load_config().state_factor(1.0) == 1.0 and load_config().state_factor(None) == 2.0
+    assert load_config(opt_param_factor=0.5).state_factor(1.0) == 0.5

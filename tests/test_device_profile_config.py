@@ -25,8 +25,11 @@ class Small(nn.Module):
         return self.b(torch.relu(self.a(x))).pow(2).mean()
 
 
-def planned_problem(rank: int, world: int, profile_path: str, cache: str) -> dict[str, Any]:
-    """Train one step with device_profile set; report the link and update figures the planner was given."""
+def planned_problem(
+    rank: int, world: int, profile_path: str, cache: str, optimizer: str = "", items: dict | None = None
+) -> dict[str, Any]:
+    """Train one step with device_profile set (`optimizer`: "" none, "sgd", "momentum", "adam"; `items`: more
+    config items); report the link, update and optimizer-state figures the planner was given."""
     import rannc.partition as partition
 
     seen: dict[str, Any] = {}
@@ -38,13 +41,21 @@ def planned_problem(rank: int, world: int, profile_path: str, cache: str) -> dic
             p2p_latency=problem.p2p_latency,
             allreduce_bandwidth=problem.allreduce_bandwidth,
             update=problem.update_seconds_per_param_byte,
+            opt_param_factor=problem.opt_param_factor,
         )
         return original(problem, world_size, config)
 
     partition._plan_on_rank0 = spy
     torch.manual_seed(0)
-    quick = dict(profile_iterations=1, show_progress=False, profile_cache_dir=cache)
-    wrapped = rannc.RaNNCModule(Small(), device_profile=profile_path, **quick)
+    quick = dict(profile_iterations=1, show_progress=False, profile_cache_dir=cache, **(items or {}))
+    model = Small()
+    chosen = {
+        "": None,
+        "sgd": lambda: torch.optim.SGD(model.parameters(), lr=0.1),
+        "momentum": lambda: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        "adam": lambda: torch.optim.Adam(model.parameters()),
+    }[optimizer]
+    wrapped = rannc.RaNNCModule(model, chosen() if chosen else None, device_profile=profile_path, **quick)
     wrapped(torch.randn(4, 8)).backward()
     return seen
 
@@ -67,6 +78,29 @@ def test_online_planning_uses_the_profile_links(tmp_path: Path) -> None:
     assert seen["update"] == pytest.approx(
         1e-9
     )  # opt_param_factor 2 (Adam by default): the measured adam rate
+
+
+@pytest.mark.slow
+def test_online_planning_prices_the_optimizer_it_is_given(tmp_path: Path) -> None:
+    """A job with SGD and momentum keeps one buffer per parameter, not Adam's two: the planner charges that state
+    and the measured momentum update rate (the config item opt_param_factor, when set, overrides it)."""
+    profile = dataclasses.replace(
+        get_device_profile("cpu"), optimizer_update_rate={"adam": 1e9, "momentum": 4e9, "sgd": 8e9}
+    )
+    path = tmp_path / "me.json"
+    save_profile(profile, path)
+    cache = str(tmp_path / "cache")
+    seen = {
+        name: run_workers(planned_problem, 1, str(path), cache, name, timeout=300)[0]
+        for name in ("sgd", "momentum", "adam")
+    }
+    assert (seen["sgd"]["opt_param_factor"], seen["sgd"]["update"]) == (0.0, pytest.approx(1 / 8e9))
+    assert (seen["momentum"]["opt_param_factor"], seen["momentum"]["update"]) == (1.0, pytest.approx(1 / 4e9))
+    assert (seen["adam"]["opt_param_factor"], seen["adam"]["update"]) == (2.0, pytest.approx(1 / 1e9))
+    (forced,) = run_workers(
+        planned_problem, 1, str(path), cache, "momentum", {"opt_param_factor": 2}, timeout=300
+    )
+    assert (forced["opt_param_factor"], forced["update"]) == (2.0, pytest.approx(1 / 1e9))
 
 
 def bad_profile(rank: int, world: int, path: str) -> str:
