@@ -9,7 +9,9 @@
 * "sigkill" / "sigterm": rank 1 gets the signal at step 2 while it waits for the other ranks (rank 3 is late);
 * "kill_in_save": rank 1 is killed while `save_sharded` writes its files;
 * "input_error": rank 1 alone passes an input of the wrong shape at step 2 (rannc raises InputError there);
-* "state_dict_rank0": the DDP idiom `if rank == 0: sd = model.state_dict()` then `dist.barrier()`.
+* "state_dict_rank0": the DDP idiom `if rank == 0: sd = model.state_dict()` then `dist.barrier()`;
+* "late_rank": nothing fails; rank 1 stays 1.5 s longer in its script than the others (rank 0's process hosts
+  the job's store, which rank 1's watchdog still watches).
 
 Lines starting with "event" carry the time of the failure (`time.time()`), which the test measures from.
 """
@@ -137,6 +139,8 @@ def main() -> None:
         skip_tied_job(mode, cache, rank)
     else:
         mlp_job(mode, cache, rank, workdir)
+    if mode == "late_rank" and rank == 1:
+        time.sleep(1.5)
     print(f"rank {rank} finished", flush=True)
 
 

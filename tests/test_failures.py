@@ -215,3 +215,17 @@ def test_state_dict_on_rank0_alone_fails_within_comm_timeout(cache: Path) -> Non
         f"every rank ended {latest:.1f}s after rank 0 called state_dict alone (comm_timeout_s {timeout_s:.0f})"
     )
     assert latest < timeout_s + PROMPT_S
+
+
+@pytest.mark.slow
+def test_a_late_rank_ends_cleanly(cache: Path) -> None:
+    """A script with no failure whose rank 1 ends 1.5 s after the others: rank 0's process group hosts the job's
+    store, so rank 0 waits at exit (at most LINGER_S) until rank 1's watchdog has stopped watching it, and no rank
+    prints torch's broken-pipe warnings of a store that is gone."""
+    runs = _launch("late_rank", cache)
+    for run in runs:
+        assert run.code == 0, run.err[-3000:]
+        assert f"rank {run.rank} finished" in run.out
+        for marker in ("Broken pipe", "sendBytes failed", "TCPStore"):
+            assert marker not in run.err, run.err[-3000:]
+    assert runs[0].ended >= runs[1].ended - 0.5  # rank 0 waited for rank 1

@@ -409,7 +409,7 @@ def start_watchdog(rank: int, world_size: int | None = None) -> None:
         _store()  # connect now: after a failure the store's host may be gone
         _process.signals = _catch_sigterm()
         sys.excepthook = _reporting_excepthook(sys.excepthook)
-        atexit.register(_exit_if_failed)
+        atexit.register(_at_exit)
         _process.requests, _process.publish_fd = _pipe()
     running = _process.watchdog
     if running is not None and running.is_alive():
@@ -430,13 +430,14 @@ def end_watch(timeout_s: float = 2 * POLL_S) -> None:
     """This rank's part of the job is over: stop the watchdog's polls of the job's store (waiting at most
     `timeout_s` for a poll under way). The store lives in rank 0's process group and goes with it, and a poll
     of a store that is gone makes torch print a broken-pipe warning: a launcher calls this on every rank, then a
-    barrier, before destroying the group (the watchdog also stops by itself once this rank's group is gone)."""
+    barrier, before destroying the group. The watchdog also stops by itself once this rank's group is gone, and
+    at exit (rank 0 waiting for the others' watchdogs to stop while its group still stands)."""
     _process.ended = True
     if _process.publish_fd is not None:
         with contextlib.suppress(OSError):
             os.write(_process.publish_fd, b"x")  # wake it now
     if _process.watchdog is not None and _process.watchdog is not threading.current_thread():
-        _process.watchdog.join(timeout_s)
+        _process.watchdog.join(timeout_s)  # on its way out it tells the store's host (see _at_exit)
 
 
 def _pipe() -> tuple[int, int]:
@@ -462,6 +463,8 @@ def _watch(link: StoreLink, signals: int | None, requests: int | None) -> None:
         if signals in ready and _drained(signals, int(signal.SIGTERM)):
             _terminated(link)
         if _process.ended or not dist.is_initialized():  # the job is over here (see end_watch)
+            with contextlib.suppress(StoreLost):
+                link.mark_exit(_process.rank)
             return
         if link.endpoint != endpoint():  # this process set up another job
             link = StoreLink()
@@ -536,7 +539,7 @@ def _exit_now(link: StoreLink, code: int, message: str) -> None:
 
 def _linger(link: StoreLink) -> None:
     """Keep the store up (at most LINGER_S) while another rank may still need it: until every other rank has
-    exited or gone silent (no heartbeat for a second)."""
+    stopped using it (`StoreLink.mark_exit`) or gone silent (no heartbeat for a second)."""
     started = time.monotonic()
     last_beat: dict[int, tuple[int, float]] = {}
     while time.monotonic() - started < LINGER_S:
@@ -557,10 +560,16 @@ def _linger(link: StoreLink) -> None:
         time.sleep(0.1)
 
 
-def _exit_if_failed() -> None:
-    """atexit: a process leaving after the job failed exits at once (a pending collective would hold it)."""
+def _at_exit() -> None:
+    """atexit: a process leaving after the job failed exits at once (a pending collective would hold it);
+    otherwise its watchdog stops, and rank 0, whose process group hosts the job's store, first waits (at most
+    LINGER_S) for the ranks still watching it to finish, so that none polls a store that is gone."""
     if _process.failed is not None:
         _exit_now(_store(), 1, "")
+    end_watch()
+    if hosts_store(_process.rank) and dist.is_initialized():  # (a destroyed group took the store with it)
+        with contextlib.suppress(StoreLost):
+            _linger(_store())
 
 
 def _reporting_excepthook(previous: Any) -> Any:

@@ -118,7 +118,8 @@ class StoreLink:
         return {status.rank: status for status in (Status(**json.loads(v)) for v in values)}
 
     def mark_exit(self, rank: int) -> None:
-        """`rank` is ending its process after the job failed."""
+        """`rank` no longer uses the store: its process is ending (after a failure), or its part of the job is
+        over."""
         if self.store is not None:
             self._call("set", f"{EXITED_PREFIX}{rank}", "1")
 
