@@ -12,6 +12,7 @@ from typing import Any
 from .config import SHARD_STAGES
 from .deploy.deployment import rannc_version
 from .errors import ConfigError, RanncError
+from .profile.devices import OPTIMIZER_STATE_FACTORS
 
 _UNITS = {
     "": 1,
@@ -176,6 +177,13 @@ def _add_plan(commands: Any) -> None:
         help="pipeline schedules to choose among, comma-separated, the first preferred on a tie: 1f1b, "
         "zero_bubble, fill_drain, interleaved_1f1b (default auto: as schedule='auto' does)",
     )
+    plan.add_argument(
+        "--optimizer",
+        choices=sorted(OPTIMIZER_STATE_FACTORS),
+        default="adam",
+        help="the optimizer the job will step, for its state's memory and the update's time (default adam; a "
+        "job reads it from its optimizer)",
+    )
     plan.add_argument("--no-recompute", action="store_true", help="never recompute activations")
     plan.add_argument("--zero", action="store_true", help="ZeRO-1: shard optimizer state over replicas")
     plan.add_argument(
@@ -235,6 +243,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len or 0,
         opaque_modules=tuple(args.opaque_module),
         chunks=args.chunks,
+        opt_param_factor=OPTIMIZER_STATE_FACTORS[args.optimizer],
     )
     show_deployment(result.deployment)
     if args.out:

@@ -211,6 +211,22 @@ def test_one_chunk_leaves_interleaving_out() -> None:
         )
 
 
+def test_plan_prices_the_optimizer_named(tmp_path: Path) -> None:
+    """`--optimizer sgd-momentum`: one buffer per parameter (Adam, the default, keeps two), in the report and in
+    every stage's memory split; an unknown name is refused by the parser."""
+    command = ["plan", "test_offline_plan:factory", "--world-size", "4", "--batch-size", "16"]
+    command += ["--device", "a100-40gb", "--optimizer", "sgd-momentum", "--out", str(tmp_path / "plan.json")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(command) == 0
+    report = json.loads((tmp_path / "plan.json").read_text())["report"]
+    assert report["opt_param_factor"] == 1.0
+    for entry in report["stages"]:
+        parts = entry["memory"]
+        assert parts["optimizer"] == pytest.approx(parts["parameters"])
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        main([*command[:-4], "--optimizer", "lion"])
+
+
 def test_plan_zero_bubble_prices_i_and_w(capsys: pytest.CaptureFixture[str]) -> None:
     """`rannc plan --schedules zero_bubble`: the estimated blocks carry their W share, the plan splits its
     backwards, and its table shows the I and W passes."""

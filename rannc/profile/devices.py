@@ -42,6 +42,19 @@ _OPTIMIZER_TRANSIENT = {
 OPTIMIZER_CHUNK_BYTES = float(2**28)
 
 
+# Optimizer state bytes per parameter byte of the optimizers `rannc plan --optimizer` names (a job reads them from
+# its optimizer: partition.optimizer_state_factor).
+OPTIMIZER_STATE_FACTORS = {
+    "adam": 2.0,
+    "adamw": 2.0,
+    "amsgrad": 3.0,
+    "sgd": 0.0,
+    "sgd-momentum": 1.0,
+    "adagrad": 1.0,
+    "rmsprop": 1.0,
+}
+
+
 def optimizer_kind(opt_param_factor: float) -> str:
     """The optimizer family its state size suggests: >= 2 x parameters Adam, >= 1 momentum SGD, else SGD."""
     return "adam" if opt_param_factor >= 2 else "momentum" if opt_param_factor >= 1 else "sgd"
