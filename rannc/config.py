@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -215,4 +216,4 @@ def _non_negative_number(text: str) -> bool:
         value = float(text)
     except ValueError:
         return False
-    return value >= 0 and value == value and value != float("inf")
+    return math.isfinite(value) and value >= 0

@@ -173,7 +173,7 @@ class LocalStage:
                 self.pending[name] = torch.zeros_like(param)
         self.grad_sync.allreduce(self.pending, skip=frozenset(reduced) | sharded)
         for name, grad in reduced.items():
-            self.pending[name] = grad if isinstance(scale, float) and scale == 1.0 else grad.mul_(scale)
+            self.pending[name] = grad if scale == 1.0 else grad.mul_(scale)
         self.pending.update(owned)
         for name, param in self.trainable.items():
             if name not in self.pending:  # a sharded parameter another replica owns
