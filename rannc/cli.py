@@ -12,7 +12,7 @@ from typing import Any
 from .config import SHARD_STAGES
 from .deploy.deployment import rannc_version
 from .errors import ConfigError, RanncError
-from .profile.devices import OPTIMIZER_STATE_FACTORS
+from .profile.devices import OPTIMIZER_CHOICES, named_optimizer_state_factor
 
 _UNITS = {
     "": 1,
@@ -179,7 +179,7 @@ def _add_plan(commands: Any) -> None:
     )
     plan.add_argument(
         "--optimizer",
-        choices=sorted(OPTIMIZER_STATE_FACTORS),
+        choices=sorted(OPTIMIZER_CHOICES),
         default="adam",
         help="the optimizer the job will step, for its state's memory and the update's time (default adam; a "
         "job reads it from its optimizer)",
@@ -243,7 +243,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len or 0,
         opaque_modules=tuple(args.opaque_module),
         chunks=args.chunks,
-        opt_param_factor=OPTIMIZER_STATE_FACTORS[args.optimizer],
+        opt_param_factor=named_optimizer_state_factor(args.optimizer),
     )
     show_deployment(result.deployment)
     if args.out:

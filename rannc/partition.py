@@ -32,6 +32,7 @@ from .problem import (
 )
 from .profile.blocks import measured_block_profiles
 from .profile.devices import DeviceProfile, get_device_profile, profile_for_device_name
+from .profile.devices import optimizer_state_factor as state_factor_of_class
 from .runtime.optimizer import steps_in_chunks
 from .runtime.weights import is_meta_model
 from .schedule import Schedule
@@ -82,28 +83,14 @@ def coupled_weight_decay(optimizer: torch.optim.Optimizer | None) -> bool:
 
 
 def optimizer_state_factor(optimizer: torch.optim.Optimizer | None) -> float | None:
-    """The state bytes per parameter byte that `optimizer` keeps (its largest over the param groups; scalars such
-    as Adam's step count left out), or None for an optimizer of another kind (LBFGS's history, factored or
-    third-party optimizers)."""
+    """The state bytes per parameter byte that `optimizer` keeps (its largest over the param groups), or None for
+    an optimizer of a kind rannc does not know (`profile.devices.optimizer_state_factor`; a subclass of a
+    torch.optim optimizer is priced as that optimizer)."""
     if optimizer is None or not optimizer.param_groups:
         return None
-    per_group = [_state_factor(optimizer, group) for group in optimizer.param_groups]
+    known = next((c.__name__ for c in type(optimizer).__mro__ if c.__module__.startswith("torch.optim")), "")
+    per_group = [state_factor_of_class(known, group) for group in optimizer.param_groups]
     return None if None in per_group else max(f for f in per_group if f is not None)
-
-
-def _state_factor(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float | None:
-    optim = torch.optim
-    if isinstance(optimizer, optim.SGD):
-        return 1.0 if group.get("momentum", 0) else 0.0  # the momentum buffer
-    if isinstance(optimizer, optim.Adam | optim.AdamW):
-        return 3.0 if group.get("amsgrad", False) else 2.0  # both moments (and the largest second one)
-    if isinstance(optimizer, optim.NAdam | optim.RAdam | optim.Adamax | optim.Adadelta | optim.Rprop):
-        return 2.0
-    if isinstance(optimizer, optim.RMSprop):  # square average, momentum buffer, mean gradient
-        return 1.0 + bool(group.get("momentum", 0)) + bool(group.get("centered", False))
-    if isinstance(optimizer, optim.Adagrad | optim.ASGD):
-        return 1.0
-    return None
 
 
 def partition(

@@ -191,3 +191,30 @@ def test_optimizer_state_follows_the_optimizer() -> None:
     assert load_config().opt_param_factor == "auto"
     assert load_config().state_factor(1.0) == 1.0 and load_config().state_factor(None) == 2.0
     assert load_config(opt_param_factor=0.5).state_factor(1.0) == 0.5
+
+
+def test_every_named_optimizer_is_priced_by_the_state_it_keeps() -> None:
+    """`rannc plan --optimizer NAME` and a job stepping that optimizer price the same state: its factor is the
+    state tensors torch.optim really keeps after a step, per parameter byte; a subclass is priced as its base."""
+    import torch
+
+    from rannc.partition import optimizer_state_factor
+    from rannc.profile.devices import OPTIMIZER_CHOICES, named_optimizer_state_factor
+
+    for name, (class_name, options) in OPTIMIZER_CHOICES.items():
+        param = torch.nn.Parameter(torch.zeros(64))
+        param.grad = torch.ones(64)
+        optimizer = getattr(torch.optim, class_name)([param], lr=0.01, **options)
+        optimizer.step()
+        kept = sum(
+            value.nbytes
+            for value in optimizer.state[param].values()
+            if isinstance(value, torch.Tensor) and value.numel() == param.numel()
+        )
+        assert kept / param.nbytes == named_optimizer_state_factor(name), name
+        assert optimizer_state_factor(optimizer) == named_optimizer_state_factor(name), name
+
+    class Tuned(torch.optim.AdamW):
+        pass
+
+    assert optimizer_state_factor(Tuned([torch.nn.Parameter(torch.zeros(2))])) == 2.0

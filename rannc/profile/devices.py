@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,48 @@ _OPTIMIZER_TRANSIENT = {
 OPTIMIZER_CHUNK_BYTES = float(2**28)
 
 
-# Optimizer state bytes per parameter byte of the optimizers `rannc plan --optimizer` names (a job reads them from
-# its optimizer: partition.optimizer_state_factor).
-OPTIMIZER_STATE_FACTORS = {
-    "adam": 2.0,
-    "adamw": 2.0,
-    "amsgrad": 3.0,
-    "sgd": 0.0,
-    "sgd-momentum": 1.0,
-    "adagrad": 1.0,
-    "rmsprop": 1.0,
+def optimizer_state_factor(optimizer_class: str, group: Mapping[str, Any]) -> float | None:
+    """The state bytes per parameter byte that a `torch.optim` optimizer of class `optimizer_class` keeps for a
+    param group with options `group` (scalars such as Adam's step count left out), or None for a class rannc does
+    not know (LBFGS's history, factored or third-party optimizers)."""
+    if optimizer_class == "SGD":
+        return 1.0 if group.get("momentum", 0) else 0.0  # the momentum buffer
+    if optimizer_class in ("Adam", "AdamW"):
+        return 3.0 if group.get("amsgrad", False) else 2.0  # both moments (and the largest second one)
+    if optimizer_class in ("NAdam", "RAdam", "Adamax", "Adadelta", "Rprop"):
+        return 2.0
+    if optimizer_class == "RMSprop":  # square average, momentum buffer, mean gradient
+        return 1.0 + bool(group.get("momentum", 0)) + bool(group.get("centered", False))
+    if optimizer_class in ("Adagrad", "ASGD"):
+        return 1.0
+    return None
+
+
+# The optimizers `rannc plan --optimizer` names: torch.optim class and param group options (a job reads both from
+# its optimizer); their state factors come from `optimizer_state_factor`, as a job's do.
+OPTIMIZER_CHOICES: dict[str, tuple[str, dict[str, Any]]] = {
+    "adam": ("Adam", {}),
+    "adamw": ("AdamW", {}),
+    "amsgrad": ("Adam", {"amsgrad": True}),
+    "nadam": ("NAdam", {}),
+    "radam": ("RAdam", {}),
+    "adamax": ("Adamax", {}),
+    "adadelta": ("Adadelta", {}),
+    "rprop": ("Rprop", {}),
+    "sgd": ("SGD", {}),
+    "sgd-momentum": ("SGD", {"momentum": 0.9}),
+    "adagrad": ("Adagrad", {}),
+    "asgd": ("ASGD", {}),
+    "rmsprop": ("RMSprop", {}),
 }
+
+
+def named_optimizer_state_factor(name: str) -> float:
+    """The state factor of an optimizer `rannc plan --optimizer` names (`OPTIMIZER_CHOICES`)."""
+    optimizer_class, group = OPTIMIZER_CHOICES[name]
+    factor = optimizer_state_factor(optimizer_class, group)
+    assert factor is not None, name  # every choice is a class optimizer_state_factor knows
+    return factor
 
 
 def optimizer_kind(opt_param_factor: float) -> str:
