@@ -31,6 +31,7 @@ from .problem import (
     plan_or_explain,
 )
 from .profile.blocks import measured_block_profiles
+from .profile.calibrate import ranks_on_this_host, usable_cores
 from .profile.devices import DeviceProfile, get_device_profile, profile_for_device_name
 from .profile.devices import optimizer_state_factor as state_factor_of_class
 from .runtime.optimizer import steps_in_chunks
@@ -164,6 +165,8 @@ def partition(
         profile,
         l2_weight_decay=l2,
         chunked_optimizer=chunked,
+        # every rank measured its blocks at once: on CPUs the ranks of this host shared its cores
+        cores=(usable_cores(), ranks_on_this_host()) if device.type == "cpu" else (None, 1),
     )
     plan = _plan_on_rank0(problem, world_size, config)
     deployment = deployment_of(plan, captured, blocks, world_size, limit)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from ..schedule import Action, ActionKind, Schedule, held_microbatches, virtual_stage
 from .chunked import (
@@ -32,6 +34,8 @@ from .sharding import gather_passes, sharded_state
 from .types import Plan, PlanProblem, ShardLevel
 
 __all__ = [
+    "CoreSharing",
+    "core_sharing",
     "Event",
     "EventKind",
     "StageTiming",
@@ -114,6 +118,48 @@ class StageTiming:
     def analytic_time(self) -> float:
         """t_s of the cost model: compute plus inputs and outputs moved forward and backward."""
         return self.fwd + self.bwd + 2 * (self.comm_in + self.comm_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreSharing:
+    """Ranks that share the cores of their host (CPUs): a rank computes at full speed while at most `cores` ranks
+    of its host compute, and at cores / k of it while k > cores do (processor sharing). Stage costs were measured
+    with `measured_ranks` ranks of a host computing at once, so a measured duration d is d / max(1, measured_ranks
+    / cores) of work at full speed. `hosts[s]`: position s's ranks by host, as (host, ranks there)."""
+
+    cores: int
+    measured_ranks: int
+    hosts: tuple[tuple[tuple[int, int], ...], ...]
+
+    def __post_init__(self) -> None:
+        if self.cores < 1 or self.measured_ranks < 1:
+            raise ValueError(
+                f"cores and measured_ranks must be >= 1, got {self.cores}, {self.measured_ranks}"
+            )
+
+    @property
+    def measured_slowdown(self) -> float:
+        """How much slower than at full speed the measured durations ran."""
+        return max(1.0, self.measured_ranks / self.cores)
+
+    def rates(self, running: Sequence[int]) -> dict[int, float]:
+        """Speed (1 = full) of each position in `running` while exactly those compute: a position's replicas run
+        in step, as fast as its most crowded host lets them."""
+        load: dict[int, int] = {}
+        for s in running:
+            for host, ranks in self.hosts[s]:
+                load[host] = load.get(host, 0) + ranks
+        return {s: min(min(1.0, self.cores / load[host]) for host, _ in self.hosts[s]) for s in running}
+
+    @property
+    def matters(self) -> bool:
+        """Whether any rate differs from the measured one: measured under contention, or a host with more ranks
+        than cores."""
+        per_host: dict[int, int] = {}
+        for position in self.hosts:
+            for host, ranks in position:
+                per_host[host] = per_host.get(host, 0) + ranks
+        return self.measured_ranks > self.cores or max(per_host.values(), default=0) > self.cores
 
 
 class EventKind(enum.StrEnum):
@@ -242,6 +288,7 @@ def simulate(
     rendezvous: bool = True,
     shared: Sequence[tuple[float, tuple[int, ...]]] = (),
     post_ahead: bool = False,
+    sharing: CoreSharing | None = None,
 ) -> Timeline:
     """Simulate one step: every position runs `schedule.actions(s, S, P, chunks)` in order, one at a time.
 
@@ -258,7 +305,8 @@ def simulate(
     transfer). After its last action each position runs its gradient allreduce (its chunks' together); then
     each `shared` (seconds, virtual stages) allreduce (a parameter held by several stages) starts when all its
     positions are there; then each position's optimizer update. Compute durations are
-    `StageTiming.duration`.
+    `StageTiming.duration`; with `sharing` (ranks on CPUs sharing their hosts' cores) each runs at the speed the
+    ranks computing at the same time leave it (`CoreSharing`).
     """
     _check(stage_times, microbatches)
     schedule = Schedule(schedule)  # ValueError for an unknown name
@@ -266,7 +314,10 @@ def simulate(
         raise ValueError(f"{len(stage_times)} virtual stages do not make {chunks} chunks per position")
     positions = len(stage_times) // chunks
     lists = [schedule.actions(s, positions, microbatches, chunks) for s in range(positions)]
-    events = _run_actions(stage_times, lists, chunks, rendezvous, post_ahead)
+    if sharing is not None and sharing.matters:
+        events = _run_actions_sharing(stage_times, lists, rendezvous, post_ahead, sharing)
+    else:
+        events = _run_actions(stage_times, lists, chunks, rendezvous, post_ahead)
     if events is None:
         raise RuntimeError(
             f"schedule {schedule!r} deadlocks with {positions} positions, {chunks} chunks, {microbatches} mb"
@@ -342,6 +393,84 @@ def _needs(kind: ActionKind, microbatch: int, stage: int, last: int) -> tuple[tu
     return producer, (ActionKind.FORWARD, microbatch, stage)
 
 
+class _Start(NamedTuple):
+    """When a position's next action can start (seconds) and the receive wait before it, if any."""
+
+    start: float
+    waited: float  # from when it waits for the transfer (== start: no wait)
+
+
+class _Runner:
+    """The state of every position running its action list: what is done, when each position is free, and the
+    receives it posted ahead. `ready` prices an action's start exactly as the runtime orders it (see `simulate`)."""
+
+    def __init__(
+        self, stage_times: list[StageTiming], lists: list[list[Action]], rendezvous: bool, post_ahead: bool
+    ) -> None:
+        self.stage_times, self.lists = stage_times, lists
+        self.rendezvous, self.post_ahead = rendezvous, post_ahead
+        self.positions, self.last = len(lists), len(stage_times) - 1
+        self.done: dict[tuple, float] = {}  # (kind or "G", microbatch, virtual stage) -> compute end
+        self.free = [0.0] * self.positions
+        # post_ahead: when the position posted the receive of its next F or B/I (the runtime posts it as it
+        # reaches the F or B/I before it, `Pipeline._post_receives`; None: it posts it on reaching it, as for the
+        # first)
+        self.posted_next: list[float | None] = [None] * self.positions
+        self.cursor = [0] * self.positions
+        self.events: list[list[Event]] = [[] for _ in range(self.positions)]
+        self.remaining = sum(len(actions) for actions in lists)
+
+    def next_action(self, s: int) -> tuple[Action, int] | None:
+        """Position s's next action and its virtual stage (None: it has run them all)."""
+        if self.cursor[s] >= len(self.lists[s]):
+            return None
+        action = self.lists[s][self.cursor[s]]
+        return action, virtual_stage(s, action.chunk, self.positions)
+
+    def ready(self, s: int, action: Action, k: int) -> _Start | None:
+        """When position s can start `action` (at virtual stage k), None while what it needs is not done."""
+        kind, i = action.kind, action.microbatch
+        producer, own = _needs(kind, i, k, self.last)
+        done = self.done
+        if (producer is not None and producer not in done) or (own is not None and own not in done):
+            return None
+        produced = done[producer] if producer is not None else 0.0
+        floor = max(self.free[s], done[own]) if own is not None else self.free[s]
+        transfer = _receive_time(self.stage_times, k, kind) if producer is not None else 0.0
+        if not self.rendezvous:
+            start = max(floor, produced + transfer)
+            return _Start(start, start)
+        posted = self.posted_next[s]  # (always None without post_ahead: posted on reaching it)
+        moving = max(floor if posted is None else posted, produced)  # the data moves from then on
+        start = max(floor, moving + transfer)
+        waited = max(floor, moving)
+        return _Start(start, waited if transfer > 0 else start)
+
+    def begin(self, s: int, action: Action, at: _Start) -> None:
+        """Position s starts `action` at `at` (its receive wait recorded)."""
+        if at.start > at.waited:  # the part of the transfer this position waits for
+            self.events[s].append(
+                Event(_RECEIVE[action.kind], action.microbatch, at.waited, at.start, action.chunk)
+            )
+        if (
+            self.rendezvous
+            and self.post_ahead
+            and (action.kind == ActionKind.FORWARD or action.kind.sends_grad)
+        ):
+            self.posted_next[s] = self.free[s]  # reaching this action, it posts the next one's receive
+
+    def finish(self, s: int, action: Action, k: int, start: float, end: float) -> None:
+        """Position s ran `action` over [start, end]."""
+        kind, i = action.kind, action.microbatch
+        self.events[s].append(Event(EventKind(kind), i, start, end, action.chunk))
+        self.done[kind, i, k] = end
+        if kind.sends_grad:
+            self.done["G", i, k] = end
+        self.free[s] = end
+        self.cursor[s] += 1
+        self.remaining -= 1
+
+
 def _run_actions(
     stage_times: list[StageTiming],
     lists: list[list[Action]],
@@ -352,52 +481,73 @@ def _run_actions(
     """The compute and receive events of every position running its action list (None: deadlock).
 
     Sweeps the positions over and over, each running its next actions while what they need is done."""
-    positions = len(lists)
-    last = len(stage_times) - 1
-    done: dict[tuple, float] = {}  # (kind or "G", microbatch, virtual stage) -> compute end
-    free = [0.0] * positions
-    # post_ahead: when the position posted the receive of its next F or B/I (the runtime posts it as it reaches the
-    # F or B/I before it, `Pipeline._post_receives`; None: it posts it on reaching it, as for the first)
-    posted_next: list[float | None] = [None] * positions
-    cursor = [0] * positions
-    events: list[list[Event]] = [[] for _ in range(positions)]
-    remaining = sum(len(actions) for actions in lists)
-    while remaining:
+    runner = _Runner(stage_times, lists, rendezvous, post_ahead)
+    while runner.remaining:
         progressed = False
-        for s in range(positions):
-            while cursor[s] < len(lists[s]):
-                action = lists[s][cursor[s]]
-                kind, i, chunk = action.kind, action.microbatch, action.chunk
-                k = virtual_stage(s, chunk, positions)
-                producer, own = _needs(kind, i, k, last)
-                if (producer is not None and producer not in done) or (own is not None and own not in done):
+        for s in range(runner.positions):
+            while (following := runner.next_action(s)) is not None:
+                action, k = following
+                at = runner.ready(s, action, k)
+                if at is None:
                     break
-                produced = done[producer] if producer is not None else 0.0
-                floor = max(free[s], done[own]) if own is not None else free[s]
-                transfer = _receive_time(stage_times, k, kind) if producer is not None else 0.0
-                if rendezvous:
-                    posted = posted_next[s]  # (always None without post_ahead: posted on reaching it)
-                    moving = max(floor if posted is None else posted, produced)  # the data moves from then on
-                    start = max(floor, moving + transfer)
-                    waited = max(floor, moving)
-                    if transfer > 0 and start > waited:  # the part of the transfer this position waits for
-                        events[s].append(Event(_RECEIVE[kind], i, waited, start, chunk))
-                    if post_ahead and (kind == ActionKind.FORWARD or kind.sends_grad):
-                        posted_next[s] = free[s]  # reaching this action, it posts the next one's receive
-                else:
-                    start = max(floor, produced + transfer)
-                end = start + stage_times[k].duration(kind)
-                events[s].append(Event(EventKind(kind), i, start, end, chunk))
-                done[kind, i, k] = end
-                if kind.sends_grad:
-                    done["G", i, k] = end
-                free[s] = end
-                cursor[s] += 1
-                remaining -= 1
+                runner.begin(s, action, at)
+                runner.finish(s, action, k, at.start, at.start + stage_times[k].duration(action.kind))
                 progressed = True
         if not progressed:
             return None
-    return events
+    return runner.events
+
+
+def _run_actions_sharing(
+    stage_times: list[StageTiming],
+    lists: list[list[Action]],
+    rendezvous: bool,
+    post_ahead: bool,
+    sharing: CoreSharing,
+) -> list[list[Event]] | None:
+    """`_run_actions` on ranks that share their hosts' cores (`CoreSharing`): time advances from event to event
+    (an action ends, or a position's next one can start), and between two events every position computing runs
+    at the rate its host's load gives it. An action's work is its measured duration at full speed."""
+    runner = _Runner(stage_times, lists, rendezvous, post_ahead)
+    # position -> (action, virtual stage, start, seconds of work at full speed left)
+    running: dict[int, tuple[Action, int, float, float]] = {}
+    now = 0.0
+    while runner.remaining:
+        wake = math.inf  # the next moment an idle position's next action can start
+        for s in range(runner.positions):
+            following = runner.next_action(s)
+            if s in running or following is None:
+                continue
+            action, k = following
+            at = runner.ready(s, action, k)
+            if at is None:
+                continue
+            if at.start <= now * (1 + _SAME_MOMENT) + _SAME_MOMENT:
+                runner.begin(s, action, at)
+                work = stage_times[k].duration(action.kind) / sharing.measured_slowdown
+                running[s] = (action, k, at.start, work)
+            else:
+                wake = min(wake, at.start)
+        if not running:
+            if math.isinf(wake):
+                return None  # nothing runs and nothing can start: a deadlock
+            now = wake
+            continue
+        rates = sharing.rates(list(running))
+        ends = {s: now + left / rates[s] for s, (_, _, _, left) in running.items()}
+        moment = min(min(ends.values()), wake)
+        for s, (action, k, start, left) in list(running.items()):
+            if ends[s] <= moment * (1 + _SAME_MOMENT) + _SAME_MOMENT:
+                del running[s]
+                runner.finish(s, action, k, start, moment)
+            else:
+                running[s] = (action, k, start, left - (moment - now) * rates[s])
+        now = moment
+    return runner.events
+
+
+# Moments this close (relative, and absolute seconds) count as one in `_run_actions_sharing` (rounding).
+_SAME_MOMENT = 1e-12
 
 
 def _end_step(
@@ -656,4 +806,20 @@ def simulate_plan(
         rendezvous=rendezvous,
         shared=shared_allreduces(problem, plan),
         post_ahead=post_ahead,
+        sharing=core_sharing(problem, plan),
     )
+
+
+def core_sharing(problem: PlanProblem, plan: Plan) -> CoreSharing | None:
+    """How the positions of `plan` share their hosts' cores (None: a device per rank): node n holds ranks
+    n * gpus_per_node .. (n + 1) * gpus_per_node - 1 (every rank one node without gpus_per_node)."""
+    if problem.host_cores is None:
+        return None
+    per_node = problem.gpus_per_node or problem.world_size
+    hosts = []
+    for stage in plan.stages[: plan.positions]:
+        counts: dict[int, int] = {}
+        for rank in stage.ranks:
+            counts[rank // per_node] = counts.get(rank // per_node, 0) + 1
+        hosts.append(tuple(sorted(counts.items())))
+    return CoreSharing(problem.host_cores, problem.measured_ranks, tuple(hosts))

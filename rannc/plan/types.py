@@ -197,6 +197,13 @@ class PlanProblem:
     inter_node_latency: float | None = None  # s
     allreduce_inter_bandwidth: float | None = None  # bytes/s of an allreduce spanning nodes
     allreduce_inter_latency: float | None = None  # s
+    # Ranks on CPUs: the cores the ranks of one node (gpus_per_node of them; None: every rank) share, None for a
+    # device per rank (GPUs); and how many ranks of a node computed at once when the block costs were measured
+    # (a job measures on every rank at once; `rannc calibrate --ranks N` measures on N). While more ranks than
+    # cores compute, each runs slower; while fewer do, faster: the simulator shares the cores among the ranks
+    # computing at each moment (`CoreSharing`).
+    host_cores: int | None = None
+    measured_ranks: int = 1
     # The optimizer step's temporaries (after the backward, when activations are gone): bytes =
     # optimizer_transient[0] x parameter bytes the rank updates (its shard with ZeRO-1) + optimizer_transient[1]
     # x the largest parameter tensor of the stage (range_largest_param_bytes; 0 when None). A stage's peak is the

@@ -119,6 +119,8 @@ def calibrate(
         kind="gpu" if cuda else "cpu",
         sources=sources,
         matmul_shapes=shapes,
+        host_cores=None if cuda else usable_cores(),
+        measured_ranks=1 if cuda else ranks_on_this_host(),
         **links,
     )
     return _fit_to_reference_layers(profile, device, quick, where)
@@ -723,3 +725,20 @@ def _busy_sender_latency(
         if work is not None:
             work.wait()
     return statistics.fmean(samples[1:]) if samples else 0.0
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def ranks_on_this_host() -> int:
+    """How many ranks of the job run on this host (torchrun's and `rannc.launch`'s LOCAL_WORLD_SIZE; else every
+    rank of an initialised process group; else 1)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is not None and local.isdigit() and int(local) > 0:
+        return int(local)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1

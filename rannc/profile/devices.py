@@ -161,6 +161,12 @@ class DeviceProfile:
     # starts it during the last backward). 1: communication runs beside compute (NCCL on GPUs); lower where
     # communication threads share cores with compute (gloo on CPUs; `rannc calibrate` measures it).
     allreduce_overlap: float = 1.0
+    # CPUs: the cores the ranks of one node share (None: a device per rank, as GPUs) and how many of those ranks
+    # computed at once when the rates were measured (`rannc calibrate --ranks N`: N). The simulator shares the
+    # cores among the ranks computing at each moment (`plan.simulate.CoreSharing`): a rank computes faster in
+    # another's bubble than the figures measured with every rank computing say.
+    host_cores: int | None = None
+    measured_ranks: int = 1
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -324,6 +330,12 @@ def _validate(p: DeviceProfile) -> None:
             _number(getattr(p, name), name + " (or null)", 0)
     for name in ("matmul_efficiency", "memory_efficiency"):
         _number(getattr(p, name), name, 0, 1, strict=True)
+    if p.host_cores is not None and (
+        isinstance(p.host_cores, bool) or not isinstance(p.host_cores, int) or p.host_cores < 1
+    ):
+        raise ConfigError(f"host_cores must be a positive integer or null, got {p.host_cores!r}")
+    if isinstance(p.measured_ranks, bool) or not isinstance(p.measured_ranks, int) or p.measured_ranks < 1:
+        raise ConfigError(f"measured_ranks must be a positive integer, got {p.measured_ranks!r}")
     overlap = p.allreduce_overlap
     if isinstance(overlap, bool) or not isinstance(overlap, int | float) or not 0 <= overlap <= 1:
         raise ConfigError(f"allreduce_overlap must be a number in [0, 1], got {overlap!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,15 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
         load_profile(tmp_path / "absent.json")
     with pytest.raises(ConfigError, match="unknown device profile 'tpu-v9'.*a100-40gb"):
         get_device_profile("tpu-v9")
+    base = get_device_profile("cpu")
+    for field, value in (
+        ("host_cores", 0),
+        ("host_cores", 1.5),
+        ("measured_ranks", 0),
+        ("measured_ranks", None),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            dataclasses.replace(base, **{field: value})
 
 
 def test_calibrate_quick_single_process(tmp_path: Path) -> None:
@@ -148,6 +158,8 @@ def test_calibrate_quick_single_process(tmp_path: Path) -> None:
     assert "not measured (single process)" in profile.sources["intra_node"]
     assert "measured by rannc.profile.calibrate" in profile.sources["peak_flops"]
     assert profile.intra_node_bandwidth == get_device_profile("cpu").intra_node_bandwidth
+    # the cores this process may use, measured by one rank (the simulator shares the cores among the ranks)
+    assert profile.host_cores == len(os.sched_getaffinity(0)) and profile.measured_ranks == 1
     save_profile(profile, tmp_path / "me.json")
     assert load_profile(tmp_path / "me.json") == profile
 
@@ -167,6 +179,7 @@ def test_calibrate_measures_links_between_ranks() -> None:
     assert first.intra_node_bandwidth != get_device_profile("cpu").intra_node_bandwidth
     assert 0 < first.intra_node_latency < 0.1 and first.intra_node_bandwidth > 1e6
     assert first.allreduce_bandwidth and first.allreduce_latency and first.gpus_per_node == 2
+    assert first.measured_ranks == 2 and first.host_cores == len(os.sched_getaffinity(0))
     assert "ping-pong" in first.sources["intra_node"] and "allreduce" in first.sources["allreduce"]
     # The latency is the larger of an idle ping-pong and a message from a rank that computes after sending.
     assert "computes right after sending" in first.sources["intra_node"]
