@@ -31,9 +31,9 @@ from .problem import (
     plan_or_explain,
 )
 from .profile.blocks import measured_block_profiles
-from .profile.calibrate import ranks_on_this_host, usable_cores
 from .profile.devices import DeviceProfile, get_device_profile, profile_for_device_name
 from .profile.devices import optimizer_state_factor as state_factor_of_class
+from .profile.measure import ranks_on_this_host, usable_cores
 from .runtime.optimizer import steps_in_chunks
 from .runtime.weights import is_meta_model
 from .schedule import Schedule

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .devices import DeviceProfile, get_device_profile, profile_for_device_name
-from .measure import cache_flusher
+from .measure import cache_flusher, ranks_on_this_host, usable_cores
 
 __all__ = ["calibrate"]
 
@@ -725,20 +725,3 @@ def _busy_sender_latency(
         if work is not None:
             work.wait()
     return statistics.fmean(samples[1:]) if samples else 0.0
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity where the OS has one)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-
-
-def ranks_on_this_host() -> int:
-    """How many ranks of the job run on this host (torchrun's and `rannc.launch`'s LOCAL_WORLD_SIZE; else every
-    rank of an initialised process group; else 1)."""
-    local = os.environ.get("LOCAL_WORLD_SIZE")
-    if local is not None and local.isdigit() and int(local) > 0:
-        return int(local)
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1

@@ -21,7 +21,7 @@ from ..config import Config
 from ..errors import RanncError
 from ..host_memory import release_free_host_pages
 from ..plan.types import BlockProfile
-from .measure import BlockRunner, cache_flusher, measure_block
+from .measure import BlockRunner, cache_flusher, measure_block, ranks_on_this_host, usable_cores
 
 __all__ = ["profile_blocks"]
 
@@ -105,7 +105,12 @@ def _measurement_device(runner: BlockRunner, device: torch.device | None) -> tor
 
 
 def _cache_path(directory: str, cache_key: str, device: torch.device) -> Path:
+    """Where block costs measured on `device` are kept. On CPUs the ranks of a host measure at once and share its
+    cores (each gets cores / ranks of them at most): costs measured by another number of ranks do not hold (the
+    file is per rank count and core count)."""
     safe_key = re.sub(r"[^A-Za-z0-9._-]", "_", cache_key)
+    if device.type == "cpu":
+        safe_key += f"-{ranks_on_this_host()}of{usable_cores()}cores"
     return Path(directory).expanduser() / f"{safe_key}-{device.type}.json"
 
 

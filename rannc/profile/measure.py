@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..host_memory import release_free_host_pages
 from ..plan.types import BlockProfile
 from ..split_backward import input_grads
 from .memtrack import PeakMemory
 
-__all__ = ["BlockRunner", "measure_block"]
+__all__ = ["BlockRunner", "measure_block", "ranks_on_this_host", "usable_cores"]
 
 _GRAD_SEED = 0
 
@@ -372,3 +374,21 @@ def _is_tensor(value: Any) -> bool:
 def _sync(cuda: bool, device: torch.device) -> None:
     if cuda:
         torch.cuda.synchronize(device)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one): what the ranks of a host share
+    when they measure at once (`ranks_on_this_host`)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def ranks_on_this_host() -> int:
+    """How many ranks of the job run on this host (torchrun's and `rannc.launch`'s LOCAL_WORLD_SIZE; else every
+    rank of an initialised process group; else 1)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is not None and local.isdigit() and int(local) > 0:
+        return int(local)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1

@@ -15,6 +15,7 @@ import rannc.profile.distributed as profile_distributed
 from rannc.config import Config
 from rannc.errors import RanncError
 from rannc.profile import BlockRunner, profile_blocks
+from rannc.profile.measure import usable_cores
 
 SIZES = [1, 4, 16]
 CACHE_FORMAT = profile_distributed._CACHE_FORMAT
@@ -46,7 +47,7 @@ def test_second_call_reads_everything_from_the_cache(tmp_path: Path, calls: list
     first = profile_blocks(runners, SIZES, cache_key="k1", config=config)
     assert len(calls) == 2 * len(SIZES)
     assert [sorted(p.fwd_time) for p in first] == [SIZES, SIZES]
-    path = tmp_path / "cache" / "k1-cpu.json"
+    path = tmp_path / "cache" / f"k1-1of{usable_cores()}cores-cpu.json"
     assert path.exists()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
@@ -89,7 +90,7 @@ def test_progress_bar_and_log(tmp_path: Path, calls: list[Any], caplog: pytest.L
 def test_corrupt_cache_is_ignored_and_replaced(
     tmp_path: Path, calls: list[Any], caplog: pytest.LogCaptureFixture, content: str
 ) -> None:
-    path = tmp_path / "cache" / "bad-cpu.json"
+    path = tmp_path / "cache" / f"bad-1of{usable_cores()}cores-cpu.json"
     path.parent.mkdir()
     path.write_text(content)
     with caplog.at_level(logging.WARNING):
@@ -123,6 +124,24 @@ def test_measurement_error_names_the_block(tmp_path: Path) -> None:
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
+def test_costs_measured_by_another_number_of_ranks_are_measured_again(
+    tmp_path: Path, calls: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPUs the ranks of a host measure at once and share its cores: a cache written by one rank does not
+    serve a job of 4 ranks on this host (each then gets half a core or less), nor the other way round."""
+    runners, config = mlp_runners(1), make_config(tmp_path)
+    alone = profile_blocks(runners, SIZES, cache_key="k", config=config)
+    assert len(calls) == len(SIZES)
+    calls.clear()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    profile_blocks(runners, SIZES, cache_key="k", config=config)
+    assert len(calls) == len(SIZES)  # measured again, and kept apart
+    assert (tmp_path / "cache" / f"k-4of{usable_cores()}cores-cpu.json").exists()
+    calls.clear()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert profile_blocks(runners, SIZES, cache_key="k", config=config) == alone and calls == []
+
+
 def test_no_blocks_and_bad_sizes(tmp_path: Path) -> None:
     assert profile_blocks([], [1], cache_key="e", config=make_config(tmp_path)) == []
     with pytest.raises(ValueError):
@@ -142,4 +161,4 @@ def test_two_ranks_split_the_tasks_and_agree(tmp_path: Path) -> None:
     # Second round: everything comes from the cache rank 0 wrote, on both ranks.
     assert rank0[1]["measured"] == rank1[1]["measured"] == 0
     assert rank0[1]["profiles"] == first0["profiles"] == rank1[1]["profiles"]
-    assert (tmp_path / "cache" / "mlp-cpu.json").exists()
+    assert (tmp_path / "cache" / f"mlp-2of{usable_cores()}cores-cpu.json").exists()
