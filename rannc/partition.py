@@ -21,6 +21,7 @@ from .graph.analysis import GraphAnalysis, analyse, has_single_loss
 from .graph.blocks import cut_blocks
 from .graph.stage import block_graphs
 from .plan import Plan, PlanProblem, StagePlan
+from .plan.types import HostCores
 from .problem import (
     JOB_KNOBS,
     assemble_problem,
@@ -166,7 +167,7 @@ def partition(
         l2_weight_decay=l2,
         chunked_optimizer=chunked,
         # every rank measured its blocks at once: on CPUs the ranks of this host shared its cores
-        cores=(usable_cores(), ranks_on_this_host()) if device.type == "cpu" else (None, 1),
+        cores=HostCores(usable_cores(), ranks_on_this_host()) if device.type == "cpu" else HostCores(None, 1),
     )
     plan = _plan_on_rank0(problem, world_size, config)
     deployment = deployment_of(plan, captured, blocks, world_size, limit)

@@ -35,6 +35,7 @@ from .plan import Plan, PlanProblem, minimum_memory_needed, plan_stages, require
 from .plan.checks import only_interleaved
 from .plan.types import (
     BlockProfile,
+    HostCores,
     Links,
     ShardLevel,
     default_microbatch_choices,
@@ -268,7 +269,7 @@ def assemble_problem(
     *,
     l2_weight_decay: bool = False,
     chunked_optimizer: bool = True,
-    cores: tuple[int | None, int] | None = None,
+    cores: HostCores | None = None,
 ) -> PlanProblem:
     """The planner's problem: per block its `costs` (measured or estimated at `space.profile_sizes()`), per range
     of blocks the parameter and boundary bytes of the graph (`graphs`: one per block), the step's inputs, the
@@ -277,14 +278,15 @@ def assemble_problem(
     The end of a step is priced with `device`: the optimizer update time and its temporaries (one more with
     Adam's L2 weight decay, `l2_weight_decay`; those of one chunk of OPTIMIZER_CHUNK_BYTES when the runtime steps
     the optimizer a chunk at a time, `chunked_optimizer`: `runtime.optimizer.steps_in_chunks`), and the share of a
-    gradient allreduce that hides behind compute. `cores` (host cores, ranks of a host that measured `costs` at
-    once) says how CPU ranks share their cores (default: the device's `host_cores` and `measured_ranks`).
+    gradient allreduce that hides behind compute. `cores` says how CPU ranks share their cores and how many
+    measured `costs` at once (default: the device's `host_cores` and `measured_ranks`).
     """
     if len(costs) != len(blocks) or len(graphs) != len(blocks):
         raise ValueError(f"{len(costs)} block costs and {len(graphs)} graphs for {len(blocks)} blocks")
     tables = range_tables(captured, analysis, blocks, graphs)
     largest, shared = parameter_facts(captured, graphs)
-    host_cores, measured_ranks = (device.host_cores, device.measured_ranks) if cores is None else cores
+    if cores is None:
+        cores = HostCores(device.host_cores, device.measured_ranks)
     return PlanProblem(
         blocks=costs,
         range_param_bytes=tables.param_bytes,
@@ -322,8 +324,8 @@ def assemble_problem(
         shared_params=shared,
         chunks=space.chunks,
         simulate_candidates=SIMULATE_CANDIDATES,
-        host_cores=host_cores,
-        measured_ranks=measured_ranks,
+        host_cores=cores.cores,
+        measured_ranks=cores.measured_ranks,
     )
 
 

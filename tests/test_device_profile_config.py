@@ -14,6 +14,7 @@ from torch import nn
 import rannc
 from rannc.errors import ConfigError
 from rannc.profile.devices import get_device_profile, save_profile
+from rannc.profile.measure import usable_cores
 
 
 class Small(nn.Module):
@@ -42,6 +43,7 @@ def planned_problem(
             allreduce_bandwidth=problem.allreduce_bandwidth,
             update=problem.update_seconds_per_param_byte,
             opt_param_factor=problem.opt_param_factor,
+            cores=(problem.host_cores, problem.measured_ranks),
         )
         return original(problem, world_size, config)
 
@@ -101,6 +103,16 @@ def test_online_planning_prices_the_optimizer_it_is_given(tmp_path: Path) -> Non
         planned_problem, 1, str(path), cache, "momentum", {"opt_param_factor": 2}, timeout=300
     )
     assert (forced["opt_param_factor"], forced["update"]) == (2.0, pytest.approx(1 / 1e9))
+
+
+def test_a_cpu_job_tells_the_planner_how_its_ranks_share_the_cores(tmp_path: Path) -> None:
+    """Ranks on CPUs measure their blocks at once and share the host's cores: the problem a CPU job plans says how
+    many cores (this process's affinity) and how many ranks measured at once (the job's ranks on this host), so that
+    the simulator can share the cores among them (`plan.simulate.CoreSharing`)."""
+    path = tmp_path / "me.json"
+    save_profile(get_device_profile("cpu"), path)
+    seen = run_workers(planned_problem, 2, str(path), str(tmp_path / "cache"), "momentum", timeout=300)
+    assert [s["cores"] for s in seen] == [(usable_cores(), 2)] * 2
 
 
 def bad_profile(rank: int, world: int, path: str) -> str:

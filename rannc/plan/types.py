@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import enum
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..schedule import Schedule
 
@@ -113,6 +113,13 @@ class Links:
 
 
 _LINK_FIELDS = tuple(f.name for f in dataclasses.fields(Links))
+
+
+class HostCores(NamedTuple):
+    """How the ranks of a node share its CPU cores (`PlanProblem.host_cores`, `measured_ranks`)."""
+
+    cores: int | None  # None: a device per rank (GPUs)
+    measured_ranks: int  # ranks of a node computing at once when the block costs were measured
 
 
 class ShardLevel(enum.StrEnum):
