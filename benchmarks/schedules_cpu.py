@@ -30,7 +30,8 @@ before/after; the ratios of samples/s (each rannc schedule / rannc 1F1B, rannc i
 interleaved, rannc zero bubble / pipelining zero bubble); per rannc schedule the simulator's step (of the job's
 plan, and of the offline one) against the measured one, and per rank the planned peak memory against the measured
 one (rannc.profile.memtrack.PeakMemory over one step). With more ranks than free cores an idle rank lends its core
-to another, which hides bubbles: compare the rows of one run, as ratios, and read the load average column.
+to another, which hides bubbles (the simulator shares the cores among the ranks computing: rannc.plan.simulate
+.CoreSharing): compare the rows of one run, as ratios, and read the load average column.
 
 Run:  python benchmarks/schedules_cpu.py                        (4 ranks; a few minutes on 2 cores)
       python benchmarks/schedules_cpu.py --ranks 2              (a core per stage on a 2-core machine)
