@@ -584,7 +584,8 @@ def bubble_bound(
     split: bool = False,
     post_ahead: bool = False,
 ) -> float:
-    """A lower bound on `simulate(...).step_time` for any one-chunk schedule with whole backwards (each stage runs
+    """A lower bound on `simulate(...).step_time` (a device per rank: not under `CoreSharing`, whose ranks compute
+    faster than measured while others wait) for any one-chunk schedule with whole backwards (each stage runs
     every F and B once), or with `split` backwards (a W pass can end a stage after its gradients left, so the
     drain through earlier stages below is not counted then).
 
