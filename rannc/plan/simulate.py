@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from ..schedule import Action, ActionKind, Schedule, held_microbatches, virtual_stage
@@ -142,24 +143,25 @@ class CoreSharing:
         """How much slower than at full speed the measured durations ran."""
         return max(1.0, self.measured_ranks / self.cores)
 
+    def load(self, positions: Iterable[int]) -> Counter[int]:
+        """The ranks of `positions` on each host."""
+        load: Counter[int] = Counter()
+        for s in positions:
+            load.update(dict(self.hosts[s]))
+        return load
+
     def rates(self, running: Sequence[int]) -> dict[int, float]:
         """Speed (1 = full) of each position in `running` while exactly those compute: a position's replicas run
         in step, as fast as its most crowded host lets them."""
-        load: dict[int, int] = {}
-        for s in running:
-            for host, ranks in self.hosts[s]:
-                load[host] = load.get(host, 0) + ranks
+        load = self.load(running)
         return {s: min(min(1.0, self.cores / load[host]) for host, _ in self.hosts[s]) for s in running}
 
     @property
     def matters(self) -> bool:
         """Whether any rate differs from the measured one: measured under contention, or a host with more ranks
         than cores."""
-        per_host: dict[int, int] = {}
-        for position in self.hosts:
-            for host, ranks in position:
-                per_host[host] = per_host.get(host, 0) + ranks
-        return self.measured_ranks > self.cores or max(per_host.values(), default=0) > self.cores
+        crowded = max(self.load(range(len(self.hosts))).values(), default=0)
+        return self.measured_ranks > self.cores or crowded > self.cores
 
 
 class EventKind(enum.StrEnum):
@@ -317,7 +319,7 @@ def simulate(
     if sharing is not None and sharing.matters:
         events = _run_actions_sharing(stage_times, lists, rendezvous, post_ahead, sharing)
     else:
-        events = _run_actions(stage_times, lists, chunks, rendezvous, post_ahead)
+        events = _run_actions(stage_times, lists, rendezvous, post_ahead)
     if events is None:
         raise RuntimeError(
             f"schedule {schedule!r} deadlocks with {positions} positions, {chunks} chunks, {microbatches} mb"
@@ -472,11 +474,7 @@ class _Runner:
 
 
 def _run_actions(
-    stage_times: list[StageTiming],
-    lists: list[list[Action]],
-    chunks: int,
-    rendezvous: bool,
-    post_ahead: bool = False,
+    stage_times: list[StageTiming], lists: list[list[Action]], rendezvous: bool, post_ahead: bool = False
 ) -> list[list[Event]] | None:
     """The compute and receive events of every position running its action list (None: deadlock).
 
@@ -522,7 +520,7 @@ def _run_actions_sharing(
             at = runner.ready(s, action, k)
             if at is None:
                 continue
-            if at.start <= now * (1 + _SAME_MOMENT) + _SAME_MOMENT:
+            if _reached(at.start, now):
                 runner.begin(s, action, at)
                 work = stage_times[k].duration(action.kind) / sharing.measured_slowdown
                 running[s] = (action, k, at.start, work)
@@ -537,7 +535,7 @@ def _run_actions_sharing(
         ends = {s: now + left / rates[s] for s, (_, _, _, left) in running.items()}
         moment = min(min(ends.values()), wake)
         for s, (action, k, start, left) in list(running.items()):
-            if ends[s] <= moment * (1 + _SAME_MOMENT) + _SAME_MOMENT:
+            if _reached(ends[s], moment):
                 del running[s]
                 runner.finish(s, action, k, start, moment)
             else:
@@ -548,6 +546,11 @@ def _run_actions_sharing(
 
 # Moments this close (relative, and absolute seconds) count as one in `_run_actions_sharing` (rounding).
 _SAME_MOMENT = 1e-12
+
+
+def _reached(moment: float, now: float) -> bool:
+    """Whether `moment` has come at `now` (up to rounding)."""
+    return moment <= now * (1 + _SAME_MOMENT) + _SAME_MOMENT
 
 
 def _end_step(
@@ -817,10 +820,8 @@ def core_sharing(problem: PlanProblem, plan: Plan) -> CoreSharing | None:
     if problem.host_cores is None:
         return None
     per_node = problem.gpus_per_node or problem.world_size
-    hosts = []
-    for stage in plan.stages[: plan.positions]:
-        counts: dict[int, int] = {}
-        for rank in stage.ranks:
-            counts[rank // per_node] = counts.get(rank // per_node, 0) + 1
-        hosts.append(tuple(sorted(counts.items())))
-    return CoreSharing(problem.host_cores, problem.measured_ranks, tuple(hosts))
+    hosts = tuple(
+        tuple(sorted(Counter(rank // per_node for rank in stage.ranks).items()))
+        for stage in plan.stages[: plan.positions]
+    )
+    return CoreSharing(problem.host_cores, problem.measured_ranks, hosts)

@@ -48,7 +48,7 @@ def test_with_a_core_per_rank_the_event_loop_is_the_sweep(
         for _ in range(positions * chunks)
     ]
     lists = [Schedule(schedule).actions(s, positions, microbatches, chunks) for s in range(positions)]
-    sweep = _run_actions(stages, lists, chunks, True, post_ahead)
+    sweep = _run_actions(stages, lists, True, post_ahead)
     loop = _run_actions_sharing(stages, lists, True, post_ahead, _one_host(positions, positions, 1))
     assert sweep is not None and loop is not None
     for swept, looped in zip(sweep, loop):
